@@ -1,0 +1,126 @@
+# The kernel's tables and the interner other Cython modules may use.
+#
+# Every table row is a struct of int64 so that a numpy structured array with
+# the same field order (engine/compile.py builds them from *_FIELDS there) is
+# read here through a typed memoryview, with no Python object per row.
+
+from libc.stdint cimport int8_t, int32_t, int64_t, uint8_t, uint64_t
+
+ctypedef struct PolicyRow:
+    int64_t layer_start
+    int64_t layer_count
+    int64_t includes_class_b_copay
+    int64_t repeat_start        # into repeat_factors
+    int64_t repeat_count
+    int64_t repeat_floor        # fen
+    int64_t identity_mask       # bits of the global identity ids it declares
+    int64_t rank_start          # into identity_rank: global ids, most favourable first
+    int64_t rank_count
+    int64_t acc_width           # accumulator columns (layer, cap group or none)
+
+ctypedef struct LayerRow:
+    int64_t fund
+    int64_t rule_start
+    int64_t rule_count
+    int64_t adjustment_start
+    int64_t adjustment_count
+
+ctypedef struct RuleRow:
+    int64_t kind                # RULE_* below
+    int64_t match
+    int64_t deductible          # fen
+    int64_t axis                # 0 claim, 1 year
+    int64_t above_deductible    # segment bounds measured from the deductible
+    int64_t repeat_admission
+    int64_t acc                 # accumulator column within the policy's width
+    int64_t cap                 # fen; -1 uncapped
+    int64_t segment_start
+    int64_t segment_count
+    int64_t ratio_a             # class ratios, bp
+    int64_t ratio_b
+    int64_t amount              # fixed_amount fen, or max_personal_share bp
+
+ctypedef struct SegmentRow:
+    int64_t upto                # fen; -1 for the last, open segment
+    int64_t ratio               # bp
+
+ctypedef struct AdjustmentRow:
+    int64_t match
+    int64_t deductible_factor   # bp; 10000 when absent
+    int64_t ratio               # bp; -1 when absent
+    int64_t ratio_add           # bp, signed; 0 when absent
+
+ctypedef struct MatchRow:
+    int64_t visit_mask          # bit per enum code; all bits when absent
+    int64_t level_mask
+    int64_t locality_mask
+    int64_t referred            # -1 any, 0, 1
+    int64_t has_identity
+    int64_t identity_mask       # global identity bits
+    int64_t has_holds
+    int64_t holds_mask
+    int64_t disease_start       # into disease ranges; disease_count -1 when absent
+    int64_t disease_count
+    int64_t min_age             # -1 when absent
+    int64_t max_age
+
+ctypedef struct RangeRow:
+    int64_t low                 # encoded 3-character ICD-10 categories, inclusive
+    int64_t high
+
+cdef enum:
+    RULE_SEGMENTS = 0
+    RULE_CLASS_RATIO = 1
+    RULE_FIXED_AMOUNT = 2
+    RULE_MAX_PERSONAL_SHARE = 3
+
+cdef enum:
+    VISIT_INPATIENT = 0
+
+# Status codes: index into engine.STATUSES.
+cdef enum:
+    OK = 0
+    MISSING_FIELD = 1
+    INVALID_VALUE = 2
+    INVALID_AMOUNT = 3
+    AMOUNT_OUT_OF_RANGE = 4
+    AMOUNT_MISMATCH = 5
+    UNKNOWN_POLICY = 6
+    UNKNOWN_IDENTITY = 7
+    DUPLICATE_CLAIM = 8
+    NO_BENEFIT_RULE = 9
+
+# Trace fields written per layer for `engine.explain`.
+cdef enum:
+    TR_RULE = 0
+    TR_BASE = 1
+    TR_DEDUCTIBLE_RULE = 2
+    TR_FACTOR_G = 3
+    TR_DEDUCTIBLE = 4
+    TR_START = 5
+    TR_END = 6
+    TR_RATIO_REPLACE = 7
+    TR_RATIO_ADD = 8
+    TR_RAW = 9
+    TR_CAP = 10
+    TR_PAID_BEFORE = 11
+    TR_PAY = 12
+    TR_DEDUCTIBLE_CHARGED = 13
+    TR_REPEAT_FACTOR = 14
+    TR_NFIELDS = 15
+
+
+cdef class Interner:
+    """Byte strings to dense ids, exactly (no hash is trusted without a compare)."""
+    cdef uint8_t* arena
+    cdef int64_t arena_len
+    cdef int64_t arena_cap
+    cdef int64_t* starts        # entry -> offset in arena; starts[count] = arena_len
+    cdef int64_t count
+    cdef int64_t entries_cap
+    cdef int64_t* table         # open addressing: entry id + 1, 0 = empty
+    cdef uint64_t* hashes
+    cdef int64_t table_mask
+
+    cdef int64_t intern(self, const uint8_t* key, int64_t length, bint* is_new) noexcept nogil
+    cdef int grow_table(self) noexcept nogil

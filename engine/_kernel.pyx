@@ -1,0 +1,606 @@
+# cython: language_level=3, cdivision=True, nonecheck=False, embedsignature=True
+# boundscheck, wraparound and initializedcheck come from setup.py: off, or on with MEDSETTLE_BOUNDSCHECK=1.
+"""The settlement kernel: one pass over a chunk of claims, no Python object per claim.
+
+Three entry points, each running without the GIL over typed memoryviews:
+`check_rows` (statuses up to DUPLICATE_CLAIM, claim-id dedup, accumulator
+slots), `order_rows` (the spec's (settle_time, claim_id) order) and `settle`
+(every layer of every claim, against per-slot accumulator arrays). The
+numeric tables come from engine/compile.py; the layout is in _kernel.pxd.
+Set MEDSETTLE_BOUNDSCHECK=1 when building to turn bounds checks back on.
+"""
+import numpy as np
+cimport numpy as cnp
+from libc.stdlib cimport malloc, realloc, free
+from libc.string cimport memcpy, memcmp, memset
+from libc.stdint cimport INT64_MAX
+
+cnp.import_array()
+
+cdef extern from *:
+    """
+    #define MEDSETTLE_BP 10000LL
+    #define MEDSETTLE_MAX_AMOUNT 1000000000000LL
+    #define MEDSETTLE_MAX_COMPLIANT_TOTAL 100000000000000LL
+    """
+    const int64_t BP "MEDSETTLE_BP"
+    const int64_t MAX_AMOUNT "MEDSETTLE_MAX_AMOUNT"                # 10^12 fen per claim amount
+    const int64_t MAX_COMPLIANT_TOTAL "MEDSETTLE_MAX_COMPLIANT_TOTAL"  # 10^14 fen per key
+
+ACC_FIELDS = 3  # position, paid, deductible_charged per accumulator column
+TRACE_NFIELDS = TR_NFIELDS
+
+
+cdef inline int64_t round_div(int64_t n, int64_t d) noexcept nogil:
+    """Half-up rounding of n / d for n >= 0 (spec section 1)."""
+    return (n + d // 2) // d
+
+
+cdef inline int64_t clamp_ratio(int64_t r) noexcept nogil:
+    if r < 0:
+        return 0
+    if r > BP:
+        return BP
+    return r
+
+
+cdef inline int64_t i64min(int64_t a, int64_t b) noexcept nogil:
+    return a if a < b else b
+
+
+cdef inline int64_t i64max(int64_t a, int64_t b) noexcept nogil:
+    return a if a > b else b
+
+
+cdef inline uint64_t fnv1a(const uint8_t* p, int64_t n) noexcept nogil:
+    cdef uint64_t h = 14695981039346656037ULL
+    cdef int64_t i
+    for i in range(n):
+        h ^= p[i]
+        h *= 1099511628211ULL
+    # final avalanche so that the low bits used by the table are well mixed
+    h ^= h >> 33
+    h *= 0xff51afd7ed558ccdULL
+    h ^= h >> 33
+    return h
+
+
+cdef class Interner:
+    """Byte strings to dense ids 0, 1, 2, ... in first-seen order.
+
+    Claim ids (DUPLICATE_CLAIM over a whole call) and accumulator keys (one
+    slot per person and policy) are both interned here, across chunks.
+    """
+
+    def __cinit__(self):
+        self.arena_cap = 1 << 16
+        self.arena = <uint8_t*> malloc(self.arena_cap)
+        self.entries_cap = 1 << 12
+        self.starts = <int64_t*> malloc((self.entries_cap + 1) * sizeof(int64_t))
+        self.table_mask = (1 << 13) - 1
+        self.table = <int64_t*> malloc((self.table_mask + 1) * sizeof(int64_t))
+        self.hashes = <uint64_t*> malloc(self.entries_cap * sizeof(uint64_t))
+        if not (self.arena and self.starts and self.table and self.hashes):
+            raise MemoryError()
+        memset(self.table, 0, (self.table_mask + 1) * sizeof(int64_t))
+        self.arena_len = 0
+        self.count = 0
+        self.starts[0] = 0
+
+    def __dealloc__(self):
+        free(self.arena)
+        free(self.starts)
+        free(self.table)
+        free(self.hashes)
+
+    def __len__(self):
+        return self.count
+
+    cdef int grow_table(self) noexcept nogil:
+        cdef int64_t new_size = (self.table_mask + 1) * 2
+        cdef int64_t* t = <int64_t*> malloc(new_size * sizeof(int64_t))
+        cdef int64_t i, j, mask = new_size - 1
+        if t == NULL:
+            return -1
+        memset(t, 0, new_size * sizeof(int64_t))
+        for i in range(self.count):
+            j = <int64_t>(self.hashes[i] & <uint64_t>mask)
+            while t[j] != 0:
+                j = (j + 1) & mask
+            t[j] = i + 1
+        free(self.table)
+        self.table = t
+        self.table_mask = mask
+        return 0
+
+    cdef int64_t intern(self, const uint8_t* key, int64_t length, bint* is_new) noexcept nogil:
+        """The id of `key`, adding it if new; -1 if memory ran out."""
+        cdef uint64_t h = fnv1a(key, length)
+        cdef int64_t j = <int64_t>(h & <uint64_t>self.table_mask)
+        cdef int64_t e, s
+        cdef void* p
+        while True:
+            e = self.table[j]
+            if e == 0:
+                break
+            e -= 1
+            s = self.starts[e]
+            if (self.hashes[e] == h and self.starts[e + 1] - s == length
+                    and memcmp(self.arena + s, key, length) == 0):
+                is_new[0] = False
+                return e
+            j = (j + 1) & self.table_mask
+        if self.count + 1 > self.entries_cap:
+            p = realloc(self.starts, (self.entries_cap * 2 + 1) * sizeof(int64_t))
+            if p == NULL:
+                return -1
+            self.starts = <int64_t*> p
+            p = realloc(self.hashes, self.entries_cap * 2 * sizeof(uint64_t))
+            if p == NULL:
+                return -1
+            self.hashes = <uint64_t*> p
+            self.entries_cap *= 2
+        if self.arena_len + length > self.arena_cap:
+            while self.arena_len + length > self.arena_cap:
+                self.arena_cap *= 2
+            p = realloc(self.arena, self.arena_cap)
+            if p == NULL:
+                return -1
+            self.arena = <uint8_t*> p
+        memcpy(self.arena + self.arena_len, key, length)
+        self.arena_len += length
+        e = self.count
+        self.hashes[e] = h
+        self.count += 1
+        self.starts[self.count] = self.arena_len
+        self.table[j] = e + 1
+        is_new[0] = True
+        if self.count * 2 > self.table_mask + 1:
+            if self.grow_table() != 0:
+                return -1
+        return e
+
+    def export(self):
+        """(starts int64[count + 1], arena uint8[...]) copies, for building output columns."""
+        starts = np.empty(self.count + 1, dtype=np.int64)
+        arena = np.empty(max(self.arena_len, 1), dtype=np.uint8)
+        cdef int64_t[::1] sv = starts
+        cdef uint8_t[::1] av = arena
+        memcpy(&sv[0], self.starts, (self.count + 1) * sizeof(int64_t))
+        if self.arena_len:
+            memcpy(&av[0], self.arena, self.arena_len)
+        return starts, arena[: self.arena_len]
+
+    def intern_keys(self, const int32_t[::1] offsets, const uint8_t[::1] data,
+                    const int32_t[::1] policy, int64_t[::1] out_slot):
+        """Intern (policy, person_id) keys for rows with policy >= 0; others get -1."""
+        cdef Py_ssize_t n = out_slot.shape[0]
+        cdef int ok
+        with nogil:
+            ok = _intern_keys(self, offsets, data, policy, NULL, out_slot, n)
+        if ok != 0:
+            raise MemoryError("accumulator key table")
+
+
+cdef int _intern_keys(Interner keys, const int32_t[::1] offsets, const uint8_t[::1] data,
+                      const int32_t[::1] policy, const int8_t* status,
+                      int64_t[::1] out_slot, Py_ssize_t n) noexcept nogil:
+    """Slot of each row's accumulator key: 4 bytes of policy index + person_id bytes."""
+    cdef Py_ssize_t i
+    cdef int64_t start, length, cap = 256
+    cdef uint8_t* buf = <uint8_t*> malloc(cap)
+    cdef void* p
+    cdef bint is_new
+    cdef int32_t pol
+    if buf == NULL:
+        return -1
+    for i in range(n):
+        if policy[i] < 0 or (status != NULL and status[i] != OK):
+            out_slot[i] = -1
+            continue
+        start = offsets[i]
+        length = offsets[i + 1] - start
+        if length + 4 > cap:
+            cap = (length + 4) * 2
+            p = realloc(buf, cap)
+            if p == NULL:
+                free(buf)
+                return -1
+            buf = <uint8_t*> p
+        pol = policy[i]
+        memcpy(buf, &pol, 4)
+        if length:
+            memcpy(buf + 4, &data[0] + start, length)
+        out_slot[i] = keys.intern(buf, length + 4, &is_new)
+        if out_slot[i] < 0:
+            free(buf)
+            return -1
+    free(buf)
+    return 0
+
+
+def check_rows(const int32_t[::1] claim_offsets, const uint8_t[::1] claim_data,
+               const uint8_t[::1] claim_valid,
+               const int32_t[::1] person_offsets, const uint8_t[::1] person_data,
+               const uint8_t[::1] missing, const uint8_t[::1] invalid_enum,
+               const int64_t[:, ::1] amounts,
+               const int32_t[::1] policy, const int64_t[::1] identity_mask,
+               const PolicyRow[::1] policies,
+               Interner claim_ids, Interner keys,
+               int8_t[::1] status, int64_t[::1] slot):
+    """Statuses up to DUPLICATE_CLAIM, in the spec's order of precedence, and key slots.
+
+    `amounts` columns: total, self_funded, over_limit, class_b_copay, in_scope,
+    in_scope_class_b. Every non-null claim id is interned in input order, so a
+    first occurrence that is rejected still makes later ones duplicates.
+    """
+    cdef Py_ssize_t n = status.shape[0], i
+    cdef int c, err = 0
+    cdef int64_t v, start
+    cdef bint is_new, bad_neg, bad_range
+    cdef int8_t s
+    with nogil:
+        for i in range(n):
+            s = OK
+            if missing[i]:
+                s = MISSING_FIELD
+            elif invalid_enum[i]:
+                s = INVALID_VALUE
+            else:
+                bad_neg = False
+                bad_range = False
+                for c in range(6):
+                    v = amounts[i, c]
+                    if v < 0:
+                        bad_neg = True
+                    elif v > MAX_AMOUNT:
+                        bad_range = True
+                if bad_neg:
+                    s = INVALID_AMOUNT
+                elif bad_range:
+                    s = AMOUNT_OUT_OF_RANGE
+                elif (amounts[i, 0] != amounts[i, 1] + amounts[i, 2] + amounts[i, 3] + amounts[i, 4]
+                        or amounts[i, 5] > amounts[i, 4]):
+                    s = AMOUNT_MISMATCH
+                elif policy[i] < 0:
+                    s = UNKNOWN_POLICY
+                elif identity_mask[i] & ~policies[policy[i]].identity_mask:
+                    s = UNKNOWN_IDENTITY
+            if claim_valid[i]:
+                start = claim_offsets[i]
+                if claim_ids.intern(&claim_data[0] + start, claim_offsets[i + 1] - start, &is_new) < 0:
+                    err = 1
+                    break
+                if not is_new and s == OK:
+                    s = DUPLICATE_CLAIM
+            status[i] = s
+        if err == 0:
+            err = _intern_keys(keys, person_offsets, person_data, policy, &status[0] if n else NULL, slot, n)
+    if err:
+        raise MemoryError("claim id or key table")
+
+
+cdef inline int id_cmp(const int32_t[::1] off, const uint8_t[::1] data, int64_t a, int64_t b) noexcept nogil:
+    cdef int64_t sa = off[a], la = off[a + 1] - off[a]
+    cdef int64_t sb = off[b], lb = off[b + 1] - off[b]
+    cdef int64_t m = la if la < lb else lb
+    cdef int c = 0
+    if m > 0:
+        c = memcmp(&data[0] + sa, &data[0] + sb, m)
+    if c != 0:
+        return c
+    return (la > lb) - (la < lb)
+
+
+def order_rows(const int64_t[::1] settle_time, const int32_t[::1] claim_offsets,
+               const uint8_t[::1] claim_data):
+    """Row order by (settle_time, claim_id as UTF-8 bytes).
+
+    numpy's stable argsort does the times (linear on already ordered input);
+    runs of equal times are then merge-sorted by claim id here.
+    """
+    order_arr = np.argsort(np.asarray(settle_time), kind="stable").astype(np.int64, copy=False)
+    cdef int64_t[::1] order = order_arr
+    cdef Py_ssize_t n = order.shape[0], i, j, width, lo, mid, hi, a, b, k
+    cdef int64_t* tmp
+    if n < 2:
+        return order_arr
+    tmp = <int64_t*> malloc(n * sizeof(int64_t))
+    if tmp == NULL:
+        raise MemoryError()
+    with nogil:
+        i = 0
+        while i < n:
+            j = i + 1
+            while j < n and settle_time[order[j]] == settle_time[order[i]]:
+                j += 1
+            if j - i > 1:
+                width = 1
+                while width < j - i:
+                    lo = i
+                    while lo < j:
+                        mid = i64min(lo + width, j)
+                        hi = i64min(lo + 2 * width, j)
+                        a = lo
+                        b = mid
+                        k = lo
+                        while a < mid and b < hi:
+                            if id_cmp(claim_offsets, claim_data, order[b], order[a]) < 0:
+                                tmp[k] = order[b]
+                                b += 1
+                            else:
+                                tmp[k] = order[a]
+                                a += 1
+                            k += 1
+                        while a < mid:
+                            tmp[k] = order[a]
+                            a += 1
+                            k += 1
+                        while b < hi:
+                            tmp[k] = order[b]
+                            b += 1
+                            k += 1
+                        lo = hi
+                    memcpy(&order[i], &tmp[i], (j - i) * sizeof(int64_t))
+                    width *= 2
+            i = j
+    free(tmp)
+    return order_arr
+
+
+ctypedef struct Claim:
+    int64_t visit
+    int64_t level
+    int64_t locality
+    int64_t referred
+    int64_t age            # -1 when null
+    int64_t held           # identity bits
+    int64_t effective      # global identity id, -1 none
+    int64_t disease        # encoded 3-character category, -1 none
+
+
+cdef inline bint matches(const MatchRow* m, const Claim* c, const RangeRow[::1] ranges) noexcept nogil:
+    cdef int64_t k
+    if not ((m.visit_mask >> c.visit) & 1):
+        return False
+    if not ((m.level_mask >> c.level) & 1):
+        return False
+    if not ((m.locality_mask >> c.locality) & 1):
+        return False
+    if m.referred >= 0 and m.referred != c.referred:
+        return False
+    if m.has_identity and (c.effective < 0 or not ((m.identity_mask >> c.effective) & 1)):
+        return False
+    if m.has_holds and (c.held & m.holds_mask) == 0:
+        return False
+    if m.min_age >= 0 and (c.age < 0 or c.age < m.min_age):
+        return False
+    if m.max_age >= 0 and (c.age < 0 or c.age > m.max_age):
+        return False
+    if m.disease_count >= 0:
+        if c.disease < 0:
+            return False
+        for k in range(m.disease_start, m.disease_start + m.disease_count):
+            if ranges[k].low <= c.disease <= ranges[k].high:
+                return True
+        return False
+    return True
+
+
+cdef inline int64_t integral(const SegmentRow[::1] segments, int64_t seg_start, int64_t seg_count,
+                             int64_t ratio_replace, int64_t ratio_add, int64_t D,
+                             bint above_deductible, int64_t y) noexcept nogil:
+    """F(y) in fen x bp: the exact integral of the ratio from 0 to y (spec 5.2 step 6)."""
+    cdef int64_t total = 0, lo = 0, hi, r, a, b, s
+    for s in range(seg_start, seg_start + seg_count):
+        if segments[s].upto < 0:
+            hi = INT64_MAX
+        else:
+            hi = segments[s].upto + (D if above_deductible else 0)
+        r = clamp_ratio((ratio_replace if ratio_replace >= 0 else segments[s].ratio) + ratio_add)
+        a = i64max(lo, D)
+        b = i64min(y, hi)
+        if b > a:
+            total += r * (b - a)
+        if hi >= y:
+            break
+        lo = hi
+    return total
+
+
+def settle(const int64_t[::1] order, const int8_t[::1] status_in,
+           const int32_t[::1] policy, const int64_t[::1] slot,
+           const int8_t[::1] visit, const int8_t[::1] level, const int8_t[::1] locality,
+           const uint8_t[::1] referred, const int32_t[::1] age,
+           const int64_t[::1] identity_mask, const int64_t[::1] disease,
+           const int64_t[:, ::1] amounts,
+           const PolicyRow[::1] policies, const LayerRow[::1] layers, const RuleRow[::1] rules,
+           const SegmentRow[::1] segments, const AdjustmentRow[::1] adjustments,
+           const MatchRow[::1] match_rows, const RangeRow[::1] ranges,
+           const int64_t[::1] repeat_factors, const int64_t[::1] identity_rank,
+           int64_t[::1] admissions, int64_t[::1] compliant_total, int64_t[:, :, ::1] acc,
+           int8_t[::1] status, int32_t[::1] effective, int64_t[::1] deductible_applied,
+           int64_t[:, ::1] fund_pay, int64_t[:, ::1] layer_pay, uint8_t[::1] cap_hit,
+           int64_t[::1] compliant,
+           bint want_deltas, int64_t[:, :, ::1] deltas,
+           int64_t trace_row, int64_t[:, ::1] trace, int64_t[:, ::1] trace_acc):
+    """Settle every row whose status_in is OK, in `order`, updating the accumulators.
+
+    Outputs are preallocated and zeroed by the caller: `fund_pay` [n, 5],
+    `layer_pay` [n, max layers], `deltas` [n, width, 3] when `want_deltas`.
+    `acc` is [slots, width, 3]: position, paid, deductible_charged of each
+    (layer, cap group or none) column. `trace_row` (-1 for none) records the
+    steps of one row into `trace` [max layers, TRACE_NFIELDS] and its key's
+    accumulators before and after into `trace_acc` [2, 2 + width * 3].
+    """
+    cdef Py_ssize_t n = order.shape[0], k, i
+    cdef int64_t width = acc.shape[1]
+    cdef int64_t p, sl, j, l, r, a, f, li, nl
+    cdef int64_t in_scope, class_b, K, base, paid_sum, raw, pay, room, x, start, end
+    cdef int64_t Dr, D, g, rr, ra, factor, rep_idx, elig_a, elig_b, class_a, rest
+    cdef int64_t dedc_inc, col, keep
+    cdef const PolicyRow* pol
+    cdef const LayerRow* lay
+    cdef const RuleRow* rule
+    cdef const AdjustmentRow* adj
+    cdef Claim c
+    cdef bint tracing
+    with nogil:
+        for k in range(n):
+            i = order[k]
+            status[i] = status_in[i]
+            if status_in[i] != OK:
+                continue
+            p = policy[i]
+            pol = &policies[p]
+            sl = slot[i]
+            c.visit = visit[i]
+            c.level = level[i]
+            c.locality = locality[i]
+            c.referred = referred[i]
+            c.age = age[i]
+            c.held = identity_mask[i]
+            c.disease = disease[i]
+            c.effective = -1
+            for j in range(pol.rank_start, pol.rank_start + pol.rank_count):
+                if (c.held >> identity_rank[j]) & 1:
+                    c.effective = identity_rank[j]
+                    break
+            in_scope = amounts[i, 4]
+            class_b = amounts[i, 5]
+            K = in_scope + (amounts[i, 3] if pol.includes_class_b_copay else 0)
+            if compliant_total[sl] + K > MAX_COMPLIANT_TOTAL:
+                status[i] = AMOUNT_OUT_OF_RANGE
+                continue
+            # The first layer must have a rule; found before anything changes.
+            lay = &layers[pol.layer_start]
+            r = -1
+            for j in range(lay.rule_start, lay.rule_start + lay.rule_count):
+                if matches(&match_rows[rules[j].match], &c, ranges):
+                    r = j
+                    break
+            if r < 0:
+                status[i] = NO_BENEFIT_RULE
+                continue
+            tracing = i == trace_row
+            if tracing:
+                trace_acc[0, 0] = admissions[sl]
+                trace_acc[0, 1] = compliant_total[sl]
+                for j in range(width):
+                    for f in range(3):
+                        trace_acc[0, 2 + j * 3 + f] = acc[sl, j, f]
+            effective[i] = <int32_t>c.effective
+            compliant[i] = K
+            paid_sum = 0
+            nl = pol.layer_count
+            for li in range(nl):
+                l = pol.layer_start + li
+                lay = &layers[l]
+                base = in_scope if li == 0 else K - paid_sum
+                if li > 0:
+                    r = -1
+                    for j in range(lay.rule_start, lay.rule_start + lay.rule_count):
+                        if matches(&match_rows[rules[j].match], &c, ranges):
+                            r = j
+                            break
+                if tracing:
+                    trace[li, TR_RULE] = r
+                    trace[li, TR_BASE] = base
+                if r < 0:
+                    continue
+                rule = &rules[r]
+                col = rule.acc
+                dedc_inc = 0
+                if rule.kind == RULE_FIXED_AMOUNT:
+                    raw = i64min(rule.amount, base)
+                elif rule.kind == RULE_MAX_PERSONAL_SHARE:
+                    keep = round_div(rule.amount * K, BP)
+                    raw = i64max(0, base - keep)
+                else:
+                    Dr = rule.deductible
+                    factor = BP
+                    if li == 0 and rule.repeat_admission and c.visit == VISIT_INPATIENT:
+                        rep_idx = i64min(admissions[sl], pol.repeat_count - 1)
+                        factor = repeat_factors[pol.repeat_start + rep_idx]
+                        Dr = round_div(rule.deductible * factor, BP)
+                        if factor < BP:
+                            Dr = i64max(Dr, i64min(pol.repeat_floor, rule.deductible))
+                    g = BP
+                    rr = -1
+                    ra = 0
+                    for a in range(lay.adjustment_start, lay.adjustment_start + lay.adjustment_count):
+                        adj = &adjustments[a]
+                        if matches(&match_rows[adj.match], &c, ranges):
+                            g = round_div(g * adj.deductible_factor, BP)
+                            if adj.ratio >= 0:
+                                rr = adj.ratio
+                                ra = 0
+                            ra += adj.ratio_add
+                    D = round_div(Dr * g, BP)
+                    if rule.kind == RULE_CLASS_RATIO:
+                        x = base
+                        class_a = in_scope - class_b
+                        elig_a = i64max(0, class_a - D)
+                        rest = i64max(0, D - class_a)
+                        elig_b = i64max(0, class_b - rest)
+                        raw = round_div(
+                            elig_a * clamp_ratio((rr if rr >= 0 else rule.ratio_a) + ra)
+                            + elig_b * clamp_ratio((rr if rr >= 0 else rule.ratio_b) + ra), BP)
+                        dedc_inc = i64min(x, D)
+                        start = 0
+                        end = x
+                    else:
+                        x = base
+                        start = acc[sl, col, 0] if rule.axis == 1 else 0
+                        end = start + x
+                        raw = (round_div(integral(segments, rule.segment_start, rule.segment_count,
+                                                  rr, ra, D, rule.above_deductible, end), BP)
+                               - round_div(integral(segments, rule.segment_start, rule.segment_count,
+                                                    rr, ra, D, rule.above_deductible, start), BP))
+                        dedc_inc = i64max(0, i64min(end, D) - start)
+                        if rule.axis == 1:
+                            acc[sl, col, 0] = end
+                            if want_deltas:
+                                deltas[i, col, 0] += x
+                    acc[sl, col, 2] += dedc_inc
+                    if want_deltas:
+                        deltas[i, col, 2] += dedc_inc
+                    if tracing:
+                        trace[li, TR_DEDUCTIBLE_RULE] = Dr
+                        trace[li, TR_REPEAT_FACTOR] = factor
+                        trace[li, TR_FACTOR_G] = g
+                        trace[li, TR_DEDUCTIBLE] = D
+                        trace[li, TR_START] = start
+                        trace[li, TR_END] = end
+                        trace[li, TR_RATIO_REPLACE] = rr
+                        trace[li, TR_RATIO_ADD] = ra
+                        trace[li, TR_DEDUCTIBLE_CHARGED] = dedc_inc
+                if rule.cap >= 0:
+                    room = i64max(0, rule.cap - acc[sl, col, 1])
+                    pay = i64min(raw, room)
+                else:
+                    pay = raw
+                if pay < raw:
+                    cap_hit[i] = 1
+                if tracing:
+                    trace[li, TR_RAW] = raw
+                    trace[li, TR_CAP] = rule.cap
+                    trace[li, TR_PAID_BEFORE] = acc[sl, col, 1]
+                    trace[li, TR_PAY] = pay
+                acc[sl, col, 1] += pay
+                if want_deltas:
+                    deltas[i, col, 1] += pay
+                fund_pay[i, lay.fund] += pay
+                layer_pay[i, li] = pay
+                paid_sum += pay
+                if li == 0:
+                    deductible_applied[i] = dedc_inc
+                    if c.visit == VISIT_INPATIENT:
+                        admissions[sl] += 1
+            compliant_total[sl] += K
+            if tracing:
+                trace_acc[1, 0] = admissions[sl]
+                trace_acc[1, 1] = compliant_total[sl]
+                for j in range(width):
+                    for f in range(3):
+                        trace_acc[1, 2 + j * 3 + f] = acc[sl, j, f]

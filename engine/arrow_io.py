@@ -1,0 +1,332 @@
+"""Arrow in and out: the column contract of spec sections 2-4.
+
+Claims are checked against the schema, then turned into flat numpy columns
+(codes, masks, amounts) for the kernel, all vectorized; results and
+accumulators are built back as Arrow arrays from the kernel's outputs.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from .compile import UNDECLARED_IDENTITY_BIT, CompiledPolicies, encode_category
+from .model import FACILITY_LEVELS, FUNDS, LOCALITIES, SCHEMES, VISIT_TYPES
+
+STATUSES = ("ok", "MISSING_FIELD", "INVALID_VALUE", "INVALID_AMOUNT", "AMOUNT_OUT_OF_RANGE",
+            "AMOUNT_MISMATCH", "UNKNOWN_POLICY", "UNKNOWN_IDENTITY", "DUPLICATE_CLAIM",
+            "NO_BENEFIT_RULE")
+
+AMOUNT_COLUMNS = ("total_amount", "self_funded_amount", "over_limit_amount", "class_b_copay_amount",
+                  "in_scope_amount", "in_scope_class_b_amount")
+
+CLAIMS_SCHEMA = pa.schema([
+    ("claim_id", pa.string()),
+    ("person_id", pa.string()),
+    ("region", pa.string()),
+    ("scheme", pa.string()),
+    ("settle_time", pa.timestamp("us")),
+    ("visit_type", pa.string()),
+    ("facility_level", pa.string()),
+    ("locality", pa.string()),
+    ("referred", pa.bool_()),
+    ("disease_code", pa.string()),
+    ("age", pa.int16()),
+    ("identities", pa.list_(pa.string())),
+    *[(c, pa.int64()) for c in AMOUNT_COLUMNS],
+])
+
+# Null in these is MISSING_FIELD; the others have a meaning when null (spec section 2).
+REQUIRED_COLUMNS = ("claim_id", "person_id", "region", "scheme", "settle_time", "visit_type",
+                    "facility_level", "locality", *AMOUNT_COLUMNS[:5])
+
+LAYER_ENTRY = pa.struct([("layer", pa.string()), ("cap_group", pa.string()), ("position", pa.int64()),
+                         ("paid", pa.int64()), ("deductible_charged", pa.int64())])
+
+RESULTS_SCHEMA = pa.schema([
+    ("claim_id", pa.string()),
+    ("status", pa.string()),
+    ("policy_id", pa.string()),
+    ("identity", pa.string()),
+    ("deductible_applied", pa.int64()),
+    ("basic_pay", pa.int64()),
+    ("supplementary_pay", pa.int64()),
+    ("critical_illness_pay", pa.int64()),
+    ("medical_aid_pay", pa.int64()),
+    ("guarantee_pay", pa.int64()),
+    ("fund_pay_total", pa.int64()),
+    ("personal_pay", pa.int64()),
+    ("compliant_personal_pay", pa.int64()),
+    ("layer_pays", pa.list_(pa.struct([("layer", pa.string()), ("pay", pa.int64())]))),
+    ("cap_hit", pa.bool_()),
+])
+FUND_COLUMNS = tuple(f"{f}_pay" for f in FUNDS)
+
+DELTA_FIELDS = [("delta_admissions", pa.int64()), ("delta_compliant_total", pa.int64()),
+                ("delta_layers", pa.list_(LAYER_ENTRY))]
+
+ACCUMULATORS_SCHEMA = pa.schema([
+    ("person_id", pa.string()),
+    ("region", pa.string()),
+    ("scheme", pa.string()),
+    ("year", pa.int32()),
+    ("admissions", pa.int64()),
+    ("compliant_total", pa.int64()),
+    ("layers", pa.list_(LAYER_ENTRY)),
+])
+
+
+class ClaimsSchemaError(ValueError):
+    """The claims table lacks a column or has one of another type; nothing was settled."""
+
+
+def check_schema(schema: pa.Schema) -> None:
+    for field in CLAIMS_SCHEMA:
+        idx = schema.get_field_index(field.name)
+        if idx < 0:
+            raise ClaimsSchemaError(f"claims: missing column '{field.name}' ({field.type})")
+        got = schema.field(idx).type
+        if not got.equals(field.type):
+            raise ClaimsSchemaError(f"claims: column '{field.name}' has type {got}; expected {field.type}")
+
+
+def string_buffers(arr: pa.Array) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(offsets int32[n + 1], data uint8[>= 1], valid uint8[n]) of a string array, zero-copy where possible."""
+    n = len(arr)
+    bufs = arr.buffers()
+    offsets = np.frombuffer(bufs[1], dtype=np.int32, count=arr.offset + n + 1)[arr.offset:] if n else \
+        np.zeros(1, dtype=np.int32)
+    data = np.frombuffer(bufs[2], dtype=np.uint8) if bufs[2] is not None and bufs[2].size else \
+        np.zeros(1, dtype=np.uint8)
+    if data.size == 0:
+        data = np.zeros(1, dtype=np.uint8)
+    valid = valid_mask(arr)
+    return np.ascontiguousarray(offsets), data, valid
+
+
+def valid_mask(arr: pa.Array) -> np.ndarray:
+    if arr.null_count == 0:
+        return np.ones(len(arr), dtype=np.uint8)
+    return np.asarray(pc.is_valid(arr)).view(np.uint8)
+
+
+def _codes(arr: pa.Array, names: tuple[str, ...]) -> np.ndarray:
+    """Enum codes as int8: index in `names`, -1 null, -2 not one of them."""
+    if len(arr) == 0:
+        return np.zeros(0, dtype=np.int8)
+    enc = arr.dictionary_encode()
+    dict_codes = np.array([names.index(v) if v in names else -2 for v in enc.dictionary.to_pylist()] + [-1],
+                          dtype=np.int8)
+    idx = enc.indices.fill_null(len(enc.dictionary))
+    return dict_codes[np.asarray(idx)]
+
+
+def _amounts(batch: pa.RecordBatch) -> np.ndarray:
+    out = np.empty((batch.num_rows, len(AMOUNT_COLUMNS)), dtype=np.int64)
+    for j, name in enumerate(AMOUNT_COLUMNS):
+        col = batch.column(name)
+        out[:, j] = np.asarray(col.fill_null(0)) if col.null_count else np.asarray(col)
+    return out
+
+
+def _identity_masks(arr: pa.ListArray, bits: dict[str, int]) -> np.ndarray:
+    n = len(arr)
+    masks = np.zeros(n, dtype=np.int64)
+    if n == 0:
+        return masks
+    flat = arr.flatten()  # respects the array's offset; nulls inside lists are skipped below
+    if len(flat) == 0:
+        return masks
+    enc = flat.dictionary_encode()
+    undeclared = np.int64(np.uint64(1 << UNDECLARED_IDENTITY_BIT).view(np.int64))
+    dict_bits = np.array([np.int64(1 << bits[v]) if v in bits else undeclared
+                          for v in enc.dictionary.to_pylist()] + [0], dtype=np.int64)
+    idx = np.asarray(enc.indices.fill_null(len(enc.dictionary)))
+    values = dict_bits[idx]
+    parents = np.asarray(pc.list_parent_indices(arr))
+    np.bitwise_or.at(masks, parents, values)
+    return masks
+
+
+def _disease_codes(arr: pa.Array) -> np.ndarray:
+    if len(arr) == 0:
+        return np.zeros(0, dtype=np.int64)
+    enc = arr.dictionary_encode()
+    values = []
+    for v in enc.dictionary.to_pylist():
+        code = v.strip().upper()
+        values.append(encode_category(code) if len(code) >= 3 else -1)
+    dict_codes = np.array(values + [-1], dtype=np.int64)
+    return dict_codes[np.asarray(enc.indices.fill_null(len(enc.dictionary)))]
+
+
+class PreparedClaims:
+    """One chunk of claims as flat numpy columns for the kernel."""
+
+    def __init__(self, batch: pa.RecordBatch, compiled: CompiledPolicies):
+        n = batch.num_rows
+        self.batch = batch
+        self.n = n
+        self.claim_offsets, self.claim_data, self.claim_valid = string_buffers(batch.column("claim_id"))
+        self.person_offsets, self.person_data, _ = string_buffers(batch.column("person_id"))
+
+        missing = np.zeros(n, dtype=np.uint8)
+        for name in REQUIRED_COLUMNS:
+            col = batch.column(name)
+            if col.null_count:
+                missing |= 1 - valid_mask(col)
+        self.missing = missing
+
+        self.visit = _codes(batch.column("visit_type"), VISIT_TYPES)
+        self.level = _codes(batch.column("facility_level"), FACILITY_LEVELS)
+        self.locality = _codes(batch.column("locality"), LOCALITIES)
+        scheme = _codes(batch.column("scheme"), SCHEMES)
+        self.invalid_enum = ((self.visit == -2) | (self.level == -2) | (self.locality == -2)
+                             | (scheme == -2)).view(np.uint8)
+        # Null enum codes only occur on MISSING_FIELD rows; keep them in range for the kernel.
+        for codes in (self.visit, self.level, self.locality):
+            np.maximum(codes, 0, out=codes)
+
+        referred = batch.column("referred")
+        self.referred = np.asarray(referred.fill_null(False)).view(np.uint8) if n else np.zeros(0, np.uint8)
+        age = batch.column("age")
+        self.age = (np.asarray(age.fill_null(-1)) if age.null_count else np.asarray(age)).astype(np.int32)
+        self.age[self.age < 0] = -1
+        self.amounts = _amounts(batch)
+        self.identity_mask = _identity_masks(batch.column("identities"),
+                                             {name: i for i, name in enumerate(compiled.identity_names)})
+        self.disease = _disease_codes(batch.column("disease_code"))
+
+        st = batch.column("settle_time")
+        self.settle_time = np.asarray(st.cast(pa.int64()).fill_null(0)) if n else np.zeros(0, np.int64)
+        self.policy = self._policies(batch, compiled, scheme)
+
+    @staticmethod
+    def _policies(batch, compiled: CompiledPolicies, scheme: np.ndarray) -> np.ndarray:
+        """Policy index per row from (region, scheme, calendar year of settle_time); -1 none."""
+        n = batch.num_rows
+        policy = np.full(n, -1, dtype=np.int32)
+        if n == 0 or not compiled.lookup:
+            return policy
+        years = np.asarray(pc.year(batch.column("settle_time")).fill_null(0), dtype=np.int64)
+        regions = batch.column("region").dictionary_encode()
+        region_idx = np.asarray(regions.indices.fill_null(0), dtype=np.int64)
+        region_names = regions.dictionary.to_pylist()
+        y0 = min(y for _, _, y in compiled.lookup)
+        y1 = max(y for _, _, y in compiled.lookup)
+        table = np.full((max(len(region_names), 1), len(SCHEMES), y1 - y0 + 1), -1, dtype=np.int32)
+        for (region, sch, year), p in compiled.lookup.items():
+            if region in region_names:
+                table[region_names.index(region), SCHEMES.index(sch), year - y0] = p
+        ok = (scheme >= 0) & (years >= y0) & (years <= y1)
+        policy[ok] = table[region_idx[ok], scheme[ok], years[ok] - y0]
+        return policy
+
+
+def build_results(prep: PreparedClaims, compiled: CompiledPolicies, out: dict, deltas: bool) -> pa.RecordBatch:
+    """The results chunk (spec section 3) from the kernel's outputs, in input order."""
+    n = prep.n
+    status = out["status"]
+    ok = status == 0
+    policy = np.where(ok, prep.policy, -1)
+    fund_pay = out["fund_pay"]
+    fund_total = fund_pay.sum(axis=1)
+    compliant = out["compliant"]
+    policy_ids = pa.array(list(compiled.policy_ids) + [None], pa.string())
+    identity_names = pa.array(list(compiled.identity_names) + [None], pa.string())
+    effective = np.where(ok & (out["effective"] >= 0), out["effective"], len(compiled.identity_names))
+
+    # layer_pays: the layers that paid more than 0, in order
+    layer_pay = out["layer_pay"]
+    paid = layer_pay > 0
+    rows, cols = np.nonzero(paid)
+    counts = paid.sum(axis=1)
+    offsets = np.zeros(n + 1, dtype=np.int32)
+    np.cumsum(counts, out=offsets[1:])
+    layer_start = compiled.policies["layer_start"][np.maximum(policy[rows], 0)] if len(rows) else rows
+    names = pa.array(compiled.layer_names, pa.string()).take(pa.array(layer_start + cols)) if len(rows) else \
+        pa.array([], pa.string())
+    entries = pa.StructArray.from_arrays([names, pa.array(layer_pay[rows, cols], pa.int64())],
+                                         fields=list(RESULTS_SCHEMA.field("layer_pays").type.value_type))
+    layer_pays = pa.ListArray.from_arrays(pa.array(offsets), entries,
+                                          type=RESULTS_SCHEMA.field("layer_pays").type)
+
+    total = prep.amounts[:, 0]
+    columns = [
+        prep.batch.column("claim_id"),
+        pa.array(STATUSES, pa.string()).take(pa.array(status.astype(np.int32))),
+        policy_ids.take(pa.array(np.where(policy >= 0, policy, len(compiled.policy_ids)).astype(np.int32))),
+        identity_names.take(pa.array(effective.astype(np.int32))),
+        pa.array(out["deductible_applied"]),
+        *[pa.array(np.ascontiguousarray(fund_pay[:, j])) for j in range(len(FUNDS))],
+        pa.array(fund_total),
+        pa.array(np.where(ok, total - fund_total, 0)),
+        pa.array(np.where(ok, compliant - fund_total, 0)),
+        layer_pays,
+        pa.array(out["cap_hit"].view(np.bool_)),
+    ]
+    schema = RESULTS_SCHEMA
+    if deltas:
+        inpatient = (prep.visit == 0) & ok
+        columns += [pa.array(inpatient.astype(np.int64)), pa.array(np.where(ok, compliant, 0)),
+                    _delta_layers(out["deltas"], policy, compiled)]
+        for name, typ in DELTA_FIELDS:
+            schema = schema.append(pa.field(name, typ))
+    return pa.RecordBatch.from_arrays(columns, schema=schema)
+
+
+def _layer_entries(values: np.ndarray, policy: np.ndarray, compiled: CompiledPolicies) -> pa.ListArray:
+    """list<LAYER_ENTRY> per row from a [rows, width, 3] array; entries that are all 0 left out."""
+    n = values.shape[0]
+    nonzero = (values != 0).any(axis=2)
+    rows, cols = np.nonzero(nonzero)
+    offsets = np.zeros(n + 1, dtype=np.int32)
+    np.cumsum(nonzero.sum(axis=1), out=offsets[1:])
+    width = values.shape[1]
+    flat_layers = [cols_[c][0] if c < len(cols_) else None for cols_ in compiled.acc_columns for c in range(width)]
+    flat_caps = [cols_[c][1] if c < len(cols_) else None for cols_ in compiled.acc_columns for c in range(width)]
+    key = pa.array(policy[rows].astype(np.int64) * width + cols)
+    layer_col = pa.array(flat_layers, pa.string()).take(key)
+    cap_col = pa.array(flat_caps, pa.string()).take(key)
+    entries = pa.StructArray.from_arrays(
+        [layer_col, cap_col, pa.array(values[rows, cols, 0]), pa.array(values[rows, cols, 1]),
+         pa.array(values[rows, cols, 2])], fields=list(LAYER_ENTRY))
+    return pa.ListArray.from_arrays(pa.array(offsets), entries, type=pa.list_(LAYER_ENTRY))
+
+
+def _delta_layers(deltas: np.ndarray, policy: np.ndarray, compiled: CompiledPolicies) -> pa.ListArray:
+    return _layer_entries(deltas, np.maximum(policy, 0), compiled)
+
+
+def accumulators_table(keys_starts: np.ndarray, keys_arena: np.ndarray, compiled: CompiledPolicies,
+                       admissions: np.ndarray, compliant_total: np.ndarray, acc: np.ndarray) -> pa.Table:
+    """Closing accumulators (spec section 4), one row per key that holds anything."""
+    count = len(keys_starts) - 1
+    if count == 0:
+        return ACCUMULATORS_SCHEMA.empty_table()
+    # key bytes: 4 bytes of policy index, then person_id
+    starts = keys_starts[:-1]
+    policy = np.frombuffer(
+        np.ascontiguousarray(keys_arena[(starts[:, None] + np.arange(4)).ravel()]).tobytes(), dtype=np.int32)
+    adm, ct, acc = admissions[:count], compliant_total[:count], acc[:count]
+    held = (adm != 0) | (ct != 0) | (acc != 0).any(axis=(1, 2))
+    keep = np.nonzero(held)[0]
+    # person_id strings straight from the arena: offsets skip each key's 4-byte prefix
+    lengths = (keys_starts[1:] - starts - 4)[keep]
+    offsets = np.zeros(len(keep) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    take = (np.repeat(starts[keep] + 4 - offsets[:-1], lengths) + np.arange(offsets[-1])) if len(keep) else \
+        np.zeros(0, np.int64)
+    data = keys_arena[take] if len(take) else np.zeros(0, np.uint8)
+    person = pa.LargeStringArray.from_buffers(len(keep), pa.py_buffer(offsets.tobytes()),
+                                              pa.py_buffer(data.tobytes())).cast(pa.string())
+    pol = policy[keep]
+    ps = compiled.policy_set.policies
+    regions = pa.array([p.region for p in ps], pa.string())
+    schemes = pa.array([p.scheme for p in ps], pa.string())
+    years = np.array([p.year for p in ps], dtype=np.int32)
+    pol_arr = pa.array(pol.astype(np.int32))
+    return pa.table([
+        person, regions.take(pol_arr), schemes.take(pol_arr), pa.array(years[pol]),
+        pa.array(adm[keep]), pa.array(ct[keep]), _layer_entries(acc[keep], pol, compiled),
+    ], schema=ACCUMULATORS_SCHEMA)

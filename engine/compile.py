@@ -1,0 +1,196 @@
+"""Compile a PolicySet once into the numeric tables the kernel reads.
+
+Each table is a numpy structured array whose int64 fields mirror a struct of
+`_kernel.pxd` in the same order. Names (identities, disease groups, layers,
+cap groups) become small integer codes here; the kernel never sees a string.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .model import (
+    BP,
+    FACILITY_LEVELS,
+    FUNDS,
+    KIND_CLASS_RATIO,
+    KIND_FIXED_AMOUNT,
+    KIND_MAX_PERSONAL_SHARE,
+    KIND_SEGMENTS,
+    LOCALITIES,
+    VISIT_TYPES,
+    Match,
+    PolicySet,
+)
+
+POLICY_FIELDS = ("layer_start", "layer_count", "includes_class_b_copay", "repeat_start",
+                 "repeat_count", "repeat_floor", "identity_mask", "rank_start", "rank_count",
+                 "acc_width")
+LAYER_FIELDS = ("fund", "rule_start", "rule_count", "adjustment_start", "adjustment_count")
+RULE_FIELDS = ("kind", "match", "deductible", "axis", "above_deductible", "repeat_admission",
+               "acc", "cap", "segment_start", "segment_count", "ratio_a", "ratio_b", "amount")
+SEGMENT_FIELDS = ("upto", "ratio")
+ADJUSTMENT_FIELDS = ("match", "deductible_factor", "ratio", "ratio_add")
+MATCH_FIELDS = ("visit_mask", "level_mask", "locality_mask", "referred", "has_identity",
+                "identity_mask", "has_holds", "holds_mask", "disease_start", "disease_count",
+                "min_age", "max_age")
+RANGE_FIELDS = ("low", "high")
+
+RULE_KIND_CODES = {KIND_SEGMENTS: 0, KIND_CLASS_RATIO: 1, KIND_FIXED_AMOUNT: 2,
+                   KIND_MAX_PERSONAL_SHARE: 3}
+
+# Bit 63 of a claim's identity mask: a name no policy of the set declares.
+UNDECLARED_IDENTITY_BIT = 63
+
+
+def _table(fields, rows) -> np.ndarray:
+    dtype = np.dtype([(f, np.int64) for f in fields])
+    out = np.zeros(len(rows), dtype=dtype)
+    for i, row in enumerate(rows):
+        out[i] = tuple(row[f] for f in fields)
+    return out
+
+
+def encode_category(code: str) -> int:
+    """A 3-character ICD-10 category as one int64 that sorts like the string."""
+    a, b, c = (ord(ch) for ch in code[:3])
+    return (a << 42) | (b << 21) | c
+
+
+def _mask(values, names) -> int:
+    if values is None:
+        return (1 << len(names)) - 1
+    return sum(1 << names.index(v) for v in values)
+
+
+@dataclass(frozen=True)
+class CompiledPolicies:
+    """The numeric form of a PolicySet plus the names needed to write results back."""
+
+    policy_set: PolicySet
+    policies: np.ndarray
+    layers: np.ndarray
+    rules: np.ndarray
+    segments: np.ndarray
+    adjustments: np.ndarray
+    matches: np.ndarray
+    ranges: np.ndarray
+    repeat_factors: np.ndarray
+    identity_rank: np.ndarray
+    identity_names: tuple[str, ...]  # global identity id -> name
+    layer_names: tuple[str, ...]  # global layer index -> name
+    max_layers: int
+    acc_width: int
+    acc_columns: tuple[tuple[tuple[str, str | None], ...], ...]  # per policy: column -> (layer, cap group)
+    lookup: dict[tuple[str, str, int], int]  # (region, scheme, year) -> policy index
+
+    @property
+    def policy_ids(self) -> tuple[str, ...]:
+        return tuple(p.id for p in self.policy_set.policies)
+
+
+def compile_policies(policy_set: PolicySet) -> CompiledPolicies:
+    identity_names: list[str] = []
+    for p in policy_set.policies:
+        for name in p.identities:
+            if name not in identity_names:
+                identity_names.append(name)
+    if len(identity_names) > UNDECLARED_IDENTITY_BIT:
+        raise ValueError(f"{policy_set.source or 'policy set'}: declares {len(identity_names)} identities; "
+                         f"the engine holds at most {UNDECLARED_IDENTITY_BIT} distinct names per set")
+    ident_bit = {name: i for i, name in enumerate(identity_names)}
+
+    policies, layers, rules, segments, adjustments, matches, ranges = [], [], [], [], [], [], []
+    repeat_factors: list[int] = []
+    identity_rank: list[int] = []
+    layer_names: list[str] = []
+    acc_columns = []
+
+    def add_match(m: Match, groups: dict) -> int:
+        start = len(ranges)
+        if m.disease_group is not None:
+            for g in m.disease_group:
+                for low, high in groups[g]:
+                    ranges.append({"low": encode_category(low), "high": encode_category(high)})
+        matches.append({
+            "visit_mask": _mask(m.visit_type, VISIT_TYPES),
+            "level_mask": _mask(m.facility_level, FACILITY_LEVELS),
+            "locality_mask": _mask(m.locality, LOCALITIES),
+            "referred": -1 if m.referred is None else int(m.referred),
+            "has_identity": int(m.identity is not None),
+            "identity_mask": sum(1 << ident_bit[x] for x in (m.identity or ())),
+            "has_holds": int(m.holds is not None),
+            "holds_mask": sum(1 << ident_bit[x] for x in (m.holds or ())),
+            "disease_start": start,
+            "disease_count": -1 if m.disease_group is None else len(ranges) - start,
+            "min_age": -1 if m.min_age is None else m.min_age,
+            "max_age": -1 if m.max_age is None else m.max_age,
+        })
+        return len(matches) - 1
+
+    for p in policy_set.policies:
+        columns: list[tuple[str, str | None]] = []
+        policies.append({
+            "layer_start": len(layers), "layer_count": len(p.layers),
+            "includes_class_b_copay": int(p.compliant_includes_class_b_copay),
+            "repeat_start": len(repeat_factors), "repeat_count": len(p.repeat_factors),
+            "repeat_floor": p.repeat_floor,
+            "identity_mask": sum(1 << ident_bit[x] for x in p.identities),
+            "rank_start": len(identity_rank), "rank_count": len(p.identities),
+            "acc_width": 0,
+        })
+        repeat_factors.extend(p.repeat_factors)
+        identity_rank.extend(ident_bit[x] for x in p.identities)
+        for layer in p.layers:
+            layers.append({
+                "fund": FUNDS.index(layer.fund), "rule_start": len(rules), "rule_count": len(layer.rules),
+                "adjustment_start": len(adjustments), "adjustment_count": len(layer.adjustments),
+            })
+            layer_names.append(layer.name)
+            for rule in layer.rules:
+                column = (layer.name, rule.cap_group)
+                if column not in columns:
+                    columns.append(column)
+                ratio_a, ratio_b = rule.class_ratio or (0, 0)
+                amount = rule.fixed_amount if rule.kind == KIND_FIXED_AMOUNT else (rule.max_personal_share or 0)
+                rules.append({
+                    "kind": RULE_KIND_CODES[rule.kind], "match": add_match(rule.match, p.disease_groups),
+                    "deductible": rule.deductible, "axis": int(rule.axis == "year"),
+                    "above_deductible": int(rule.bounds == "above_deductible"),
+                    "repeat_admission": int(rule.repeat_admission), "acc": columns.index(column),
+                    "cap": layer.cap_groups[rule.cap_group] if rule.cap_group is not None else -1,
+                    "segment_start": len(segments), "segment_count": len(rule.segments),
+                    "ratio_a": ratio_a, "ratio_b": ratio_b, "amount": amount,
+                })
+                segments.extend({"upto": -1 if s.upto is None else s.upto, "ratio": s.ratio}
+                                for s in rule.segments)
+            for adj in layer.adjustments:
+                adjustments.append({
+                    "match": add_match(adj.match, p.disease_groups),
+                    "deductible_factor": BP if adj.deductible_factor is None else adj.deductible_factor,
+                    "ratio": -1 if adj.ratio is None else adj.ratio,
+                    "ratio_add": adj.ratio_add or 0,
+                })
+        policies[-1]["acc_width"] = len(columns)
+        acc_columns.append(tuple(columns))
+
+    lookup = {(p.region, p.scheme, p.year): i for i, p in enumerate(policy_set.policies)}
+    return CompiledPolicies(
+        policy_set=policy_set,
+        policies=_table(POLICY_FIELDS, policies),
+        layers=_table(LAYER_FIELDS, layers),
+        rules=_table(RULE_FIELDS, rules),
+        segments=_table(SEGMENT_FIELDS, segments),
+        adjustments=_table(ADJUSTMENT_FIELDS, adjustments),
+        matches=_table(MATCH_FIELDS, matches),
+        ranges=_table(RANGE_FIELDS, ranges),
+        repeat_factors=np.asarray(repeat_factors or [BP], dtype=np.int64),
+        identity_rank=np.asarray(identity_rank or [0], dtype=np.int64),
+        identity_names=tuple(identity_names),
+        layer_names=tuple(layer_names),
+        max_layers=max((len(p.layers) for p in policy_set.policies), default=1),
+        acc_width=max((len(c) for c in acc_columns), default=1) or 1,
+        acc_columns=tuple(acc_columns),
+        lookup=lookup,
+    )

@@ -1,0 +1,242 @@
+"""The settlement call: chunks of claims in, results and accumulators out.
+
+A `Settler` is one call of spec section 4: it keeps the claim ids seen (for
+DUPLICATE_CLAIM) and the accumulators of every key across the chunks fed to
+it. The per-claim work is all in `_kernel`; this layer only moves arrays.
+"""
+from __future__ import annotations
+
+from typing import Iterable, NamedTuple, Union
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from . import _kernel
+from .arrow_io import (
+    ACCUMULATORS_SCHEMA,
+    CLAIMS_SCHEMA,
+    PreparedClaims,
+    accumulators_table,
+    build_results,
+    check_schema,
+    string_buffers,
+)
+from .compile import CompiledPolicies, compile_policies
+from .model import FUNDS, PolicySet
+
+MAX_CARRIED = 10**14
+
+ClaimsInput = Union[pa.Table, pa.RecordBatch, pa.RecordBatchReader, Iterable[pa.RecordBatch]]
+
+
+class AccumulatorError(ValueError):
+    """Carried-in accumulators that cannot be used; the message names the key."""
+
+
+class Settlement(NamedTuple):
+    results: pa.Table
+    accumulators: pa.Table
+
+
+_compiled_cache: dict[int, tuple[PolicySet, CompiledPolicies]] = {}
+
+
+def compiled(policies: Union[PolicySet, CompiledPolicies]) -> CompiledPolicies:
+    """The compiled form of a policy set, compiled once per set object."""
+    if isinstance(policies, CompiledPolicies):
+        return policies
+    hit = _compiled_cache.get(id(policies))
+    if hit is not None and hit[0] is policies:
+        return hit[1]
+    result = compile_policies(policies)
+    if len(_compiled_cache) > 64:
+        _compiled_cache.clear()
+    _compiled_cache[id(policies)] = (policies, result)
+    return result
+
+
+class Settler:
+    """One settlement call, fed chunk after chunk (spec section 4, "Order")."""
+
+    def __init__(self, policies: Union[PolicySet, CompiledPolicies], accumulators: pa.Table | None = None,
+                 deltas: bool = False):
+        self.compiled = compiled(policies)
+        self.deltas = deltas
+        self._claim_ids = _kernel.Interner()
+        self._keys = _kernel.Interner()
+        self._width = self.compiled.acc_width
+        self._admissions = np.zeros(0, dtype=np.int64)
+        self._compliant_total = np.zeros(0, dtype=np.int64)
+        self._acc = np.zeros((0, self._width, _kernel.ACC_FIELDS), dtype=np.int64)
+        if accumulators is not None:
+            self._carry_in(accumulators)
+
+    def _reserve(self, slots: int) -> None:
+        have = len(self._admissions)
+        if slots <= have:
+            return
+        new = max(slots, have * 2, 1024)
+        self._admissions = np.concatenate([self._admissions, np.zeros(new - have, np.int64)])
+        self._compliant_total = np.concatenate([self._compliant_total, np.zeros(new - have, np.int64)])
+        self._acc = np.concatenate(
+            [self._acc, np.zeros((new - have, self._width, _kernel.ACC_FIELDS), np.int64)])
+
+    def settle_batch(self, batch: pa.RecordBatch, trace_row: int = -1) -> pa.RecordBatch:
+        """Settle one chunk, ordered on its own; results in its input order."""
+        if isinstance(batch, pa.Table):
+            batch = _one_batch(batch)
+        check_schema(batch.schema)
+        batch = batch.select(CLAIMS_SCHEMA.names)
+        c = self.compiled
+        prep = PreparedClaims(batch, c)
+        n = prep.n
+        status_in = np.zeros(n, dtype=np.int8)
+        slot = np.zeros(n, dtype=np.int64)
+        _kernel.check_rows(prep.claim_offsets, prep.claim_data, prep.claim_valid,
+                           prep.person_offsets, prep.person_data, prep.missing, prep.invalid_enum,
+                           prep.amounts, prep.policy, prep.identity_mask, c.policies,
+                           self._claim_ids, self._keys, status_in, slot)
+        self._reserve(len(self._keys))
+        order = _kernel.order_rows(prep.settle_time, prep.claim_offsets, prep.claim_data)
+        out = {
+            "status": np.zeros(n, dtype=np.int8),
+            "effective": np.full(n, -1, dtype=np.int32),
+            "deductible_applied": np.zeros(n, dtype=np.int64),
+            "fund_pay": np.zeros((n, len(FUNDS)), dtype=np.int64),
+            "layer_pay": np.zeros((n, c.max_layers), dtype=np.int64),
+            "cap_hit": np.zeros(n, dtype=np.uint8),
+            "compliant": np.zeros(n, dtype=np.int64),
+            "deltas": np.zeros((n if self.deltas else 1, self._width, _kernel.ACC_FIELDS), dtype=np.int64),
+            "trace": np.zeros((c.max_layers, _kernel.TRACE_NFIELDS), dtype=np.int64),
+            "trace_acc": np.zeros((2, 2 + self._width * _kernel.ACC_FIELDS), dtype=np.int64),
+        }
+        _kernel.settle(order, status_in, prep.policy, slot, prep.visit, prep.level, prep.locality,
+                       prep.referred, prep.age, prep.identity_mask, prep.disease, prep.amounts,
+                       c.policies, c.layers, c.rules, c.segments, c.adjustments, c.matches, c.ranges,
+                       c.repeat_factors, c.identity_rank,
+                       self._admissions, self._compliant_total, self._acc,
+                       out["status"], out["effective"], out["deductible_applied"], out["fund_pay"],
+                       out["layer_pay"], out["cap_hit"], out["compliant"],
+                       self.deltas, out["deltas"], trace_row, out["trace"], out["trace_acc"])
+        self.last_trace = (out["trace"], out["trace_acc"], prep, out)
+        return build_results(prep, c, out, self.deltas)
+
+    def settle_batches(self, batches: Iterable[pa.RecordBatch]) -> Iterable[pa.RecordBatch]:
+        for batch in batches:
+            yield self.settle_batch(batch)
+
+    def accumulators(self) -> pa.Table:
+        starts, arena = self._keys.export()
+        return accumulators_table(starts, arena, self.compiled, self._admissions, self._compliant_total,
+                                  self._acc)
+
+    def _carry_in(self, table: pa.Table) -> None:
+        """Load carried-in accumulators (spec section 4); any bad key fails the whole call."""
+        if isinstance(table, pa.RecordBatch):
+            table = pa.Table.from_batches([table])
+        for field in ACCUMULATORS_SCHEMA:
+            if field.name not in table.column_names:
+                raise AccumulatorError(f"accumulators: missing column '{field.name}'")
+            if not table.schema.field(field.name).type.equals(field.type):
+                raise AccumulatorError(f"accumulators: column '{field.name}' has type "
+                                       f"{table.schema.field(field.name).type}; expected {field.type}")
+        table = table.select(ACCUMULATORS_SCHEMA.names).combine_chunks()
+        n = table.num_rows
+        if n == 0:
+            return
+        c = self.compiled
+
+        def key_name(i: int) -> str:
+            row = table.slice(i, 1).to_pylist()[0]
+            return f"({row['person_id']!r}, {row['region']!r}, {row['scheme']!r}, {row['year']})"
+
+        for name in ("person_id", "region", "scheme", "year", "admissions", "compliant_total"):
+            col = table.column(name)
+            if col.null_count:
+                i = int(np.nonzero(~np.asarray(pc.is_valid(col)))[0][0])
+                raise AccumulatorError(f"accumulators: key {key_name(i)}: '{name}' is null")
+        policy = np.array([c.lookup.get(k, -1) for k in zip(table.column("region").to_pylist(),
+                                                            table.column("scheme").to_pylist(),
+                                                            table.column("year").to_pylist())], dtype=np.int32)
+        if (policy < 0).any():
+            i = int(np.nonzero(policy < 0)[0][0])
+            raise AccumulatorError(f"accumulators: key {key_name(i)}: no policy for this region, scheme and year")
+        for name in ("admissions", "compliant_total"):
+            v = np.asarray(table.column(name))
+            bad = (v < 0) | (v > MAX_CARRIED)
+            if bad.any():
+                i = int(np.nonzero(bad)[0][0])
+                raise AccumulatorError(f"accumulators: key {key_name(i)}: {name} {int(v[i])} is outside [0, 10^14]")
+        layers = table.column("layers").chunk(0) if table.num_rows else None
+        entries = layers.flatten()
+        parents = np.asarray(pc.list_parent_indices(layers), dtype=np.int64)
+        col_index = np.full(len(entries), -1, dtype=np.int64)
+        layer_names = entries.field("layer").to_pylist()
+        cap_names = entries.field("cap_group").to_pylist()
+        column_of = [{col: j for j, col in enumerate(cols)} for cols in c.acc_columns]
+        for e in range(len(entries)):
+            j = column_of[policy[parents[e]]].get((layer_names[e], cap_names[e]), -1)
+            if j < 0:
+                raise AccumulatorError(f"accumulators: key {key_name(int(parents[e]))}: no layer "
+                                       f"'{layer_names[e]}' with cap group {cap_names[e]!r} in its policy")
+            col_index[e] = j
+        values = np.stack([np.asarray(entries.field(f).fill_null(-1)) for f in ("position", "paid",
+                                                                               "deductible_charged")], axis=1) \
+            if len(entries) else np.zeros((0, 3), np.int64)
+        bad = ((values < 0) | (values > MAX_CARRIED)).any(axis=1)
+        if bad.any():
+            e = int(np.nonzero(bad)[0][0])
+            raise AccumulatorError(f"accumulators: key {key_name(int(parents[e]))}: layer '{layer_names[e]}' "
+                                   f"holds a value outside [0, 10^14] (or null)")
+
+        offsets, data, _ = string_buffers(table.column("person_id").chunk(0))
+        slots = np.zeros(n, dtype=np.int64)
+        before = len(self._keys)
+        self._keys.intern_keys(offsets, data, policy, slots)
+        if len(self._keys) - before != n:
+            _, first = np.unique(slots, return_index=True)
+            dup = sorted(set(range(n)) - set(first.tolist()))[0]
+            raise AccumulatorError(f"accumulators: key {key_name(dup)} appears twice")
+        self._reserve(len(self._keys))
+        self._admissions[slots] = np.asarray(table.column("admissions"))
+        self._compliant_total[slots] = np.asarray(table.column("compliant_total"))
+        if len(entries):
+            target = self._acc[slots[parents], col_index]
+            if np.any(target != 0):
+                e = int(np.nonzero((target != 0).any(axis=1))[0][0])
+                raise AccumulatorError(f"accumulators: key {key_name(int(parents[e]))}: layer "
+                                       f"'{layer_names[e]}' appears twice")
+            self._acc[slots[parents], col_index] = values
+
+
+def _one_batch(table: pa.Table) -> pa.RecordBatch:
+    table = table.combine_chunks()
+    batches = table.to_batches()
+    if not batches:
+        return pa.RecordBatch.from_pylist([], schema=table.schema)
+    if len(batches) == 1:
+        return batches[0]
+    return pa.Table.from_batches(batches).combine_chunks().to_batches(max_chunksize=table.num_rows)[0]
+
+
+def settle(claims: ClaimsInput, policies: Union[PolicySet, CompiledPolicies], accumulators: pa.Table | None = None,
+           *, deltas: bool = False) -> Settlement:
+    """Settle claims (spec sections 4-5) and return the results and the closing accumulators.
+
+    A Table or RecordBatch is one chunk; a reader or an iterable of batches is
+    a stream, settled chunk by chunk (use `Settler` to consume results as they come).
+    """
+    settler = Settler(policies, accumulators, deltas)
+    if isinstance(claims, (pa.Table, pa.RecordBatch)):
+        check_schema(claims.schema)
+        chunks = [settler.settle_batch(claims if isinstance(claims, pa.RecordBatch) else _one_batch(claims))]
+        schema = chunks[0].schema
+    else:
+        chunks = list(settler.settle_batches(claims))
+        if not chunks:
+            empty = settler.settle_batch(pa.RecordBatch.from_pylist([], schema=CLAIMS_SCHEMA))
+            chunks, schema = [], empty.schema
+        else:
+            schema = chunks[0].schema
+    return Settlement(pa.Table.from_batches(chunks, schema=schema), settler.accumulators())

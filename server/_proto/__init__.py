@@ -1,0 +1,1 @@
+"""Generated gRPC modules of proto/medsettle/v1 (python -m server.protogen)."""
