@@ -18,4 +18,5 @@ extensions = [
     )
 ]
 
-setup(ext_modules=cythonize(extensions, compiler_directives=directives, language_level=3))
+# force: the generated C must follow the directives of this build, not an older one
+setup(ext_modules=cythonize(extensions, compiler_directives=directives, language_level=3, force=True))

@@ -10,6 +10,7 @@ from .arrow_io import (
     STATUSES,
     ClaimsSchemaError,
 )
+from .explain import explain, format_explanation
 from .model import PolicySet
 from .policy import PolicyError, default_policies_path, load_policies, parse_policy
 from .settle import AccumulatorError, Settlement, Settler, settle
@@ -17,5 +18,5 @@ from .settle import AccumulatorError, Settlement, Settler, settle
 __all__ = [
     "ACCUMULATORS_SCHEMA", "CLAIMS_SCHEMA", "RESULTS_SCHEMA", "STATUSES",
     "AccumulatorError", "ClaimsSchemaError", "PolicyError", "PolicySet", "Settlement", "Settler",
-    "default_policies_path", "load_policies", "parse_policy", "settle",
+    "default_policies_path", "explain", "format_explanation", "load_policies", "parse_policy", "settle",
 ]

@@ -6,6 +6,9 @@
 
 from libc.stdint cimport int8_t, int32_t, int64_t, uint8_t, uint64_t
 
+
+cdef uint64_t hash_bytes(const uint8_t* p, int64_t n) noexcept nogil
+
 ctypedef struct PolicyRow:
     int64_t layer_start
     int64_t layer_count
@@ -110,6 +113,11 @@ cdef enum:
     TR_NFIELDS = 15
 
 
+ctypedef struct TableSlot:
+    uint64_t hash
+    int64_t entry               # entry id + 1; 0 = empty
+
+
 cdef class Interner:
     """Byte strings to dense ids, exactly (no hash is trusted without a compare)."""
     cdef uint8_t* arena
@@ -118,9 +126,9 @@ cdef class Interner:
     cdef int64_t* starts        # entry -> offset in arena; starts[count] = arena_len
     cdef int64_t count
     cdef int64_t entries_cap
-    cdef int64_t* table         # open addressing: entry id + 1, 0 = empty
-    cdef uint64_t* hashes
+    cdef TableSlot* table       # open addressing, linear probing, load <= 1/2
     cdef int64_t table_mask
 
-    cdef int64_t intern(self, const uint8_t* key, int64_t length, bint* is_new) noexcept nogil
+    cdef int64_t intern(self, const uint8_t* key, int64_t length, uint64_t h, bint* is_new) noexcept nogil
+    cdef void prefetch(self, uint64_t h) noexcept nogil
     cdef int grow_table(self) noexcept nogil

@@ -28,6 +28,7 @@ cdef extern from *:
     const int64_t MAX_COMPLIANT_TOTAL "MEDSETTLE_MAX_COMPLIANT_TOTAL"  # 10^14 fen per key
 
 ACC_FIELDS = 3  # position, paid, deductible_charged per accumulator column
+STATE_HEAD = 2  # admissions, compliant_total before the columns of a state row
 TRACE_NFIELDS = TR_NFIELDS
 
 
@@ -52,24 +53,45 @@ cdef inline int64_t i64max(int64_t a, int64_t b) noexcept nogil:
     return a if a > b else b
 
 
-cdef inline uint64_t fnv1a(const uint8_t* p, int64_t n) noexcept nogil:
-    cdef uint64_t h = 14695981039346656037ULL
+cdef extern from *:
+    """
+    #define medsettle_prefetch(p) __builtin_prefetch(p)
+    """
+    void prefetch_address "medsettle_prefetch"(const void* p) noexcept nogil
+
+# How many claims ahead the loops prefetch hash-table slots and accumulator rows.
+cdef enum:
+    PREFETCH_AHEAD = 16
+
+
+cdef inline uint64_t fnv_update(uint64_t h, const uint8_t* p, int64_t n) noexcept nogil:
     cdef int64_t i
     for i in range(n):
         h ^= p[i]
         h *= 1099511628211ULL
-    # final avalanche so that the low bits used by the table are well mixed
+    return h
+
+
+cdef inline uint64_t fnv_finish(uint64_t h) noexcept nogil:
+    # a final avalanche, so that the table's low bits are well mixed
     h ^= h >> 33
     h *= 0xff51afd7ed558ccdULL
     h ^= h >> 33
     return h
 
 
+cdef uint64_t hash_bytes(const uint8_t* p, int64_t n) noexcept nogil:
+    """FNV-1a, finished with an avalanche."""
+    return fnv_finish(fnv_update(14695981039346656037ULL, p, n))
+
+
 cdef class Interner:
     """Byte strings to dense ids 0, 1, 2, ... in first-seen order.
 
     Claim ids (DUPLICATE_CLAIM over a whole call) and accumulator keys (one
-    slot per person and policy) are both interned here, across chunks.
+    slot per person and policy) are both interned here, across chunks. The
+    table keeps each entry's hash beside its id, so a probe that is not a
+    match costs one cache line and a new key costs no compare.
     """
 
     def __cinit__(self):
@@ -78,11 +100,10 @@ cdef class Interner:
         self.entries_cap = 1 << 12
         self.starts = <int64_t*> malloc((self.entries_cap + 1) * sizeof(int64_t))
         self.table_mask = (1 << 13) - 1
-        self.table = <int64_t*> malloc((self.table_mask + 1) * sizeof(int64_t))
-        self.hashes = <uint64_t*> malloc(self.entries_cap * sizeof(uint64_t))
-        if not (self.arena and self.starts and self.table and self.hashes):
+        self.table = <TableSlot*> malloc((self.table_mask + 1) * sizeof(TableSlot))
+        if not (self.arena and self.starts and self.table):
             raise MemoryError()
-        memset(self.table, 0, (self.table_mask + 1) * sizeof(int64_t))
+        memset(self.table, 0, (self.table_mask + 1) * sizeof(TableSlot))
         self.arena_len = 0
         self.count = 0
         self.starts[0] = 0
@@ -91,54 +112,53 @@ cdef class Interner:
         free(self.arena)
         free(self.starts)
         free(self.table)
-        free(self.hashes)
 
     def __len__(self):
         return self.count
 
     cdef int grow_table(self) noexcept nogil:
         cdef int64_t new_size = (self.table_mask + 1) * 2
-        cdef int64_t* t = <int64_t*> malloc(new_size * sizeof(int64_t))
+        cdef TableSlot* t = <TableSlot*> malloc(new_size * sizeof(TableSlot))
         cdef int64_t i, j, mask = new_size - 1
         if t == NULL:
             return -1
-        memset(t, 0, new_size * sizeof(int64_t))
-        for i in range(self.count):
-            j = <int64_t>(self.hashes[i] & <uint64_t>mask)
-            while t[j] != 0:
+        memset(t, 0, new_size * sizeof(TableSlot))
+        for i in range(self.table_mask + 1):
+            if self.table[i].entry == 0:
+                continue
+            j = <int64_t>(self.table[i].hash & <uint64_t>mask)
+            while t[j].entry != 0:
                 j = (j + 1) & mask
-            t[j] = i + 1
+            t[j] = self.table[i]
         free(self.table)
         self.table = t
         self.table_mask = mask
         return 0
 
-    cdef int64_t intern(self, const uint8_t* key, int64_t length, bint* is_new) noexcept nogil:
-        """The id of `key`, adding it if new; -1 if memory ran out."""
-        cdef uint64_t h = fnv1a(key, length)
+    cdef void prefetch(self, uint64_t h) noexcept nogil:
+        prefetch_address(&self.table[<int64_t>(h & <uint64_t>self.table_mask)])
+
+    cdef int64_t intern(self, const uint8_t* key, int64_t length, uint64_t h, bint* is_new) noexcept nogil:
+        """The id of `key` (whose hash_bytes is h), adding it if new; -1 if memory ran out."""
         cdef int64_t j = <int64_t>(h & <uint64_t>self.table_mask)
         cdef int64_t e, s
         cdef void* p
         while True:
-            e = self.table[j]
+            e = self.table[j].entry
             if e == 0:
                 break
-            e -= 1
-            s = self.starts[e]
-            if (self.hashes[e] == h and self.starts[e + 1] - s == length
-                    and memcmp(self.arena + s, key, length) == 0):
-                is_new[0] = False
-                return e
+            if self.table[j].hash == h:
+                e -= 1
+                s = self.starts[e]
+                if self.starts[e + 1] - s == length and memcmp(self.arena + s, key, length) == 0:
+                    is_new[0] = False
+                    return e
             j = (j + 1) & self.table_mask
         if self.count + 1 > self.entries_cap:
             p = realloc(self.starts, (self.entries_cap * 2 + 1) * sizeof(int64_t))
             if p == NULL:
                 return -1
             self.starts = <int64_t*> p
-            p = realloc(self.hashes, self.entries_cap * 2 * sizeof(uint64_t))
-            if p == NULL:
-                return -1
-            self.hashes = <uint64_t*> p
             self.entries_cap *= 2
         if self.arena_len + length > self.arena_cap:
             while self.arena_len + length > self.arena_cap:
@@ -150,10 +170,10 @@ cdef class Interner:
         memcpy(self.arena + self.arena_len, key, length)
         self.arena_len += length
         e = self.count
-        self.hashes[e] = h
         self.count += 1
         self.starts[self.count] = self.arena_len
-        self.table[j] = e + 1
+        self.table[j].hash = h
+        self.table[j].entry = e + 1
         is_new[0] = True
         if self.count * 2 > self.table_mask + 1:
             if self.grow_table() != 0:
@@ -185,16 +205,30 @@ cdef class Interner:
 cdef int _intern_keys(Interner keys, const int32_t[::1] offsets, const uint8_t[::1] data,
                       const int32_t[::1] policy, const int8_t* status,
                       int64_t[::1] out_slot, Py_ssize_t n) noexcept nogil:
-    """Slot of each row's accumulator key: 4 bytes of policy index + person_id bytes."""
+    """Slot of each row's accumulator key: 4 bytes of policy index, then the person_id bytes.
+
+    Hashes are computed first in one sequential pass so the probing pass can
+    prefetch the table slots of the rows ahead.
+    """
     cdef Py_ssize_t i
     cdef int64_t start, length, cap = 256
     cdef uint8_t* buf = <uint8_t*> malloc(cap)
+    cdef uint64_t* h = <uint64_t*> malloc((n + 1) * sizeof(uint64_t))
     cdef void* p
     cdef bint is_new
     cdef int32_t pol
-    if buf == NULL:
+    cdef int err = 0
+    if buf == NULL or h == NULL:
+        free(buf)
+        free(h)
         return -1
     for i in range(n):
+        pol = policy[i]
+        h[i] = fnv_finish(fnv_update(fnv_update(14695981039346656037ULL, <const uint8_t*>&pol, 4),
+                                     &data[0] + offsets[i], offsets[i + 1] - offsets[i]))
+    for i in range(n):
+        if i + PREFETCH_AHEAD < n:
+            keys.prefetch(h[i + PREFETCH_AHEAD])
         if policy[i] < 0 or (status != NULL and status[i] != OK):
             out_slot[i] = -1
             continue
@@ -204,19 +238,20 @@ cdef int _intern_keys(Interner keys, const int32_t[::1] offsets, const uint8_t[:
             cap = (length + 4) * 2
             p = realloc(buf, cap)
             if p == NULL:
-                free(buf)
-                return -1
+                err = -1
+                break
             buf = <uint8_t*> p
         pol = policy[i]
         memcpy(buf, &pol, 4)
         if length:
             memcpy(buf + 4, &data[0] + start, length)
-        out_slot[i] = keys.intern(buf, length + 4, &is_new)
+        out_slot[i] = keys.intern(buf, length + 4, h[i], &is_new)
         if out_slot[i] < 0:
-            free(buf)
-            return -1
+            err = -1
+            break
     free(buf)
-    return 0
+    free(h)
+    return err
 
 
 def check_rows(const int32_t[::1] claim_offsets, const uint8_t[::1] claim_data,
@@ -239,8 +274,15 @@ def check_rows(const int32_t[::1] claim_offsets, const uint8_t[::1] claim_data,
     cdef int64_t v, start
     cdef bint is_new, bad_neg, bad_range
     cdef int8_t s
+    cdef uint64_t* h = <uint64_t*> malloc((n + 1) * sizeof(uint64_t))
+    if h == NULL:
+        raise MemoryError()
     with nogil:
         for i in range(n):
+            h[i] = hash_bytes(&claim_data[0] + claim_offsets[i], claim_offsets[i + 1] - claim_offsets[i])
+        for i in range(n):
+            if i + PREFETCH_AHEAD < n:
+                claim_ids.prefetch(h[i + PREFETCH_AHEAD])
             s = OK
             if missing[i]:
                 s = MISSING_FIELD
@@ -268,7 +310,7 @@ def check_rows(const int32_t[::1] claim_offsets, const uint8_t[::1] claim_data,
                     s = UNKNOWN_IDENTITY
             if claim_valid[i]:
                 start = claim_offsets[i]
-                if claim_ids.intern(&claim_data[0] + start, claim_offsets[i + 1] - start, &is_new) < 0:
+                if claim_ids.intern(&claim_data[0] + start, claim_offsets[i + 1] - start, h[i], &is_new) < 0:
                     err = 1
                     break
                 if not is_new and s == OK:
@@ -276,6 +318,7 @@ def check_rows(const int32_t[::1] claim_offsets, const uint8_t[::1] claim_data,
             status[i] = s
         if err == 0:
             err = _intern_keys(keys, person_offsets, person_data, policy, &status[0] if n else NULL, slot, n)
+    free(h)
     if err:
         raise MemoryError("claim id or key table")
 
@@ -360,31 +403,24 @@ ctypedef struct Claim:
 
 
 cdef inline bint matches(const MatchRow* m, const Claim* c, const RangeRow[::1] ranges) noexcept nogil:
+    """The conjunction of section 6.3, as bit tests without branches where it can be."""
     cdef int64_t k
-    if not ((m.visit_mask >> c.visit) & 1):
+    cdef bint ok = (((m.visit_mask >> c.visit) & 1)
+                    & ((m.level_mask >> c.level) & 1)
+                    & ((m.locality_mask >> c.locality) & 1)
+                    & ((m.referred < 0) | (m.referred == c.referred))
+                    & ((m.has_identity == 0) | ((c.effective >= 0) & ((m.identity_mask >> (c.effective & 63)) & 1)))
+                    & ((m.has_holds == 0) | ((c.held & m.holds_mask) != 0))
+                    & ((m.min_age < 0) | ((c.age >= 0) & (c.age >= m.min_age)))
+                    & ((m.max_age < 0) | ((c.age >= 0) & (c.age <= m.max_age))))
+    if not ok or m.disease_count < 0:
+        return ok
+    if c.disease < 0:
         return False
-    if not ((m.level_mask >> c.level) & 1):
-        return False
-    if not ((m.locality_mask >> c.locality) & 1):
-        return False
-    if m.referred >= 0 and m.referred != c.referred:
-        return False
-    if m.has_identity and (c.effective < 0 or not ((m.identity_mask >> c.effective) & 1)):
-        return False
-    if m.has_holds and (c.held & m.holds_mask) == 0:
-        return False
-    if m.min_age >= 0 and (c.age < 0 or c.age < m.min_age):
-        return False
-    if m.max_age >= 0 and (c.age < 0 or c.age > m.max_age):
-        return False
-    if m.disease_count >= 0:
-        if c.disease < 0:
-            return False
-        for k in range(m.disease_start, m.disease_start + m.disease_count):
-            if ranges[k].low <= c.disease <= ranges[k].high:
-                return True
-        return False
-    return True
+    for k in range(m.disease_start, m.disease_start + m.disease_count):
+        if ranges[k].low <= c.disease <= ranges[k].high:
+            return True
+    return False
 
 
 cdef inline int64_t integral(const SegmentRow[::1] segments, int64_t seg_start, int64_t seg_count,
@@ -418,7 +454,7 @@ def settle(const int64_t[::1] order, const int8_t[::1] status_in,
            const SegmentRow[::1] segments, const AdjustmentRow[::1] adjustments,
            const MatchRow[::1] match_rows, const RangeRow[::1] ranges,
            const int64_t[::1] repeat_factors, const int64_t[::1] identity_rank,
-           int64_t[::1] admissions, int64_t[::1] compliant_total, int64_t[:, :, ::1] acc,
+           int64_t[:, ::1] state,
            int8_t[::1] status, int32_t[::1] effective, int64_t[::1] deductible_applied,
            int64_t[:, ::1] fund_pay, int64_t[:, ::1] layer_pay, uint8_t[::1] cap_hit,
            int64_t[::1] compliant,
@@ -426,15 +462,17 @@ def settle(const int64_t[::1] order, const int8_t[::1] status_in,
            int64_t trace_row, int64_t[:, ::1] trace, int64_t[:, ::1] trace_acc):
     """Settle every row whose status_in is OK, in `order`, updating the accumulators.
 
-    Outputs are preallocated and zeroed by the caller: `fund_pay` [n, 5],
+    Outputs are preallocated and zeroed by the caller: `fund_pay` [5, n],
     `layer_pay` [n, max layers], `deltas` [n, width, 3] when `want_deltas`.
-    `acc` is [slots, width, 3]: position, paid, deductible_charged of each
-    (layer, cap group or none) column. `trace_row` (-1 for none) records the
-    steps of one row into `trace` [max layers, TRACE_NFIELDS] and its key's
-    accumulators before and after into `trace_acc` [2, 2 + width * 3].
+    `state` holds one row per accumulator key (slot), kept together so that a
+    claim touches one place: admissions, compliant_total, then position,
+    paid, deductible_charged of each (layer, cap group or none) column.
+    `trace_row` (-1 for none) records the steps of one row into `trace`
+    [max layers, TRACE_NFIELDS] and its key's state row before and after into
+    `trace_acc` [2, state width].
     """
     cdef Py_ssize_t n = order.shape[0], k, i
-    cdef int64_t width = acc.shape[1]
+    cdef int64_t width = state.shape[1]
     cdef int64_t p, sl, j, l, r, a, f, li, nl
     cdef int64_t in_scope, class_b, K, base, paid_sum, raw, pay, room, x, start, end
     cdef int64_t Dr, D, g, rr, ra, factor, rep_idx, elig_a, elig_b, class_a, rest
@@ -447,6 +485,13 @@ def settle(const int64_t[::1] order, const int8_t[::1] status_in,
     cdef bint tracing
     with nogil:
         for k in range(n):
+            if k + PREFETCH_AHEAD < n and slot[order[k + PREFETCH_AHEAD]] >= 0:
+                j = slot[order[k + PREFETCH_AHEAD]]
+                prefetch_address(&state[j, 0])
+                if width > 8:
+                    prefetch_address(&state[j, 0] + 8)
+                if width > 16:
+                    prefetch_address(&state[j, 0] + 16)
             i = order[k]
             status[i] = status_in[i]
             if status_in[i] != OK:
@@ -469,7 +514,7 @@ def settle(const int64_t[::1] order, const int8_t[::1] status_in,
             in_scope = amounts[i, 4]
             class_b = amounts[i, 5]
             K = in_scope + (amounts[i, 3] if pol.includes_class_b_copay else 0)
-            if compliant_total[sl] + K > MAX_COMPLIANT_TOTAL:
+            if state[sl, 1] + K > MAX_COMPLIANT_TOTAL:
                 status[i] = AMOUNT_OUT_OF_RANGE
                 continue
             # The first layer must have a rule; found before anything changes.
@@ -484,11 +529,8 @@ def settle(const int64_t[::1] order, const int8_t[::1] status_in,
                 continue
             tracing = i == trace_row
             if tracing:
-                trace_acc[0, 0] = admissions[sl]
-                trace_acc[0, 1] = compliant_total[sl]
                 for j in range(width):
-                    for f in range(3):
-                        trace_acc[0, 2 + j * 3 + f] = acc[sl, j, f]
+                    trace_acc[0, j] = state[sl, j]
             effective[i] = <int32_t>c.effective
             compliant[i] = K
             paid_sum = 0
@@ -520,7 +562,7 @@ def settle(const int64_t[::1] order, const int8_t[::1] status_in,
                     Dr = rule.deductible
                     factor = BP
                     if li == 0 and rule.repeat_admission and c.visit == VISIT_INPATIENT:
-                        rep_idx = i64min(admissions[sl], pol.repeat_count - 1)
+                        rep_idx = i64min(state[sl, 0], pol.repeat_count - 1)
                         factor = repeat_factors[pol.repeat_start + rep_idx]
                         Dr = round_div(rule.deductible * factor, BP)
                         if factor < BP:
@@ -551,7 +593,7 @@ def settle(const int64_t[::1] order, const int8_t[::1] status_in,
                         end = x
                     else:
                         x = base
-                        start = acc[sl, col, 0] if rule.axis == 1 else 0
+                        start = state[sl, 2 + 3 * col] if rule.axis == 1 else 0
                         end = start + x
                         raw = (round_div(integral(segments, rule.segment_start, rule.segment_count,
                                                   rr, ra, D, rule.above_deductible, end), BP)
@@ -559,10 +601,10 @@ def settle(const int64_t[::1] order, const int8_t[::1] status_in,
                                                     rr, ra, D, rule.above_deductible, start), BP))
                         dedc_inc = i64max(0, i64min(end, D) - start)
                         if rule.axis == 1:
-                            acc[sl, col, 0] = end
+                            state[sl, 2 + 3 * col] = end
                             if want_deltas:
                                 deltas[i, col, 0] += x
-                    acc[sl, col, 2] += dedc_inc
+                    state[sl, 4 + 3 * col] += dedc_inc
                     if want_deltas:
                         deltas[i, col, 2] += dedc_inc
                     if tracing:
@@ -576,7 +618,7 @@ def settle(const int64_t[::1] order, const int8_t[::1] status_in,
                         trace[li, TR_RATIO_ADD] = ra
                         trace[li, TR_DEDUCTIBLE_CHARGED] = dedc_inc
                 if rule.cap >= 0:
-                    room = i64max(0, rule.cap - acc[sl, col, 1])
+                    room = i64max(0, rule.cap - state[sl, 3 + 3 * col])
                     pay = i64min(raw, room)
                 else:
                     pay = raw
@@ -585,22 +627,19 @@ def settle(const int64_t[::1] order, const int8_t[::1] status_in,
                 if tracing:
                     trace[li, TR_RAW] = raw
                     trace[li, TR_CAP] = rule.cap
-                    trace[li, TR_PAID_BEFORE] = acc[sl, col, 1]
+                    trace[li, TR_PAID_BEFORE] = state[sl, 3 + 3 * col]
                     trace[li, TR_PAY] = pay
-                acc[sl, col, 1] += pay
+                state[sl, 3 + 3 * col] += pay
                 if want_deltas:
                     deltas[i, col, 1] += pay
-                fund_pay[i, lay.fund] += pay
+                fund_pay[lay.fund, i] += pay
                 layer_pay[i, li] = pay
                 paid_sum += pay
                 if li == 0:
                     deductible_applied[i] = dedc_inc
                     if c.visit == VISIT_INPATIENT:
-                        admissions[sl] += 1
-            compliant_total[sl] += K
+                        state[sl, 0] += 1
+            state[sl, 1] += K
             if tracing:
-                trace_acc[1, 0] = admissions[sl]
-                trace_acc[1, 1] = compliant_total[sl]
                 for j in range(width):
-                    for f in range(3):
-                        trace_acc[1, 2 + j * 3 + f] = acc[sl, j, f]
+                    trace_acc[1, j] = state[sl, j]

@@ -230,7 +230,7 @@ def build_results(prep: PreparedClaims, compiled: CompiledPolicies, out: dict, d
     ok = status == 0
     policy = np.where(ok, prep.policy, -1)
     fund_pay = out["fund_pay"]
-    fund_total = fund_pay.sum(axis=1)
+    fund_total = fund_pay.sum(axis=0)
     compliant = out["compliant"]
     policy_ids = pa.array(list(compiled.policy_ids) + [None], pa.string())
     identity_names = pa.array(list(compiled.identity_names) + [None], pa.string())
@@ -258,7 +258,7 @@ def build_results(prep: PreparedClaims, compiled: CompiledPolicies, out: dict, d
         policy_ids.take(pa.array(np.where(policy >= 0, policy, len(compiled.policy_ids)).astype(np.int32))),
         identity_names.take(pa.array(effective.astype(np.int32))),
         pa.array(out["deductible_applied"]),
-        *[pa.array(np.ascontiguousarray(fund_pay[:, j])) for j in range(len(FUNDS))],
+        *[pa.array(fund_pay[j]) for j in range(len(FUNDS))],
         pa.array(fund_total),
         pa.array(np.where(ok, total - fund_total, 0)),
         pa.array(np.where(ok, compliant - fund_total, 0)),
@@ -299,7 +299,7 @@ def _delta_layers(deltas: np.ndarray, policy: np.ndarray, compiled: CompiledPoli
 
 
 def accumulators_table(keys_starts: np.ndarray, keys_arena: np.ndarray, compiled: CompiledPolicies,
-                       admissions: np.ndarray, compliant_total: np.ndarray, acc: np.ndarray) -> pa.Table:
+                       state: np.ndarray) -> pa.Table:
     """Closing accumulators (spec section 4), one row per key that holds anything."""
     count = len(keys_starts) - 1
     if count == 0:
@@ -308,7 +308,8 @@ def accumulators_table(keys_starts: np.ndarray, keys_arena: np.ndarray, compiled
     starts = keys_starts[:-1]
     policy = np.frombuffer(
         np.ascontiguousarray(keys_arena[(starts[:, None] + np.arange(4)).ravel()]).tobytes(), dtype=np.int32)
-    adm, ct, acc = admissions[:count], compliant_total[:count], acc[:count]
+    adm, ct = state[:count, 0], state[:count, 1]
+    acc = state[:count, 2:].reshape(count, compiled.acc_width, 3)
     held = (adm != 0) | (ct != 0) | (acc != 0).any(axis=(1, 2))
     keep = np.nonzero(held)[0]
     # person_id strings straight from the arena: offsets skip each key's 4-byte prefix

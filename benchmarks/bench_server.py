@@ -1,0 +1,358 @@
+"""Load benchmark of the real-time server: open-loop latency and saturation.
+
+    python benchmarks/bench_server.py                      # rates 500,1000,2000,4000 for 8 s each + saturation
+    python benchmarks/bench_server.py --rates 2000 --duration 10 --json out.json
+    python -m pytest benchmarks/bench_server.py            # pytest-benchmark record (short runs)
+
+The script starts `python -m server` on loopback with a fresh store (SQLite,
+WAL, synchronous=FULL: every acknowledged settlement is durable), registers the
+persons of `engine.generate` (same seed as the claims) and then, per offered
+rate, runs an *open-loop* client: request i is due at t0 + i / rate whatever
+happened to earlier ones, and its latency is measured from that due time to
+its response, so a stalled server (or a stalled client) shows up in the
+figures instead of slowing the offered load. Requests are pre-serialized
+SettleRequest bytes sent on one HTTP/2 channel per client process
+(`--clients` splits the rate over several processes, interleaved).
+
+Saturation: a closed loop with `--concurrency` calls in flight for
+`--duration` seconds; settlements per second completed.
+
+Every run checks that each call succeeded (status OK) and reports errors.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing as mp
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+METHOD = "/medsettle.v1.Settlement/Settle"
+DEFAULT_RATES = (500, 1000, 2000, 4000)
+
+
+# --------------------------------------------------------------------------- setup
+
+
+def make_payloads(n: int, seed: int, tag: str, persons: int) -> list[bytes]:
+    """`n` SettleRequest bytes: claims of engine.generate (year 2023 of the seed policies), claim ids
+    prefixed with `tag` so that runs never collide."""
+    import engine
+    import engine.generate as gen
+
+    from server._proto import settlement_pb2 as pb
+    from server.client import claim_pb
+
+    ps = engine.load_policies(None)
+    table = gen.generate_claims(ps, n, seed, year=2023)
+    rows = table.to_pylist()
+    out = []
+    for r in rows:
+        r["claim_id"] = f"{tag}-{r['claim_id']}"
+        out.append(pb.SettleRequest(claim=claim_pb(r, facility_id="H0001")).SerializeToString())
+    return out
+
+
+def write_registry(path: Path, n: int, seed: int) -> int:
+    import engine
+    import engine.generate as gen
+    import pyarrow.parquet as pq
+
+    ps = engine.load_policies(None)
+    t = gen.generate_persons(ps, n, seed, year=2023)
+    pq.write_table(t, path)
+    return t.num_rows
+
+
+def start_server(store: Path, registry: Path | None = None, extra=()) -> tuple[subprocess.Popen, int]:
+    port_file = store.with_suffix(".port")
+    if port_file.exists():
+        port_file.unlink()
+    cmd = [sys.executable, "-m", "server", "--store", str(store), "--port", "0", "--port-file", str(port_file),
+           "--log-level", "WARNING", *extra]
+    if registry is not None:
+        cmd += ["--registry", str(registry)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not port_file.exists():
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        if time.time() > deadline:
+            proc.kill()
+            raise RuntimeError("server did not start")
+        time.sleep(0.05)
+    return proc, int(port_file.read_text())
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+# --------------------------------------------------------------------------- clients
+
+
+async def _open_loop(target: str, payloads: list, rate: float, start_at: float, phase: float, stride: float):
+    """Sends payloads[i] at start_at + phase + i * stride (perf_counter clock); returns
+    (latencies s, ok flags) measured from each due time."""
+    import grpc
+
+    n = len(payloads)
+    lat = np.full(n, np.nan)
+    ok = np.zeros(n, dtype=bool)
+    async with grpc.aio.insecure_channel(target) as ch:
+        await ch.channel_ready()
+        call = ch.unary_unary(METHOD, _registered_method=True) if _accepts_registered(ch) else ch.unary_unary(METHOD)
+        done = asyncio.get_running_loop().create_future()
+        remaining = [n]
+        clock = time.perf_counter
+
+        def finished(i, due):
+            def cb(c):
+                lat[i] = clock() - due
+                try:
+                    ok[i] = c.code() == grpc.StatusCode.OK
+                except Exception:
+                    ok[i] = False
+                remaining[0] -= 1
+                if remaining[0] == 0 and not done.done():
+                    done.set_result(None)
+            return cb
+
+        while clock() < start_at:
+            await asyncio.sleep(min(0.01, start_at - clock()))
+        base = start_at + phase
+        i = 0
+        while i < n:
+            now = clock()
+            while i < n and base + i * stride <= now:
+                due = base + i * stride
+                c = call(payloads[i], timeout=30)
+                c.add_done_callback(finished(i, due))
+                i += 1
+            if i < n:
+                wait = base + i * stride - clock()
+                await asyncio.sleep(wait if wait > 0 else 0)
+        if n:
+            await asyncio.wait_for(done, 60)
+    return lat, ok
+
+
+def _accepts_registered(ch) -> bool:
+    import inspect
+
+    try:
+        return "_registered_method" in inspect.signature(ch.unary_unary).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _open_loop_proc(args):
+    target, payloads, rate, start_at, phase, stride = args
+    lat, ok = asyncio.run(_open_loop(target, payloads, rate, start_at, phase, stride))
+    return lat, ok
+
+
+def run_open_loop(target: str, payloads: list, rate: float, clients: int = 1) -> dict:
+    """Offers `len(payloads)` settlements at `rate`/s (open loop) and returns the latency figures."""
+    n = len(payloads)
+    start_at = time.perf_counter() + 0.5
+    stride = clients / rate
+    jobs = [(target, payloads[k::clients], rate / clients, start_at, k / rate, stride) for k in range(clients)]
+    if clients == 1:
+        parts = [_open_loop_proc(jobs[0])]
+    else:
+        ctx = mp.get_context("fork")
+        with ctx.Pool(clients) as pool:
+            parts = pool.map(_open_loop_proc, jobs)
+    lat = np.concatenate([p[0] for p in parts])
+    ok = np.concatenate([p[1] for p in parts])
+    elapsed = np.nanmax(lat) + (n - 1) / rate if n else 0.0
+    return summarize(lat, ok, n, elapsed, offered=rate)
+
+
+async def _closed_loop(target: str, payloads: list, concurrency: int, duration: float):
+    import grpc
+
+    lat = []
+    errors = 0
+    async with grpc.aio.insecure_channel(target) as ch:
+        await ch.channel_ready()
+        call = ch.unary_unary(METHOD)
+        it = iter(payloads)
+        stop_at = time.perf_counter() + duration
+
+        async def worker():
+            nonlocal errors
+            for p in it:
+                if time.perf_counter() >= stop_at:
+                    return
+                t = time.perf_counter()
+                try:
+                    await call(p, timeout=30)
+                except grpc.RpcError:
+                    errors += 1
+                lat.append(time.perf_counter() - t)
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        elapsed = time.perf_counter() - t0
+    return np.array(lat), errors, elapsed
+
+
+def run_saturation(target: str, payloads: list, concurrency: int, duration: float) -> dict:
+    lat, errors, elapsed = asyncio.run(_closed_loop(target, payloads, concurrency, duration))
+    ok = np.ones(len(lat), dtype=bool)
+    ok[:errors] = False
+    out = summarize(lat, ok, len(lat), elapsed, offered=None)
+    out["concurrency"] = concurrency
+    return out
+
+
+def summarize(lat: np.ndarray, ok: np.ndarray, n: int, elapsed: float, offered) -> dict:
+    ms = lat[~np.isnan(lat)] * 1000.0
+    q = (lambda p: float(np.percentile(ms, p))) if len(ms) else (lambda p: float("nan"))
+    return {
+        "offered_per_s": offered, "requests": int(n), "ok": int(ok.sum()), "errors": int(n - ok.sum()),
+        "achieved_per_s": float(ok.sum() / elapsed) if elapsed > 0 else 0.0,
+        "p50_ms": q(50), "p90_ms": q(90), "p99_ms": q(99), "p999_ms": q(99.9), "max_ms": float(ms.max()) if len(ms) else float("nan"),
+    }
+
+
+def server_cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        parts = f.read().rsplit(")", 1)[1].split()
+    return (int(parts[11]) + int(parts[12])) / os.sysconf("SC_CLK_TCK")
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def run(rates=DEFAULT_RATES, duration: float = 8.0, persons: int = 100_000, clients: int = 1,
+        concurrency: int = 256, saturation: bool = True, server_args=(), workdir: str | None = None,
+        log=print) -> dict:
+    own = workdir is None
+    work = Path(workdir or tempfile.mkdtemp(prefix="medsettle-bench-"))
+    try:
+        registry = work / "persons.parquet"
+        t = time.time()
+        n_persons = write_registry(registry, persons, seed=7)
+        total = int(sum(r * duration for r in rates) + (4000 * duration * 2 if saturation else 0)) + 2000
+        # engine.generate makes ~n claims for a population of about n / 4; keep the population fixed
+        claims_per_person = max(1, total // max(1, n_persons))
+        log(f"setup: {n_persons} persons; generating {total} claims ...")
+        payloads = make_payloads(total, seed=7, tag=f"b{int(time.time())}", persons=n_persons)
+        log(f"setup done in {time.time() - t:.1f} s")
+        proc, port = start_server(work / "store.db", registry, server_args)
+        target = f"127.0.0.1:{port}"
+        results = {"machine": {"cpus": os.cpu_count()}, "duration_s": duration, "persons": n_persons,
+                   "clients": clients, "server_args": list(server_args), "rates": []}
+        pos = 0
+        try:
+            # warm-up (not reported)
+            warm = payloads[pos:pos + 1000]
+            pos += len(warm)
+            run_open_loop(target, warm, 500, 1)
+            for rate in rates:
+                n = int(rate * duration)
+                part = payloads[pos:pos + n]
+                pos += n
+                cpu0 = server_cpu_seconds(proc.pid)
+                r = run_open_loop(target, part, rate, clients)
+                r["server_cpu_per_s"] = (server_cpu_seconds(proc.pid) - cpu0) / duration
+                results["rates"].append(r)
+                log(fmt_row(r))
+                time.sleep(1.0)  # let a backlog drain before the next rate
+            if saturation:
+                part = payloads[pos:]
+                r = run_saturation(target, part, concurrency, duration)
+                results["saturation"] = r
+                log(f"saturation (closed loop, {concurrency} in flight): {r['achieved_per_s']:.0f} settlements/s, "
+                    f"p50 {r['p50_ms']:.1f} ms, p99 {r['p99_ms']:.1f} ms, errors {r['errors']}")
+        finally:
+            stop_server(proc)
+        return results
+    finally:
+        if own:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def fmt_row(r: dict) -> str:
+    return (f"offered {r['offered_per_s']:>6.0f}/s  achieved {r['achieved_per_s']:>7.0f}/s  "
+            f"p50 {r['p50_ms']:7.2f} ms  p99 {r['p99_ms']:7.2f} ms  p99.9 {r['p999_ms']:7.2f} ms  "
+            f"max {r['max_ms']:7.1f} ms  errors {r['errors']}  server CPU {r.get('server_cpu_per_s', 0):.2f} cores")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rates", default=",".join(map(str, DEFAULT_RATES)), help="offered rates, settlements/s")
+    ap.add_argument("--duration", type=float, default=8.0, help="seconds per rate (default 8)")
+    ap.add_argument("--persons", type=int, default=100_000, help="registry size (default 100000)")
+    ap.add_argument("--clients", type=int, default=1, help="client processes sharing each rate (default 1)")
+    ap.add_argument("--concurrency", type=int, default=256, help="calls in flight for saturation (default 256)")
+    ap.add_argument("--no-saturation", action="store_true")
+    ap.add_argument("--server-arg", action="append", default=[], help="extra argument for the server (repeatable)")
+    ap.add_argument("--json", metavar="PATH", help="write the figures as JSON")
+    args = ap.parse_args(argv)
+    res = run(rates=[float(x) for x in args.rates.split(",") if x], duration=args.duration, persons=args.persons,
+              clients=args.clients, concurrency=args.concurrency, saturation=not args.no_saturation,
+              server_args=args.server_arg)
+    if args.json:
+        Path(args.json).write_text(json.dumps(res, indent=2))
+    return 0
+
+
+# --------------------------------------------------------------------------- pytest-benchmark
+
+
+def test_settle_roundtrip(benchmark, tmp_path):
+    """One Settle call (closed loop, blocking client): the per-call cost, for the record."""
+    import grpc
+
+    registry = tmp_path / "persons.parquet"
+    write_registry(registry, 2000, seed=3)
+    payloads = make_payloads(6000, seed=3, tag="rt", persons=2000)
+    proc, port = start_server(tmp_path / "store.db", registry)
+    try:
+        ch = grpc.insecure_channel(f"127.0.0.1:{port}")
+        call = ch.unary_unary(METHOD)
+        it = iter(payloads)
+        call(next(it), timeout=10)
+        benchmark.pedantic(lambda: call(next(it), timeout=10), rounds=2000, iterations=1, warmup_rounds=50)
+        ch.close()
+    finally:
+        stop_server(proc)
+
+
+def test_open_loop_short(benchmark, tmp_path):
+    """A short open-loop run at 1,000/s (3 s) through the load runner, for the record."""
+    res = {}
+
+    def go():
+        res.update(run(rates=(1000,), duration=3.0, persons=5000, saturation=False, workdir=str(tmp_path),
+                       log=lambda *_: None)["rates"][0])
+
+    benchmark.pedantic(go, rounds=1, iterations=1)
+    benchmark.extra_info.update(res)
+    assert res["errors"] == 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

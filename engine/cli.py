@@ -1,0 +1,781 @@
+"""The `medsettle` command line.
+
+    medsettle settle CLAIMS [--policies DIR] -o RESULTS [--accumulators-in A] [--accumulators-out B]
+                     [--batch-size N] [--progress]
+    medsettle generate -o CLAIMS --claims N --seed S [--invalid-rate R] [--policies DIR]
+                       [--persons PERSONS.parquet] [--year Y] [--block N] [--progress]
+    medsettle policies check [DIR]
+    medsettle explain CLAIMS [--policies DIR] --claim-id ID [--accumulators-in A]
+    medsettle serve ...            (the gRPC server: `server.app`)
+
+Files are Parquet (`.parquet`, `.pq`), Arrow IPC (`.arrow`, `.feather`, `.ipc`) or CSV
+(`.csv`), by extension. CSV claims are read with the column types of
+`engine.CLAIMS_SCHEMA`, `identities` being a `;`-separated list (empty = none);
+CSV results write `layer_pays` as `layer:pay;layer:pay`. Accumulators are
+Parquet or Arrow IPC only (nested columns).
+
+A claims file is one settlement call. It is streamed in batches of
+`--batch-size` rows, results written as they come, when its batches are in
+(settle_time, claim_id) order across their boundaries (checked first by
+reading those two columns only); otherwise it is settled whole, as one chunk,
+which is said on stderr. Errors are one line on stderr and exit code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Optional
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+PROG = "medsettle"
+DEFAULT_BATCH = 1_000_000
+FUND_FIELDS = ("basic_pay", "supplementary_pay", "critical_illness_pay", "medical_aid_pay", "guarantee_pay")
+SUMMARY_AMOUNTS = (*FUND_FIELDS, "fund_pay_total", "personal_pay", "compliant_personal_pay",
+                   "deductible_applied")
+
+PARQUET_EXT = (".parquet", ".pq", ".parq")
+IPC_EXT = (".arrow", ".feather", ".ipc", ".arrows")
+CSV_EXT = (".csv",)
+
+
+class CliError(Exception):
+    """A user-facing error: printed as one line, exit code 2."""
+
+
+# =========================================================================== file formats
+
+
+def file_format(path) -> str:
+    """'parquet', 'ipc' or 'csv' from the file name."""
+    ext = Path(path).suffix.lower()
+    if ext in PARQUET_EXT:
+        return "parquet"
+    if ext in IPC_EXT:
+        return "ipc"
+    if ext in CSV_EXT:
+        return "csv"
+    raise CliError(f"{path}: unknown file type {ext or '(none)'!r}; use .parquet, .arrow/.feather/.ipc or .csv")
+
+
+def _concat_batches(batches: list[pa.RecordBatch]) -> pa.RecordBatch:
+    if len(batches) == 1:
+        return batches[0]
+    if hasattr(pa, "concat_batches"):
+        return pa.concat_batches(batches)
+    t = pa.Table.from_batches(batches).combine_chunks()
+    return t.to_batches()[0]
+
+
+def rebatch(batches: Iterable[pa.RecordBatch], size: int) -> Iterator[pa.RecordBatch]:
+    """The same rows in batches of exactly `size` rows (the last one shorter)."""
+    buf: list[pa.RecordBatch] = []
+    rows = 0
+    for b in batches:
+        while b.num_rows:
+            take = min(size - rows, b.num_rows)
+            buf.append(b.slice(0, take))
+            rows += take
+            b = b.slice(take)
+            if rows == size:
+                yield _concat_batches(buf)
+                buf, rows = [], 0
+    if rows:
+        yield _concat_batches(buf)
+
+
+# --------------------------------------------------------------------------- CSV conversions
+
+
+def _join_list(arr: pa.Array, sep: str = ";") -> pa.Array:
+    return pc.binary_join(arr, sep)
+
+
+def _split_list(arr: pa.Array, sep: str = ";") -> pa.Array:
+    """`a;b` -> [a, b]; empty -> []; null -> null."""
+    arr = pc.utf8_trim_whitespace(arr)
+    parts = pc.split_pattern(arr, sep)
+    empty = pa.scalar([], pa.list_(pa.string()))
+    return pc.if_else(pc.equal(arr, ""), empty, parts)
+
+
+def _layer_pays_to_text(arr: pa.Array) -> pa.Array:
+    """list<struct<layer, pay>> -> 'layer:pay;layer:pay' (null -> null)."""
+    if isinstance(arr, pa.ChunkedArray):
+        arr = arr.combine_chunks()
+    flat = arr.flatten()
+    items = pc.binary_join_element_wise(flat.field("layer"), pc.cast(flat.field("pay"), pa.string()), ":")
+    offsets = arr.offsets
+    if arr.offset or len(offsets) and offsets[0].as_py() != 0:
+        offsets = pc.subtract(offsets, offsets[0])
+    lists = pa.ListArray.from_arrays(offsets, items, mask=arr.is_null())
+    return pc.binary_join(lists, ";")
+
+
+def _text_to_layer_pays(arr: pa.Array, type_: pa.DataType) -> pa.Array:
+    rows = arr.to_pylist()
+    out = []
+    for r in rows:
+        if r is None:
+            out.append(None)
+            continue
+        items = []
+        for part in filter(None, r.split(";")):
+            layer, _, pay = part.rpartition(":")
+            items.append({"layer": layer, "pay": int(pay)})
+        out.append(items)
+    return pa.array(out, type_)
+
+
+def to_csv_table(table: pa.Table) -> pa.Table:
+    """Nested columns as text: list<string> -> 'a;b', layer_pays -> 'layer:pay;...'."""
+    cols, fields = [], []
+    for f, col in zip(table.schema, table.columns):
+        t = f.type
+        if pa.types.is_list(t) and pa.types.is_string(t.value_type):
+            col = pa.chunked_array([_join_list(c) for c in col.chunks], pa.string())
+        elif f.name == "layer_pays" and pa.types.is_list(t) and pa.types.is_struct(t.value_type):
+            col = pa.chunked_array([_layer_pays_to_text(c) for c in col.chunks], pa.string())
+        elif pa.types.is_nested(t):
+            raise CliError(f"column {f.name!r} ({t}) cannot be written as CSV; use .parquet or .arrow")
+        cols.append(col)
+        fields.append(pa.field(f.name, col.type))
+    return pa.Table.from_arrays(cols, schema=pa.schema(fields))
+
+
+def _csv_schema(schema: pa.Schema) -> pa.Schema:
+    return to_csv_table(schema.empty_table()).schema
+
+
+# --------------------------------------------------------------------------- writers
+
+
+class _Writer:
+    def __init__(self, path: Path, schema: pa.Schema, row_group_size: int):
+        self.path = Path(path)
+        self.schema = schema
+        self.fmt = file_format(self.path)
+        self.row_group_size = row_group_size
+        if self.fmt == "parquet":
+            import pyarrow.parquet as pq
+
+            self._w = pq.ParquetWriter(str(self.path), schema)
+        elif self.fmt == "ipc":
+            self._sink = pa.OSFile(str(self.path), "wb")
+            self._w = pa.ipc.new_file(self._sink, schema)
+        else:
+            import pyarrow.csv as pcsv
+
+            self._w = pcsv.CSVWriter(str(self.path), _csv_schema(schema))
+
+    def write(self, data) -> None:
+        table = data if isinstance(data, pa.Table) else pa.Table.from_batches([data])
+        if table.schema != self.schema:
+            table = table.cast(self.schema)
+        if self.fmt == "parquet":
+            self._w.write_table(table, row_group_size=self.row_group_size)
+        elif self.fmt == "ipc":
+            self._w.write_table(table, max_chunksize=self.row_group_size)
+        else:
+            self._w.write_table(to_csv_table(table))
+
+    def close(self) -> None:
+        self._w.close()
+        if self.fmt == "ipc":
+            self._sink.close()
+
+
+@contextlib.contextmanager
+def open_table_writer(path, schema: pa.Schema, row_group_size: int = DEFAULT_BATCH):
+    """A writer with `.write(table_or_batch)` for Parquet / Arrow IPC / CSV by extension;
+    the file is removed if the block fails."""
+    w = _Writer(Path(path), schema, row_group_size)
+    try:
+        yield w
+    except BaseException:
+        with contextlib.suppress(Exception):
+            w.close()
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        raise
+    w.close()
+
+
+def write_table(table: pa.Table, path, row_group_size: int = DEFAULT_BATCH) -> None:
+    with open_table_writer(path, table.schema, row_group_size) as w:
+        w.write(table)
+
+
+# --------------------------------------------------------------------------- readers
+
+
+def _must_exist(path: Path) -> None:
+    if not path.exists():
+        raise CliError(f"{path}: no such file")
+    if path.is_dir():
+        raise CliError(f"{path}: is a folder, not a file")
+
+
+class ClaimsFile:
+    """A claims file of any supported format, read in batches as `CLAIMS_SCHEMA` columns."""
+
+    def __init__(self, path, batch_size: int = DEFAULT_BATCH):
+        import engine
+
+        self.path = Path(path)
+        _must_exist(self.path)
+        self.fmt = file_format(self.path)
+        self.batch_size = max(1, int(batch_size))
+        self.target = engine.CLAIMS_SCHEMA
+        self.num_rows: Optional[int] = None
+        if self.fmt == "parquet":
+            import pyarrow.parquet as pq
+
+            pf = pq.ParquetFile(str(self.path))
+            self.file_schema = pf.schema_arrow
+            self.num_rows = pf.metadata.num_rows
+        elif self.fmt == "ipc":
+            reader = self._open_ipc()
+            self.file_schema = reader.schema
+            if isinstance(reader, pa.ipc.RecordBatchFileReader):
+                self.num_rows = sum(reader.get_batch(i).num_rows for i in range(reader.num_record_batches))
+        else:
+            with contextlib.closing(self._open_csv(None)) as reader:
+                self.file_schema = self._csv_to_claims_schema(reader.schema)
+        self.columns = [n for n in self.target.names if n in self.file_schema.names]
+
+    # schema as the engine will see it
+    @property
+    def schema(self) -> pa.Schema:
+        return pa.schema([self.file_schema.field(n) for n in self.columns])
+
+    def _open_ipc(self):
+        source = pa.memory_map(str(self.path), "r")
+        try:
+            return pa.ipc.open_file(source)
+        except pa.ArrowInvalid:
+            return pa.ipc.open_stream(pa.memory_map(str(self.path), "r"))
+
+    def _open_csv(self, columns: Optional[list[str]]):
+        import pyarrow.csv as pcsv
+
+        types = {f.name: f.type for f in self.target}
+        types["identities"] = pa.string()
+        convert = pcsv.ConvertOptions(column_types=types, strings_can_be_null=True,
+                                      quoted_strings_can_be_null=False, include_columns=columns,
+                                      timestamp_parsers=[pcsv.ISO8601])
+        read = pcsv.ReadOptions(block_size=16 << 20)
+        return pcsv.open_csv(str(self.path), read_options=read, convert_options=convert)
+
+    def _csv_to_claims_schema(self, schema: pa.Schema) -> pa.Schema:
+        fields = []
+        for f in schema:
+            if f.name == "identities" and pa.types.is_string(f.type):
+                f = pa.field("identities", self.target.field("identities").type)
+            fields.append(f)
+        return pa.schema(fields)
+
+    def _csv_batch(self, b: pa.RecordBatch) -> pa.RecordBatch:
+        i = b.schema.get_field_index("identities")
+        if i < 0 or not pa.types.is_string(b.schema.field(i).type):
+            return b
+        col = _split_list(b.column(i)).cast(self.target.field("identities").type)
+        return b.set_column(i, "identities", col)
+
+    def _raw_batches(self, columns: list[str]) -> Iterator[pa.RecordBatch]:
+        if self.fmt == "parquet":
+            import pyarrow.parquet as pq
+
+            pf = pq.ParquetFile(str(self.path))
+            yield from pf.iter_batches(batch_size=self.batch_size, columns=columns)
+        elif self.fmt == "ipc":
+            reader = self._open_ipc()
+            if isinstance(reader, pa.ipc.RecordBatchFileReader):
+                for i in range(reader.num_record_batches):
+                    yield reader.get_batch(i).select(columns)
+            else:
+                for b in reader:
+                    yield b.select(columns)
+        else:
+            with contextlib.closing(self._open_csv(columns)) as reader:
+                for b in reader:
+                    yield self._csv_batch(b).select(columns)
+
+    def batches(self, columns: Optional[list[str]] = None) -> Iterator[pa.RecordBatch]:
+        """Batches of exactly `batch_size` rows (the last shorter) of the given columns."""
+        cols = [c for c in (columns or self.columns) if c in self.file_schema.names]
+        return rebatch(self._raw_batches(cols), self.batch_size)
+
+    def read_all(self, columns: Optional[list[str]] = None) -> pa.Table:
+        cols = [c for c in (columns or self.columns) if c in self.file_schema.names]
+        batches = list(self._raw_batches(cols))
+        schema = pa.schema([self.file_schema.field(c) for c in cols])
+        return pa.Table.from_batches(batches, schema=schema) if batches else schema.empty_table()
+
+
+def read_table(path) -> pa.Table:
+    """A whole Parquet / Arrow IPC file (accumulators, registries)."""
+    path = Path(path)
+    _must_exist(path)
+    fmt = file_format(path)
+    if fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        return pq.read_table(str(path))
+    if fmt == "ipc":
+        source = pa.memory_map(str(path), "r")
+        try:
+            return pa.ipc.open_file(source).read_all()
+        except pa.ArrowInvalid:
+            return pa.ipc.open_stream(pa.memory_map(str(path), "r")).read_all()
+    raise CliError(f"{path}: accumulators need a Parquet or Arrow IPC file (nested columns), not CSV")
+
+
+# =========================================================================== helpers
+
+
+def yuan(fen: int) -> str:
+    """Integer fen as yuan with two decimals, no float."""
+    fen = int(fen)
+    sign = "-" if fen < 0 else ""
+    fen = abs(fen)
+    return f"{sign}{fen // 100}.{fen % 100:02d}"
+
+
+class Progress:
+    """A small stderr progress bar (only drawn when enabled)."""
+
+    def __init__(self, total: Optional[int], label: str, enabled: bool, stream=None):
+        self.total = total
+        self.label = label
+        self.enabled = enabled
+        self.stream = stream or sys.stderr
+        self.start = time.perf_counter()
+        self._last = 0.0
+        self.done = 0
+
+    def update(self, done: int, force: bool = False) -> None:
+        self.done = done
+        if not self.enabled:
+            return
+        now = time.perf_counter()
+        if not force and now - self._last < 0.2:
+            return
+        self._last = now
+        elapsed = max(now - self.start, 1e-9)
+        rate = done / elapsed
+        if self.total:
+            frac = min(1.0, done / self.total)
+            width = 30
+            fill = int(frac * width)
+            eta = (self.total - done) / rate if rate > 0 else 0.0
+            line = (f"\r{self.label} [{'#' * fill}{'.' * (width - fill)}] {frac * 100:5.1f}% "
+                    f"{done:,}/{self.total:,}  {rate:,.0f}/s  ETA {eta:4.0f}s ")
+        else:
+            line = f"\r{self.label} {done:,}  {rate:,.0f}/s "
+        self.stream.write(line)
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            self.update(self.done, force=True)
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+def _progress_enabled(flag: bool) -> bool:
+    if flag:
+        return True
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+def _load_policies(path):
+    import engine
+
+    return engine.load_policies(path)
+
+
+def _load_accumulators(path):
+    if path is None:
+        return None
+    return read_table(path)
+
+
+def _eprint(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+# =========================================================================== settle
+
+
+def check_order(claims: ClaimsFile) -> tuple[bool, int]:
+    """Are the batches in (settle_time, claim_id) order across their boundaries?
+
+    Reads settle_time and claim_id only. A boundary is in order when the
+    smallest (settle_time, claim_id) of the next batch is not below the largest
+    of every batch before it (rows with a null in either are error rows and
+    are skipped). Returns (in order, rows)."""
+    prev_max = None
+    rows = 0
+    ordered = True
+    for b in claims.batches(["settle_time", "claim_id"]):
+        rows += b.num_rows
+        t = b.column(0).cast(pa.int64())
+        ids = b.column(1)
+        keep = pc.and_(pc.is_valid(t), pc.is_valid(ids))
+        if not pc.any(keep).as_py():
+            continue
+        if keep.null_count or not pc.all(keep).as_py():
+            t, ids = t.filter(keep), ids.filter(keep)
+        mm = pc.min_max(t)
+        tmin, tmax = mm["min"].as_py(), mm["max"].as_py()
+        idmin = pc.min(ids.filter(pc.equal(t, tmin))).as_py()
+        idmax = pc.max(ids.filter(pc.equal(t, tmax))).as_py()
+        lo = (tmin, idmin.encode())
+        hi = (tmax, idmax.encode())
+        if prev_max is not None and lo < prev_max:
+            ordered = False
+        prev_max = hi if prev_max is None or hi > prev_max else prev_max
+    return ordered, rows
+
+
+class Summary:
+    def __init__(self):
+        self.claims = 0
+        self.statuses: dict[str, int] = {}
+        self.amounts = {k: 0 for k in SUMMARY_AMOUNTS}
+
+    def add(self, results) -> None:
+        self.claims += results.num_rows
+        for item in pc.value_counts(results.column("status")).to_pylist():
+            self.statuses[item["values"]] = self.statuses.get(item["values"], 0) + item["counts"]
+        for k in SUMMARY_AMOUNTS:
+            if k in results.schema.names:
+                s = pc.sum(results.column(k)).as_py()
+                self.amounts[k] += int(s or 0)
+
+    def lines(self, elapsed: float) -> list[str]:
+        import engine
+
+        ok = self.statuses.get("ok", 0)
+        out = [f"claims: {self.claims}", f"ok: {ok}", f"errors: {self.claims - ok}"]
+        order = list(engine.STATUSES) + sorted(set(self.statuses) - set(engine.STATUSES))
+        for code in order:
+            if code != "ok" and self.statuses.get(code):
+                out.append(f"  {code}: {self.statuses[code]}")
+        out.append("paid (yuan):")
+        for k in SUMMARY_AMOUNTS:
+            out.append(f"  {k}: {yuan(self.amounts[k])}")
+        rate = self.claims / elapsed if elapsed > 0 else 0.0
+        out.append(f"elapsed: {elapsed:.3f} s")
+        out.append(f"claims/s: {rate:.0f}")
+        return out
+
+
+def cmd_settle(args) -> int:
+    import engine
+
+    t0 = time.perf_counter()
+    ps = _load_policies(args.policies)
+    acc_in = _load_accumulators(args.accumulators_in)
+    out_path = Path(args.output)
+    file_format(out_path)
+    if args.accumulators_out:
+        fmt = file_format(args.accumulators_out)
+        if fmt == "csv":
+            raise CliError(f"{args.accumulators_out}: accumulators need a Parquet or Arrow IPC file, not CSV")
+    claims = ClaimsFile(args.claims, args.batch_size)
+    # Fails on a missing column or a wrong type before anything is written.
+    engine.settle(claims.schema.empty_table(), ps)
+    settler = engine.Settler(ps, accumulators=acc_in)
+
+    ordered, rows = check_order(claims)
+    progress = Progress(rows or claims.num_rows, "settle", _progress_enabled(args.progress))
+    summary = Summary()
+    if not ordered:
+        _eprint(f"{PROG}: {claims.path}: batches of {claims.batch_size} rows are not in (settle_time, claim_id) "
+                f"order across their boundaries; settling the whole file as one chunk")
+        whole = claims.read_all()
+        batches: Iterable[pa.RecordBatch] = [whole.combine_chunks().to_batches()[0]] if whole.num_rows else []
+    else:
+        batches = claims.batches()
+
+    with open_table_writer(out_path, engine.RESULTS_SCHEMA, claims.batch_size) as writer:
+        for batch in batches:
+            res = settler.settle_batch(batch)
+            for piece in (rebatch([res], claims.batch_size) if res.num_rows > claims.batch_size else [res]):
+                writer.write(piece)
+            summary.add(res)
+            progress.update(summary.claims)
+    progress.close()
+    if args.accumulators_out:
+        write_table(settler.accumulators(), args.accumulators_out)
+    elapsed = time.perf_counter() - t0
+    print("\n".join(summary.lines(elapsed)), flush=True)
+    return 0
+
+
+# =========================================================================== generate
+
+
+def cmd_generate(args) -> int:
+    from engine.generate import write_claims, write_persons
+
+    ps = _load_policies(args.policies)
+    out = Path(args.output)
+    file_format(out)
+    if args.persons:
+        if file_format(args.persons) == "csv":
+            raise CliError(f"{args.persons}: the person registry needs a Parquet or Arrow IPC file, not CSV")
+    t0 = time.perf_counter()
+    progress = Progress(args.claims, "generate", _progress_enabled(args.progress))
+    try:
+        n = write_claims(out, ps, args.claims, args.seed, args.invalid_rate, block=args.block, year=args.year,
+                         progress=progress.update)
+    except ValueError as e:
+        raise CliError(str(e)) from None
+    progress.close()
+    msg = f"claims: {n} -> {out}"
+    if args.persons:
+        persons = write_persons(args.persons, ps, args.claims, args.seed, args.year)
+        msg += f"\npersons: {persons} -> {args.persons}"
+    print(msg + f"\nelapsed: {time.perf_counter() - t0:.3f} s", flush=True)
+    return 0
+
+
+# =========================================================================== policies check
+
+
+def policy_rows(ps) -> list[list[str]]:
+    rows = []
+    for p in sorted(ps.policies, key=lambda p: (p.region, p.scheme, p.year, p.id)):
+        rules = [len(layer.rules) for layer in p.layers]
+        rows.append([
+            p.id, p.region, p.scheme, str(p.year),
+            ", ".join(f"{layer.name} ({layer.fund})" for layer in p.layers),
+            f"{sum(rules)} ({'+'.join(map(str, rules))})",
+            ", ".join(p.identities) or "-",
+        ])
+    return rows
+
+
+def cmd_policies_check(args) -> int:
+    ps = _load_policies(args.dir)
+    head = ["id", "region", "scheme", "year", "layers", "rules", "identities"]
+    rows = policy_rows(ps)
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head) - 1)]
+    for r in [head, *rows]:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1])
+    where = args.dir if args.dir is not None else "bundled policies"
+    print(f"{len(rows)} polic{'y' if len(rows) == 1 else 'ies'} OK ({where})")
+    return 0
+
+
+# =========================================================================== explain
+
+
+def _rows_for_claim(claims: ClaimsFile, claim_id: str) -> pa.Table:
+    """The rows that can affect `claim_id`'s settlement, in file order: every row of its
+    person (its accumulator keys) and every row sharing a claim id with them (duplicates)."""
+    person = None
+    for b in claims.batches(["claim_id", "person_id"]):
+        hit = pc.equal(b.column(0), claim_id).fill_null(False)
+        if pc.any(hit).as_py():
+            person = b.column(1).filter(hit)[0].as_py()
+            break
+    else:
+        raise CliError(f"{claims.path}: claim_id {claim_id!r} not found")
+    if person is None:  # its person_id is null: settle it among rows sharing its id only
+        ids = pa.array([claim_id])
+    else:
+        id_parts = []
+        for b in claims.batches(["claim_id", "person_id"]):
+            mine = pc.equal(b.column(1), person).fill_null(False)
+            id_parts.append(b.column(0).filter(mine).drop_null())
+        ids = pc.unique(pa.chunked_array(id_parts, pa.string()).combine_chunks())
+    keep = []
+    for b in claims.batches():
+        m = pc.is_in(b.column("claim_id"), value_set=ids).fill_null(False)
+        if person is not None:
+            m = pc.or_(m, pc.equal(b.column("person_id"), person).fill_null(False))
+        if pc.any(m).as_py():
+            keep.append(b.filter(m))
+    return pa.Table.from_batches(keep, schema=claims.schema)
+
+
+def cmd_explain(args) -> int:
+    import engine
+
+    ps = _load_policies(args.policies)
+    acc_in = _load_accumulators(args.accumulators_in)
+    claims = ClaimsFile(args.claims, args.batch_size)
+    engine.settle(claims.schema.empty_table(), ps)
+    table = _rows_for_claim(claims, args.claim_id)
+    try:
+        ex = engine.explain(table, ps, args.claim_id, acc_in)
+    except KeyError as e:
+        raise CliError(str(e.args[0] if e.args else e)) from None
+    print(engine.format_explanation(ex), flush=True)
+    return 0
+
+
+# =========================================================================== serve
+
+
+def cmd_serve(argv: list[str]) -> int:
+    try:
+        from server import app
+    except Exception as e:  # ImportError, or an import-time error of the server
+        raise CliError(f"serve: the gRPC server is not available (cannot import server.app: {e})") from None
+    if hasattr(app, "add_arguments") and hasattr(app, "serve_main"):
+        parser = argparse.ArgumentParser(prog=f"{PROG} serve", description="Run the gRPC settlement server.")
+        app.add_arguments(parser)
+        args = parser.parse_args(argv)
+        return int(app.serve_main(args) or 0)
+    if hasattr(app, "main"):
+        return int(app.main(argv) or 0)
+    raise CliError("serve: server.app has neither add_arguments/serve_main nor main")
+
+
+# =========================================================================== parser
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text.replace("_", ""))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"{text} is not positive")
+    return v
+
+
+def _count(text: str) -> int:
+    try:
+        v = int(text.replace("_", ""))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"{text} is negative")
+    return v
+
+
+def _rate(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0.0 <= v <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text} is not in [0, 1]")
+    return v
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=PROG, description="Settlement engine for China's medical insurance "
+                                                       "(basic, critical illness, assistance, top-ups).")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    pol_help = "folder of policy YAML files (default: the bundled seed policies)"
+
+    s = sub.add_parser("settle", help="settle a claims file",
+                       description="Settle a claims file (Parquet, Arrow IPC or CSV) as one call.")
+    s.add_argument("claims", metavar="CLAIMS")
+    s.add_argument("-o", "--output", required=True, metavar="RESULTS", help="results file")
+    s.add_argument("--policies", metavar="DIR", help=pol_help)
+    s.add_argument("--accumulators-in", metavar="A", help="carried-in accumulators (Parquet/Arrow)")
+    s.add_argument("--accumulators-out", metavar="B", help="write the closing accumulators (Parquet/Arrow)")
+    s.add_argument("--batch-size", type=_positive_int, default=DEFAULT_BATCH, metavar="N",
+                   help=f"rows per streamed batch (default {DEFAULT_BATCH:,})")
+    s.add_argument("--progress", action="store_true", help="progress bar on stderr even when it is not a tty")
+    s.set_defaults(func=cmd_settle)
+
+    g = sub.add_parser("generate", help="generate synthetic claims",
+                       description="Generate synthetic claims for a policy set.")
+    g.add_argument("-o", "--output", required=True, metavar="CLAIMS")
+    g.add_argument("--claims", type=_count, required=True, metavar="N")
+    g.add_argument("--seed", type=_count, required=True, metavar="S")
+    g.add_argument("--invalid-rate", type=_rate, default=0.0, metavar="R",
+                   help="share of rows with one defect of spec section 7 (default 0)")
+    g.add_argument("--policies", metavar="DIR", help=pol_help)
+    g.add_argument("--persons", metavar="PERSONS.parquet", help="also write the person registry")
+    g.add_argument("--year", type=int, metavar="Y", help="only the policies of this year")
+    g.add_argument("--block", type=_positive_int, default=DEFAULT_BATCH, metavar="N",
+                   help=f"rows per row group / batch (default {DEFAULT_BATCH:,})")
+    g.add_argument("--progress", action="store_true")
+    g.set_defaults(func=cmd_generate)
+
+    pc_ = sub.add_parser("policies", help="policy folders", description="Policy folders.")
+    psub = pc_.add_subparsers(dest="policies_command", metavar="ACTION")
+    psub.required = True
+    chk = psub.add_parser("check", help="validate a policy folder and list it")
+    chk.add_argument("dir", nargs="?", metavar="DIR", help="policy folder (default: the bundled policies)")
+    chk.set_defaults(func=cmd_policies_check)
+
+    e = sub.add_parser("explain", help="explain one claim's settlement",
+                       description="Explain, layer by layer, how one claim of a file is settled.")
+    e.add_argument("claims", metavar="CLAIMS")
+    e.add_argument("--claim-id", required=True, metavar="ID")
+    e.add_argument("--policies", metavar="DIR", help=pol_help)
+    e.add_argument("--accumulators-in", metavar="A")
+    e.add_argument("--batch-size", type=_positive_int, default=DEFAULT_BATCH, metavar="N", help=argparse.SUPPRESS)
+    e.set_defaults(func=cmd_explain)
+
+    sub.add_parser("serve", help="run the gRPC server (see `medsettle serve --help`)", add_help=False)
+    return p
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e) or e.__class__.__name__
+    return " ".join(text.split())
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """Entry point of the `medsettle` console script; returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if argv and argv[0] == "serve":
+            return cmd_serve(argv[1:])
+        parser = build_parser()
+        try:
+            args = parser.parse_args(argv)
+        except SystemExit as e:  # --help (0) or a usage error (2)
+            return int(e.code or 0) if not isinstance(e.code, str) else 2
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        _eprint(f"{PROG}: interrupted")
+        return 130
+    except BrokenPipeError:
+        return 1
+    except Exception as e:  # noqa: BLE001 - every error is one line, never a traceback
+        return _report(e)
+
+
+def _report(e: Exception) -> int:
+    import engine
+
+    if isinstance(e, (CliError, engine.PolicyError, engine.ClaimsSchemaError, engine.AccumulatorError)):
+        msg = _one_line(e)
+    elif isinstance(e, FileNotFoundError):
+        msg = f"{e.filename or ''}: no such file".lstrip(": ") if e.filename else _one_line(e)
+    elif isinstance(e, (pa.ArrowException, OSError, ValueError, KeyError)):
+        msg = f"{e.__class__.__name__}: {_one_line(e)}"
+    else:
+        msg = f"internal error: {e.__class__.__name__}: {_one_line(e)}"
+        if os.environ.get("MEDSETTLE_TRACEBACK"):
+            import traceback
+
+            traceback.print_exc()
+    _eprint(f"{PROG}: error: {msg}")
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,206 @@
+"""`medsettle serve`: the real-time settlement server.
+
+    medsettle serve --policies DIR --store PATH --port N [--registry persons.parquet]
+    python -m server --policies DIR --store PATH --port N ...     (the same, without the CLI)
+
+`add_arguments(parser)` and `serve_main(args)` are what the CLI wires to
+`medsettle serve`. The server listens on loopback (127.0.0.1) unless TLS is
+configured (--tls-cert/--tls-key) or --insecure-listen-all is given; it serves
+medsettle.v1.Settlement and medsettle.v1.Registry, grpc.health.v1.Health and
+server reflection. SIGTERM (or SIGINT) marks it NOT_SERVING, stops taking
+calls, lets in-flight ones finish within --drain-seconds, commits what the
+writer holds, checkpoints the store and exits 0.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import json
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+log = logging.getLogger("medsettle.server")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    g = parser.add_argument_group("settlement")
+    g.add_argument("--policies", metavar="DIR", default=None,
+                   help="folder of policy YAML files (default: the bundled seed policies)")
+    g.add_argument("--store", metavar="PATH", required=True,
+                   help="SQLite store file (created if missing): ledger, accumulators, registry")
+    g.add_argument("--registry", metavar="PERSONS_PARQUET", default=None,
+                   help="import (upsert) this persons.parquet into the registry before serving; skipped when "
+                        "the same file was imported before")
+    n = parser.add_argument_group("network")
+    n.add_argument("--port", type=int, default=50051, help="TCP port (0 = any free port; default 50051)")
+    n.add_argument("--insecure-listen-all", action="store_true",
+                   help="listen on every interface without TLS (default: loopback only)")
+    n.add_argument("--tls-cert", metavar="PEM", help="server certificate chain; with --tls-key enables TLS and "
+                                                     "listening on every interface")
+    n.add_argument("--tls-key", metavar="PEM", help="server private key")
+    n.add_argument("--tls-client-ca", metavar="PEM", help="require client certificates signed by this CA (mTLS)")
+    n.add_argument("--port-file", metavar="PATH", help="write the bound port to this file once serving")
+    t = parser.add_argument_group("tuning")
+    t.add_argument("--drain-seconds", type=float, default=10.0,
+                   help="on SIGTERM, how long in-flight calls may take to finish (default 10)")
+    t.add_argument("--max-batch", type=int, default=1024, help="most calls committed in one group (default 1024)")
+    t.add_argument("--max-pending", type=int, default=20_000,
+                   help="queued calls beyond which Settle answers RESOURCE_EXHAUSTED (default 20000)")
+    t.add_argument("--linger-ms", type=float, default=0.0,
+                   help="wait this long for more calls before settling a group (default 0: settle what is "
+                        "queued as soon as the writer is free)")
+    t.add_argument("--read-threads", type=int, default=2, help="threads for PreSettle and queries (default 2)")
+    t.add_argument("--verify", action="store_true",
+                   help="check after every engine call that the fold of the deltas equals the engine's closing "
+                        "accumulators (slower; for testing)")
+    t.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+    return parser
+
+
+def file_fingerprint(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def import_registry(store, path: str) -> int:
+    """Upserts every person of a persons.parquet in one transaction (all or nothing);
+    returns how many, or -1 when the same file was imported before."""
+    from .registry import person_to_row, read_persons_parquet
+    from .store import UPSERT_PERSON
+
+    fp = file_fingerprint(path)
+    if store.get_meta("registry_import_sha256") == fp:
+        return -1
+    conn = store.conn
+    count = 0
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        for chunk in read_persons_parquet(path):
+            conn.executemany(UPSERT_PERSON, [person_to_row(p) for p in chunk])
+            count += len(chunk)
+        conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('registry_import_sha256', ?)", (fp,))
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    return count
+
+
+def _bind(server, args) -> tuple[str, int]:
+    import grpc
+
+    tls = bool(args.tls_cert or args.tls_key)
+    if tls:
+        if not (args.tls_cert and args.tls_key):
+            raise SystemExit("medsettle serve: --tls-cert and --tls-key go together")
+        ca = Path(args.tls_client_ca).read_bytes() if args.tls_client_ca else None
+        creds = grpc.ssl_server_credentials([(Path(args.tls_key).read_bytes(), Path(args.tls_cert).read_bytes())],
+                                            root_certificates=ca, require_client_auth=ca is not None)
+        host = "[::]"
+        port = server.add_secure_port(f"{host}:{args.port}", creds)
+    else:
+        host = "[::]" if args.insecure_listen_all else "127.0.0.1"
+        port = server.add_insecure_port(f"{host}:{args.port}")
+    if not port:
+        raise SystemExit(f"medsettle serve: cannot listen on {host}:{args.port}")
+    return host, port
+
+
+async def _serve(args) -> int:
+    import grpc
+    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+    from grpc_reflection.v1alpha import reflection
+
+    import engine
+
+    from .batcher import Batcher
+    from .core import Core
+    from .service import Service
+    from .store import Store
+
+    try:
+        ps = engine.load_policies(args.policies)
+    except engine.PolicyError as e:
+        print(f"medsettle serve: {e}", file=sys.stderr)
+        return 2
+    store = Store(args.store, exclusive=True)
+    if args.registry:
+        try:
+            n = import_registry(store, args.registry)
+        except (OSError, ValueError) as e:
+            print(f"medsettle serve: registry {args.registry}: {e}", file=sys.stderr)
+            store.close()
+            return 2
+        log.info("registry %s: %s", args.registry, "unchanged since last import" if n < 0 else f"{n} persons")
+
+    core = Core(ps, verify=args.verify)
+    batcher = Batcher(store, core, max_batch=args.max_batch, max_pending=args.max_pending,
+                      linger=args.linger_ms / 1000.0)
+    batcher.start()
+    server = grpc.aio.server(options=[
+        ("grpc.so_reuseport", 0),
+        ("grpc.max_receive_message_length", 16 << 20),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    ])
+    service = Service(store, core, batcher, read_threads=args.read_threads)
+    names = service.add_to_server(server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection((*names, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    host, port = _bind(server, args)
+    await server.start()
+    for name in ("", *names):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    if args.port_file:
+        tmp = args.port_file + ".tmp"
+        Path(tmp).write_text(f"{port}\n")
+        os.replace(tmp, args.port_file)
+    print(f"medsettle serve: listening on {host}:{port} ({len(ps.policies)} policies, store {args.store})",
+          flush=True)
+
+    await stop.wait()
+    log.info("draining: no new calls; in-flight calls have %.1f s", args.drain_seconds)
+    await health_servicer.enter_graceful_shutdown()
+    await server.stop(args.drain_seconds)
+    batcher.close()
+    service.close()
+    store.close()
+    s = batcher.stats
+    log.info("stopped: %d settled, %d reversed in %d groups (largest %d)", s["settled"], s["reversed"],
+             s["groups"], s["max_group"])
+    print("medsettle serve: stopped", flush=True)
+    return 0
+
+
+def serve_main(args) -> int:
+    logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.INFO),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    from .store import StoreError
+
+    try:
+        return asyncio.run(_serve(args))
+    except StoreError as e:
+        print(f"medsettle serve: {e}", file=sys.stderr)
+        return 2
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["serve"]:
+        argv = argv[1:]
+    parser = argparse.ArgumentParser(prog="python -m server", description="medsettle real-time settlement server")
+    add_arguments(parser)
+    return serve_main(parser.parse_args(argv))

@@ -1,0 +1,379 @@
+"""The settlement step shared by Settle (the writer, server/batcher.py) and
+PreSettle: claims + registry facts + carried accumulators -> engine -> results,
+deltas and the accumulators after each claim.
+
+Accumulators are held here as `Acc` objects (one per key), built from the
+store's rows, advanced by each accepted claim's deltas (what the engine says
+the claim added), and written back as the store's rows. The closing
+accumulators of a key are thus the fold of its ledger deltas by construction;
+with `verify=True` they are also checked against the engine's own closing
+accumulators after every engine call.
+"""
+from __future__ import annotations
+
+import json
+from typing import NamedTuple, Optional
+
+import grpc
+import pyarrow as pa
+
+import engine
+
+from ._proto import settlement_pb2 as pb
+from .errors import ADVICE, CallError
+from .registry import SCHEME_TO_PB, Basis
+
+E = pb.ErrorCode
+
+VISIT = {pb.VISIT_TYPE_INPATIENT: "inpatient", pb.VISIT_TYPE_OUTPATIENT: "outpatient",
+         pb.VISIT_TYPE_CHRONIC: "chronic", pb.VISIT_TYPE_MATERNITY: "maternity"}
+LEVEL = {pb.FACILITY_LEVEL_PRIMARY: "primary", pb.FACILITY_LEVEL_SECONDARY: "secondary",
+         pb.FACILITY_LEVEL_TERTIARY: "tertiary"}
+LOCALITY = {pb.LOCALITY_COUNTY: "county", pb.LOCALITY_REGION: "region", pb.LOCALITY_PROVINCE: "province",
+            pb.LOCALITY_NATIONAL: "national"}
+ENUM_FIELDS = (("visit_type", VISIT), ("facility_level", LEVEL), ("locality", LOCALITY))
+AMOUNT_FIELDS = ("total_amount", "self_funded_amount", "over_limit_amount", "class_b_copay_amount",
+                 "in_scope_amount", "in_scope_class_b_amount")
+MAX_AMOUNT = 10**12
+MAX_ID_LEN = 128
+
+STATUS_CODE = {name: (E.Value(name) if name != "ok" else 0) for name in engine.STATUSES}
+RESULT_INT_FIELDS = ("deductible_applied", "basic_pay", "supplementary_pay", "critical_illness_pay",
+                     "medical_aid_pay", "guarantee_pay", "fund_pay_total", "personal_pay",
+                     "compliant_personal_pay")
+
+
+def _enum_str(value: int, names: dict) -> Optional[str]:
+    if value == 0:
+        return None  # unspecified: MISSING_FIELD
+    s = names.get(value)
+    return s if s is not None else f"<{value}>"  # not one of the values: INVALID_VALUE
+
+
+# --------------------------------------------------------------------------- accumulators
+
+
+class Acc:
+    """The accumulators of one key: admissions, compliant_total and per
+    (layer, cap_group) [position, paid, deductible_charged]."""
+
+    __slots__ = ("admissions", "compliant_total", "layers")
+
+    def __init__(self, admissions: int = 0, compliant_total: int = 0, layers: Optional[dict] = None):
+        self.admissions = admissions
+        self.compliant_total = compliant_total
+        self.layers = layers if layers is not None else {}
+
+    @classmethod
+    def from_row(cls, admissions: int, compliant_total: int, layers_json: str) -> "Acc":
+        return cls(admissions, compliant_total, {(e[0], e[1]): [e[2], e[3], e[4]] for e in json.loads(layers_json)})
+
+    def copy(self) -> "Acc":
+        return Acc(self.admissions, self.compliant_total, {k: list(v) for k, v in self.layers.items()})
+
+    def add(self, d_adm: int, d_ct: int, d_layers: list, sign: int = 1) -> None:
+        """Adds (sign=1) or takes off (sign=-1) one claim's deltas ([[layer, cap, pos, paid, ded], ...])."""
+        self.admissions += sign * d_adm
+        self.compliant_total += sign * d_ct
+        layers = self.layers
+        for layer, cap, pos, paid, ded in d_layers:
+            v = layers.get((layer, cap))
+            if v is None:
+                layers[(layer, cap)] = [sign * pos, sign * paid, sign * ded]
+            else:
+                v[0] += sign * pos
+                v[1] += sign * paid
+                v[2] += sign * ded
+
+    def layers_json(self, order: Optional[dict] = None) -> str:
+        return json.dumps(self.entries(order), separators=(",", ":"))
+
+    def entries(self, order: Optional[dict] = None) -> list:
+        items = self.layers.items()
+        if order is not None:
+            items = sorted(items, key=lambda kv: order.get(kv[0], 1 << 30))
+        return [[k[0], k[1], v[0], v[1], v[2]] for k, v in items]
+
+    def is_valid(self) -> bool:
+        return self.admissions >= 0 and self.compliant_total >= 0 and all(
+            x >= 0 for v in self.layers.values() for x in v)
+
+    def to_pb(self, key: tuple, order: Optional[dict] = None) -> pb.Accumulators:
+        person_id, region, scheme, year = key
+        return pb.Accumulators(
+            person_id=person_id, region=region, scheme=SCHEME_TO_PB.get(scheme, 0), year=year,
+            admissions=self.admissions, compliant_total=self.compliant_total,
+            layers=[pb.LayerAccumulator(layer=l, cap_group=c or "", position=p, paid=q, deductible_charged=d)
+                    for l, c, p, q, d in self.entries(order)])
+
+    def normalized(self) -> tuple:
+        return (self.admissions, self.compliant_total,
+                {k: list(v) for k, v in sorted(self.layers.items(), key=lambda kv: (kv[0][0], kv[0][1] or ""))
+                 if any(v)})
+
+
+def delta_pb(d_adm: int, d_ct: int, d_layers: list) -> pb.AccumulatorDelta:
+    return pb.AccumulatorDelta(
+        admissions=d_adm, compliant_total=d_ct,
+        layers=[pb.LayerAccumulator(layer=l, cap_group=c or "", position=p, paid=q, deductible_charged=d)
+                for l, c, p, q, d in d_layers])
+
+
+# --------------------------------------------------------------------------- the step
+
+
+class Work(NamedTuple):
+    """One claim to settle: the request, the registry facts at its settle_time, its key."""
+
+    claim: pb.Claim
+    basis: Basis
+    key: tuple  # (person_id, region, scheme, year)
+
+
+class Outcome(NamedTuple):
+    """An accepted claim: the response (without ledger_seq / recorded_at) and its deltas."""
+
+    response: pb.SettleResponse
+    d_adm: int
+    d_ct: int
+    d_layers: list  # [[layer, cap_group, position, paid, deductible_charged], ...]
+
+
+def precheck(claim: pb.Claim) -> Optional[CallError]:
+    """What the server checks before it looks the claim up anywhere."""
+    cid = claim.claim_id
+    if not cid:
+        return CallError(E.MISSING_FIELD, "claim_id is empty; give every settlement a unique id "
+                         "(the idempotency key)", field="claim_id")
+    if len(cid) > MAX_ID_LEN:
+        return CallError(E.INVALID_VALUE, f"claim_id is longer than {MAX_ID_LEN} characters", field="claim_id",
+                         claim_id=cid[:MAX_ID_LEN])
+    if not claim.person_id:
+        return CallError(E.MISSING_FIELD, "person_id is empty; give the insured person's id (psn_no)",
+                         field="person_id", claim_id=cid)
+    if not claim.facility_id:
+        return CallError(E.MISSING_FIELD, "facility_id is empty; give the settling facility's id",
+                         field="facility_id", claim_id=cid, person_id=claim.person_id)
+    if not claim.HasField("settle_time_us"):
+        return CallError(E.MISSING_FIELD, "settle_time_us is not set; give the settlement's local wall time "
+                         "(µs since 1970-01-01T00:00:00)", field="settle_time_us", claim_id=cid,
+                         person_id=claim.person_id)
+    return None
+
+
+class Core:
+    """Engine calls against one loaded policy set."""
+
+    def __init__(self, policies, *, verify: bool = False):
+        self.ps = policies
+        self.verify = verify
+        self._policy_cache: dict = {}
+        self._order_cache: dict = {}
+
+    # ------------------------------------------------------------ policies
+
+    def policy(self, region: str, scheme: str, year: int):
+        k = (region, scheme, year)
+        try:
+            return self._policy_cache[k]
+        except KeyError:
+            p = self._policy_cache[k] = self.ps.find(region, scheme, year)
+            return p
+
+    def column_order(self, key: tuple) -> Optional[dict]:
+        """(layer, cap_group) -> rank in the policy of `key` (layer order, then rule order)."""
+        pk = key[1:]
+        try:
+            return self._order_cache[pk]
+        except KeyError:
+            pass
+        p = self.policy(*pk)
+        order = None
+        if p is not None:
+            order = {}
+            for layer in p.layers:
+                for rule in layer.rules:
+                    order.setdefault((layer.name, rule.cap_group), len(order))
+        self._order_cache[pk] = order
+        return order
+
+    # ------------------------------------------------------------ tables
+
+    @staticmethod
+    def claims_batch(works: list) -> pa.RecordBatch:
+        claims = [w.claim for w in works]
+        bases = [w.basis for w in works]
+        cols = [
+            pa.array([c.claim_id for c in claims], pa.string()),
+            pa.array([c.person_id for c in claims], pa.string()),
+            pa.array([b.region for b in bases], pa.string()),
+            pa.array([b.scheme for b in bases], pa.string()),
+            pa.array([c.settle_time_us for c in claims], pa.timestamp("us")),
+            pa.array([_enum_str(c.visit_type, VISIT) for c in claims], pa.string()),
+            pa.array([_enum_str(c.facility_level, LEVEL) for c in claims], pa.string()),
+            pa.array([_enum_str(c.locality, LOCALITY) for c in claims], pa.string()),
+            pa.array([c.referred for c in claims], pa.bool_()),
+            pa.array([c.disease_code or None for c in claims], pa.string()),
+            pa.array([b.age for b in bases], pa.int16()),
+            pa.array([b.identities for b in bases], pa.list_(pa.string())),
+            pa.array([c.total_amount for c in claims], pa.int64()),
+            pa.array([c.self_funded_amount for c in claims], pa.int64()),
+            pa.array([c.over_limit_amount for c in claims], pa.int64()),
+            pa.array([c.class_b_copay_amount for c in claims], pa.int64()),
+            pa.array([c.in_scope_amount for c in claims], pa.int64()),
+            pa.array([c.in_scope_class_b_amount for c in claims], pa.int64()),
+        ]
+        return pa.RecordBatch.from_arrays(cols, schema=engine.CLAIMS_SCHEMA)
+
+    def carry_table(self, keys, accs: dict) -> Optional[pa.Table]:
+        rows = {"person_id": [], "region": [], "scheme": [], "year": [], "admissions": [],
+                "compliant_total": [], "layers": []}
+        for key in keys:
+            a = accs.get(key)
+            if a is None or self.policy(*key[1:]) is None:
+                continue
+            rows["person_id"].append(key[0])
+            rows["region"].append(key[1])
+            rows["scheme"].append(key[2])
+            rows["year"].append(key[3])
+            rows["admissions"].append(a.admissions)
+            rows["compliant_total"].append(a.compliant_total)
+            rows["layers"].append([{"layer": l, "cap_group": c, "position": p, "paid": q, "deductible_charged": d}
+                                   for (l, c), (p, q, d) in a.layers.items()])
+        if not rows["person_id"]:
+            return None
+        return pa.Table.from_pydict(rows, schema=engine.ACCUMULATORS_SCHEMA)
+
+    # ------------------------------------------------------------ settle
+
+    def settle(self, works: list, accs: dict) -> list:
+        """Settles `works` (at most one per person: one engine chunk) against `accs`
+        (key -> Acc, updated in place for accepted claims). Returns, per work, an
+        Outcome or a CallError."""
+        if not works:
+            return []
+        keys = [w.key for w in works]
+        try:
+            settler = engine.Settler(self.ps, self.carry_table(dict.fromkeys(keys), accs), deltas=True)
+        except engine.AccumulatorError as e:
+            if len(works) == 1:
+                return [self._carry_error(works[0], e)]
+            out = []
+            for w in works:  # isolate the key whose stored accumulators the policy rejects
+                out.extend(self.settle([w], accs))
+            return out
+        res = settler.settle_batch(self.claims_batch(works))
+        cols = {name: res.column(name).to_pylist() for name in (
+            "status", "policy_id", "identity", *RESULT_INT_FIELDS, "layer_pays", "cap_hit",
+            "delta_admissions", "delta_compliant_total", "delta_layers")}
+        out = []
+        status = cols["status"]
+        for i, w in enumerate(works):
+            st = status[i]
+            if st != "ok":
+                out.append(self.describe(st, w, accs.get(w.key)))
+                continue
+            d_layers = [[e["layer"], e["cap_group"], e["position"], e["paid"], e["deductible_charged"]]
+                        for e in cols["delta_layers"][i]]
+            d_adm = cols["delta_admissions"][i]
+            d_ct = cols["delta_compliant_total"][i]
+            acc = accs.get(w.key)
+            if acc is None:
+                acc = accs[w.key] = Acc()
+            acc.add(d_adm, d_ct, d_layers)
+            order = self.column_order(w.key)
+            c = w.claim
+            b = w.basis
+            result = pb.SettlementResult(
+                claim_id=c.claim_id, status="ok", policy_id=cols["policy_id"][i], identity=cols["identity"][i] or "",
+                deductible_applied=cols["deductible_applied"][i], basic_pay=cols["basic_pay"][i],
+                supplementary_pay=cols["supplementary_pay"][i], critical_illness_pay=cols["critical_illness_pay"][i],
+                medical_aid_pay=cols["medical_aid_pay"][i], guarantee_pay=cols["guarantee_pay"][i],
+                fund_pay_total=cols["fund_pay_total"][i], personal_pay=cols["personal_pay"][i],
+                compliant_personal_pay=cols["compliant_personal_pay"][i],
+                layer_pays=[pb.LayerPay(layer=e["layer"], pay=e["pay"]) for e in cols["layer_pays"][i]],
+                cap_hit=cols["cap_hit"][i])
+            resp = pb.SettleResponse(
+                result=result, accumulators=acc.to_pb(w.key, order),
+                basis=pb.SettlementBasis(region=b.region, scheme=SCHEME_TO_PB[b.scheme], year=b.year, age=b.age,
+                                         identities=b.identities or ()),
+                delta=delta_pb(d_adm, d_ct, d_layers))
+            out.append(Outcome(resp, d_adm, d_ct, d_layers))
+        if self.verify:
+            self._verify(settler.accumulators(), accs, keys)
+        return out
+
+    def _verify(self, closing: pa.Table, accs: dict, keys: list) -> None:
+        eng = {}
+        for r in closing.to_pylist():
+            eng[(r["person_id"], r["region"], r["scheme"], r["year"])] = Acc(
+                r["admissions"], r["compliant_total"],
+                {(e["layer"], e["cap_group"]): [e["position"], e["paid"], e["deductible_charged"]]
+                 for e in r["layers"]}).normalized()
+        for key in set(keys):
+            mine = accs[key].normalized() if key in accs else Acc().normalized()
+            theirs = eng.get(key, Acc().normalized())
+            if mine != theirs:
+                raise AssertionError(f"accumulators of {key}: fold of deltas {mine} != engine {theirs}")
+
+    # ------------------------------------------------------------ errors
+
+    def _carry_error(self, w: Work, e: Exception) -> CallError:
+        return CallError(E.UNKNOWN_POLICY,
+                         f"the stored accumulators of {w.key} do not fit the loaded policy ({e}); the policy file "
+                         f"for that region, scheme and year was changed after claims were settled under it",
+                         grpc_code=None, claim_id=w.claim.claim_id, person_id=w.claim.person_id)
+
+    def describe(self, status: str, w: Work, acc: Optional[Acc]) -> CallError:
+        """A CallError with an actionable message for an engine status."""
+        c, b = w.claim, w.basis
+        code = STATUS_CODE[status]
+        kw = dict(claim_id=c.claim_id, person_id=c.person_id)
+        advice = ADVICE.get(status, "")
+        if status == "MISSING_FIELD":
+            for name, names in ENUM_FIELDS:
+                if getattr(c, name) == 0:
+                    return CallError(code, f"{name} is not set; {advice}", field=name, **kw)
+            return CallError(code, f"a required value is missing; {advice}", **kw)
+        if status == "INVALID_VALUE":
+            for name, names in ENUM_FIELDS:
+                v = getattr(c, name)
+                if v != 0 and v not in names:
+                    return CallError(code, f"{name} {v} is not a known value; {advice}", field=name, **kw)
+            return CallError(code, f"a value is not one of the allowed ones; {advice}", **kw)
+        if status == "INVALID_AMOUNT":
+            for name in AMOUNT_FIELDS:
+                if getattr(c, name) < 0:
+                    return CallError(code, f"{name} is {getattr(c, name)}; {advice}", field=name, **kw)
+            return CallError(code, advice, **kw)
+        if status == "AMOUNT_OUT_OF_RANGE":
+            for name in AMOUNT_FIELDS:
+                if getattr(c, name) > MAX_AMOUNT:
+                    return CallError(code, f"{name} is {getattr(c, name)} fen; {advice}", field=name, **kw)
+            ct = acc.compliant_total if acc is not None else 0
+            return CallError(code, f"this claim would take the year's compliant total of person {c.person_id} "
+                             f"({b.region}, {b.scheme}, {b.year}) from {ct} fen above 10^14 fen; check the amounts "
+                             f"of this and earlier claims", grpc_code=grpc.StatusCode.FAILED_PRECONDITION, **kw)
+        if status == "AMOUNT_MISMATCH":
+            parts = c.self_funded_amount + c.over_limit_amount + c.class_b_copay_amount + c.in_scope_amount
+            if parts != c.total_amount:
+                return CallError(code, f"total_amount {c.total_amount} != self_funded + over_limit + class_b_copay + "
+                                 f"in_scope = {parts}; {advice}", field="total_amount", **kw)
+            return CallError(code, f"in_scope_class_b_amount {c.in_scope_class_b_amount} exceeds in_scope_amount "
+                             f"{c.in_scope_amount}", field="in_scope_class_b_amount", **kw)
+        if status == "UNKNOWN_POLICY":
+            return CallError(code, f"no policy for region {b.region}, scheme {b.scheme}, year {b.year} (person "
+                             f"{c.person_id} per the registry); {advice}", field="settle_time_us", **kw)
+        if status == "UNKNOWN_IDENTITY":
+            p = self.policy(b.region, b.scheme, b.year)
+            bad = [x for x in (b.identities or ()) if p is None or x not in p.identities]
+            return CallError(code, f"identity {', '.join(bad)} of person {c.person_id} is not declared by policy "
+                             f"{p.id if p else '?'}; {advice}", **kw)
+        if status == "DUPLICATE_CLAIM":
+            return CallError(code, f"claim_id {c.claim_id} is already used", field="claim_id", **kw)
+        if status == "NO_BENEFIT_RULE":
+            p = self.policy(b.region, b.scheme, b.year)
+            return CallError(code, f"policy {p.id if p else '?'} has no basic-layer rule for a "
+                             f"{VISIT.get(c.visit_type)} visit at a {LEVEL.get(c.facility_level)} facility "
+                             f"({LOCALITY.get(c.locality)}); {advice}", **kw)
+        return CallError(code, status, **kw)

@@ -1,0 +1,203 @@
+"""The gRPC servicers (grpc.aio): Settlement and Registry of medsettle.v1.
+
+State-changing calls go through the writer (server/batcher.py); reads
+(PreSettle, GetSettlement, GetAccumulators, GetPerson) run on a small thread
+pool against the last committed state, each thread with its own SQLite
+connection. Handlers return serialized bytes (the writer serializes once, for
+the ledger and the wire alike).
+"""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+from typing import Optional
+
+import grpc
+
+from ._proto import settlement_pb2 as pb
+from .batcher import REVERSE, SETTLE, UPSERT, Batcher, Pending, person_not_found, record_pb, retry_answer
+from .core import Acc, Core, Outcome, Work, precheck
+from .errors import CallError, abort
+from .registry import basis_at, person_from_pb, person_from_row, person_to_pb, person_to_row
+from .store import Store
+
+E = pb.ErrorCode
+UPSERT_CHUNK = 2000
+
+
+class Service:
+    """Both services' handlers over one store, core and writer."""
+
+    def __init__(self, store: Store, core: Core, batcher: Batcher, *, read_threads: int = 2):
+        self.store = store
+        self.core = core
+        self.batcher = batcher
+        self.reads = concurrent.futures.ThreadPoolExecutor(max_workers=read_threads,
+                                                           thread_name_prefix="medsettle-read")
+
+    def close(self) -> None:
+        self.reads.shutdown(wait=True)
+
+    async def _read(self, fn, *args):
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.reads, fn, *args)
+
+    # ------------------------------------------------------------------ Settlement
+
+    async def Settle(self, request: pb.SettleRequest, context) -> bytes:
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        err = self.batcher.submit(Pending(SETTLE, request.claim, fut, loop))
+        if err is None:
+            out = await fut
+            if out.__class__ is bytes:
+                return out
+            err = out
+        await abort(context, err)
+
+    async def Reverse(self, request: pb.ReverseRequest, context) -> bytes:
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        err = self.batcher.submit(Pending(REVERSE, request, fut, loop))
+        if err is None:
+            out = await fut
+            if out.__class__ is bytes:
+                return out
+            err = out
+        await abort(context, err)
+
+    async def PreSettle(self, request: pb.SettleRequest, context) -> bytes:
+        out = await self._read(self._presettle, request.claim)
+        if out.__class__ is bytes:
+            return out
+        await abort(context, out)
+
+    def _presettle(self, claim: pb.Claim):
+        err = precheck(claim)
+        if err is not None:
+            return err
+        conn = self.store.reader()
+        cid, pid = claim.claim_id, claim.person_id
+        row = Store.persons(conn, [pid]).get(pid)
+        persons = {pid: person_from_row(row)} if row is not None else {}
+        rows = Store.ledger_rows(conn, [cid]).get(cid)
+        if rows is not None and "settle" in rows:
+            return retry_answer(self.core, claim, claim.SerializeToString(deterministic=True), rows, persons)
+        person = persons.get(pid)
+        if person is None:
+            return person_not_found(claim)
+        try:
+            basis = basis_at(person, claim.settle_time_us, cid)
+        except CallError as e:
+            return e
+        key = (pid, basis.region, basis.scheme, basis.year)
+        accs = {k: Acc.from_row(*v) for k, v in Store.accumulator_rows(conn, [key]).items()}
+        out = self.core.settle([Work(claim, basis, key)], accs)[0]
+        if isinstance(out, Outcome):
+            return out.response.SerializeToString()
+        return out
+
+    async def GetSettlement(self, request: pb.GetSettlementRequest, context) -> bytes:
+        out = await self._read(self._get_settlement, request.claim_id)
+        if out.__class__ is bytes:
+            return out
+        await abort(context, out)
+
+    def _get_settlement(self, claim_id: str):
+        if not claim_id:
+            return CallError(E.MISSING_FIELD, "claim_id is empty", field="claim_id")
+        rows = Store.ledger_rows(self.store.reader(), [claim_id]).get(claim_id) or {}
+        if "settle" not in rows:
+            return CallError(E.CLAIM_NOT_FOUND, f"no settlement with claim_id {claim_id}", field="claim_id",
+                             claim_id=claim_id)
+        return record_pb(rows["settle"], rows.get("reverse")).SerializeToString()
+
+    async def GetAccumulators(self, request: pb.GetAccumulatorsRequest, context) -> bytes:
+        out = await self._read(self._get_accumulators, request.person_id, request.year)
+        if out.__class__ is bytes:
+            return out
+        await abort(context, out)
+
+    def _get_accumulators(self, person_id: str, year: int):
+        if not person_id:
+            return CallError(E.MISSING_FIELD, "person_id is empty", field="person_id")
+        conn = self.store.reader()
+        rows = Store.accumulators_of(conn, person_id, year or None)
+        if not rows and not Store.persons(conn, [person_id]):
+            return CallError(E.PERSON_NOT_FOUND, f"person {person_id} is not in the registry", field="person_id",
+                             person_id=person_id)
+        out = pb.GetAccumulatorsResponse()
+        for p, r, s, y, a, c, layers in rows:
+            key = (p, r, s, y)
+            out.accumulators.append(Acc.from_row(a, c, layers).to_pb(key, self.core.column_order(key)))
+        return out.SerializeToString()
+
+    # ------------------------------------------------------------------ Registry
+
+    async def UpsertPersons(self, request_iterator, context) -> bytes:
+        persons = {}
+        i = 0
+        try:
+            async for p in request_iterator:
+                person = person_from_pb(i, p)
+                persons[person.person_id] = person  # a later record of the same person wins
+                i += 1
+        except CallError as e:
+            await abort(context, e)
+        rows = [person_to_row(p) for p in persons.values()]
+        loop = asyncio.get_running_loop()
+        futs = []
+        for k in range(0, len(rows), UPSERT_CHUNK):
+            fut = loop.create_future()
+            err = self.batcher.submit(Pending(UPSERT, rows[k:k + UPSERT_CHUNK], fut, loop))
+            if err is not None:
+                await abort(context, err)
+            futs.append(fut)
+        total = 0
+        for fut in futs:
+            out = await fut
+            if isinstance(out, CallError):
+                await abort(context, out)
+            total += out
+        return pb.UpsertPersonsResponse(upserted=i).SerializeToString()
+
+    async def GetPerson(self, request: pb.GetPersonRequest, context) -> bytes:
+        out = await self._read(self._get_person, request.person_id)
+        if out.__class__ is bytes:
+            return out
+        await abort(context, out)
+
+    def _get_person(self, person_id: str):
+        if not person_id:
+            return CallError(E.MISSING_FIELD, "person_id is empty", field="person_id")
+        row = Store.persons(self.store.reader(), [person_id]).get(person_id)
+        if row is None:
+            return CallError(E.PERSON_NOT_FOUND, f"person {person_id} is not in the registry", field="person_id",
+                             person_id=person_id)
+        return person_to_pb(person_from_row(row)).SerializeToString()
+
+    # ------------------------------------------------------------------ registration
+
+    def add_to_server(self, server) -> list:
+        """Registers both services on an aio server; returns their full names."""
+        uu = grpc.unary_unary_rpc_method_handler
+        settlement = {
+            "Settle": uu(self.Settle, request_deserializer=pb.SettleRequest.FromString),
+            "PreSettle": uu(self.PreSettle, request_deserializer=pb.SettleRequest.FromString),
+            "Reverse": uu(self.Reverse, request_deserializer=pb.ReverseRequest.FromString),
+            "GetSettlement": uu(self.GetSettlement, request_deserializer=pb.GetSettlementRequest.FromString),
+            "GetAccumulators": uu(self.GetAccumulators, request_deserializer=pb.GetAccumulatorsRequest.FromString),
+        }
+        registry = {
+            "UpsertPersons": grpc.stream_unary_rpc_method_handler(self.UpsertPersons,
+                                                                  request_deserializer=pb.Person.FromString),
+            "GetPerson": uu(self.GetPerson, request_deserializer=pb.GetPersonRequest.FromString),
+        }
+        names = []
+        for svc, handlers in (("Settlement", settlement), ("Registry", registry)):
+            full = pb.DESCRIPTOR.services_by_name[svc].full_name
+            server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(full, handlers),))
+            if hasattr(server, "add_registered_method_handlers"):
+                server.add_registered_method_handlers(full, handlers)
+            names.append(full)
+        return names
