@@ -47,7 +47,7 @@ DEFAULT_RATES = (500, 1000, 2000, 4000)
 # --------------------------------------------------------------------------- setup
 
 
-def make_payloads(n: int, seed: int, tag: str, persons: int) -> list[bytes]:
+def make_payloads(n: int, seed: int, tag: str) -> list[bytes]:
     """`n` SettleRequest bytes: claims of engine.generate (year 2023 of the seed policies), claim ids
     prefixed with `tag` so that runs never collide."""
     import engine
@@ -67,6 +67,7 @@ def make_payloads(n: int, seed: int, tag: str, persons: int) -> list[bytes]:
 
 
 def write_registry(path: Path, n: int, seed: int) -> int:
+    """The persons behind `make_payloads(n, seed)` as persons.parquet; returns how many."""
     import engine
     import engine.generate as gen
     import pyarrow.parquet as pq
@@ -117,51 +118,44 @@ async def _open_loop(target: str, payloads: list, rate: float, start_at: float, 
     n = len(payloads)
     lat = np.full(n, np.nan)
     ok = np.zeros(n, dtype=bool)
+    errs: dict = {}
     async with grpc.aio.insecure_channel(target) as ch:
         await ch.channel_ready()
-        call = ch.unary_unary(METHOD, _registered_method=True) if _accepts_registered(ch) else ch.unary_unary(METHOD)
+        call = ch.unary_unary(METHOD)
         done = asyncio.get_running_loop().create_future()
         remaining = [n]
         clock = time.perf_counter
 
-        def finished(i, due):
-            def cb(c):
-                lat[i] = clock() - due
-                try:
-                    ok[i] = c.code() == grpc.StatusCode.OK
-                except Exception:
-                    ok[i] = False
-                remaining[0] -= 1
-                if remaining[0] == 0 and not done.done():
-                    done.set_result(None)
-            return cb
+        async def one(i, due):
+            try:
+                await call(payloads[i], timeout=30)
+                ok[i] = True
+            except grpc.RpcError as e:
+                ok[i] = False
+                errs[e.code().name] = errs.get(e.code().name, 0) + 1
+            lat[i] = clock() - due
+            remaining[0] -= 1
+            if remaining[0] == 0 and not done.done():
+                done.set_result(None)
 
         while clock() < start_at:
             await asyncio.sleep(min(0.01, start_at - clock()))
         base = start_at + phase
+        tasks: set = set()
         i = 0
         while i < n:
             now = clock()
             while i < n and base + i * stride <= now:
-                due = base + i * stride
-                c = call(payloads[i], timeout=30)
-                c.add_done_callback(finished(i, due))
+                tasks.add(asyncio.ensure_future(one(i, base + i * stride)))
                 i += 1
             if i < n:
                 wait = base + i * stride - clock()
                 await asyncio.sleep(wait if wait > 0 else 0)
         if n:
             await asyncio.wait_for(done, 60)
+    if errs:
+        print(f"errors: {errs}", file=sys.stderr)
     return lat, ok
-
-
-def _accepts_registered(ch) -> bool:
-    import inspect
-
-    try:
-        return "_registered_method" in inspect.signature(ch.unary_unary).parameters
-    except (TypeError, ValueError):
-        return False
 
 
 def _open_loop_proc(args):
@@ -245,7 +239,7 @@ def server_cpu_seconds(pid: int) -> float:
 # --------------------------------------------------------------------------- the run
 
 
-def run(rates=DEFAULT_RATES, duration: float = 8.0, persons: int = 100_000, clients: int = 1,
+def run(rates=DEFAULT_RATES, duration: float = 8.0, clients: int = 1,
         concurrency: int = 256, saturation: bool = True, server_args=(), workdir: str | None = None,
         log=print) -> dict:
     own = workdir is None
@@ -253,12 +247,11 @@ def run(rates=DEFAULT_RATES, duration: float = 8.0, persons: int = 100_000, clie
     try:
         registry = work / "persons.parquet"
         t = time.time()
-        n_persons = write_registry(registry, persons, seed=7)
         total = int(sum(r * duration for r in rates) + (4000 * duration * 2 if saturation else 0)) + 2000
-        # engine.generate makes ~n claims for a population of about n / 4; keep the population fixed
-        claims_per_person = max(1, total // max(1, n_persons))
-        log(f"setup: {n_persons} persons; generating {total} claims ...")
-        payloads = make_payloads(total, seed=7, tag=f"b{int(time.time())}", persons=n_persons)
+        # the registry behind the claims: engine.generate's population for the same (n, seed)
+        n_persons = write_registry(registry, total, seed=7)
+        log(f"setup: {n_persons} persons, {total} claims ...")
+        payloads = make_payloads(total, seed=7, tag=f"b{int(time.time())}")
         log(f"setup done in {time.time() - t:.1f} s")
         proc, port = start_server(work / "store.db", registry, server_args)
         target = f"127.0.0.1:{port}"
@@ -304,14 +297,13 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rates", default=",".join(map(str, DEFAULT_RATES)), help="offered rates, settlements/s")
     ap.add_argument("--duration", type=float, default=8.0, help="seconds per rate (default 8)")
-    ap.add_argument("--persons", type=int, default=100_000, help="registry size (default 100000)")
     ap.add_argument("--clients", type=int, default=1, help="client processes sharing each rate (default 1)")
     ap.add_argument("--concurrency", type=int, default=256, help="calls in flight for saturation (default 256)")
     ap.add_argument("--no-saturation", action="store_true")
     ap.add_argument("--server-arg", action="append", default=[], help="extra argument for the server (repeatable)")
     ap.add_argument("--json", metavar="PATH", help="write the figures as JSON")
     args = ap.parse_args(argv)
-    res = run(rates=[float(x) for x in args.rates.split(",") if x], duration=args.duration, persons=args.persons,
+    res = run(rates=[float(x) for x in args.rates.split(",") if x], duration=args.duration,
               clients=args.clients, concurrency=args.concurrency, saturation=not args.no_saturation,
               server_args=args.server_arg)
     if args.json:
@@ -327,8 +319,8 @@ def test_settle_roundtrip(benchmark, tmp_path):
     import grpc
 
     registry = tmp_path / "persons.parquet"
-    write_registry(registry, 2000, seed=3)
-    payloads = make_payloads(6000, seed=3, tag="rt", persons=2000)
+    write_registry(registry, 6000, seed=3)
+    payloads = make_payloads(6000, seed=3, tag="rt")
     proc, port = start_server(tmp_path / "store.db", registry)
     try:
         ch = grpc.insecure_channel(f"127.0.0.1:{port}")
@@ -346,7 +338,7 @@ def test_open_loop_short(benchmark, tmp_path):
     res = {}
 
     def go():
-        res.update(run(rates=(1000,), duration=3.0, persons=5000, saturation=False, workdir=str(tmp_path),
+        res.update(run(rates=(1000,), duration=3.0, saturation=False, workdir=str(tmp_path),
                        log=lambda *_: None)["rates"][0])
 
     benchmark.pedantic(go, rounds=1, iterations=1)

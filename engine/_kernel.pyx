@@ -561,7 +561,7 @@ def settle(const int64_t[::1] order, const int8_t[::1] status_in,
                 else:
                     Dr = rule.deductible
                     factor = BP
-                    if li == 0 and rule.repeat_admission and c.visit == VISIT_INPATIENT:
+                    if li == 0 and rule.repeat_admission and rule.axis == 0 and c.visit == VISIT_INPATIENT:
                         rep_idx = i64min(state[sl, 0], pol.repeat_count - 1)
                         factor = repeat_factors[pol.repeat_start + rep_idx]
                         Dr = round_div(rule.deductible * factor, BP)

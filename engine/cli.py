@@ -638,7 +638,10 @@ def cmd_serve(argv: list[str]) -> int:
     if hasattr(app, "add_arguments") and hasattr(app, "serve_main"):
         parser = argparse.ArgumentParser(prog=f"{PROG} serve", description="Run the gRPC settlement server.")
         app.add_arguments(parser)
-        args = parser.parse_args(argv)
+        try:
+            args = parser.parse_args(argv)
+        except SystemExit as e:  # --help (0) or a usage error (2), already printed
+            return int(e.code or 0) if not isinstance(e.code, str) else 2
         return int(app.serve_main(args) or 0)
     if hasattr(app, "main"):
         return int(app.main(argv) or 0)

@@ -292,11 +292,21 @@ def _rng(seed: int, *tags: int) -> np.random.Generator:
     return np.random.default_rng([int(seed), *tags])
 
 
-def _categorical(rng: np.random.Generator, probs: np.ndarray) -> np.ndarray:
-    """One draw per row of `probs` (rows sum to 1)."""
-    cum = np.cumsum(probs, axis=1)
-    u = rng.random(len(probs)) * cum[:, -1]
-    return (u[:, None] >= cum).sum(axis=1).clip(0, probs.shape[1] - 1)
+def _choice(rng: np.random.Generator, p: np.ndarray, size: int) -> np.ndarray:
+    """`size` draws from the distribution `p`."""
+    edges = np.cumsum(p)[:-1] / np.sum(p)
+    return np.searchsorted(edges, rng.random(size), side="right")
+
+
+def _conditional(rng: np.random.Generator, table: np.ndarray, cls: np.ndarray) -> np.ndarray:
+    """One draw per row from the distribution `table[cls[row]]` (rows of `table` sum to 1).
+
+    A single searchsorted: class c's interior edges are shifted by c, so the
+    value c + u only meets the edges of classes <= c."""
+    k = table.shape[1]
+    edges = (np.cumsum(table, axis=1)[:, :-1] + np.arange(len(table))[:, None]).ravel()
+    v = cls + rng.random(len(cls)) * (1 - 1e-12)
+    return np.searchsorted(edges, v, side="right") - cls * (k - 1)
 
 
 def _fixed_width_ids(prefix: str, numbers: np.ndarray, width: int,
@@ -308,10 +318,13 @@ def _fixed_width_ids(prefix: str, numbers: np.ndarray, width: int,
     buf = np.empty((n, w), dtype=np.uint8)
     if p:
         buf[:, :len(p)] = np.frombuffer(p, dtype=np.uint8)
-    x = numbers.astype(np.int64)
+    small = n == 0 or int(numbers.max()) < 2**32
+    x = numbers.astype(np.uint32 if small else np.int64)
+    ten = x.dtype.type(10)
     for k in range(width - 1, -1, -1):
-        buf[:, len(p) + k] = (x % 10 + 48).astype(np.uint8)
-        x = x // 10
+        q = x // ten
+        buf[:, len(p) + k] = x - q * ten + 48
+        x = q
     if n * w >= 2**31:
         raise ValueError("too many ids for one string array")
     offsets = np.arange(n + 1, dtype=np.int32) * np.int32(w)
@@ -350,6 +363,20 @@ class _Population:
     ident_from: np.ndarray  # (size, 2) days
     ident_to: np.ndarray  # (size, 2) days, inclusive
     id_width: int
+    birth_year: np.ndarray = None
+    birth_md: np.ndarray = None
+    _eligible: dict = None
+
+    def __post_init__(self):
+        self.birth_year, self.birth_md = _calendar(self.birth)
+        self._eligible = {}
+
+    def eligible(self, plan: "_Plan", year_index: int) -> tuple[np.ndarray, np.ndarray]:
+        """Persons whose home has a policy in that year, and their cumulative claim rates."""
+        if year_index not in self._eligible:
+            idx = np.flatnonzero(plan.policy_of[self.group, year_index] >= 0)
+            self._eligible[year_index] = (idx, np.cumsum(self.lam[idx]))
+        return self._eligible[year_index]
 
     def ids(self, idx: np.ndarray, valid: Optional[np.ndarray] = None) -> pa.Array:
         return _fixed_width_ids("P", idx, self.id_width, valid)
@@ -489,26 +516,33 @@ def _first_layer_has_rule(plan: _Plan, pol: np.ndarray, a: dict) -> np.ndarray:
     return out
 
 
+def _allowed(n: int, codes: list[int]) -> np.ndarray:
+    out = np.zeros(n, dtype=bool)
+    out[codes] = True
+    return out
+
+
 def _match(plan: _Plan, k: int, m: Match, a: dict) -> np.ndarray:
     ok = np.ones(len(a["vt"]), dtype=bool)
     if m.visit_type is not None:
-        ok &= np.isin(a["vt"], [_VT[v] for v in m.visit_type])
+        ok &= _allowed(len(VISIT_TYPES), [_VT[v] for v in m.visit_type])[a["vt"]]
     if m.facility_level is not None:
-        ok &= np.isin(a["fac"], [_FAC[v] for v in m.facility_level])
+        ok &= _allowed(len(FACILITY_LEVELS), [_FAC[v] for v in m.facility_level])[a["fac"]]
     if m.locality is not None:
-        ok &= np.isin(a["loc"], [_LOC[v] for v in m.locality])
+        ok &= _allowed(len(LOCALITIES), [_LOC[v] for v in m.locality])[a["loc"]]
     if m.referred is not None:
         ok &= (a["ref"] & a["ref_valid"]) == bool(m.referred)
-    held = a["held"]  # (rows, slots) vocab index or -1
+    held = a["held"]  # (rows, slots) vocab index or -1 (indexes the last entry of the tables below)
+    nv = len(plan.ident_vocab)
     if m.identity is not None:
-        rank = np.where(held >= 0, plan.ident_rank[k][held.clip(0)], 1 << 30)
-        best = rank.min(axis=1)
-        names = [plan.ident_vocab.index(x) for x in m.identity if x in plan.ident_vocab]
-        e = np.where(best < (1 << 20), held[np.arange(len(held)), rank.argmin(axis=1)], -1)
-        ok &= np.isin(e, names)
+        rank = np.append(plan.ident_rank[k], 1 << 30)[held]
+        best = rank.argmin(axis=1)
+        e = held[np.arange(len(held)), best]
+        e = np.where(rank[np.arange(len(held)), best] < (1 << 20), e, -1)
+        ok &= _allowed(nv + 1, [plan.ident_vocab.index(x) for x in m.identity if x in plan.ident_vocab])[e]
     if m.holds is not None:
-        names = [plan.ident_vocab.index(x) for x in m.holds if x in plan.ident_vocab]
-        ok &= (np.isin(held, names) & (held >= 0)).any(axis=1)
+        table = _allowed(nv + 1, [plan.ident_vocab.index(x) for x in m.holds if x in plan.ident_vocab])
+        ok &= table[held].any(axis=1)
     if m.disease_group is not None:
         member = np.zeros(len(plan.cats), dtype=bool)
         for g in m.disease_group:
@@ -521,13 +555,16 @@ def _match(plan: _Plan, k: int, m: Match, a: dict) -> np.ndarray:
     return ok
 
 
+_VISIT_KEYS = ("vt", "fac", "loc", "ref", "ref_valid", "cat", "code_valid", "variant")
+
+
 def _draw_visit(rng: np.random.Generator, plan: _Plan, pol: np.ndarray, age: np.ndarray) -> dict:
     """Visit type, facility, locality, referral and disease code for some rows."""
     m = len(pol)
     age_class = np.digitize(age, [18, 45, 65])
-    vt = _categorical(rng, _VISIT_BY_AGE[age_class])
-    fac = _categorical(rng, _FACILITY_BY_VISIT[vt])
-    loc = _categorical(rng, _LOCALITY_BY_FACILITY[fac])
+    vt = _conditional(rng, _VISIT_BY_AGE, age_class)
+    fac = _conditional(rng, _FACILITY_BY_VISIT, vt)
+    loc = _conditional(rng, _LOCALITY_BY_FACILITY, fac)
     ref = rng.random(m) < _REFERRED_BY_LOCALITY[loc]
     ref_valid = rng.random(m) >= 0.02
     # Disease code: from the policy's groups, or a common code of the visit type.
@@ -543,7 +580,7 @@ def _draw_visit(rng: np.random.Generator, plan: _Plan, pol: np.ndarray, age: np.
         g = rng.integers(0, len(sizes), len(rows))
         cat[rows] = ids[starts[g] + (rng.random(len(rows)) * sizes[g]).astype(np.int64)]
     code_valid = rng.random(m) >= _NULL_CODE_SHARE[vt]
-    variant = _categorical(rng, np.broadcast_to(_CODE_VARIANT_P, (m, _CODE_VARIANTS)))
+    variant = _choice(rng, _CODE_VARIANT_P, m)
     return dict(vt=vt, fac=fac, loc=loc, ref=ref, ref_valid=ref_valid, cat=cat,
                 code_valid=code_valid, variant=variant)
 
@@ -557,23 +594,27 @@ def _unit_table(plan: _Plan, pop: _Population, unit: _Unit, seed: int, invalid_r
     # --- time: whole days, then a time of day; sorted
     day = np.repeat(unit.days, unit.counts)
     u = rng.random(m)
+    z = rng.standard_normal(m)
     sec = np.where(
-        u < 0.57, rng.normal(10.3 * 3600, 1.3 * 3600, m),
-        np.where(u < 0.94, rng.normal(15.2 * 3600, 1.2 * 3600, m), rng.uniform(0, 86_400, m)))
+        u < 0.57, 10.3 * 3600 + 1.3 * 3600 * z,
+        np.where(u < 0.94, 15.2 * 3600 + 1.2 * 3600 * z, (u - 0.94) / 0.06 * 86_400))
     sec = sec.clip(0, 86_399).astype(np.int64)
     order = np.lexsort((sec, day))
     day, sec = day[order], sec[order]
 
     # --- person: by claim rate among those whose home has a policy this year
     k_year = unit.year_index
-    eligible = np.flatnonzero(plan.policy_of[pop.group, k_year] >= 0)
-    cum = np.cumsum(pop.lam[eligible])
-    person = eligible[np.searchsorted(cum, rng.random(m) * cum[-1], side="right").clip(0, len(eligible) - 1)]
+    eligible, cum = pop.eligible(plan, k_year)
+    # Sorted uniforms (normalized exponential spacings) make searchsorted cache-friendly;
+    # a random permutation then spreads the persons over the rows again.
+    spacing = np.cumsum(rng.exponential(size=m + 1))
+    pick = np.searchsorted(cum, spacing[:-1] * (cum[-1] / spacing[-1]), side="right").clip(0, len(eligible) - 1)
+    person = eligible[pick[rng.permutation(m)]]
     group = pop.group[person]
     pol = plan.policy_of[group, k_year]
-    cal_y, cal_md = _calendar(day)
-    b_y, b_md = _calendar(pop.birth[person])
-    age = (cal_y - b_y - (cal_md < b_md)).astype(np.int64)
+    u_y, u_md = _calendar(unit.days)
+    d_ix = day - unit.days[0]
+    age = u_y[d_ix] - pop.birth_year[person] - (u_md[d_ix] < pop.birth_md[person])
     age_valid = rng.random(m) >= 0.005
 
     # --- identities held on the day (two spell slots, and a third for an undeclared one)
@@ -595,6 +636,18 @@ def _unit_table(plan: _Plan, pop: _Population, unit: _Unit, seed: int, invalid_r
             a[name][todo] = v
         sub = {name: v[todo] for name, v in a.items()}
         todo = todo[~_first_layer_has_rule(plan, pol[todo], sub)]
+    if len(todo):  # still none (a narrow first layer): take the visit of a row that has a rule
+        has = np.ones(m, dtype=bool)
+        has[todo] = False
+        for k in np.unique(pol[todo]):
+            donors = np.flatnonzero(has & (pol == k))
+            rows_k = todo[pol[todo] == k]
+            if len(donors):
+                pick = donors[rng.integers(0, len(donors), len(rows_k))]
+                for name in _VISIT_KEYS:
+                    a[name][rows_k] = a[name][pick]
+        sub = {name: v[todo] for name, v in a.items()}
+        todo = todo[~_first_layer_has_rule(plan, pol[todo], sub)]
     no_rule = np.zeros(m, dtype=bool)
     no_rule[todo] = True
     vt, fac, loc = a["vt"], a["fac"], a["loc"]
@@ -604,14 +657,17 @@ def _unit_table(plan: _Plan, pop: _Population, unit: _Unit, seed: int, invalid_r
     total_yuan = (_MEDIAN_YUAN[vt, fac] * _LOCALITY_COST[loc] * age_cost
                   * np.exp(_SIGMA[vt, fac] * rng.standard_normal(m)))
     total = np.rint(total_yuan * 100).clip(100, MAX_TOTAL_FEN).astype(np.int64)
-    sf_zero = rng.random(m) < _SELF_FUNDED[vt, 0]
-    sf_share = np.where(sf_zero, 0.0, rng.beta(_SELF_FUNDED[vt, 1], _SELF_FUNDED[vt, 2]))
+    sf_rows = np.flatnonzero(rng.random(m) >= _SELF_FUNDED[vt, 0])
+    sf_share = np.zeros(m)
+    sf_share[sf_rows] = rng.beta(_SELF_FUNDED[vt[sf_rows], 1], _SELF_FUNDED[vt[sf_rows], 2])
     self_funded = np.floor(total * sf_share).astype(np.int64)
-    ol_share = np.where(rng.random(m) < 0.88, 0.0, rng.beta(1.0, 60.0, m))
+    ol_rows = np.flatnonzero(rng.random(m) >= 0.88)
+    ol_share = np.zeros(m)
+    ol_share[ol_rows] = rng.beta(1.0, 60.0, len(ol_rows))
     over_limit = np.minimum(np.floor(total * ol_share).astype(np.int64), total - self_funded)
     rest = total - self_funded - over_limit
     class_b_gross = np.floor(rest * rng.beta(2.0, 5.0, m)).astype(np.int64)
-    copay_rate = _CLASS_B_COPAY_RATES[_categorical(rng, np.broadcast_to(_CLASS_B_COPAY_P, (m, 4)))]
+    copay_rate = _CLASS_B_COPAY_RATES[_choice(rng, _CLASS_B_COPAY_P, m)]
     class_b_copay = np.floor(class_b_gross * copay_rate).astype(np.int64)
     in_scope = rest - class_b_copay
     in_scope_b = class_b_gross - class_b_copay
@@ -645,10 +701,11 @@ def _unit_table(plan: _Plan, pop: _Population, unit: _Unit, seed: int, invalid_r
 
     # --- rows: sort again by (time, claim id) (duplicates may share a second with others)
     order = np.lexsort((cols["claim_no"], cols["time"]))
-    if not np.array_equal(order, rows):
-        cols = {name: v[order] for name, v in cols.items()}
-        valid = {name: v[order] for name, v in valid.items()}
-        empty_list, expected = empty_list[order], expected[order]
+    moved = np.flatnonzero(order != rows)
+    if len(moved):
+        src = order[moved]
+        for v in (*cols.values(), *valid.values(), empty_list, expected):
+            v[moved] = v[src]
 
     # --- Arrow
     vocab = {name: pa.array(list(vals) + list(_BAD_ENUMS[name]), pa.string())
@@ -853,24 +910,56 @@ def write_claims(path, policies: PolicySet, n: int, seed: int, invalid_rate: flo
     schema = _claims_schema()
     if label:
         schema = schema.append(pa.field("expected_status", pa.string()))
+    # Blocks of exactly `block` rows, written by a background thread (Arrow's writers release
+    # the GIL, so encoding overlaps with generating); the queue bounds the memory held.
+    import queue
+    import threading
+
+    q: queue.Queue = queue.Queue(maxsize=2)
+    failure: list[BaseException] = []
     written = 0
-    pending: list[pa.Table] = []
-    pending_rows = 0
-    with open_table_writer(Path(path), schema, row_group_size=block) as writer:
+
+    def drain(writer) -> None:
+        nonlocal written
+        while True:
+            t = q.get()
+            if t is None:
+                return
+            if failure:
+                continue
+            try:
+                writer.write(t)
+                written += t.num_rows
+                if progress:
+                    progress(written)
+            except BaseException as e:  # reported by the generating thread
+                failure.append(e)
+
+    def blocks() -> Iterator[pa.Table]:
+        pending: list[pa.Table] = []
+        pending_rows = 0
         for t in iter_claims(policies, n, seed, invalid_rate, year, label=label):
             pending.append(t)
             pending_rows += t.num_rows
             while pending_rows >= block:
                 whole = pa.concat_tables(pending)
-                writer.write(whole.slice(0, block))
-                written += block
+                yield whole.slice(0, block)
                 rest = whole.slice(block)
                 pending, pending_rows = ([rest] if rest.num_rows else []), rest.num_rows
-                if progress:
-                    progress(written)
         if pending_rows:
-            writer.write(pa.concat_tables(pending))
-            written += pending_rows
-            if progress:
-                progress(written)
+            yield pa.concat_tables(pending)
+
+    with open_table_writer(Path(path), schema, row_group_size=block) as writer:
+        thread = threading.Thread(target=drain, args=(writer,), name="write_claims", daemon=True)
+        thread.start()
+        try:
+            for t in blocks():
+                if failure:
+                    break
+                q.put(t)
+        finally:
+            q.put(None)
+            thread.join()
+        if failure:
+            raise failure[0]
     return written

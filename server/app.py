@@ -50,9 +50,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     t.add_argument("--max-batch", type=int, default=1024, help="most calls committed in one group (default 1024)")
     t.add_argument("--max-pending", type=int, default=20_000,
                    help="queued calls beyond which Settle answers RESOURCE_EXHAUSTED (default 20000)")
-    t.add_argument("--linger-ms", type=float, default=0.0,
-                   help="wait this long for more calls before settling a group (default 0: settle what is "
-                        "queued as soon as the writer is free)")
+    t.add_argument("--group-interval-ms", type=float, default=0.0,
+                   help="start a group at most once per this many ms unless --max-batch calls are waiting "
+                        "(default 0: settle what is queued as soon as the writer is free)")
     t.add_argument("--read-threads", type=int, default=2, help="threads for PreSettle and queries (default 2)")
     t.add_argument("--verify", action="store_true",
                    help="check after every engine call that the fold of the deltas equals the engine's closing "
@@ -93,36 +93,88 @@ def import_registry(store, path: str) -> int:
     return count
 
 
-def _bind(server, args) -> tuple[str, int]:
+class Server:
+    """One server: store, writer, gRPC services (settlement, registry, health, reflection).
+
+    `await start()` binds and serves (returns the port); `await stop(grace)`
+    drains: NOT_SERVING, no new calls, in-flight calls get `grace` seconds,
+    then the writer commits what it holds and the store is checkpointed."""
+
+    def __init__(self, policies, store_path: str, *, port: int = 0, host: str = "127.0.0.1", credentials=None,
+                 max_batch: int = 1024, max_pending: int = 20_000, min_interval: float = 0.0,
+                 read_threads: int = 2, verify: bool = False, store=None):
+        from .batcher import Batcher
+        from .core import Core
+        from .store import Store
+
+        self.ps = policies
+        self.store = store if store is not None else Store(store_path, exclusive=True)
+        self.core = Core(policies, verify=verify)
+        self.batcher = Batcher(self.store, self.core, max_batch=max_batch, max_pending=max_pending,
+                               min_interval=min_interval)
+        self.host, self.port = host, port
+        self.credentials = credentials
+        self.read_threads = read_threads
+        self.server = None
+        self.health = None
+
+    async def start(self) -> int:
+        import grpc
+        from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+        from grpc_reflection.v1alpha import reflection
+
+        from .service import Service
+
+        self.batcher.start()
+        self.server = server = grpc.aio.server(options=[
+            ("grpc.so_reuseport", 0),
+            ("grpc.max_receive_message_length", 16 << 20),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        ])
+        self.service = Service(self.store, self.core, self.batcher, read_threads=self.read_threads)
+        names = self.service.add_to_server(server)
+        self.health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection((*names, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+        addr = f"{self.host}:{self.port}"
+        port = server.add_secure_port(addr, self.credentials) if self.credentials else server.add_insecure_port(addr)
+        if not port:
+            raise OSError(f"cannot listen on {addr}")
+        self.port = port
+        await server.start()
+        for name in ("", *names):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        return port
+
+    async def stop(self, grace: float = 10.0) -> None:
+        if self.server is not None:
+            await self.health.enter_graceful_shutdown()
+            await self.server.stop(grace)
+            self.server = None
+        self.batcher.close()
+        if getattr(self, "service", None) is not None:
+            self.service.close()
+        self.store.close()
+
+
+def _listen(args) -> tuple[str, object]:
+    """(host, credentials or None) from the network options."""
     import grpc
 
-    tls = bool(args.tls_cert or args.tls_key)
-    if tls:
+    if args.tls_cert or args.tls_key:
         if not (args.tls_cert and args.tls_key):
             raise SystemExit("medsettle serve: --tls-cert and --tls-key go together")
         ca = Path(args.tls_client_ca).read_bytes() if args.tls_client_ca else None
         creds = grpc.ssl_server_credentials([(Path(args.tls_key).read_bytes(), Path(args.tls_cert).read_bytes())],
                                             root_certificates=ca, require_client_auth=ca is not None)
-        host = "[::]"
-        port = server.add_secure_port(f"{host}:{args.port}", creds)
-    else:
-        host = "[::]" if args.insecure_listen_all else "127.0.0.1"
-        port = server.add_insecure_port(f"{host}:{args.port}")
-    if not port:
-        raise SystemExit(f"medsettle serve: cannot listen on {host}:{args.port}")
-    return host, port
+        return "[::]", creds
+    return ("[::]" if args.insecure_listen_all else "127.0.0.1"), None
 
 
 async def _serve(args) -> int:
-    import grpc
-    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-    from grpc_reflection.v1alpha import reflection
-
     import engine
 
-    from .batcher import Batcher
-    from .core import Core
-    from .service import Service
     from .store import Store
 
     try:
@@ -130,6 +182,7 @@ async def _serve(args) -> int:
     except engine.PolicyError as e:
         print(f"medsettle serve: {e}", file=sys.stderr)
         return 2
+    host, creds = _listen(args)
     store = Store(args.store, exclusive=True)
     if args.registry:
         try:
@@ -139,26 +192,15 @@ async def _serve(args) -> int:
             store.close()
             return 2
         log.info("registry %s: %s", args.registry, "unchanged since last import" if n < 0 else f"{n} persons")
-
-    core = Core(ps, verify=args.verify)
-    batcher = Batcher(store, core, max_batch=args.max_batch, max_pending=args.max_pending,
-                      linger=args.linger_ms / 1000.0)
-    batcher.start()
-    server = grpc.aio.server(options=[
-        ("grpc.so_reuseport", 0),
-        ("grpc.max_receive_message_length", 16 << 20),
-        ("grpc.keepalive_permit_without_calls", 1),
-        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
-    ])
-    service = Service(store, core, batcher, read_threads=args.read_threads)
-    names = service.add_to_server(server)
-    health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection((*names, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    host, port = _bind(server, args)
-    await server.start()
-    for name in ("", *names):
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    srv = Server(ps, args.store, port=args.port, host=host, credentials=creds, max_batch=args.max_batch,
+                 max_pending=args.max_pending, min_interval=args.group_interval_ms / 1000.0,
+                 read_threads=args.read_threads, verify=args.verify, store=store)
+    try:
+        port = await srv.start()
+    except OSError as e:
+        print(f"medsettle serve: {e}", file=sys.stderr)
+        await srv.stop(0)
+        return 2
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -173,12 +215,8 @@ async def _serve(args) -> int:
 
     await stop.wait()
     log.info("draining: no new calls; in-flight calls have %.1f s", args.drain_seconds)
-    await health_servicer.enter_graceful_shutdown()
-    await server.stop(args.drain_seconds)
-    batcher.close()
-    service.close()
-    store.close()
-    s = batcher.stats
+    await srv.stop(args.drain_seconds)
+    s = srv.batcher.stats
     log.info("stopped: %d settled, %d reversed in %d groups (largest %d)", s["settled"], s["reversed"],
              s["groups"], s["max_group"])
     print("medsettle serve: stopped", flush=True)
@@ -191,6 +229,15 @@ def serve_main(args) -> int:
     from .store import StoreError
 
     try:
+        prof_path = os.environ.get("MEDSETTLE_PROFILE")
+        if prof_path:  # development aid: profile the event loop thread (the writer profiles itself)
+            import cProfile
+
+            prof = cProfile.Profile()
+            try:
+                return prof.runcall(asyncio.run, _serve(args))
+            finally:
+                prof.dump_stats(prof_path + ".loop")
         return asyncio.run(_serve(args))
     except StoreError as e:
         print(f"medsettle serve: {e}", file=sys.stderr)

@@ -21,15 +21,16 @@ takes everything waiting (up to `max_batch`), and for that group:
    STORE_FAILURE (UNAVAILABLE) and records nothing.
 
 Requests arriving while a group is being settled wait for the next group, so
-the group size follows the load (no fixed delay at low load; `linger` can add
-one to grow groups). A request whose claim id already occurs earlier in the
+the group size follows the load. `min_interval` paces the groups (a group
+starts at least that long after the previous one, unless `max_batch` calls are
+waiting): a request arriving at an idle writer is settled at once, and under
+load the engine's fixed cost per call is shared by more claims. A request whose claim id already occurs earlier in the
 group (a concurrent retry, or a reversal racing its settlement) is deferred to
 the next group, and with it every later request of that person.
 """
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import threading
 import time
@@ -39,10 +40,10 @@ from typing import Optional
 import grpc
 
 from ._proto import settlement_pb2 as pb
-from .core import Acc, Core, Outcome, Work, precheck
+from .core import Acc, Core, Outcome, Work, delta_layers, precheck
 from .errors import CallError
 from .registry import Person, basis_at, person_from_row
-from .store import Store, dumps, now_us
+from .store import Store, now_us
 
 log = logging.getLogger("medsettle.server")
 E = pb.ErrorCode
@@ -147,12 +148,13 @@ class Batcher:
     """The writer thread and its queue."""
 
     def __init__(self, store: Store, core: Core, *, max_batch: int = 1024, max_pending: int = 20_000,
-                 linger: float = 0.0, person_cache: int = 200_000):
+                 min_interval: float = 0.0, person_cache: int = 200_000):
         self.store = store
         self.core = core
         self.max_batch = max_batch
         self.max_pending = max_pending
-        self.linger = linger
+        self.min_interval = min_interval
+        self._last_start = 0.0
         self._cv = threading.Condition(threading.Lock())
         self._queue: deque = deque()
         self._deferred: list = []
@@ -204,15 +206,33 @@ class Batcher:
     # ------------------------------------------------------------ writer thread
 
     def _run(self) -> None:
+        import os
+
+        prof_path = os.environ.get("MEDSETTLE_PROFILE")
+        if prof_path:  # development aid: profile the writer thread, dump at exit
+            import cProfile
+
+            prof = cProfile.Profile()
+            prof.enable()
+            try:
+                self._loop_forever()
+            finally:
+                prof.disable()
+                prof.dump_stats(prof_path + ".writer")
+            return
+        self._loop_forever()
+
+    def _loop_forever(self) -> None:
         while True:
             with self._cv:
                 while not self._queue and not self._deferred and not self._stop:
                     self._cv.wait()
                 if not self._queue and not self._deferred and self._stop:
                     return
-                if self.linger and not self._stop and len(self._queue) < self.max_batch:
-                    deadline = time.monotonic() + self.linger
-                    while len(self._queue) < self.max_batch and not self._stop:
+                # pacing: at most one group per min_interval unless a full group is waiting
+                if self.min_interval and not self._stop:
+                    deadline = self._last_start + self.min_interval
+                    while len(self._queue) + len(self._deferred) < self.max_batch and not self._stop:
                         left = deadline - time.monotonic()
                         if left <= 0:
                             break
@@ -222,6 +242,7 @@ class Batcher:
                 q = self._queue
                 n = min(len(q), max(0, self.max_batch - len(items)))
                 items.extend(q.popleft() for _ in range(n))
+            self._last_start = time.monotonic()
             try:
                 self._run_items(items)
             except Exception as e:  # never let the writer die: fail the group, keep serving
@@ -372,7 +393,7 @@ class Batcher:
         for rnd in rounds:
             for it, x in rnd:
                 keys.add(x.key if it.kind == SETTLE else key_of(x["settle"]))
-        accs = {k: Acc.from_row(*v) for k, v in Store.accumulator_rows(conn, keys).items()} if keys else {}
+        accs = {k: Acc.from_blob(v) for k, v in Store.accumulator_rows(conn, keys).items()} if keys else {}
 
         ledger_out: list = []
         changed: dict = {}  # key -> seq of its last change
@@ -396,7 +417,8 @@ class Batcher:
                     answers.append((it, pb.ReverseResponse(already_reversed=True, record=record_pb(srow, rrow),
                                                            accumulators=acc.to_pb(key, order)).SerializeToString()))
                     continue
-                d_layers = json.loads(srow["delta_layers"])
+                delta = pb.AccumulatorDelta.FromString(srow["delta"])
+                d_layers = delta_layers(delta)
                 acc.add(srow["delta_admissions"], srow["delta_compliant_total"], d_layers, sign=-1)
                 if not acc.is_valid():
                     acc.add(srow["delta_admissions"], srow["delta_compliant_total"], d_layers, sign=1)
@@ -408,9 +430,14 @@ class Batcher:
                 seq += 1
                 reason = it.payload.reason
                 rrow = {"seq": seq, "recorded_at_us": now, "reason": reason}
+                neg = pb.AccumulatorDelta(admissions=-delta.admissions, compliant_total=-delta.compliant_total,
+                                          layers=[pb.LayerAccumulator(layer=e.layer, cap_group=e.cap_group,
+                                                                      position=-e.position, paid=-e.paid,
+                                                                      deductible_charged=-e.deductible_charged)
+                                                  for e in delta.layers])
                 ledger_out.append((seq, "reverse", srow["claim_id"], srow["facility_id"], *key,
                                    -srow["delta_admissions"], -srow["delta_compliant_total"],
-                                   dumps([[l, c, -p, -q, -d] for l, c, p, q, d in d_layers]), None, None, reason, now))
+                                   neg.SerializeToString(), None, None, reason, now))
                 changed[key] = seq
                 committing.append((it, pb.ReverseResponse(already_reversed=False, record=record_pb(srow, rrow),
                                                           accumulators=acc.to_pb(key, order)).SerializeToString()))
@@ -428,13 +455,14 @@ class Batcher:
                 data = resp.SerializeToString()
                 c = w.claim
                 ledger_out.append((seq, "settle", c.claim_id, c.facility_id, *w.key, oc.d_adm, oc.d_ct,
-                                   dumps(oc.d_layers), claim_bytes[id(it)], data, None, now))
+                                   resp.delta.SerializeToString(), claim_bytes[id(it)], data, None, now))
                 changed[w.key] = seq
                 committing.append((it, data))
 
         if ledger_out:
             acc_rows = [(*key, accs[key].admissions, accs[key].compliant_total,
-                         accs[key].layers_json(core.column_order(key)), s) for key, s in changed.items()]
+                         accs[key].to_pb(key, core.column_order(key)).SerializeToString(), s)
+                        for key, s in changed.items()]
             try:
                 store.commit_group(ledger_out, acc_rows)
                 store.last_seq = seq

@@ -11,7 +11,6 @@ accumulators after every engine call.
 """
 from __future__ import annotations
 
-import json
 from typing import NamedTuple, Optional
 
 import grpc
@@ -55,24 +54,28 @@ def _enum_str(value: int, names: dict) -> Optional[str]:
 
 class Acc:
     """The accumulators of one key: admissions, compliant_total and per
-    (layer, cap_group) [position, paid, deductible_charged]."""
+    (layer, cap_group) [position, paid, deductible_charged], in the policy's
+    column order (layer order, then rule order) once `order` is applied."""
 
-    __slots__ = ("admissions", "compliant_total", "layers")
+    __slots__ = ("admissions", "compliant_total", "layers", "unordered")
 
     def __init__(self, admissions: int = 0, compliant_total: int = 0, layers: Optional[dict] = None):
         self.admissions = admissions
         self.compliant_total = compliant_total
         self.layers = layers if layers is not None else {}
+        self.unordered = False
 
     @classmethod
-    def from_row(cls, admissions: int, compliant_total: int, layers_json: str) -> "Acc":
-        return cls(admissions, compliant_total, {(e[0], e[1]): [e[2], e[3], e[4]] for e in json.loads(layers_json)})
+    def from_blob(cls, blob: bytes) -> "Acc":
+        st = pb.Accumulators.FromString(blob)
+        return cls(st.admissions, st.compliant_total,
+                   {(e.layer, e.cap_group or None): [e.position, e.paid, e.deductible_charged] for e in st.layers})
 
     def copy(self) -> "Acc":
         return Acc(self.admissions, self.compliant_total, {k: list(v) for k, v in self.layers.items()})
 
     def add(self, d_adm: int, d_ct: int, d_layers: list, sign: int = 1) -> None:
-        """Adds (sign=1) or takes off (sign=-1) one claim's deltas ([[layer, cap, pos, paid, ded], ...])."""
+        """Adds (sign=1) or takes off (sign=-1) one claim's deltas ([(layer, cap, pos, paid, ded), ...])."""
         self.admissions += sign * d_adm
         self.compliant_total += sign * d_ct
         layers = self.layers
@@ -80,31 +83,26 @@ class Acc:
             v = layers.get((layer, cap))
             if v is None:
                 layers[(layer, cap)] = [sign * pos, sign * paid, sign * ded]
+                self.unordered = True
             else:
                 v[0] += sign * pos
                 v[1] += sign * paid
                 v[2] += sign * ded
-
-    def layers_json(self, order: Optional[dict] = None) -> str:
-        return json.dumps(self.entries(order), separators=(",", ":"))
-
-    def entries(self, order: Optional[dict] = None) -> list:
-        items = self.layers.items()
-        if order is not None:
-            items = sorted(items, key=lambda kv: order.get(kv[0], 1 << 30))
-        return [[k[0], k[1], v[0], v[1], v[2]] for k, v in items]
 
     def is_valid(self) -> bool:
         return self.admissions >= 0 and self.compliant_total >= 0 and all(
             x >= 0 for v in self.layers.values() for x in v)
 
     def to_pb(self, key: tuple, order: Optional[dict] = None) -> pb.Accumulators:
+        if self.unordered and order is not None:
+            self.layers = dict(sorted(self.layers.items(), key=lambda kv: order.get(kv[0], 1 << 30)))
+            self.unordered = False
         person_id, region, scheme, year = key
         return pb.Accumulators(
             person_id=person_id, region=region, scheme=SCHEME_TO_PB.get(scheme, 0), year=year,
             admissions=self.admissions, compliant_total=self.compliant_total,
-            layers=[pb.LayerAccumulator(layer=l, cap_group=c or "", position=p, paid=q, deductible_charged=d)
-                    for l, c, p, q, d in self.entries(order)])
+            layers=[pb.LayerAccumulator(layer=k[0], cap_group=k[1] or "", position=v[0], paid=v[1],
+                                        deductible_charged=v[2]) for k, v in self.layers.items()])
 
     def normalized(self) -> tuple:
         return (self.admissions, self.compliant_total,
@@ -112,11 +110,8 @@ class Acc:
                  if any(v)})
 
 
-def delta_pb(d_adm: int, d_ct: int, d_layers: list) -> pb.AccumulatorDelta:
-    return pb.AccumulatorDelta(
-        admissions=d_adm, compliant_total=d_ct,
-        layers=[pb.LayerAccumulator(layer=l, cap_group=c or "", position=p, paid=q, deductible_charged=d)
-                for l, c, p, q, d in d_layers])
+def delta_layers(d: pb.AccumulatorDelta) -> list:
+    return [(e.layer, e.cap_group or None, e.position, e.paid, e.deductible_charged) for e in d.layers]
 
 
 # --------------------------------------------------------------------------- the step
@@ -136,7 +131,6 @@ class Outcome(NamedTuple):
     response: pb.SettleResponse
     d_adm: int
     d_ct: int
-    d_layers: list  # [[layer, cap_group, position, paid, deductible_charged], ...]
 
 
 def precheck(claim: pb.Claim) -> Optional[CallError]:
@@ -238,8 +232,8 @@ class Core:
             rows["year"].append(key[3])
             rows["admissions"].append(a.admissions)
             rows["compliant_total"].append(a.compliant_total)
-            rows["layers"].append([{"layer": l, "cap_group": c, "position": p, "paid": q, "deductible_charged": d}
-                                   for (l, c), (p, q, d) in a.layers.items()])
+            rows["layers"].append([{"layer": k[0], "cap_group": k[1], "position": v[0], "paid": v[1],
+                                    "deductible_charged": v[2]} for k, v in a.layers.items()])
         if not rows["person_id"]:
             return None
         return pa.Table.from_pydict(rows, schema=engine.ACCUMULATORS_SCHEMA)
@@ -273,15 +267,14 @@ class Core:
             if st != "ok":
                 out.append(self.describe(st, w, accs.get(w.key)))
                 continue
-            d_layers = [[e["layer"], e["cap_group"], e["position"], e["paid"], e["deductible_charged"]]
-                        for e in cols["delta_layers"][i]]
+            dl = cols["delta_layers"][i]
+            d_layers = [(e["layer"], e["cap_group"], e["position"], e["paid"], e["deductible_charged"]) for e in dl]
             d_adm = cols["delta_admissions"][i]
             d_ct = cols["delta_compliant_total"][i]
             acc = accs.get(w.key)
             if acc is None:
                 acc = accs[w.key] = Acc()
             acc.add(d_adm, d_ct, d_layers)
-            order = self.column_order(w.key)
             c = w.claim
             b = w.basis
             result = pb.SettlementResult(
@@ -294,11 +287,13 @@ class Core:
                 layer_pays=[pb.LayerPay(layer=e["layer"], pay=e["pay"]) for e in cols["layer_pays"][i]],
                 cap_hit=cols["cap_hit"][i])
             resp = pb.SettleResponse(
-                result=result, accumulators=acc.to_pb(w.key, order),
+                result=result, accumulators=acc.to_pb(w.key, self.column_order(w.key)),
                 basis=pb.SettlementBasis(region=b.region, scheme=SCHEME_TO_PB[b.scheme], year=b.year, age=b.age,
                                          identities=b.identities or ()),
-                delta=delta_pb(d_adm, d_ct, d_layers))
-            out.append(Outcome(resp, d_adm, d_ct, d_layers))
+                delta=pb.AccumulatorDelta(admissions=d_adm, compliant_total=d_ct, layers=[
+                    pb.LayerAccumulator(layer=e["layer"], cap_group=e["cap_group"] or "", position=e["position"],
+                                        paid=e["paid"], deductible_charged=e["deductible_charged"]) for e in dl]))
+            out.append(Outcome(resp, d_adm, d_ct))
         if self.verify:
             self._verify(settler.accumulators(), accs, keys)
         return out

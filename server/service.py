@@ -91,7 +91,7 @@ class Service:
         except CallError as e:
             return e
         key = (pid, basis.region, basis.scheme, basis.year)
-        accs = {k: Acc.from_row(*v) for k, v in Store.accumulator_rows(conn, [key]).items()}
+        accs = {k: Acc.from_blob(v) for k, v in Store.accumulator_rows(conn, [key]).items()}
         out = self.core.settle([Work(claim, basis, key)], accs)[0]
         if isinstance(out, Outcome):
             return out.response.SerializeToString()
@@ -127,9 +127,8 @@ class Service:
             return CallError(E.PERSON_NOT_FOUND, f"person {person_id} is not in the registry", field="person_id",
                              person_id=person_id)
         out = pb.GetAccumulatorsResponse()
-        for p, r, s, y, a, c, layers in rows:
-            key = (p, r, s, y)
-            out.accumulators.append(Acc.from_row(a, c, layers).to_pb(key, self.core.column_order(key)))
+        for blob in rows:
+            out.accumulators.append(pb.Accumulators.FromString(blob))
         return out.SerializeToString()
 
     # ------------------------------------------------------------------ Registry

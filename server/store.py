@@ -20,7 +20,6 @@ committed state (WAL snapshots).
 """
 from __future__ import annotations
 
-import json
 import os
 import sqlite3
 import threading
@@ -54,7 +53,7 @@ CREATE TABLE IF NOT EXISTS ledger (
     year                  INTEGER NOT NULL,
     delta_admissions      INTEGER NOT NULL,      -- signed: a reversal carries the negated deltas
     delta_compliant_total INTEGER NOT NULL,
-    delta_layers          TEXT NOT NULL,         -- JSON [[layer, cap_group|null, position, paid, deductible_charged], ...]
+    delta                 BLOB NOT NULL,         -- medsettle.v1.AccumulatorDelta (signed, as the columns above)
     claim                 BLOB,                  -- settle: medsettle.v1.Claim as sent (deterministic bytes)
     response              BLOB,                  -- settle: medsettle.v1.SettleResponse as returned
     reason                TEXT,                  -- reverse: the caller's reason
@@ -70,18 +69,18 @@ CREATE TABLE IF NOT EXISTS accumulators (
     year            INTEGER NOT NULL,
     admissions      INTEGER NOT NULL,
     compliant_total INTEGER NOT NULL,
-    layers          TEXT NOT NULL,               -- JSON, as ledger.delta_layers
+    state           BLOB NOT NULL,               -- medsettle.v1.Accumulators (admissions, total and layers)
     last_seq        INTEGER NOT NULL,            -- ledger seq of the last change
     PRIMARY KEY (person_id, region, scheme, year)
 ) WITHOUT ROWID;
 """
 
 LEDGER_COLUMNS = ("seq", "kind", "claim_id", "facility_id", "person_id", "region", "scheme", "year",
-                  "delta_admissions", "delta_compliant_total", "delta_layers", "claim", "response", "reason",
+                  "delta_admissions", "delta_compliant_total", "delta", "claim", "response", "reason",
                   "recorded_at_us")
 INSERT_LEDGER = f"INSERT INTO ledger ({', '.join(LEDGER_COLUMNS)}) VALUES ({', '.join('?' * len(LEDGER_COLUMNS))})"
 UPSERT_ACC = ("INSERT OR REPLACE INTO accumulators (person_id, region, scheme, year, admissions, compliant_total, "
-              "layers, last_seq) VALUES (?, ?, ?, ?, ?, ?, ?, ?)")
+              "state, last_seq) VALUES (?, ?, ?, ?, ?, ?, ?, ?)")
 UPSERT_PERSON = "INSERT OR REPLACE INTO persons (person_id, region, scheme, birth_date, identities) VALUES (?, ?, ?, ?, ?)"
 
 #: SQLite's default limit on host parameters is 32766 (3.32+); stay far below.
@@ -94,10 +93,6 @@ class StoreError(RuntimeError):
 
 def now_us() -> int:
     return time.time_ns() // 1000
-
-
-def dumps(obj) -> str:
-    return json.dumps(obj, separators=(",", ":"))
 
 
 def connect(path: str, *, readonly: bool = False) -> sqlite3.Connection:
@@ -238,28 +233,27 @@ class Store:
 
     @staticmethod
     def accumulator_rows(conn: sqlite3.Connection, keys: Iterable[tuple]) -> dict:
-        """(person_id, region, scheme, year) -> (admissions, compliant_total, layers JSON) for those of
-        `keys` that are stored."""
+        """(person_id, region, scheme, year) -> state (Accumulators bytes) for those of `keys` that are stored."""
         keys = set(keys)
         persons = list({k[0] for k in keys})
         out = {}
         for part in chunks(persons):
-            for row in conn.execute("SELECT person_id, region, scheme, year, admissions, compliant_total, layers "
+            for row in conn.execute("SELECT person_id, region, scheme, year, state "
                                     f"FROM accumulators WHERE person_id IN ({placeholders(len(part))})", part):
                 if row[:4] in keys:
-                    out[row[:4]] = row[4:]
+                    out[row[:4]] = row[4]
         return out
 
     @staticmethod
     def accumulators_of(conn: sqlite3.Connection, person_id: str, year: Optional[int] = None) -> list:
+        """The state blobs (Accumulators bytes) of a person's keys, of one year or all."""
         if year is None:
-            cur = conn.execute("SELECT person_id, region, scheme, year, admissions, compliant_total, layers "
-                               "FROM accumulators WHERE person_id = ? ORDER BY year, region, scheme", (person_id,))
+            cur = conn.execute("SELECT state FROM accumulators WHERE person_id = ? ORDER BY year, region, scheme",
+                               (person_id,))
         else:
-            cur = conn.execute("SELECT person_id, region, scheme, year, admissions, compliant_total, layers "
-                               "FROM accumulators WHERE person_id = ? AND year = ? ORDER BY region, scheme",
-                               (person_id, year))
-        return cur.fetchall()
+            cur = conn.execute("SELECT state FROM accumulators WHERE person_id = ? AND year = ? "
+                               "ORDER BY region, scheme", (person_id, year))
+        return [r[0] for r in cur]
 
     # ------------------------------------------------------------------ writes (the writer's connection)
 
@@ -292,41 +286,45 @@ class Store:
     # ------------------------------------------------------------------ audit
 
     def fold_ledger(self, conn: Optional[sqlite3.Connection] = None) -> dict:
-        """The accumulators implied by the ledger: key -> (admissions, compliant_total,
-        {(layer, cap_group): [position, paid, deductible_charged]})."""
+        """The accumulators implied by the ledger (every settlement's deltas, minus every
+        reversal's): key -> (admissions, compliant_total, {(layer, cap_group or None):
+        [position, paid, deductible_charged]}), all-zero layer entries left out."""
+        from ._proto import settlement_pb2 as pb
+
         conn = conn or self.conn
         out: dict = {}
-        for key0, key1, key2, key3, da, dc, dl in conn.execute(
-                "SELECT person_id, region, scheme, year, delta_admissions, delta_compliant_total, delta_layers "
+        for p, r, s, y, da, dc, blob in conn.execute(
+                "SELECT person_id, region, scheme, year, delta_admissions, delta_compliant_total, delta "
                 "FROM ledger ORDER BY seq"):
-            key = (key0, key1, key2, key3)
-            acc = out.get(key)
-            if acc is None:
-                acc = out[key] = [0, 0, {}]
+            acc = out.setdefault((p, r, s, y), [0, 0, {}])
+            d = pb.AccumulatorDelta.FromString(blob)
+            if (d.admissions, d.compliant_total) != (da, dc):
+                raise StoreError(f"ledger row of {p}: delta columns disagree with the delta blob")
             acc[0] += da
             acc[1] += dc
-            for layer, cap, pos, paid, ded in json.loads(dl):
-                v = acc[2].setdefault((layer, cap), [0, 0, 0])
-                v[0] += pos
-                v[1] += paid
-                v[2] += ded
-        return {k: (a, c, {lk: v for lk, v in sorted(l.items(), key=_lk) if any(v)}) for k, (a, c, l) in out.items()}
+            for e in d.layers:
+                v = acc[2].setdefault((e.layer, e.cap_group or None), [0, 0, 0])
+                v[0] += e.position
+                v[1] += e.paid
+                v[2] += e.deductible_charged
+        return {k: (a, c, _clean(l)) for k, (a, c, l) in out.items()}
 
     def stored_accumulators(self, conn: Optional[sqlite3.Connection] = None) -> dict:
         """The accumulators table, in the form of `fold_ledger`."""
+        from ._proto import settlement_pb2 as pb
+
         conn = conn or self.conn
         out = {}
-        for p, r, s, y, a, c, layers in conn.execute(
-                "SELECT person_id, region, scheme, year, admissions, compliant_total, layers FROM accumulators"):
-            out[(p, r, s, y)] = (a, c, {(e[0], e[1]): list(e[2:]) for e in sorted(json.loads(layers), key=_lk0)
-                                        if any(e[2:])})
+        for p, r, s, y, a, c, blob in conn.execute(
+                "SELECT person_id, region, scheme, year, admissions, compliant_total, state FROM accumulators"):
+            st = pb.Accumulators.FromString(blob)
+            if (st.admissions, st.compliant_total) != (a, c):
+                raise StoreError(f"accumulators of {p}: columns disagree with the state blob")
+            out[(p, r, s, y)] = (a, c, _clean({(e.layer, e.cap_group or None): [e.position, e.paid,
+                                                                                   e.deductible_charged]
+                                               for e in st.layers}))
         return out
 
 
-def _lk(item):
-    (layer, cap), _ = item
-    return (layer, cap or "")
-
-
-def _lk0(e):
-    return (e[0], e[1] or "")
+def _clean(layers: dict) -> dict:
+    return {k: v for k, v in sorted(layers.items(), key=lambda kv: (kv[0][0], kv[0][1] or "")) if any(v)}

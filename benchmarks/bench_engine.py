@@ -1,0 +1,300 @@
+"""Throughput benchmarks of the engine (pytest-benchmark records, not timed tests).
+
+    python -m pytest benchmarks/bench_engine.py                       # 1M and 10M claims
+    MEDSETTLE_BENCH_SIZES=1000000 python -m pytest benchmarks/bench_engine.py
+    python -m pytest benchmarks/bench_engine.py --benchmark-json bench.json -k "kernel or cli"
+
+Claims are generated once per session (engine.generate, seed 2022, 1 % invalid
+rows) under the Shuozhou 2022 resident policy alone (the bundled set filtered
+to it) into a temporary folder as Parquet. Measured, per size:
+
+* `kernel`: `engine.settle` on an in-memory table (one chunk);
+* `settler`: `engine.Settler(...).settle_batch` over 1M-row batches (the streaming path);
+* `cli`: `medsettle settle` Parquet to Parquet through `engine.cli.main`;
+* `cli_peak_memory`: the same in a child process, its peak RSS (`os.wait4`) in extra_info;
+
+and on `MEDSETTLE_BENCH_REF_SIZE` claims (default 100,000) the plain-Python
+reference (`tests/reference.py`), the kernel on the same claims, and a
+vectorized pyarrow/numpy baseline (first layer only, claim axis, no
+accumulators: the floor cost of reading the columns and doing the arithmetic).
+Every benchmark stores `claims` and `claims_per_s` (from the mean and from the
+fastest round) in `extra_info`.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import engine  # noqa: E402
+from engine.generate import write_claims  # noqa: E402
+
+REGION, SCHEME, YEAR = "140600", "resident", 2022  # Shuozhou residents 2022
+SEED = 2022
+INVALID_RATE = 0.01
+BATCH = 1_000_000
+
+
+def _sizes() -> list[int]:
+    text = os.environ.get("MEDSETTLE_BENCH_SIZES", "1000000,10000000")
+    return [int(x.replace("_", "")) for x in text.split(",") if x.strip() and int(x.replace("_", "")) > 0]
+
+
+SIZES = _sizes()
+REF_SIZE = int(os.environ.get("MEDSETTLE_BENCH_REF_SIZE", "100000").replace("_", ""))
+BIG_ROUNDS = int(os.environ.get("MEDSETTLE_BENCH_ROUNDS", "3"))
+
+
+def _label(n: int) -> str:
+    return f"{n // 1_000_000}M" if n % 1_000_000 == 0 else (f"{n // 1000}k" if n % 1000 == 0 else str(n))
+
+
+def _record(benchmark, n: int, **extra) -> None:
+    stats = benchmark.stats.stats
+    benchmark.extra_info["claims"] = n
+    benchmark.extra_info["claims_per_s"] = round(n / stats.mean) if stats.mean else None
+    benchmark.extra_info["claims_per_s_best"] = round(n / stats.min) if stats.min else None
+    benchmark.extra_info.update(extra)
+
+
+# --------------------------------------------------------------------------- session data
+
+
+@pytest.fixture(scope="session")
+def policy():
+    p = engine.load_policies(None).find(REGION, SCHEME, YEAR)
+    if p is None:
+        pytest.skip(f"no bundled policy for ({REGION}, {SCHEME}, {YEAR})")
+    return p
+
+
+@pytest.fixture(scope="session")
+def ps(policy):
+    return engine.PolicySet(policies=(policy,))
+
+
+@pytest.fixture(scope="session")
+def bench_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("bench_engine")
+
+
+@pytest.fixture(scope="session")
+def policy_dir(bench_dir, policy, ps):
+    """A policy folder with the Shuozhou 2022 file alone, for the command line."""
+    d = bench_dir / "policies"
+    d.mkdir(exist_ok=True)
+    src = Path(policy.path)
+    if not src.is_file():
+        pytest.skip(f"policy {policy.id}: its file {policy.path!r} is not there")
+    shutil.copy(src, d / src.name)
+    assert [p.id for p in engine.load_policies(d).policies] == [policy.id]
+    return d
+
+
+class _Data:
+    """Claims files and tables per size, generated on first use."""
+
+    def __init__(self, ps, folder: Path):
+        self.ps, self.folder = ps, folder
+        self._tables: dict[int, pa.Table] = {}
+
+    def path(self, n: int) -> Path:
+        p = self.folder / f"claims_{_label(n)}.parquet"
+        if not p.exists():
+            write_claims(p, self.ps, n, SEED, INVALID_RATE, block=BATCH, year=YEAR)
+        return p
+
+    def table(self, n: int) -> pa.Table:
+        if n not in self._tables:
+            self._tables.clear()  # one big table in memory at a time
+            self._tables[n] = pq.read_table(self.path(n)).combine_chunks()
+        return self._tables[n]
+
+
+@pytest.fixture(scope="session")
+def data(ps, bench_dir):
+    return _Data(ps, bench_dir)
+
+
+@pytest.fixture(scope="session")
+def reference():
+    """tests/reference.py, imported by path."""
+    path = ROOT / "tests" / "reference.py"
+    if not path.exists():
+        pytest.skip("tests/reference.py is missing")
+    spec = importlib.util.spec_from_file_location("medsettle_reference", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+big = pytest.mark.parametrize("n", SIZES, ids=[_label(n) for n in SIZES])
+
+
+# --------------------------------------------------------------------------- the kernel
+
+
+@big
+def test_kernel(benchmark, data, ps, n):
+    table = data.table(n)
+    res = benchmark.pedantic(engine.settle, args=(table, ps), rounds=BIG_ROUNDS, iterations=1)
+    ok = pc.sum(pc.equal(res.results.column("status"), "ok")).as_py()
+    _record(benchmark, n, ok=ok)
+
+
+@big
+def test_settler(benchmark, data, ps, n):
+    batches = data.table(n).to_batches(max_chunksize=BATCH)
+
+    def run():
+        s = engine.Settler(ps)
+        rows = 0
+        for b in batches:
+            rows += s.settle_batch(b).num_rows
+        s.accumulators()
+        return rows
+
+    assert benchmark.pedantic(run, rounds=BIG_ROUNDS, iterations=1) == n
+    _record(benchmark, n, batch=BATCH)
+
+
+# --------------------------------------------------------------------------- the command line
+
+
+@big
+def test_cli(benchmark, data, policy_dir, bench_dir, n, capsys):
+    from engine.cli import main
+
+    src = data.path(n)
+    out = bench_dir / f"results_{_label(n)}.parquet"
+
+    def run():
+        return main(["settle", str(src), "-o", str(out), "--policies", str(policy_dir),
+                     "--batch-size", str(BATCH)])
+
+    assert benchmark.pedantic(run, rounds=BIG_ROUNDS, iterations=1) == 0
+    capsys.readouterr()
+    assert pq.ParquetFile(out).metadata.num_rows == n
+    _record(benchmark, n, batch=BATCH, input_mb=round(src.stat().st_size / 1e6, 1))
+
+
+def run_cli_child(argv: list[str]) -> tuple[int, int, float]:
+    """`medsettle ARGV` in a child process: (exit code, peak RSS in bytes, seconds)."""
+    import time
+
+    code = "import sys; from engine.cli import main; sys.exit(main(sys.argv[1:]))"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-c", code, *argv], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)
+    seconds = time.perf_counter() - t0
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    err = proc.stderr.read().decode(errors="replace")
+    proc.stderr.close()
+    if proc.returncode != 0:
+        raise AssertionError(f"medsettle {' '.join(argv)} exited {proc.returncode}: {err}")
+    rss = usage.ru_maxrss * (1 if sys.platform == "darwin" else 1024)  # bytes
+    return proc.returncode, rss, seconds
+
+
+@big
+def test_cli_peak_memory(benchmark, data, policy_dir, bench_dir, n):
+    src = data.path(n)
+    out = bench_dir / f"results_mem_{_label(n)}.parquet"
+    argv = ["settle", str(src), "-o", str(out), "--policies", str(policy_dir), "--batch-size", str(BATCH)]
+    result = {}
+
+    def run():
+        result["code"], result["rss"], result["seconds"] = run_cli_child(argv)
+
+    benchmark.pedantic(run, rounds=1, iterations=1)
+    _record(benchmark, n, peak_rss_mb=round(result["rss"] / 2**20, 1), batch=BATCH,
+            note="child process wall time, interpreter start and imports included")
+
+
+# --------------------------------------------------------------------------- reference and baseline
+
+
+@pytest.fixture(scope="session")
+def small(ps):
+    from engine.generate import generate_claims
+
+    return generate_claims(ps, REF_SIZE, SEED, INVALID_RATE, year=YEAR)
+
+
+def test_reference(benchmark, reference, ps, small):
+    rows = small.to_pylist()
+    results, _ = benchmark.pedantic(reference.settle, args=(ps, rows), rounds=1, iterations=1)
+    assert len(results) == REF_SIZE
+    _record(benchmark, REF_SIZE, implementation="tests/reference.py (plain Python)")
+
+
+def test_kernel_reference_size(benchmark, ps, small):
+    benchmark.pedantic(engine.settle, args=(small, ps), rounds=5, iterations=1)
+    _record(benchmark, REF_SIZE)
+
+
+def _first_layer_tables(policy):
+    """Deductible (fen) and ratio (bp) per (visit_type, facility_level) of the first claim-axis
+    one-ratio rule of the first layer whose match is about visit type / facility level only."""
+    from engine.model import FACILITY_LEVELS, KIND_CLASS_RATIO, KIND_SEGMENTS, VISIT_TYPES
+
+    ded = np.zeros((len(VISIT_TYPES) + 1, len(FACILITY_LEVELS) + 1), dtype=np.int64)
+    ratio = np.zeros_like(ded)
+    for i, v in enumerate(VISIT_TYPES):
+        for j, f in enumerate(FACILITY_LEVELS):
+            for r in policy.layers[0].rules:
+                m = r.match
+                if (m.visit_type is None or v in m.visit_type) and (m.facility_level is None or f in m.facility_level):
+                    if r.kind == KIND_SEGMENTS:
+                        ded[i, j], ratio[i, j] = r.deductible, r.segments[0].ratio
+                    elif r.kind == KIND_CLASS_RATIO:
+                        ratio[i, j] = r.class_ratio[0]
+                    break
+    return ded, ratio
+
+
+def baseline_first_layer(table: pa.Table, policy) -> int:
+    """Vectorized floor: first layer, claim axis, first segment ratio, no accumulators or caps."""
+    from engine.model import FACILITY_LEVELS, VISIT_TYPES
+
+    ded, ratio = _first_layer_tables(policy)
+
+    def codes(col, names):
+        enc = pc.index_in(col, value_set=pa.array(names))
+        return enc.fill_null(len(names)).to_numpy()
+
+    v = codes(table.column("visit_type"), list(VISIT_TYPES))
+    f = codes(table.column("facility_level"), list(FACILITY_LEVELS))
+    base = table.column("in_scope_amount").fill_null(0).to_numpy()
+    d = ded[v, f]
+    elig = np.maximum(base - d, 0)
+    pay = (elig * ratio[v, f] + 5000) // 10000  # round half up, integers only
+    return int(pay.sum())
+
+
+def test_baseline_numpy(benchmark, policy, small):
+    total = benchmark.pedantic(baseline_first_layer, args=(small, policy), rounds=5, iterations=1)
+    assert total > 0
+    _record(benchmark, REF_SIZE, implementation="vectorized numpy, first layer only (a floor, not a settlement)")
+
+
+@big
+def test_baseline_numpy_big(benchmark, policy, data, n):
+    table = data.table(n)
+    benchmark.pedantic(baseline_first_layer, args=(table, policy), rounds=BIG_ROUNDS, iterations=1)
+    _record(benchmark, n, implementation="vectorized numpy, first layer only (a floor, not a settlement)")

@@ -1,0 +1,422 @@
+"""The `medsettle` command line end to end (engine/cli.py), through `main([...])`
+in temporary folders: file formats in and out give the results of
+`engine.settle` on the same table, the summary, accumulators out and in,
+out-of-order files, `policies check`, `explain`, `serve`, and errors as one
+line on stderr with exit code 2."""
+from __future__ import annotations
+
+import re
+import shutil
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pcsv
+import pyarrow.parquet as pq
+import pytest
+
+import engine
+from engine.cli import ClaimsFile, main, to_csv_table, yuan
+from engine.generate import generate_claims
+
+N = 6000
+FUNDS = ("basic_pay", "supplementary_pay", "critical_illness_pay", "medical_aid_pay", "guarantee_pay")
+
+
+@pytest.fixture(scope="module")
+def ps():
+    return engine.load_policies(None)
+
+
+@pytest.fixture(scope="module")
+def claims(ps):
+    return generate_claims(ps, N, seed=31, invalid_rate=0.05)
+
+
+@pytest.fixture(scope="module")
+def expected(ps, claims):
+    return engine.settle(claims, ps)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory, claims):
+    d = tmp_path_factory.mktemp("claims")
+    out = {}
+    pq.write_table(claims, d / "claims.parquet", row_group_size=1000)
+    out["parquet"] = d / "claims.parquet"
+    with pa.ipc.new_file(d / "claims.arrow", claims.schema) as w:
+        w.write_table(claims, max_chunksize=777)
+    out["arrow"] = d / "claims.arrow"
+    with pa.ipc.new_stream(d / "claims.ipc", claims.schema) as w:  # the stream format too
+        w.write_table(claims, max_chunksize=1234)
+    out["ipc"] = d / "claims.ipc"
+    pcsv.write_csv(to_csv_table(claims), d / "claims.csv")
+    out["csv"] = d / "claims.csv"
+    return out
+
+
+def run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _read_any(path: Path) -> pa.Table:
+    if path.suffix == ".parquet":
+        return pq.read_table(path)
+    if path.suffix in (".arrow", ".feather", ".ipc"):
+        return pa.ipc.open_file(path).read_all()
+    raise AssertionError(path)
+
+
+def summary(out: str) -> dict:
+    return dict(re.findall(r"^\s*([A-Za-z_/]+): (\S+)", out, re.M))
+
+
+def assert_error(code, out, err, *fragments):
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("medsettle: error: ")
+    assert "Traceback" not in err
+    for f in fragments:
+        assert f in lines[0], (f, lines[0])
+
+
+# --------------------------------------------------------------------------- settle: formats
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "arrow", "ipc", "csv"])
+@pytest.mark.parametrize("out_ext", ["parquet", "arrow"])
+def test_settle_formats_match_the_api(capsys, tmp_path, files, expected, fmt, out_ext):
+    out = tmp_path / f"results.{out_ext}"
+    code, stdout, err = run(capsys, "settle", files[fmt], "-o", out, "--batch-size", 1000)
+    assert code == 0, err
+    assert err == ""
+    got = _read_any(out)
+    assert got.schema.equals(engine.RESULTS_SCHEMA)
+    assert got.equals(expected.results)
+
+
+def test_csv_claims_round_trip(files, claims):
+    back = ClaimsFile(files["csv"]).read_all()
+    assert back.equals(claims)
+
+
+def test_csv_results(capsys, tmp_path, files, expected):
+    out = tmp_path / "results.csv"
+    code, _, err = run(capsys, "settle", files["parquet"], "-o", out)
+    assert code == 0, err
+    got = pcsv.read_csv(out, convert_options=pcsv.ConvertOptions(strings_can_be_null=True))
+    want = expected.results
+    assert got.column("claim_id").to_pylist() == want.column("claim_id").to_pylist()
+    assert got.column("status").to_pylist() == want.column("status").to_pylist()
+    for f in (*FUNDS, "fund_pay_total", "personal_pay"):
+        assert got.column(f).to_pylist() == want.column(f).to_pylist()
+    text = [";".join(f"{e['layer']}:{e['pay']}" for e in lp)
+            for lp in want.column("layer_pays").to_pylist()]
+    assert [t or "" for t in got.column("layer_pays").to_pylist()] == text
+    assert any(";" in t for t in text)
+
+
+def test_csv_identities_text(tmp_path, ps):
+    """`identities` in CSV: `a;b`, empty = no identity, missing = null."""
+    t = generate_claims(ps, 300, seed=2)
+    path = tmp_path / "c.csv"
+    pcsv.write_csv(to_csv_table(t), path)
+    text = path.read_text()
+    assert ";" in text or any(x for x in t.column("identities").to_pylist())
+    assert ClaimsFile(path).read_all().column("identities").to_pylist() == t.column("identities").to_pylist()
+
+
+def test_batch_size_does_not_change_results(capsys, tmp_path, files, expected):
+    for bs in (7, 999, 100_000):
+        out = tmp_path / f"r{bs}.parquet"
+        code, _, err = run(capsys, "settle", files["parquet"], "-o", out, "--batch-size", bs)
+        assert code == 0, err
+        assert pq.read_table(out).equals(expected.results)
+
+
+# --------------------------------------------------------------------------- settle: summary
+
+
+def test_summary(capsys, tmp_path, files, expected):
+    code, out, _ = run(capsys, "settle", files["parquet"], "-o", tmp_path / "r.parquet")
+    assert code == 0
+    s = summary(out)
+    res = expected.results
+    statuses = pc.value_counts(res.column("status")).to_pylist()
+    counts = {d["values"]: d["counts"] for d in statuses}
+    assert int(s["claims"]) == N
+    assert int(s["ok"]) == counts["ok"]
+    assert int(s["errors"]) == N - counts["ok"]
+    for code_ in engine.STATUSES[1:]:
+        if counts.get(code_):
+            assert int(s[code_]) == counts[code_]
+        else:
+            assert code_ not in s
+    for f in (*FUNDS, "fund_pay_total", "personal_pay"):
+        assert s[f] == yuan(pc.sum(res.column(f)).as_py())
+        assert re.fullmatch(r"-?\d+\.\d\d", s[f])
+    assert float(s["claims/s"]) > 0
+
+
+def test_yuan():
+    assert yuan(0) == "0.00"
+    assert yuan(5) == "0.05"
+    assert yuan(123456) == "1234.56"
+    assert yuan(-101) == "-1.01"
+    assert yuan(10**14 + 1) == "1000000000000.01"
+
+
+def test_progress_bar_on_request(capsys, tmp_path, files):
+    code, out, err = run(capsys, "settle", files["parquet"], "-o", tmp_path / "r.parquet", "--progress",
+                         "--batch-size", 1000)
+    assert code == 0
+    assert "settle [" in err and "100.0%" in err
+    assert "claims: " in out
+
+
+# --------------------------------------------------------------------------- settle: order, accumulators
+
+
+def test_unordered_file_is_settled_whole(capsys, tmp_path, claims, ps):
+    shuffled = claims.take(pa.array(list(range(N))[::-1]))  # newest first
+    path = tmp_path / "shuffled.parquet"
+    pq.write_table(shuffled, path)
+    out = tmp_path / "r.parquet"
+    code, _, err = run(capsys, "settle", path, "-o", out, "--batch-size", 1000)
+    assert code == 0
+    assert "not in (settle_time, claim_id) order" in err and "whole file" in err
+    assert pq.read_table(out).equals(engine.settle(shuffled, ps).results)
+
+
+def test_order_within_a_batch_is_free(capsys, tmp_path, claims, ps):
+    """Rows out of order inside one batch only: streamed, same results as one call."""
+    idx = []
+    for start in range(0, N, 1000):
+        idx.extend(reversed(range(start, min(start + 1000, N))))
+    mixed = claims.take(pa.array(idx))
+    path = tmp_path / "mixed.parquet"
+    pq.write_table(mixed, path)
+    out = tmp_path / "r.parquet"
+    code, _, err = run(capsys, "settle", path, "-o", out, "--batch-size", 1000)
+    assert code == 0 and err == ""
+    assert pq.read_table(out).equals(engine.settle(mixed, ps).results)
+
+
+def test_accumulators_out_then_in(capsys, tmp_path, ps):
+    clean = generate_claims(ps, N, seed=41)  # no duplicates: carried accumulators hold no claim ids
+    half = N // 2
+    first, second = tmp_path / "a.parquet", tmp_path / "b.arrow"
+    pq.write_table(clean.slice(0, half), first)
+    with pa.ipc.new_file(second, clean.schema) as w:
+        w.write_table(clean.slice(half))
+    acc = tmp_path / "acc.parquet"
+    code, _, err = run(capsys, "settle", first, "-o", tmp_path / "r1.parquet", "--accumulators-out", acc)
+    assert code == 0, err
+    acc2 = tmp_path / "acc2.arrow"
+    code, _, err = run(capsys, "settle", second, "-o", tmp_path / "r2.parquet", "--accumulators-in", acc,
+                       "--accumulators-out", acc2)
+    assert code == 0, err
+    whole = engine.settle(clean, ps)
+    got = pa.concat_tables([pq.read_table(tmp_path / "r1.parquet"), pq.read_table(tmp_path / "r2.parquet")])
+    assert got.equals(whole.results)
+    closing = pa.ipc.open_file(acc2).read_all()
+    key = ["person_id", "region", "scheme", "year"]
+    assert closing.sort_by([(k, "ascending") for k in key]).equals(
+        whole.accumulators.sort_by([(k, "ascending") for k in key]))
+
+
+# --------------------------------------------------------------------------- generate
+
+
+def test_generate_command(capsys, tmp_path, ps):
+    out, persons = tmp_path / "g.parquet", tmp_path / "persons.parquet"
+    code, stdout, err = run(capsys, "generate", "-o", out, "--claims", 2500, "--seed", 9,
+                            "--invalid-rate", 0.1, "--persons", persons, "--block", 1000)
+    assert code == 0, err
+    assert pq.read_table(out).equals(generate_claims(ps, 2500, seed=9, invalid_rate=0.1))
+    assert pq.ParquetFile(out).metadata.num_row_groups == 3
+    reg = pq.read_table(persons)
+    assert set(pq.read_table(out).column("person_id").drop_null().to_pylist()) <= set(
+        reg.column("person_id").to_pylist())
+    assert "claims: 2500" in stdout and "persons: " in stdout
+
+
+def test_generate_with_policy_folder_and_year(capsys, tmp_path):
+    src = engine.default_policies_path()
+    folder = tmp_path / "pol"
+    folder.mkdir()
+    one = sorted(src.glob("*.yaml"))[0]
+    shutil.copy(one, folder)
+    p = engine.load_policies(folder).policies[0]
+    out = tmp_path / "g.csv"
+    code, _, err = run(capsys, "generate", "-o", out, "--claims", 500, "--seed", 1, "--policies", folder,
+                       "--year", p.year)
+    assert code == 0, err
+    t = ClaimsFile(out).read_all()
+    assert set(t.column("region").to_pylist()) == {p.region}
+    code, _, err = run(capsys, "generate", "-o", out, "--claims", 5, "--seed", 1, "--policies", folder,
+                       "--year", 1900)
+    assert_error(code, "", err, "year 1900")
+
+
+def test_generate_argument_errors(capsys, tmp_path):
+    code, _, err = run(capsys, "generate", "-o", tmp_path / "x.parquet", "--claims", -5, "--seed", 1)
+    assert code == 2 and "Traceback" not in err
+    code, _, err = run(capsys, "generate", "-o", tmp_path / "x.parquet", "--claims", 5, "--seed", 1,
+                       "--invalid-rate", 2)
+    assert code == 2 and "Traceback" not in err
+    code, _, err = run(capsys, "generate", "-o", tmp_path / "x.txt", "--claims", 5, "--seed", 1)
+    assert_error(code, "", err, "x.txt", "unknown file type")
+
+
+# --------------------------------------------------------------------------- policies check
+
+
+def test_policies_check_bundled(capsys, ps):
+    code, out, err = run(capsys, "policies", "check")
+    assert code == 0, err
+    for p in ps.policies:
+        line = next(l for l in out.splitlines() if l.startswith(p.id + " "))
+        assert p.region in line and p.scheme in line and str(p.year) in line
+        for layer in p.layers:
+            assert layer.name in line
+        assert str(sum(len(l.rules) for l in p.layers)) in line
+        for name in p.identities:
+            assert name in line
+    assert f"{len(ps.policies)} policies OK" in out or f"{len(ps.policies)} policy OK" in out
+
+
+def test_policies_check_folder_and_error(capsys, tmp_path):
+    folder = tmp_path / "pol"
+    folder.mkdir()
+    src = sorted(engine.default_policies_path().glob("*.yaml"))[0]
+    shutil.copy(src, folder)
+    code, out, err = run(capsys, "policies", "check", folder)
+    assert code == 0, err
+    assert "1 policy OK" in out
+    bad = folder / "zz-bad.yaml"
+    bad.write_text(src.read_text() + "\nunknown_key: 1\n")
+    code, out, err = run(capsys, "policies", "check", folder)
+    assert_error(code, out, err, "zz-bad.yaml", "unknown_key")
+    code, out, err = run(capsys, "policies", "check", tmp_path / "missing")
+    assert_error(code, out, err, "missing")
+
+
+# --------------------------------------------------------------------------- explain
+
+
+def test_explain(capsys, files, expected, claims):
+    res = expected.results
+    ok_inpatient = [r["claim_id"] for r, c in zip(res.to_pylist(), claims.to_pylist())
+                    if r["status"] == "ok" and c["visit_type"] == "inpatient" and r["deductible_applied"] > 0]
+    cid = ok_inpatient[len(ok_inpatient) // 2]
+    for fmt in ("parquet", "csv"):
+        code, out, err = run(capsys, "explain", files[fmt], "--claim-id", cid)
+        assert code == 0, err
+        assert cid in out
+        assert "layer" in out and "deductible" in out
+    # The same text as the API on the whole table.
+    want = engine.format_explanation(engine.explain(claims, engine.load_policies(None), cid))
+    assert out.strip() == want.strip()
+
+
+def test_explain_error_rows_and_unknown_id(capsys, files, expected):
+    bad = next(r["claim_id"] for r in expected.results.to_pylist()
+               if r["status"] not in ("ok", "MISSING_FIELD", "DUPLICATE_CLAIM") and r["claim_id"])
+    code, out, err = run(capsys, "explain", files["parquet"], "--claim-id", bad)
+    assert code == 0, err
+    assert bad in out
+    code, out, err = run(capsys, "explain", files["parquet"], "--claim-id", "no-such-claim")
+    assert_error(code, out, err, "no-such-claim")
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def test_missing_claims_file(capsys, tmp_path):
+    code, out, err = run(capsys, "settle", tmp_path / "nope.parquet", "-o", tmp_path / "r.parquet")
+    assert_error(code, out, err, "nope.parquet", "no such file")
+    assert not (tmp_path / "r.parquet").exists()
+
+
+def test_schema_error_names_the_column(capsys, tmp_path, claims):
+    path = tmp_path / "c.parquet"
+    pq.write_table(claims.drop_columns(["locality"]), path)
+    code, out, err = run(capsys, "settle", path, "-o", tmp_path / "r.parquet")
+    assert_error(code, out, err, "locality")
+    assert not (tmp_path / "r.parquet").exists()
+    path2 = tmp_path / "c2.parquet"
+    pq.write_table(claims.set_column(claims.schema.get_field_index("age"), "age",
+                                     claims.column("age").cast(pa.int32())), path2)
+    code, out, err = run(capsys, "settle", path2, "-o", tmp_path / "r.parquet")
+    assert_error(code, out, err, "age")
+
+
+def test_bad_policy_folder(capsys, tmp_path, files):
+    folder = tmp_path / "pol"
+    folder.mkdir()
+    (folder / "broken.yaml").write_text("id: x\nregion: '1'\n")
+    code, out, err = run(capsys, "settle", files["parquet"], "-o", tmp_path / "r.parquet", "--policies", folder)
+    assert_error(code, out, err, "broken.yaml")
+
+
+def test_bad_accumulators(capsys, tmp_path, files):
+    acc = tmp_path / "acc.csv"
+    acc.write_text("person_id\n")
+    code, out, err = run(capsys, "settle", files["parquet"], "-o", tmp_path / "r.parquet",
+                         "--accumulators-in", acc)
+    assert_error(code, out, err, "acc.csv")
+    acc = tmp_path / "acc.parquet"
+    pq.write_table(pa.table({"person_id": ["p"]}), acc)
+    code, out, err = run(capsys, "settle", files["parquet"], "-o", tmp_path / "r.parquet",
+                         "--accumulators-in", acc)
+    assert_error(code, out, err, "accumulators")
+
+
+def test_corrupt_file(capsys, tmp_path):
+    path = tmp_path / "c.parquet"
+    path.write_bytes(b"not a parquet file at all")
+    code, out, err = run(capsys, "settle", path, "-o", tmp_path / "r.parquet")
+    assert_error(code, out, err)
+
+
+def test_usage_errors(capsys):
+    code, _, err = run(capsys, "settle")
+    assert code == 2 and "usage" in err
+    code, _, _ = run(capsys, "--help")
+    assert code == 0
+    code, _, err = run(capsys)
+    assert code == 2
+
+
+def test_serve_without_server(capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "server.app", None)  # import fails
+    code, out, err = run(capsys, "serve", "--port", "0")
+    assert_error(code, out, err, "serve", "server")
+
+
+def test_serve_forwards_to_server_app(capsys, monkeypatch):
+    import types
+
+    calls = {}
+    fake = types.ModuleType("server.app")
+
+    def add_arguments(parser):
+        parser.add_argument("--port", type=int)
+
+    def serve_main(args):
+        calls["port"] = args.port
+        return 0
+
+    fake.add_arguments, fake.serve_main = add_arguments, serve_main
+    import server
+
+    monkeypatch.setitem(sys.modules, "server.app", fake)
+    monkeypatch.setattr(server, "app", fake, raising=False)
+    code, _, err = run(capsys, "serve", "--port", "5051")
+    assert code == 0, err
+    assert calls == {"port": 5051}

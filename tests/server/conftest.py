@@ -1,0 +1,25 @@
+"""Fixtures of the server tests: a policy set, a running server with the
+test persons registered (real socket on 127.0.0.1, real client)."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from srv_helpers import ThreadedServer, persons_pb, policy_set  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def ps():
+    return policy_set()
+
+
+@pytest.fixture
+def srv(ps, tmp_path):
+    s = ThreadedServer(ps, tmp_path / "store.db", verify=True)
+    s.registry.UpsertPersons(iter(persons_pb()), timeout=30)
+    yield s
+    s.stop()
