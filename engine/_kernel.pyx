@@ -258,20 +258,21 @@ def check_rows(const int32_t[::1] claim_offsets, const uint8_t[::1] claim_data,
                const uint8_t[::1] claim_valid,
                const int32_t[::1] person_offsets, const uint8_t[::1] person_data,
                const uint8_t[::1] missing, const uint8_t[::1] invalid_enum,
-               const int64_t[:, ::1] amounts,
+               const int64_t[::1] total, const int64_t[::1] self_funded, const int64_t[::1] over_limit,
+               const int64_t[::1] class_b_copay, const int64_t[::1] in_scope,
+               const int64_t[::1] in_scope_class_b,
                const int32_t[::1] policy, const int64_t[::1] identity_mask,
                const PolicyRow[::1] policies,
                Interner claim_ids, Interner keys,
                int8_t[::1] status, int64_t[::1] slot):
     """Statuses up to DUPLICATE_CLAIM, in the spec's order of precedence, and key slots.
 
-    `amounts` columns: total, self_funded, over_limit, class_b_copay, in_scope,
-    in_scope_class_b. Every non-null claim id is interned in input order, so a
+    Every non-null claim id is interned in input order, so a
     first occurrence that is rejected still makes later ones duplicates.
     """
     cdef Py_ssize_t n = status.shape[0], i
-    cdef int c, err = 0
-    cdef int64_t v, start
+    cdef int err = 0
+    cdef int64_t start
     cdef bint is_new, bad_neg, bad_range
     cdef int8_t s
     cdef uint64_t* h = <uint64_t*> malloc((n + 1) * sizeof(uint64_t))
@@ -289,20 +290,17 @@ def check_rows(const int32_t[::1] claim_offsets, const uint8_t[::1] claim_data,
             elif invalid_enum[i]:
                 s = INVALID_VALUE
             else:
-                bad_neg = False
-                bad_range = False
-                for c in range(6):
-                    v = amounts[i, c]
-                    if v < 0:
-                        bad_neg = True
-                    elif v > MAX_AMOUNT:
-                        bad_range = True
+                bad_neg = ((total[i] | self_funded[i] | over_limit[i] | class_b_copay[i] | in_scope[i]
+                            | in_scope_class_b[i]) < 0)
+                bad_range = (total[i] > MAX_AMOUNT or self_funded[i] > MAX_AMOUNT or over_limit[i] > MAX_AMOUNT
+                             or class_b_copay[i] > MAX_AMOUNT or in_scope[i] > MAX_AMOUNT
+                             or in_scope_class_b[i] > MAX_AMOUNT)
                 if bad_neg:
                     s = INVALID_AMOUNT
                 elif bad_range:
                     s = AMOUNT_OUT_OF_RANGE
-                elif (amounts[i, 0] != amounts[i, 1] + amounts[i, 2] + amounts[i, 3] + amounts[i, 4]
-                        or amounts[i, 5] > amounts[i, 4]):
+                elif (total[i] != self_funded[i] + over_limit[i] + class_b_copay[i] + in_scope[i]
+                        or in_scope_class_b[i] > in_scope[i]):
                     s = AMOUNT_MISMATCH
                 elif policy[i] < 0:
                     s = UNKNOWN_POLICY
@@ -449,7 +447,8 @@ def settle(const int64_t[::1] order, const int8_t[::1] status_in,
            const int8_t[::1] visit, const int8_t[::1] level, const int8_t[::1] locality,
            const uint8_t[::1] referred, const int32_t[::1] age,
            const int64_t[::1] identity_mask, const int64_t[::1] disease,
-           const int64_t[:, ::1] amounts,
+           const int64_t[::1] class_b_copay, const int64_t[::1] in_scope_amount,
+           const int64_t[::1] in_scope_class_b,
            const PolicyRow[::1] policies, const LayerRow[::1] layers, const RuleRow[::1] rules,
            const SegmentRow[::1] segments, const AdjustmentRow[::1] adjustments,
            const MatchRow[::1] match_rows, const RangeRow[::1] ranges,
@@ -462,8 +461,9 @@ def settle(const int64_t[::1] order, const int8_t[::1] status_in,
            int64_t trace_row, int64_t[:, ::1] trace, int64_t[:, ::1] trace_acc):
     """Settle every row whose status_in is OK, in `order`, updating the accumulators.
 
-    Outputs are preallocated and zeroed by the caller: `fund_pay` [5, n],
-    `layer_pay` [n, max layers], `deltas` [n, width, 3] when `want_deltas`.
+    Outputs are preallocated by the caller and written here for every row:
+    `fund_pay` [5, n], `layer_pay` [n, max layers]; `deltas` [n, width, 3]
+    (when `want_deltas`) must come zeroed.
     `state` holds one row per accumulator key (slot), kept together so that a
     claim touches one place: admissions, compliant_total, then position,
     paid, deductible_charged of each (layer, cap group or none) column.
@@ -494,6 +494,14 @@ def settle(const int64_t[::1] order, const int8_t[::1] status_in,
                     prefetch_address(&state[j, 0] + 16)
             i = order[k]
             status[i] = status_in[i]
+            effective[i] = -1
+            deductible_applied[i] = 0
+            cap_hit[i] = 0
+            compliant[i] = 0
+            for j in range(5):
+                fund_pay[j, i] = 0
+            for j in range(layer_pay.shape[1]):
+                layer_pay[i, j] = 0
             if status_in[i] != OK:
                 continue
             p = policy[i]
@@ -511,9 +519,9 @@ def settle(const int64_t[::1] order, const int8_t[::1] status_in,
                 if (c.held >> identity_rank[j]) & 1:
                     c.effective = identity_rank[j]
                     break
-            in_scope = amounts[i, 4]
-            class_b = amounts[i, 5]
-            K = in_scope + (amounts[i, 3] if pol.includes_class_b_copay else 0)
+            in_scope = in_scope_amount[i]
+            class_b = in_scope_class_b[i]
+            K = in_scope + (class_b_copay[i] if pol.includes_class_b_copay else 0)
             if state[sl, 1] + K > MAX_COMPLIANT_TOTAL:
                 status[i] = AMOUNT_OUT_OF_RANGE
                 continue
@@ -643,3 +651,48 @@ def settle(const int64_t[::1] order, const int8_t[::1] status_in,
             if tracing:
                 for j in range(width):
                     trace_acc[1, j] = state[sl, j]
+
+
+def string_codes(const int32_t[::1] offsets, const uint8_t[::1] data, const uint8_t[::1] valid,
+                 const int32_t[::1] name_offsets, const uint8_t[::1] name_data, int32_t[::1] out):
+    """Index of each string in a short list of names; -1 null, -2 none of them.
+
+    Enum columns and regions are matched here straight from the Arrow
+    buffers, which is several times faster than dictionary-encoding them.
+    """
+    cdef Py_ssize_t n = out.shape[0], i
+    cdef int64_t j, names = name_offsets.shape[0] - 1, length, start
+    with nogil:
+        for i in range(n):
+            if not valid[i]:
+                out[i] = -1
+                continue
+            start = offsets[i]
+            length = offsets[i + 1] - start
+            out[i] = -2
+            for j in range(names):
+                if (name_offsets[j + 1] - name_offsets[j] == length
+                        and memcmp(&data[0] + start, &name_data[0] + name_offsets[j], length) == 0):
+                    out[i] = <int32_t>j
+                    break
+
+
+def calendar_years(const int64_t[::1] micros, int32_t[::1] out):
+    """Calendar year of each timestamp[us] (days-from-civil inverse, proleptic Gregorian)."""
+    cdef Py_ssize_t n = out.shape[0], i
+    cdef int64_t days, z, era, doe, yoe, y, doy, mp, m
+    cdef int64_t day_us = 86400 * <int64_t>1000000
+    with nogil:
+        for i in range(n):
+            days = micros[i] // day_us
+            if micros[i] % day_us < 0:
+                days -= 1
+            z = days + 719468
+            era = (z if z >= 0 else z - 146096) // 146097
+            doe = z - era * 146097
+            yoe = (doe - doe // 1460 + doe // 36524 - doe // 146096) // 365
+            y = yoe + era * 400
+            doy = doe - (365 * yoe + yoe // 4 - yoe // 100)
+            mp = (5 * doy + 2) // 153
+            m = mp + 3 if mp < 10 else mp - 9
+            out[i] = <int32_t>(y + (1 if m <= 2 else 0))

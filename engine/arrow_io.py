@@ -10,6 +10,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from . import _kernel
 from .compile import UNDECLARED_IDENTITY_BIT, CompiledPolicies, encode_category
 from .model import FACILITY_LEVELS, FUNDS, LOCALITIES, SCHEMES, VISIT_TYPES
 
@@ -110,23 +111,21 @@ def valid_mask(arr: pa.Array) -> np.ndarray:
     return np.asarray(pc.is_valid(arr)).view(np.uint8)
 
 
-def _codes(arr: pa.Array, names: tuple[str, ...]) -> np.ndarray:
-    """Enum codes as int8: index in `names`, -1 null, -2 not one of them."""
+def _codes(arr: pa.Array, names) -> np.ndarray:
+    """Index of each value in `names` as int32: -1 null, -2 not one of them."""
+    out = np.empty(len(arr), dtype=np.int32)
     if len(arr) == 0:
-        return np.zeros(0, dtype=np.int8)
-    enc = arr.dictionary_encode()
-    dict_codes = np.array([names.index(v) if v in names else -2 for v in enc.dictionary.to_pylist()] + [-1],
-                          dtype=np.int8)
-    idx = enc.indices.fill_null(len(enc.dictionary))
-    return dict_codes[np.asarray(idx)]
-
-
-def _amounts(batch: pa.RecordBatch) -> np.ndarray:
-    out = np.empty((batch.num_rows, len(AMOUNT_COLUMNS)), dtype=np.int64)
-    for j, name in enumerate(AMOUNT_COLUMNS):
-        col = batch.column(name)
-        out[:, j] = np.asarray(col.fill_null(0)) if col.null_count else np.asarray(col)
+        return out
+    offsets, data, valid = string_buffers(arr)
+    name_offsets, name_data, _ = string_buffers(pa.array(list(names) or [""], pa.string()))
+    if not names:
+        name_offsets = name_offsets[:1]
+    _kernel.string_codes(offsets, data, valid, name_offsets, name_data, out)
     return out
+
+
+def _amount(col: pa.Array) -> np.ndarray:
+    return np.asarray(col.fill_null(0) if col.null_count else col)
 
 
 def _identity_masks(arr: pa.ListArray, bits: dict[str, int]) -> np.ndarray:
@@ -177,9 +176,9 @@ class PreparedClaims:
                 missing |= 1 - valid_mask(col)
         self.missing = missing
 
-        self.visit = _codes(batch.column("visit_type"), VISIT_TYPES)
-        self.level = _codes(batch.column("facility_level"), FACILITY_LEVELS)
-        self.locality = _codes(batch.column("locality"), LOCALITIES)
+        self.visit = _codes(batch.column("visit_type"), VISIT_TYPES).astype(np.int8)
+        self.level = _codes(batch.column("facility_level"), FACILITY_LEVELS).astype(np.int8)
+        self.locality = _codes(batch.column("locality"), LOCALITIES).astype(np.int8)
         scheme = _codes(batch.column("scheme"), SCHEMES)
         self.invalid_enum = ((self.visit == -2) | (self.level == -2) | (self.locality == -2)
                              | (scheme == -2)).view(np.uint8)
@@ -192,34 +191,34 @@ class PreparedClaims:
         age = batch.column("age")
         self.age = (np.asarray(age.fill_null(-1)) if age.null_count else np.asarray(age)).astype(np.int32)
         self.age[self.age < 0] = -1
-        self.amounts = _amounts(batch)
+        (self.total, self.self_funded, self.over_limit, self.class_b_copay, self.in_scope,
+         self.in_scope_class_b) = (_amount(batch.column(c)) for c in AMOUNT_COLUMNS)
         self.identity_mask = _identity_masks(batch.column("identities"),
                                              {name: i for i, name in enumerate(compiled.identity_names)})
         self.disease = _disease_codes(batch.column("disease_code"))
 
         st = batch.column("settle_time")
         self.settle_time = np.asarray(st.cast(pa.int64()).fill_null(0)) if n else np.zeros(0, np.int64)
-        self.policy = self._policies(batch, compiled, scheme)
+        self.policy = self._policies(batch, compiled, scheme, self.settle_time)
 
     @staticmethod
-    def _policies(batch, compiled: CompiledPolicies, scheme: np.ndarray) -> np.ndarray:
+    def _policies(batch, compiled: CompiledPolicies, scheme: np.ndarray, settle_time: np.ndarray) -> np.ndarray:
         """Policy index per row from (region, scheme, calendar year of settle_time); -1 none."""
         n = batch.num_rows
         policy = np.full(n, -1, dtype=np.int32)
         if n == 0 or not compiled.lookup:
             return policy
-        years = np.asarray(pc.year(batch.column("settle_time")).fill_null(0), dtype=np.int64)
-        regions = batch.column("region").dictionary_encode()
-        region_idx = np.asarray(regions.indices.fill_null(0), dtype=np.int64)
-        region_names = regions.dictionary.to_pylist()
+        years = np.empty(n, dtype=np.int32)
+        _kernel.calendar_years(settle_time, years)
+        region_names = sorted({region for region, _, _ in compiled.lookup})
+        region = _codes(batch.column("region"), region_names)
         y0 = min(y for _, _, y in compiled.lookup)
         y1 = max(y for _, _, y in compiled.lookup)
-        table = np.full((max(len(region_names), 1), len(SCHEMES), y1 - y0 + 1), -1, dtype=np.int32)
-        for (region, sch, year), p in compiled.lookup.items():
-            if region in region_names:
-                table[region_names.index(region), SCHEMES.index(sch), year - y0] = p
-        ok = (scheme >= 0) & (years >= y0) & (years <= y1)
-        policy[ok] = table[region_idx[ok], scheme[ok], years[ok] - y0]
+        table = np.full((len(region_names), len(SCHEMES), y1 - y0 + 1), -1, dtype=np.int32)
+        for (name, sch, year), p in compiled.lookup.items():
+            table[region_names.index(name), SCHEMES.index(sch), year - y0] = p
+        ok = (region >= 0) & (scheme >= 0) & (years >= y0) & (years <= y1)
+        policy[ok] = table[region[ok], scheme[ok], years[ok] - y0]
         return policy
 
 
@@ -251,7 +250,7 @@ def build_results(prep: PreparedClaims, compiled: CompiledPolicies, out: dict, d
     layer_pays = pa.ListArray.from_arrays(pa.array(offsets), entries,
                                           type=RESULTS_SCHEMA.field("layer_pays").type)
 
-    total = prep.amounts[:, 0]
+    total = prep.total
     columns = [
         prep.batch.column("claim_id"),
         pa.array(STATUSES, pa.string()).take(pa.array(status.astype(np.int32))),

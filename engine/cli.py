@@ -11,6 +11,9 @@
 Files are Parquet (`.parquet`, `.pq`), Arrow IPC (`.arrow`, `.feather`, `.ipc`) or CSV
 (`.csv`), by extension. CSV claims are read with the column types of
 `engine.CLAIMS_SCHEMA`, `identities` being a `;`-separated list (empty = none);
+claims columns that differ from the schema only in representation (large
+strings or lists, a time-zone-free timestamp in ns/ms/s) are cast; any other
+type difference is the engine's schema error;
 CSV results write `layer_pays` as `layer:pay;layer:pay`. Accumulators are
 Parquet or Arrow IPC only (nested columns).
 
@@ -248,11 +251,27 @@ class ClaimsFile:
             with contextlib.closing(self._open_csv(None)) as reader:
                 self.file_schema = self._csv_to_claims_schema(reader.schema)
         self.columns = [n for n in self.target.names if n in self.file_schema.names]
+        self.casts = {}
+        for name in self.columns:
+            to = _representation_cast(self.file_schema.field(name).type, self.target.field(name).type)
+            if to is not None:
+                self.casts[name] = to
+
+    def field(self, name: str) -> pa.Field:
+        f = self.file_schema.field(name)
+        return pa.field(name, self.casts[name]) if name in self.casts else f
 
     # schema as the engine will see it
     @property
     def schema(self) -> pa.Schema:
-        return pa.schema([self.file_schema.field(n) for n in self.columns])
+        return pa.schema([self.field(n) for n in self.columns])
+
+    def _normalize(self, b: pa.RecordBatch) -> pa.RecordBatch:
+        for name, to in self.casts.items():
+            i = b.schema.get_field_index(name)
+            if i >= 0:
+                b = b.set_column(i, name, b.column(i).cast(to))
+        return b
 
     def _open_ipc(self):
         source = pa.memory_map(str(self.path), "r")
@@ -309,13 +328,35 @@ class ClaimsFile:
     def batches(self, columns: Optional[list[str]] = None) -> Iterator[pa.RecordBatch]:
         """Batches of exactly `batch_size` rows (the last shorter) of the given columns."""
         cols = [c for c in (columns or self.columns) if c in self.file_schema.names]
-        return rebatch(self._raw_batches(cols), self.batch_size)
+        raw = self._raw_batches(cols)
+        if self.casts:
+            raw = map(self._normalize, raw)
+        return rebatch(raw, self.batch_size)
 
     def read_all(self, columns: Optional[list[str]] = None) -> pa.Table:
         cols = [c for c in (columns or self.columns) if c in self.file_schema.names]
-        batches = list(self._raw_batches(cols))
-        schema = pa.schema([self.file_schema.field(c) for c in cols])
+        batches = [self._normalize(b) for b in self._raw_batches(cols)]
+        schema = pa.schema([self.field(c) for c in cols])
         return pa.Table.from_batches(batches, schema=schema) if batches else schema.empty_table()
+
+
+def _representation_cast(got: pa.DataType, want: pa.DataType) -> Optional[pa.DataType]:
+    """The target type when `got` differs from `want` only in representation: large strings and
+    lists, or a timestamp without time zone in another unit (cast safely: no precision is lost
+    silently). Anything else is left for the engine to reject."""
+    if got.equals(want):
+        return None
+    if pa.types.is_large_string(got) and pa.types.is_string(want):
+        return want
+    if (pa.types.is_list(want) and (pa.types.is_list(got) or pa.types.is_large_list(got))
+            and _representation_cast(got.value_type, want.value_type) is not None):
+        return want
+    if (pa.types.is_list(want) and pa.types.is_large_list(got) and got.value_type.equals(want.value_type)):
+        return want
+    if (pa.types.is_timestamp(got) and pa.types.is_timestamp(want) and got.tz is None and want.tz is None
+            and got.unit != want.unit):
+        return want
+    return None
 
 
 def read_table(path) -> pa.Table:

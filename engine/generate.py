@@ -3,7 +3,9 @@
 The policies are data here too: regions, schemes and years come from the set,
 identities from each policy's declared `identities`, part of the disease codes
 from its `disease_groups`, and visit attributes are redrawn until the first
-layer has a rule for them (so valid rows settle `ok`, not `NO_BENEFIT_RULE`).
+layer has a rule for them (a vectorized copy of the match of spec 6.3; after
+a few redraws a row takes the visit of a row that has one), so valid rows
+settle `ok`, not `NO_BENEFIT_RULE`.
 
     table = generate_claims(policies, n=100_000, seed=1, invalid_rate=0.01)
     persons = generate_persons(policies, n=100_000, seed=1)   # the registry of the same people
@@ -35,7 +37,10 @@ converted to integer fen before it is split into components):
   `expected_status` (the status the row should get; ignored by the engine).
 
 The output depends only on (policies, n, seed, invalid_rate, year), never on
-the block size used to write it.
+the block size used to write it (a different policy set gives other claims).
+Valid rows agree with the registry (region, scheme, age from birth_date,
+identities whose spell covers the day); a defect row may not (a foreign
+region, an undeclared identity), and a duplicate is a resend of an earlier row.
 """
 from __future__ import annotations
 

@@ -93,25 +93,26 @@ class Settler:
         slot = np.zeros(n, dtype=np.int64)
         _kernel.check_rows(prep.claim_offsets, prep.claim_data, prep.claim_valid,
                            prep.person_offsets, prep.person_data, prep.missing, prep.invalid_enum,
-                           prep.amounts, prep.policy, prep.identity_mask, c.policies,
+                           prep.total, prep.self_funded, prep.over_limit, prep.class_b_copay, prep.in_scope,
+                           prep.in_scope_class_b, prep.policy, prep.identity_mask, c.policies,
                            self._claim_ids, self._keys, status_in, slot)
         self._reserve(len(self._keys))
         order = _kernel.order_rows(prep.settle_time, prep.claim_offsets, prep.claim_data)
-        out = {
-            "status": _zeros(n, np.int8),
-            "effective": _zeros(n, np.int32),
-            "deductible_applied": _zeros(n, np.int64),
-            "fund_pay": _zeros((len(FUNDS), n), np.int64),
-            "layer_pay": _zeros((n, c.max_layers), np.int64),
-            "cap_hit": _zeros(n, np.uint8),
-            "compliant": _zeros(n, np.int64),
+        out = {  # the kernel writes every row of these
+            "status": _empty(n, np.int8),
+            "effective": _empty(n, np.int32),
+            "deductible_applied": _empty(n, np.int64),
+            "fund_pay": _empty((len(FUNDS), n), np.int64),
+            "layer_pay": _empty((n, c.max_layers), np.int64),
+            "cap_hit": _empty(n, np.uint8),
+            "compliant": _empty(n, np.int64),
             "deltas": np.zeros((n if self.deltas else 1, self._width, _kernel.ACC_FIELDS), dtype=np.int64),
             "trace": np.zeros((c.max_layers, _kernel.TRACE_NFIELDS), dtype=np.int64),
             "trace_acc": np.zeros((2, self._state.shape[1]), dtype=np.int64),
         }
-        out["effective"].fill(-1)
         _kernel.settle(order, status_in, prep.policy, slot, prep.visit, prep.level, prep.locality,
-                       prep.referred, prep.age, prep.identity_mask, prep.disease, prep.amounts,
+                       prep.referred, prep.age, prep.identity_mask, prep.disease,
+                       prep.class_b_copay, prep.in_scope, prep.in_scope_class_b,
                        c.policies, c.layers, c.rules, c.segments, c.adjustments, c.matches, c.ranges,
                        c.repeat_factors, c.identity_rank,
                        self._state,
@@ -210,19 +211,17 @@ class Settler:
                 self._state[slots[parents], _kernel.STATE_HEAD + col_index * _kernel.ACC_FIELDS + f] = values[:, f]
 
 
-def _zeros(shape, dtype) -> np.ndarray:
-    """A zeroed output array from Arrow's memory pool.
+def _empty(shape, dtype) -> np.ndarray:
+    """An output array from Arrow's memory pool, which the results then wrap zero-copy.
 
     The pool keeps freed memory, so chunk after chunk reuses warm pages
     instead of faulting in fresh ones (page clearing was a third of the
-    kernel's time with numpy's allocator); results wrap these zero-copy.
+    kernel's time with numpy's allocator).
     """
     dtype = np.dtype(dtype)
     count = int(np.prod(shape))
     buf = pa.allocate_buffer(max(count * dtype.itemsize, 1))
-    arr = np.frombuffer(buf, dtype=dtype, count=count).reshape(shape)
-    arr.fill(0)
-    return arr
+    return np.frombuffer(buf, dtype=dtype, count=count).reshape(shape)
 
 
 def _one_batch(table: pa.Table) -> pa.RecordBatch:

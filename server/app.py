@@ -53,6 +53,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     t.add_argument("--group-interval-ms", type=float, default=0.0,
                    help="start a group at most once per this many ms unless --max-batch calls are waiting "
                         "(default 0: settle what is queued as soon as the writer is free)")
+    t.add_argument("--writer", choices=("process", "thread"), default="process",
+                   help="run the writer (engine + commits) in its own process (default) or as a thread of the "
+                        "server process")
     t.add_argument("--read-threads", type=int, default=2, help="threads for PreSettle and queries (default 2)")
     t.add_argument("--verify", action="store_true",
                    help="check after every engine call that the fold of the deltas equals the engine's closing "
@@ -102,16 +105,28 @@ class Server:
 
     def __init__(self, policies, store_path: str, *, port: int = 0, host: str = "127.0.0.1", credentials=None,
                  max_batch: int = 1024, max_pending: int = 20_000, min_interval: float = 0.0,
-                 read_threads: int = 2, verify: bool = False, store=None):
+                 read_threads: int = 2, verify: bool = False, store=None, writer: str = "process",
+                 policies_source=None):
         from .batcher import Batcher
         from .core import Core
         from .store import Store
+        from .writer_proc import WriterProcess
 
         self.ps = policies
         self.store = store if store is not None else Store(store_path, exclusive=True)
         self.core = Core(policies, verify=verify)
-        self.batcher = Batcher(self.store, self.core, max_batch=max_batch, max_pending=max_pending,
-                               min_interval=min_interval)
+        self.died = asyncio.Event()
+        if writer == "process":
+            # the writer process loads the policies itself from their folder when there is one
+            self.batcher = WriterProcess(self.store.path, policies_source if policies_source is not None else policies,
+                                         max_batch=max_batch, max_pending=max_pending, min_interval=min_interval,
+                                         verify=verify, log_level=logging.getLogger().level or logging.INFO,
+                                         on_death=self.died.set)
+        elif writer == "thread":
+            self.batcher = Batcher(self.store, self.core, max_batch=max_batch, max_pending=max_pending,
+                                   min_interval=min_interval)
+        else:
+            raise ValueError(f"writer must be 'process' or 'thread', not {writer!r}")
         self.host, self.port = host, port
         self.credentials = credentials
         self.read_threads = read_threads
@@ -123,9 +138,13 @@ class Server:
         from grpc_health.v1 import health, health_pb2, health_pb2_grpc
         from grpc_reflection.v1alpha import reflection
 
+        from .batcher import Batcher
         from .service import Service
 
-        self.batcher.start()
+        if isinstance(self.batcher, Batcher):
+            self.batcher.start()
+        else:
+            await self.batcher.start()
         self.server = server = grpc.aio.server(options=[
             ("grpc.so_reuseport", 0),
             ("grpc.max_receive_message_length", 16 << 20),
@@ -152,7 +171,10 @@ class Server:
             await self.health.enter_graceful_shutdown()
             await self.server.stop(grace)
             self.server = None
-        self.batcher.close()
+        if hasattr(self.batcher, "submit_raw"):
+            await self.batcher.close()
+        else:
+            self.batcher.close()
         if getattr(self, "service", None) is not None:
             self.service.close()
         self.store.close()
@@ -194,10 +216,11 @@ async def _serve(args) -> int:
         log.info("registry %s: %s", args.registry, "unchanged since last import" if n < 0 else f"{n} persons")
     srv = Server(ps, args.store, port=args.port, host=host, credentials=creds, max_batch=args.max_batch,
                  max_pending=args.max_pending, min_interval=args.group_interval_ms / 1000.0,
-                 read_threads=args.read_threads, verify=args.verify, store=store)
+                 read_threads=args.read_threads, verify=args.verify, store=store, writer=args.writer,
+                 policies_source=args.policies)
     try:
         port = await srv.start()
-    except OSError as e:
+    except (OSError, RuntimeError) as e:
         print(f"medsettle serve: {e}", file=sys.stderr)
         await srv.stop(0)
         return 2
@@ -213,12 +236,18 @@ async def _serve(args) -> int:
     print(f"medsettle serve: listening on {host}:{port} ({len(ps.policies)} policies, store {args.store})",
           flush=True)
 
-    await stop.wait()
+    died = loop.create_task(srv.died.wait())
+    await asyncio.wait([loop.create_task(stop.wait()), died], return_when=asyncio.FIRST_COMPLETED)
+    if srv.died.is_set():
+        log.error("stopping: the writer process died")
+        await srv.stop(0)
+        return 1
     log.info("draining: no new calls; in-flight calls have %.1f s", args.drain_seconds)
     await srv.stop(args.drain_seconds)
     s = srv.batcher.stats
-    log.info("stopped: %d settled, %d reversed in %d groups (largest %d)", s["settled"], s["reversed"],
-             s["groups"], s["max_group"])
+    if s:
+        log.info("stopped: %d settled, %d reversed in %d groups (largest %d)", s["settled"], s["reversed"],
+                 s["groups"], s["max_group"])
     print("medsettle serve: stopped", flush=True)
     return 0
 

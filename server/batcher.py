@@ -48,7 +48,7 @@ from .store import Store, now_us
 log = logging.getLogger("medsettle.server")
 E = pb.ErrorCode
 
-SETTLE, REVERSE, UPSERT = 1, 2, 3
+SETTLE, REVERSE, UPSERT, PRESETTLE = 1, 2, 3, 4
 
 #: Engine statuses that outrank DUPLICATE_CLAIM (spec section 7).
 BEFORE_DUPLICATE = frozenset({E.MISSING_FIELD, E.INVALID_VALUE, E.INVALID_AMOUNT, E.AMOUNT_OUT_OF_RANGE,
@@ -56,11 +56,12 @@ BEFORE_DUPLICATE = frozenset({E.MISSING_FIELD, E.INVALID_VALUE, E.INVALID_AMOUNT
 
 
 class Pending:
-    """One queued call: kind, payload (Claim, ReverseRequest or list of persons), the future."""
+    """One queued call: kind, payload (Claim, ReverseRequest or a list of registry rows) and
+    what the transport needs to answer it (`future` and `loop`, or a request id)."""
 
     __slots__ = ("kind", "payload", "future", "loop")
 
-    def __init__(self, kind: int, payload, future, loop):
+    def __init__(self, kind: int, payload, future=None, loop=None):
         self.kind = kind
         self.payload = payload
         self.future = future
@@ -141,152 +142,75 @@ def key_of(row: dict) -> tuple:
     return (row["person_id"], row["region"], row["scheme"], row["year"])
 
 
-# --------------------------------------------------------------------------- the writer
+# --------------------------------------------------------------------------- the group writer
 
 
-class Batcher:
-    """The writer thread and its queue."""
+class GroupWriter:
+    """Settles, reverses and commits groups of calls (whatever transport brings them).
 
-    def __init__(self, store: Store, core: Core, *, max_batch: int = 1024, max_pending: int = 20_000,
-                 min_interval: float = 0.0, person_cache: int = 200_000):
+    `process(items)` returns [(item, answer)] for every item it answered: bytes
+    (a serialized response), an int (persons stored), or a CallError. Items it
+    defers (see the module doc) are kept and processed first next time
+    (`has_deferred`)."""
+
+    def __init__(self, store: Store, core: Core, *, person_cache: int = 200_000):
         self.store = store
         self.core = core
-        self.max_batch = max_batch
-        self.max_pending = max_pending
-        self.min_interval = min_interval
-        self._last_start = 0.0
-        self._cv = threading.Condition(threading.Lock())
-        self._queue: deque = deque()
-        self._deferred: list = []
-        self._accepting = True
-        self._stop = False
-        self._thread: Optional[threading.Thread] = None
+        self.deferred: list = []
         self._persons: dict = {}
         self._person_cache = person_cache
         self.stats = {"groups": 0, "items": 0, "settled": 0, "reversed": 0, "commit_failures": 0,
                       "max_group": 0}
 
-    # ------------------------------------------------------------ lifecycle
-
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="medsettle-writer", daemon=True)
-        self._thread.start()
-
-    def stop_accepting(self) -> None:
-        with self._cv:
-            self._accepting = False
-
-    def close(self, timeout: Optional[float] = None) -> None:
-        """Settles what is queued, then stops the thread."""
-        with self._cv:
-            self._accepting = False
-            self._stop = True
-            self._cv.notify()
-        if self._thread is not None:
-            self._thread.join(timeout)
-
     @property
-    def pending(self) -> int:
-        return len(self._queue)
+    def has_deferred(self) -> bool:
+        return bool(self.deferred)
 
-    # ------------------------------------------------------------ submit (event loop thread)
+    def process(self, items: list) -> list:
+        items = self.deferred + items
+        self.deferred = []
+        answers: list = []
+        try:
+            run: list = []
+            for it in items:  # registry uploads are their own transactions, in order
+                if it.kind == UPSERT:
+                    if run:
+                        answers.extend(self._group(run))
+                        run = []
+                    answers.append(self._upsert(it))
+                else:
+                    run.append(it)
+            if run:
+                answers.extend(self._group(run))
+        except Exception as e:  # never let the writer die: fail what is unanswered, keep serving
+            log.exception("writer: group failed")
+            self._reset()
+            done = {id(it) for it, _ in answers}
+            err = CallError(E.STORE_FAILURE, f"the settlement could not be recorded ({type(e).__name__}: {e}); "
+                            "nothing was recorded, retry")
+            answers.extend((it, err) for it in items if id(it) not in done)
+            self.deferred = []
+        return answers
 
-    def submit(self, item: Pending) -> Optional[CallError]:
-        """Queues a call; returns an error instead when it cannot be taken."""
-        with self._cv:
-            if not self._accepting:
-                return CallError(E.SHUTTING_DOWN, "the server is shutting down; retry on another instance or later")
-            if len(self._queue) >= self.max_pending:
-                return CallError(E.OVERLOADED, f"{len(self._queue)} settlements are waiting; retry with backoff")
-            self._queue.append(item)
-            if len(self._queue) == 1:
-                self._cv.notify()
-        return None
+    def _reset(self) -> None:
+        """After a failure: forget caches, re-read the ledger position."""
+        self._persons.clear()
+        try:
+            self.store.last_seq = self.store.conn.execute("SELECT COALESCE(MAX(seq), 0) FROM ledger").fetchone()[0]
+        except Exception:  # noqa: BLE001 (the next commit will tell)
+            log.exception("writer: cannot re-read the ledger position")
 
-    # ------------------------------------------------------------ writer thread
-
-    def _run(self) -> None:
-        import os
-
-        prof_path = os.environ.get("MEDSETTLE_PROFILE")
-        if prof_path:  # development aid: profile the writer thread, dump at exit
-            import cProfile
-
-            prof = cProfile.Profile()
-            prof.enable()
-            try:
-                self._loop_forever()
-            finally:
-                prof.disable()
-                prof.dump_stats(prof_path + ".writer")
-            return
-        self._loop_forever()
-
-    def _loop_forever(self) -> None:
-        while True:
-            with self._cv:
-                while not self._queue and not self._deferred and not self._stop:
-                    self._cv.wait()
-                if not self._queue and not self._deferred and self._stop:
-                    return
-                # pacing: at most one group per min_interval unless a full group is waiting
-                if self.min_interval and not self._stop:
-                    deadline = self._last_start + self.min_interval
-                    while len(self._queue) + len(self._deferred) < self.max_batch and not self._stop:
-                        left = deadline - time.monotonic()
-                        if left <= 0:
-                            break
-                        self._cv.wait(left)
-                items = self._deferred
-                self._deferred = []
-                q = self._queue
-                n = min(len(q), max(0, self.max_batch - len(items)))
-                items.extend(q.popleft() for _ in range(n))
-            self._last_start = time.monotonic()
-            try:
-                self._run_items(items)
-            except Exception as e:  # never let the writer die: fail the group, keep serving
-                log.exception("writer: group failed")
-                err = CallError(E.STORE_FAILURE, f"the settlement could not be recorded ({type(e).__name__}: {e}); "
-                                "nothing was recorded, retry")
-                self._deliver([(it, err) for it in items])
-
-    def _run_items(self, items: list) -> None:
-        """Splits off registry uploads (each its own transaction, in order)."""
-        run: list = []
-        for it in items:
-            if it.kind == UPSERT:
-                if run:
-                    self._group(run)
-                    run = []
-                self._upsert(it)
-            else:
-                run.append(it)
-        if run:
-            self._group(run)
-
-    def _deliver(self, answers: list) -> None:
-        by_loop: dict = {}
-        for it, value in answers:
-            by_loop.setdefault(it.loop, []).append((it.future, value))
-        for loop, pairs in by_loop.items():
-            try:
-                loop.call_soon_threadsafe(_resolve, pairs)
-            except RuntimeError:  # loop closed
-                pass
-
-    def _upsert(self, it: Pending) -> None:
+    def _upsert(self, it: Pending):
         rows = it.payload
         try:
             self.store.upsert_persons(rows)
         except Exception as e:
             log.exception("writer: registry upload failed")
-            self._deliver([(it, CallError(E.STORE_FAILURE, f"the registry upload could not be stored ({e}); "
-                                                          "nothing of this part was stored, retry"))])
-            return
+            return (it, CallError(E.STORE_FAILURE, f"the registry upload could not be stored ({e}); "
+                                                   "nothing of this part was stored, retry"))
         for r in rows:
             self._persons.pop(r[0], None)
-        self._deliver([(it, len(rows))])
+        return (it, len(rows))
 
     def _load_persons(self, ids) -> dict:
         cache = self._persons
@@ -300,7 +224,7 @@ class Batcher:
                 cache[pid] = person_from_row(row) if row is not None else None
         return {pid: cache[pid] for pid in ids}
 
-    def _group(self, items: list) -> None:
+    def _group(self, items: list) -> list:
         store, core = self.store, self.core
         conn = store.conn
         answers: list = []
@@ -308,7 +232,7 @@ class Batcher:
         claim_ids = [it.payload.claim_id for it in items if it.payload.claim_id]
         ledger = Store.ledger_rows(conn, claim_ids) if claim_ids else {}
         persons = self._load_persons({it.payload.person_id for it in items
-                                      if it.kind == SETTLE and it.payload.person_id})
+                                      if it.kind != REVERSE and it.payload.person_id})
 
         seen: dict = {}  # claim_id -> person_id, for the group so far
         blocked: set = set()  # persons with a deferred request
@@ -324,7 +248,7 @@ class Batcher:
             rounds[r].append(entry)
 
         for it in items:
-            if it.kind == SETTLE:
+            if it.kind != REVERSE:  # SETTLE, PRESETTLE
                 c = it.payload
                 err = precheck(c)
                 if err is not None:
@@ -392,7 +316,7 @@ class Batcher:
         keys = set()
         for rnd in rounds:
             for it, x in rnd:
-                keys.add(x.key if it.kind == SETTLE else key_of(x["settle"]))
+                keys.add(key_of(x["settle"]) if it.kind == REVERSE else x.key)
         accs = {k: Acc.from_blob(v) for k, v in Store.accumulator_rows(conn, keys).items()} if keys else {}
 
         ledger_out: list = []
@@ -401,55 +325,26 @@ class Batcher:
         first_seq = seq = store.last_seq
         now = now_us()
         for rnd in rounds:
-            works = []
+            works, items_w, apply = [], [], []
             for it, x in rnd:
-                if it.kind == SETTLE:
-                    works.append((it, x))
-                    continue
-                # reversal
-                srow, rrow = x["settle"], x.get("reverse")
-                key = key_of(srow)
-                acc = accs.get(key)
-                if acc is None:
-                    acc = accs[key] = Acc()
-                order = core.column_order(key)
-                if rrow is not None:
-                    answers.append((it, pb.ReverseResponse(already_reversed=True, record=record_pb(srow, rrow),
-                                                           accumulators=acc.to_pb(key, order)).SerializeToString()))
-                    continue
-                delta = pb.AccumulatorDelta.FromString(srow["delta"])
-                d_layers = delta_layers(delta)
-                acc.add(srow["delta_admissions"], srow["delta_compliant_total"], d_layers, sign=-1)
-                if not acc.is_valid():
-                    acc.add(srow["delta_admissions"], srow["delta_compliant_total"], d_layers, sign=1)
-                    answers.append((it, CallError(E.STORE_FAILURE, f"reversing {srow['claim_id']} would take an "
-                                                  f"accumulator of {key} below 0: the store is inconsistent; "
-                                                  f"nothing was reversed, call support",
-                                                  claim_id=srow["claim_id"], grpc_code=grpc.StatusCode.INTERNAL)))
-                    continue
-                seq += 1
-                reason = it.payload.reason
-                rrow = {"seq": seq, "recorded_at_us": now, "reason": reason}
-                neg = pb.AccumulatorDelta(admissions=-delta.admissions, compliant_total=-delta.compliant_total,
-                                          layers=[pb.LayerAccumulator(layer=e.layer, cap_group=e.cap_group,
-                                                                      position=-e.position, paid=-e.paid,
-                                                                      deductible_charged=-e.deductible_charged)
-                                                  for e in delta.layers])
-                ledger_out.append((seq, "reverse", srow["claim_id"], srow["facility_id"], *key,
-                                   -srow["delta_admissions"], -srow["delta_compliant_total"],
-                                   neg.SerializeToString(), None, None, reason, now))
-                changed[key] = seq
-                committing.append((it, pb.ReverseResponse(already_reversed=False, record=record_pb(srow, rrow),
-                                                          accumulators=acc.to_pb(key, order)).SerializeToString()))
+                if it.kind == REVERSE:
+                    seq = self._reverse(it, x, accs, seq, now, ledger_out, changed, committing, answers)
+                else:
+                    works.append(x)
+                    items_w.append(it)
+                    apply.append(it.kind == SETTLE)
             if not works:
                 continue
-            outcomes = core.settle([w for _, w in works], accs)
-            for (it, w), oc in zip(works, outcomes):
+            outcomes = core.settle(works, accs, apply)
+            for it, w, oc in zip(items_w, works, outcomes):
                 if not isinstance(oc, Outcome):
                     answers.append((it, oc))
                     continue
-                seq += 1
                 resp = oc.response
+                if it.kind == PRESETTLE:
+                    answers.append((it, resp.SerializeToString()))
+                    continue
+                seq += 1
                 resp.ledger_seq = seq
                 resp.recorded_at_us = now
                 data = resp.SerializeToString()
@@ -459,6 +354,7 @@ class Batcher:
                 changed[w.key] = seq
                 committing.append((it, data))
 
+        st = self.stats
         if ledger_out:
             acc_rows = [(*key, accs[key].admissions, accs[key].compliant_total,
                          accs[key].to_pb(key, core.column_order(key)).SerializeToString(), s)
@@ -466,27 +362,177 @@ class Batcher:
             try:
                 store.commit_group(ledger_out, acc_rows)
                 store.last_seq = seq
+                for it, _ in committing:
+                    st["settled" if it.kind == SETTLE else "reversed"] += 1
             except Exception as e:
                 store.last_seq = first_seq
-                self.stats["commit_failures"] += 1
+                st["commit_failures"] += 1
                 log.exception("writer: commit failed")
+                self._reset()
                 err = CallError(E.STORE_FAILURE, f"the settlement could not be recorded ({type(e).__name__}: {e}); "
                                 "nothing was recorded, retry")
                 committing = [(it, err) for it, _ in committing]
-        st = self.stats
         st["groups"] += 1
         st["items"] += len(items)
         st["max_group"] = max(st["max_group"], len(items))
-        for it, _ in committing:
-            if it.kind == SETTLE:
-                st["settled"] += 1
-            else:
-                st["reversed"] += 1
         answers.extend(committing)
-        self._deliver(answers)
-        if deferred:
+        self.deferred.extend(deferred)
+        return answers
+
+    def _reverse(self, it, rows, accs, seq, now, ledger_out, changed, committing, answers) -> int:
+        core = self.core
+        srow, rrow = rows["settle"], rows.get("reverse")
+        key = key_of(srow)
+        acc = accs.get(key)
+        if acc is None:
+            acc = accs[key] = Acc()
+        order = core.column_order(key)
+        if rrow is not None:
+            answers.append((it, pb.ReverseResponse(already_reversed=True, record=record_pb(srow, rrow),
+                                                   accumulators=acc.to_pb(key, order)).SerializeToString()))
+            return seq
+        delta = pb.AccumulatorDelta.FromString(srow["delta"])
+        d_layers = delta_layers(delta)
+        acc.add(delta.admissions, delta.compliant_total, d_layers, sign=-1)
+        if not acc.is_valid():
+            acc.add(delta.admissions, delta.compliant_total, d_layers, sign=1)
+            answers.append((it, CallError(E.STORE_FAILURE, f"reversing {srow['claim_id']} would take an "
+                                          f"accumulator of {key} below 0: the store is inconsistent; "
+                                          f"nothing was reversed, call support",
+                                          claim_id=srow["claim_id"], grpc_code=grpc.StatusCode.INTERNAL)))
+            return seq
+        seq += 1
+        reason = it.payload.reason
+        neg = pb.AccumulatorDelta(admissions=-delta.admissions, compliant_total=-delta.compliant_total,
+                                  layers=[pb.LayerAccumulator(layer=e.layer, cap_group=e.cap_group,
+                                                              position=-e.position, paid=-e.paid,
+                                                              deductible_charged=-e.deductible_charged)
+                                          for e in delta.layers])
+        ledger_out.append((seq, "reverse", srow["claim_id"], srow["facility_id"], *key,
+                           -srow["delta_admissions"], -srow["delta_compliant_total"],
+                           neg.SerializeToString(), None, None, reason, now))
+        changed[key] = seq
+        rrow = {"seq": seq, "recorded_at_us": now, "reason": reason}
+        committing.append((it, pb.ReverseResponse(already_reversed=False, record=record_pb(srow, rrow),
+                                                  accumulators=acc.to_pb(key, order)).SerializeToString()))
+        return seq
+
+
+# --------------------------------------------------------------------------- in-process transport
+
+
+class Batcher:
+    """The writer as a thread of this process: a queue of `Pending` calls answered
+    through their asyncio futures."""
+
+    def __init__(self, store: Store, core: Core, *, max_batch: int = 1024, max_pending: int = 20_000,
+                 min_interval: float = 0.0, person_cache: int = 200_000):
+        self.writer = GroupWriter(store, core, person_cache=person_cache)
+        self.max_batch = max_batch
+        self.max_pending = max_pending
+        self.min_interval = min_interval
+        self._last_start = 0.0
+        self._cv = threading.Condition(threading.Lock())
+        self._queue: deque = deque()
+        self._accepting = True
+        self._stop = False
+        self._thread: Optional[threading.Thread] = None
+
+    @property
+    def stats(self) -> dict:
+        return self.writer.stats
+
+    # ------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="medsettle-writer", daemon=True)
+        self._thread.start()
+
+    def close(self, timeout: Optional[float] = None) -> None:
+        """Settles what is queued, then stops the thread."""
+        with self._cv:
+            self._accepting = False
+            self._stop = True
+            self._cv.notify()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    # ------------------------------------------------------------ submit (event loop thread)
+
+    def submit(self, item: Pending) -> Optional[CallError]:
+        """Queues a call; returns an error instead when it cannot be taken."""
+        with self._cv:
+            if not self._accepting:
+                return CallError(E.SHUTTING_DOWN, "the server is shutting down; retry on another instance or later")
+            if len(self._queue) >= self.max_pending:
+                return CallError(E.OVERLOADED, f"{len(self._queue)} settlements are waiting; retry with backoff")
+            self._queue.append(item)
+            if len(self._queue) == 1:
+                self._cv.notify()
+        return None
+
+    # ------------------------------------------------------------ writer thread
+
+    def _run(self) -> None:
+        with profiled("writer"):
+            self._loop_forever()
+
+    def _loop_forever(self) -> None:
+        w = self.writer
+        while True:
             with self._cv:
-                self._deferred = deferred + self._deferred
+                while not self._queue and not w.has_deferred and not self._stop:
+                    self._cv.wait()
+                if not self._queue and not w.has_deferred and self._stop:
+                    return
+                # pacing: at most one group per min_interval unless a full group is waiting
+                if self.min_interval and not self._stop:
+                    deadline = self._last_start + self.min_interval
+                    while len(self._queue) < self.max_batch and not self._stop:
+                        left = deadline - time.monotonic()
+                        if left <= 0:
+                            break
+                        self._cv.wait(left)
+                q = self._queue
+                n = min(len(q), self.max_batch)
+                items = [q.popleft() for _ in range(n)]
+            self._last_start = time.monotonic()
+            self._deliver(w.process(items))
+
+    def _deliver(self, answers: list) -> None:
+        by_loop: dict = {}
+        for it, value in answers:
+            by_loop.setdefault(it.loop, []).append((it.future, value))
+        for loop, pairs in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_resolve, pairs)
+            except RuntimeError:  # loop closed
+                pass
+
+
+class profiled:
+    """Development aid: with MEDSETTLE_PROFILE=path, cProfile the block into path.<name>."""
+
+    def __init__(self, name: str):
+        import os
+
+        self.path = os.environ.get("MEDSETTLE_PROFILE")
+        self.name = name
+        self.prof = None
+
+    def __enter__(self):
+        if self.path:
+            import cProfile
+
+            self.prof = cProfile.Profile()
+            self.prof.enable()
+        return self
+
+    def __exit__(self, *exc):
+        if self.prof is not None:
+            self.prof.disable()
+            self.prof.dump_stats(f"{self.path}.{self.name}")
+        return False
 
 
 def _resolve(pairs: list) -> None:

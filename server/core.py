@@ -240,10 +240,10 @@ class Core:
 
     # ------------------------------------------------------------ settle
 
-    def settle(self, works: list, accs: dict) -> list:
+    def settle(self, works: list, accs: dict, apply: Optional[list] = None) -> list:
         """Settles `works` (at most one per person: one engine chunk) against `accs`
-        (key -> Acc, updated in place for accepted claims). Returns, per work, an
-        Outcome or a CallError."""
+        (key -> Acc, updated in place for accepted claims, except where `apply[i]`
+        is false: a pre-settlement). Returns, per work, an Outcome or a CallError."""
         if not works:
             return []
         keys = [w.key for w in works]
@@ -253,8 +253,8 @@ class Core:
             if len(works) == 1:
                 return [self._carry_error(works[0], e)]
             out = []
-            for w in works:  # isolate the key whose stored accumulators the policy rejects
-                out.extend(self.settle([w], accs))
+            for i, w in enumerate(works):  # isolate the key whose stored accumulators the policy rejects
+                out.extend(self.settle([w], accs, None if apply is None else [apply[i]]))
             return out
         res = settler.settle_batch(self.claims_batch(works))
         cols = {name: res.column(name).to_pylist() for name in (
@@ -272,7 +272,9 @@ class Core:
             d_adm = cols["delta_admissions"][i]
             d_ct = cols["delta_compliant_total"][i]
             acc = accs.get(w.key)
-            if acc is None:
+            if apply is not None and not apply[i]:
+                acc = acc.copy() if acc is not None else Acc()
+            elif acc is None:
                 acc = accs[w.key] = Acc()
             acc.add(d_adm, d_ct, d_layers)
             c = w.claim
@@ -295,7 +297,8 @@ class Core:
                                         paid=e["paid"], deductible_charged=e["deductible_charged"]) for e in dl]))
             out.append(Outcome(resp, d_adm, d_ct))
         if self.verify:
-            self._verify(settler.accumulators(), accs, keys)
+            self._verify(settler.accumulators(), accs,
+                         [k for i, k in enumerate(keys) if apply is None or apply[i]])
         return out
 
     def _verify(self, closing: pa.Table, accs: dict, keys: list) -> None:

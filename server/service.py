@@ -1,24 +1,27 @@
 """The gRPC servicers (grpc.aio): Settlement and Registry of medsettle.v1.
 
 State-changing calls go through the writer (server/batcher.py); reads
-(PreSettle, GetSettlement, GetAccumulators, GetPerson) run on a small thread
-pool against the last committed state, each thread with its own SQLite
-connection. Handlers return serialized bytes (the writer serializes once, for
-the ledger and the wire alike).
+(GetSettlement, GetAccumulators, GetPerson) run on a small thread pool
+against the last committed state, each thread with its own SQLite connection.
+Settle, PreSettle, Reverse and UpsertPersons go to the writer (a process of
+its own by default, server/writer_proc.py, which takes the request bytes as
+received; or a thread, server/batcher.py). Handlers return serialized bytes
+(the writer serializes once, for the ledger and the wire alike).
 """
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import json
 from typing import Optional
 
 import grpc
 
 from ._proto import settlement_pb2 as pb
-from .batcher import REVERSE, SETTLE, UPSERT, Batcher, Pending, person_not_found, record_pb, retry_answer
-from .core import Acc, Core, Outcome, Work, precheck
+from .batcher import PRESETTLE, REVERSE, SETTLE, UPSERT, Pending, record_pb
+from .core import Core
 from .errors import CallError, abort
-from .registry import basis_at, person_from_pb, person_from_row, person_to_pb, person_to_row
+from .registry import person_from_pb, person_from_row, person_to_pb, person_to_row
 from .store import Store
 
 E = pb.ErrorCode
@@ -28,10 +31,11 @@ UPSERT_CHUNK = 2000
 class Service:
     """Both services' handlers over one store, core and writer."""
 
-    def __init__(self, store: Store, core: Core, batcher: Batcher, *, read_threads: int = 2):
+    def __init__(self, store: Store, core: Core, batcher, *, read_threads: int = 2):
         self.store = store
         self.core = core
         self.batcher = batcher
+        self.raw = getattr(batcher, "raw", False)  # the writer process takes request bytes as received
         self.reads = concurrent.futures.ThreadPoolExecutor(max_workers=read_threads,
                                                            thread_name_prefix="medsettle-read")
 
@@ -44,58 +48,31 @@ class Service:
 
     # ------------------------------------------------------------------ Settlement
 
-    async def Settle(self, request: pb.SettleRequest, context) -> bytes:
-        loop = asyncio.get_running_loop()
-        fut = loop.create_future()
-        err = self.batcher.submit(Pending(SETTLE, request.claim, fut, loop))
-        if err is None:
+    async def _write(self, kind: int, request, context) -> bytes:
+        if self.raw:
+            fut = self.batcher.submit_raw(kind, request)
+        else:
+            loop = asyncio.get_running_loop()
+            fut = loop.create_future()
+            err = self.batcher.submit(Pending(kind, request.claim if kind != REVERSE else request, fut, loop))
+            if err is not None:
+                fut = err
+        if fut.__class__ is not CallError:
             out = await fut
             if out.__class__ is bytes:
                 return out
-            err = out
-        await abort(context, err)
+            fut = out
+        await abort(context, fut)
 
-    async def Reverse(self, request: pb.ReverseRequest, context) -> bytes:
-        loop = asyncio.get_running_loop()
-        fut = loop.create_future()
-        err = self.batcher.submit(Pending(REVERSE, request, fut, loop))
-        if err is None:
-            out = await fut
-            if out.__class__ is bytes:
-                return out
-            err = out
-        await abort(context, err)
+    async def Settle(self, request, context) -> bytes:
+        return await self._write(SETTLE, request, context)
 
-    async def PreSettle(self, request: pb.SettleRequest, context) -> bytes:
-        out = await self._read(self._presettle, request.claim)
-        if out.__class__ is bytes:
-            return out
-        await abort(context, out)
+    async def PreSettle(self, request, context) -> bytes:
+        # through the writer too: ordered with the person's settlements, engine calls shared with a group
+        return await self._write(PRESETTLE, request, context)
 
-    def _presettle(self, claim: pb.Claim):
-        err = precheck(claim)
-        if err is not None:
-            return err
-        conn = self.store.reader()
-        cid, pid = claim.claim_id, claim.person_id
-        row = Store.persons(conn, [pid]).get(pid)
-        persons = {pid: person_from_row(row)} if row is not None else {}
-        rows = Store.ledger_rows(conn, [cid]).get(cid)
-        if rows is not None and "settle" in rows:
-            return retry_answer(self.core, claim, claim.SerializeToString(deterministic=True), rows, persons)
-        person = persons.get(pid)
-        if person is None:
-            return person_not_found(claim)
-        try:
-            basis = basis_at(person, claim.settle_time_us, cid)
-        except CallError as e:
-            return e
-        key = (pid, basis.region, basis.scheme, basis.year)
-        accs = {k: Acc.from_blob(v) for k, v in Store.accumulator_rows(conn, [key]).items()}
-        out = self.core.settle([Work(claim, basis, key)], accs)[0]
-        if isinstance(out, Outcome):
-            return out.response.SerializeToString()
-        return out
+    async def Reverse(self, request, context) -> bytes:
+        return await self._write(REVERSE, request, context)
 
     async def GetSettlement(self, request: pb.GetSettlementRequest, context) -> bytes:
         out = await self._read(self._get_settlement, request.claim_id)
@@ -147,10 +124,16 @@ class Service:
         loop = asyncio.get_running_loop()
         futs = []
         for k in range(0, len(rows), UPSERT_CHUNK):
-            fut = loop.create_future()
-            err = self.batcher.submit(Pending(UPSERT, rows[k:k + UPSERT_CHUNK], fut, loop))
-            if err is not None:
-                await abort(context, err)
+            part = rows[k:k + UPSERT_CHUNK]
+            if self.raw:
+                fut = self.batcher.submit_raw(UPSERT, json.dumps(part).encode())
+            else:
+                fut = loop.create_future()
+                err = self.batcher.submit(Pending(UPSERT, part, fut, loop))
+                if err is not None:
+                    fut = err
+            if fut.__class__ is CallError:
+                await abort(context, fut)
             futs.append(fut)
         total = 0
         for fut in futs:
@@ -180,10 +163,12 @@ class Service:
     def add_to_server(self, server) -> list:
         """Registers both services on an aio server; returns their full names."""
         uu = grpc.unary_unary_rpc_method_handler
+        settle_in = None if self.raw else pb.SettleRequest.FromString
+        reverse_in = None if self.raw else pb.ReverseRequest.FromString
         settlement = {
-            "Settle": uu(self.Settle, request_deserializer=pb.SettleRequest.FromString),
-            "PreSettle": uu(self.PreSettle, request_deserializer=pb.SettleRequest.FromString),
-            "Reverse": uu(self.Reverse, request_deserializer=pb.ReverseRequest.FromString),
+            "Settle": uu(self.Settle, request_deserializer=settle_in),
+            "PreSettle": uu(self.PreSettle, request_deserializer=settle_in),
+            "Reverse": uu(self.Reverse, request_deserializer=reverse_in),
             "GetSettlement": uu(self.GetSettlement, request_deserializer=pb.GetSettlementRequest.FromString),
             "GetAccumulators": uu(self.GetAccumulators, request_deserializer=pb.GetAccumulatorsRequest.FromString),
         }

@@ -420,3 +420,32 @@ def test_serve_forwards_to_server_app(capsys, monkeypatch):
     code, _, err = run(capsys, "serve", "--port", "5051")
     assert code == 0, err
     assert calls == {"port": 5051}
+
+
+def test_representation_differences_are_cast(capsys, tmp_path, claims, expected):
+    """Large strings / lists and a nanosecond timestamp (pandas, polars) read as the schema's types."""
+    cols = {}
+    for f in claims.schema:
+        c = claims.column(f.name)
+        if f.name in ("claim_id", "person_id", "visit_type"):
+            c = c.cast(pa.large_string())
+        elif f.name == "identities":
+            c = c.cast(pa.large_list(pa.large_string()))
+        elif f.name == "settle_time":
+            c = c.cast(pa.timestamp("ns"))
+        cols[f.name] = c
+    path = tmp_path / "c.parquet"
+    pq.write_table(pa.table(cols), path)
+    out = tmp_path / "r.parquet"
+    code, _, err = run(capsys, "settle", path, "-o", out)
+    assert code == 0, err
+    assert pq.read_table(out).equals(expected.results)
+
+
+def test_time_zone_aware_settle_time_is_a_schema_error(capsys, tmp_path, claims):
+    i = claims.schema.get_field_index("settle_time")
+    t = claims.set_column(i, "settle_time", claims.column(i).cast(pa.timestamp("us", tz="Asia/Shanghai")))
+    path = tmp_path / "c.parquet"
+    pq.write_table(t, path)
+    code, out, err = run(capsys, "settle", path, "-o", tmp_path / "r.parquet")
+    assert_error(code, out, err, "settle_time")

@@ -17,9 +17,11 @@ def ps():
     return policy_set()
 
 
-@pytest.fixture
-def srv(ps, tmp_path):
-    s = ThreadedServer(ps, tmp_path / "store.db", verify=True)
+@pytest.fixture(params=["process", "thread"])
+def srv(ps, tmp_path, request):
+    """A server with the test persons registered; every test runs with the writer in its own
+    process (the default) and as a thread."""
+    s = ThreadedServer(ps, tmp_path / "store.db", verify=True, writer=request.param)
     s.registry.UpsertPersons(iter(persons_pb()), timeout=30)
     yield s
     s.stop()

@@ -10,6 +10,7 @@ import pytest
 from srv_helpers import (PERSONS, T, acc_fold, claim_row, engine_results, nonzero, norm, pb, result_dict,
                          rpc_error, settle_request)
 from server.client import accumulators_dict
+from server.errors import error_from_rpc
 from server._proto import settlement_pb2_grpc as pb_grpc
 
 pytestmark = pytest.mark.service
@@ -56,9 +57,6 @@ def test_settle_equals_engine(srv, ps):
             resp = srv.stub.Settle(settle_request(r), timeout=10)
             got.append(result_dict(resp.result))
         except grpc.RpcError as e:
-            code, detail = e.code(), None
-            from server.errors import error_from_rpc
-
             detail = error_from_rpc(e)
             got.append({"claim_id": r["claim_id"], "status": detail.reason})
     # every error row of the engine is an error of the server with the same code, every ok row identical
@@ -249,20 +247,17 @@ def test_200_concurrent_settlements_of_one_person(srv, ps):
     assert norm([result_dict(out[i].result) for i in order]) == norm(want)
     assert srv.store.stored_accumulators() == want_acc == srv.store.fold_ledger()
     # each response's accumulators are the ones right after it
-    running = {}
-    for i in order:
+    for n, i in enumerate(order[:40]):
+        _, acc_n = engine_results(ps, [rows[j] for j in order[: n + 1]], chunks=True)
         k, v = accumulators_dict(out[i].accumulators)
-        assert v[0] >= running.get("adm", 0)
-        running["adm"] = v[0]
+        assert {k: v} == acc_n
     # no cap is ever passed
     caps = {("basic", "inpatient"): 5000_00, ("critical_illness", "year"): 8000_00, ("assistance", "year"): 3000_00}
     (key, (adm, ct, layers)), = want_acc.items()
     for lk, cap in caps.items():
         assert layers.get(lk, [0, 0, 0])[1] <= cap
     assert layers[("basic", "inpatient")][1] == 5000_00  # the cap was reached, exactly
-    paid_basic = sum(out[i].result.basic_pay for i in range(200))
-    assert paid_basic <= 5000_00 + sum(out[i].result.basic_pay for i in range(200)
-                                       if rows[i]["visit_type"] != "inpatient" and out[i].result.basic_pay and False)
+    assert any(out[i].result.cap_hit for i in range(200))
 
 
 def test_get_queries(srv):
