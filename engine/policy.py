@@ -452,7 +452,11 @@ class _DuplicateKey(Exception):
         self.path, self.reason = path, reason
 
 
-class _StrictLoader(yaml.SafeLoader):
+# libyaml's parser when PyYAML was built with it: the pure-Python one took half a second per load.
+_SafeLoader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+class _StrictLoader(_SafeLoader):
     """SafeLoader that refuses duplicate keys, which plain YAML loading silently resolves to the last."""
 
     def construct_document(self, node):
