@@ -10,7 +10,7 @@ import pytest
 
 import engine
 import reference as ref
-from conftest import (Y, acc_from_table, claims_table, fill_claim, layer, policy, policy_set, rule,
+from conftest import (Y, acc_from_table, claims_table, layer, policy, policy_set, rule,
                       run_both, compare)
 
 IDS = ("extreme_poverty", "low_income")
@@ -341,11 +341,6 @@ def test_empty_table():
 
 
 # ============================================================== schema errors
-
-
-def full_columns(rows):
-    t = claims_table(rows)
-    return {name: t.column(name) for name in t.column_names}
 
 
 @pytest.mark.parametrize("column", [f.name for f in engine.CLAIMS_SCHEMA])

@@ -11,6 +11,7 @@ import pyarrow as pa
 import pytest
 
 import engine
+import reference as ref
 from conftest import (Y, adj, acc_from_table, acc_to_table, by_id, claims_table, layer, policy,
                       policy_set, rule, run_both)
 
@@ -656,6 +657,30 @@ def test_order_ties_by_claim_id_utf8_bytes(first, second):
     # same settle_time: `first` sorts first and gets 600.
     assert by_id(res)[first]["basic_pay"] == 600 * Y
     assert by_id(res)[second]["basic_pay"] == 400 * Y
+
+
+def test_table_of_several_batches_is_ordered_as_a_whole():
+    t1 = claims_table([dict(claim_id="late", settle_time=day(5), in_scope_amount=1000 * Y)])
+    t2 = claims_table([dict(claim_id="early", settle_time=day(0), in_scope_amount=1000 * Y)])
+    table = pa.Table.from_batches(t1.to_batches() + t2.to_batches())
+    assert table.column("claim_id").num_chunks == 2
+    res, _ = run_both(capped_600(), table)
+    # one table = one chunk ordered as a whole: "early" first (600), "late" 400.
+    assert pays(res) == [400 * Y, 600 * Y]
+    # a RecordBatch is one chunk too
+    batch = table.combine_chunks().to_batches()[0]
+    assert engine.settle(batch, capped_600()).results.to_pylist() == res
+
+
+def test_stream_chunks_are_ordered_each_on_its_own():
+    t1 = claims_table([dict(claim_id="late", settle_time=day(5), in_scope_amount=1000 * Y)])
+    t2 = claims_table([dict(claim_id="early", settle_time=day(0), in_scope_amount=1000 * Y)])
+    res = engine.settle(t1.to_batches() + t2.to_batches(), capped_600()).results.to_pylist()
+    # a stream settles chunk after chunk: "late" (chunk 1) first gets 600; "early" sorts before
+    # it but comes in chunk 2: "still settled, after it": 400.
+    assert pays(res) == [600 * Y, 400 * Y]
+    ref_rows, _ = ref.settle_stream(capped_600(), [t1.to_pylist(), t2.to_pylist()])
+    assert pays(ref_rows) == [600 * Y, 400 * Y]
 
 
 def test_keys_are_independent():
