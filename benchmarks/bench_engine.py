@@ -191,24 +191,30 @@ def test_cli(benchmark, data, policy_dir, bench_dir, n, capsys):
     _record(benchmark, n, batch=BATCH, input_mb=round(src.stat().st_size / 1e6, 1))
 
 
+# Run in a small intermediate process: a child forked straight from this (big) pytest process would
+# count the parent's pages in its ru_maxrss until it execs.
+_WAITER = """
+import os, subprocess, sys, time
+t0 = time.perf_counter()
+p = subprocess.Popen(sys.argv[1:], stdout=subprocess.DEVNULL)
+_, status, usage = os.wait4(p.pid, 0)
+print(os.waitstatus_to_exitcode(status), usage.ru_maxrss, time.perf_counter() - t0)
+"""
+
+
 def run_cli_child(argv: list[str]) -> tuple[int, int, float]:
     """`medsettle ARGV` in a child process: (exit code, peak RSS in bytes, seconds)."""
-    import time
-
     code = "import sys; from engine.cli import main; sys.exit(main(sys.argv[1:]))"
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
-    t0 = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-c", code, *argv], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
-    seconds = time.perf_counter() - t0
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    err = proc.stderr.read().decode(errors="replace")
-    proc.stderr.close()
-    if proc.returncode != 0:
-        raise AssertionError(f"medsettle {' '.join(argv)} exited {proc.returncode}: {err}")
-    rss = usage.ru_maxrss * (1 if sys.platform == "darwin" else 1024)  # bytes
-    return proc.returncode, rss, seconds
+    proc = subprocess.run([sys.executable, "-c", _WAITER, sys.executable, "-c", code, *argv], env=env,
+                          capture_output=True, text=True)
+    if proc.returncode != 0 or not proc.stdout.strip():
+        raise AssertionError(f"medsettle {' '.join(argv)}: {proc.stderr}")
+    exit_code, maxrss, seconds = proc.stdout.split()
+    if int(exit_code) != 0:
+        raise AssertionError(f"medsettle {' '.join(argv)} exited {exit_code}: {proc.stderr}")
+    rss = int(maxrss) * (1 if sys.platform == "darwin" else 1024)  # bytes
+    return int(exit_code), rss, float(seconds)
 
 
 @big

@@ -3,7 +3,7 @@
     medsettle settle CLAIMS [--policies DIR] -o RESULTS [--accumulators-in A] [--accumulators-out B]
                      [--batch-size N] [--progress]
     medsettle generate -o CLAIMS --claims N --seed S [--invalid-rate R] [--policies DIR]
-                       [--persons PERSONS.parquet] [--year Y] [--block N] [--progress]
+                       [--persons PERSONS.parquet] [--year Y] [--block N] [--label] [--progress]
     medsettle policies check [DIR]
     medsettle explain CLAIMS [--policies DIR] --claim-id ID [--accumulators-in A]
     medsettle serve ...            (the gRPC server: `server.app`)
@@ -167,7 +167,11 @@ class _Writer:
         if self.fmt == "parquet":
             import pyarrow.parquet as pq
 
-            self._w = pq.ParquetWriter(str(self.path), schema)
+            # Unique ids gain nothing from dictionary encoding (it is tried, then abandoned, per page).
+            plain = {"claim_id"}
+            dictionary = [f.name for f in schema if f.name not in plain]
+            self._w = pq.ParquetWriter(str(self.path), schema,
+                                       use_dictionary=dictionary if plain & set(schema.names) else True)
         elif self.fmt == "ipc":
             self._sink = pa.OSFile(str(self.path), "wb")
             self._w = pa.ipc.new_file(self._sink, schema)
@@ -228,10 +232,16 @@ class ClaimsFile:
     """A claims file of any supported format, read in batches as `CLAIMS_SCHEMA` columns."""
 
     def __init__(self, path, batch_size: int = DEFAULT_BATCH):
-        import engine
-
         self.path = Path(path)
         _must_exist(self.path)
+        try:
+            self._open(batch_size)
+        except (pa.ArrowException, OSError) as e:
+            raise CliError(f"{self.path}: {_one_line(e)}") from None
+
+    def _open(self, batch_size: int) -> None:
+        import engine
+
         self.fmt = file_format(self.path)
         self.batch_size = max(1, int(batch_size))
         self.target = engine.CLAIMS_SCHEMA
@@ -307,6 +317,12 @@ class ClaimsFile:
         return b.set_column(i, "identities", col)
 
     def _raw_batches(self, columns: list[str]) -> Iterator[pa.RecordBatch]:
+        try:
+            yield from self._read(columns)
+        except (pa.ArrowException, OSError) as e:
+            raise CliError(f"{self.path}: {_one_line(e)}") from None
+
+    def _read(self, columns: list[str]) -> Iterator[pa.RecordBatch]:
         if self.fmt == "parquet":
             import pyarrow.parquet as pq
 
@@ -380,6 +396,88 @@ def read_table(path) -> pa.Table:
 # =========================================================================== helpers
 
 
+_DONE = object()
+
+
+def prefetch(items: Iterable, depth: int = 1) -> Iterator:
+    """`items`, produced by a background thread up to `depth` ahead (Arrow's readers release the
+    GIL, so reading the next batch overlaps the work on this one). Errors are re-raised here."""
+    import queue
+    import threading
+
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(x) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(x, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for x in items:
+                if not put((True, x)):
+                    return
+            put((True, _DONE))
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer
+            put((False, e))
+
+    thread = threading.Thread(target=produce, name="medsettle-read", daemon=True)
+    thread.start()
+    try:
+        while True:
+            ok, x = q.get()
+            if not ok:
+                raise x
+            if x is _DONE:
+                return
+            yield x
+    finally:
+        stop.set()
+        thread.join()
+
+
+class BackgroundWriter:
+    """Calls `write(x)` for each `submit(x)` on a background thread, at most `depth` queued;
+    `close()` waits and re-raises the first error."""
+
+    def __init__(self, write: Callable, depth: int = 1):
+        import queue
+        import threading
+
+        self._write = write
+        self._q: queue.Queue = queue.Queue(maxsize=depth)
+        self._error: Optional[BaseException] = None
+        self._thread = threading.Thread(target=self._run, name="medsettle-write", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            x = self._q.get()
+            if x is _DONE:
+                return
+            if self._error is None:
+                try:
+                    self._write(x)
+                except BaseException as e:  # noqa: BLE001 - re-raised by submit / close
+                    self._error = e
+
+    def submit(self, x) -> None:
+        if self._error is not None:
+            raise self._error
+        self._q.put(x)
+
+    def close(self) -> None:
+        self._q.put(_DONE)
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+
+
 def yuan(fen: int) -> str:
     """Integer fen as yuan with two decimals, no float."""
     fen = int(fen)
@@ -429,9 +527,14 @@ class Progress:
             self.stream.flush()
 
 
-def _progress_enabled(flag: bool) -> bool:
+LONG_INPUT = 200_000  # rows from which a terminal gets a progress bar unasked
+
+
+def _progress_enabled(flag: bool, rows: Optional[int] = None) -> bool:
     if flag:
         return True
+    if rows is not None and rows < LONG_INPUT:
+        return False
     try:
         return sys.stderr.isatty()
     except (AttributeError, ValueError):
@@ -539,7 +642,8 @@ def cmd_settle(args) -> int:
     settler = engine.Settler(ps, accumulators=acc_in)
 
     ordered, rows = check_order(claims)
-    progress = Progress(rows or claims.num_rows, "settle", _progress_enabled(args.progress))
+    total = rows or claims.num_rows
+    progress = Progress(total, "settle", _progress_enabled(args.progress, total))
     summary = Summary()
     if not ordered:
         _eprint(f"{PROG}: {claims.path}: batches of {claims.batch_size} rows are not in (settle_time, claim_id) "
@@ -547,16 +651,23 @@ def cmd_settle(args) -> int:
         whole = claims.read_all()
         batches: Iterable[pa.RecordBatch] = [whole.combine_chunks().to_batches()[0]] if whole.num_rows else []
     else:
-        batches = claims.batches()
+        batches = prefetch(claims.batches())  # read ahead while the kernel works
 
-    with open_table_writer(out_path, engine.RESULTS_SCHEMA, claims.batch_size) as writer:
-        for batch in batches:
-            res = settler.settle_batch(batch)
-            for piece in (rebatch([res], claims.batch_size) if res.num_rows > claims.batch_size else [res]):
-                writer.write(piece)
-            summary.add(res)
-            progress.update(summary.claims)
-    progress.close()
+    try:
+        with open_table_writer(out_path, engine.RESULTS_SCHEMA, claims.batch_size) as writer:
+            background = BackgroundWriter(writer.write)
+            try:
+                for batch in batches:
+                    res = settler.settle_batch(batch)
+                    for piece in (rebatch([res], claims.batch_size) if res.num_rows > claims.batch_size
+                                  else [res]):
+                        background.submit(piece)
+                    summary.add(res)
+                    progress.update(summary.claims)
+            finally:
+                background.close()
+    finally:
+        progress.close()
     if args.accumulators_out:
         write_table(settler.accumulators(), args.accumulators_out)
     elapsed = time.perf_counter() - t0
@@ -577,13 +688,14 @@ def cmd_generate(args) -> int:
         if file_format(args.persons) == "csv":
             raise CliError(f"{args.persons}: the person registry needs a Parquet or Arrow IPC file, not CSV")
     t0 = time.perf_counter()
-    progress = Progress(args.claims, "generate", _progress_enabled(args.progress))
+    progress = Progress(args.claims, "generate", _progress_enabled(args.progress, args.claims))
     try:
         n = write_claims(out, ps, args.claims, args.seed, args.invalid_rate, block=args.block, year=args.year,
-                         progress=progress.update)
+                         label=args.label, progress=progress.update)
     except ValueError as e:
         raise CliError(str(e)) from None
-    progress.close()
+    finally:
+        progress.close()
     msg = f"claims: {n} -> {out}"
     if args.persons:
         persons = write_persons(args.persons, ps, args.claims, args.seed, args.year)
@@ -673,7 +785,9 @@ def cmd_explain(args) -> int:
 
 def cmd_serve(argv: list[str]) -> int:
     try:
-        from server import app
+        import importlib
+
+        app = importlib.import_module("server.app")
     except Exception as e:  # ImportError, or an import-time error of the server
         raise CliError(f"serve: the gRPC server is not available (cannot import server.app: {e})") from None
     if hasattr(app, "add_arguments") and hasattr(app, "serve_main"):
@@ -753,6 +867,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--year", type=int, metavar="Y", help="only the policies of this year")
     g.add_argument("--block", type=_positive_int, default=DEFAULT_BATCH, metavar="N",
                    help=f"rows per row group / batch (default {DEFAULT_BATCH:,})")
+    g.add_argument("--label", action="store_true",
+                   help="add a column expected_status (the status each row should get; ignored by settle)")
     g.add_argument("--progress", action="store_true")
     g.set_defaults(func=cmd_generate)
 

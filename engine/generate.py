@@ -339,9 +339,12 @@ def _fixed_width_ids(prefix: str, numbers: np.ndarray, width: int,
     return pa.Array.from_buffers(pa.string(), n, [bitmap, pa.py_buffer(offsets), pa.py_buffer(buf)])
 
 
+def _mask(valid: Optional[np.ndarray]) -> Optional[np.ndarray]:
+    return None if valid is None or valid.all() else ~valid
+
+
 def _take(vocab: pa.Array, idx: np.ndarray, valid: Optional[np.ndarray] = None) -> pa.Array:
-    mask = None if valid is None else ~valid
-    return vocab.take(pa.array(idx.astype(np.int32), mask=mask))
+    return vocab.take(pa.array(idx.astype(np.int32), mask=_mask(valid)))
 
 
 def _calendar(days: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -603,9 +606,7 @@ def _unit_table(plan: _Plan, pop: _Population, unit: _Unit, seed: int, invalid_r
     sec = np.where(
         u < 0.57, 10.3 * 3600 + 1.3 * 3600 * z,
         np.where(u < 0.94, 15.2 * 3600 + 1.2 * 3600 * z, (u - 0.94) / 0.06 * 86_400))
-    sec = sec.clip(0, 86_399).astype(np.int64)
-    order = np.lexsort((sec, day))
-    day, sec = day[order], sec[order]
+    sec = np.sort(day * 86_400 + sec.clip(0, 86_399).astype(np.int64)) - day * 86_400  # days already sorted
 
     # --- person: by claim rate among those whose home has a policy this year
     k_year = unit.year_index
@@ -624,10 +625,12 @@ def _unit_table(plan: _Plan, pop: _Population, unit: _Unit, seed: int, invalid_r
 
     # --- identities held on the day (two spell slots, and a third for an undeclared one)
     held = np.full((m, 3), -1, dtype=np.int64)
+    holders = np.flatnonzero(pop.ident[person, 0] >= 0)
+    hp, hd = person[holders], day[holders]
     for s in range(2):
-        idn = pop.ident[person, s]
-        on = (idn >= 0) & (pop.ident_from[person, s] <= day) & (day <= pop.ident_to[person, s])
-        held[:, s] = np.where(on, idn, -1)
+        idn = pop.ident[hp, s]
+        on = (idn >= 0) & (pop.ident_from[hp, s] <= hd) & (hd <= pop.ident_to[hp, s])
+        held[holders, s] = np.where(on, idn, -1)
 
     # --- visit attributes, redrawn where the first layer has no rule for them
     a = _draw_visit(rng, plan, pol, age)
@@ -705,9 +708,10 @@ def _unit_table(plan: _Plan, pop: _Population, unit: _Unit, seed: int, invalid_r
     _inject(rng, plan, kind, pol, cols, valid, expected)
 
     # --- rows: sort again by (time, claim id) (duplicates may share a second with others)
-    order = np.lexsort((cols["claim_no"], cols["time"]))
-    moved = np.flatnonzero(order != rows)
-    if len(moved):
+    t, no = cols["time"], cols["claim_no"]
+    if ((t[1:] == t[:-1]) & (no[1:] < no[:-1])).any():
+        order = np.lexsort((no, t))
+        moved = np.flatnonzero(order != rows)
         src = order[moved]
         for v in (*cols.values(), *valid.values(), empty_list, expected):
             v[moved] = v[src]
@@ -717,11 +721,14 @@ def _unit_table(plan: _Plan, pop: _Population, unit: _Unit, seed: int, invalid_r
              for name, vals in (("scheme", SCHEMES), ("visit_type", VISIT_TYPES),
                                 ("facility_level", FACILITY_LEVELS), ("locality", LOCALITIES))}
     h = cols["held"]
-    has = h >= 0
-    counts = has.sum(axis=1)
-    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
+    some = np.flatnonzero((h >= 0).any(axis=1))
+    has = h[some] >= 0
+    counts = np.zeros(m, dtype=np.int64)
+    counts[some] = has.sum(axis=1)
+    offsets = np.zeros(m + 1, dtype=np.int32)
+    np.cumsum(counts, out=offsets[1:])
     r, c = np.nonzero(has)
-    ident_values = _take(pa.array(plan.ident_vocab, pa.string()), h[r, c])
+    ident_values = _take(pa.array(plan.ident_vocab, pa.string()), h[some][r, c])
     list_null = (counts == 0) & ~empty_list
     identities = pa.ListArray.from_arrays(pa.array(offsets), ident_values,
                                           mask=pa.array(list_null))
@@ -730,18 +737,18 @@ def _unit_table(plan: _Plan, pop: _Population, unit: _Unit, seed: int, invalid_r
         person_id=pop.ids(cols["person"], valid["person"]),
         region=_take(pa.array(plan.region_vocab, pa.string()), cols["region"], valid["region"]),
         scheme=_take(vocab["scheme"], cols["scheme"], valid["scheme"]),
-        settle_time=pa.array(cols["time"] * 1_000_000, pa.timestamp("us"), mask=~valid["time"]),
+        settle_time=pa.array(cols["time"] * 1_000_000, pa.timestamp("us"), mask=_mask(valid["time"])),
         visit_type=_take(vocab["visit_type"], cols["vt"], valid["vt"]),
         facility_level=_take(vocab["facility_level"], cols["fac"], valid["fac"]),
         locality=_take(vocab["locality"], cols["loc"], valid["loc"]),
-        referred=pa.array(cols["ref"], pa.bool_(), mask=~valid["ref"]),
+        referred=pa.array(cols["ref"], pa.bool_(), mask=_mask(valid["ref"])),
         disease_code=_take(plan.code_vocab, cols["code"], valid["code"]),
-        age=pa.array(cols["age"].clip(0, 32767).astype(np.int16), pa.int16(), mask=~valid["age"]),
+        age=pa.array(cols["age"].clip(0, 32767).astype(np.int16), pa.int16(), mask=_mask(valid["age"])),
         identities=identities,
     )
     for name in ("total_amount", "self_funded_amount", "over_limit_amount", "class_b_copay_amount",
                  "in_scope_amount", "in_scope_class_b_amount"):
-        arrays[name] = pa.array(cols[name], pa.int64(), mask=~valid[name])
+        arrays[name] = pa.array(cols[name], pa.int64(), mask=_mask(valid[name]))
     out, fields = [], []
     for f in schema:
         if f.name not in arrays:

@@ -413,10 +413,7 @@ def test_serve_forwards_to_server_app(capsys, monkeypatch):
         return 0
 
     fake.add_arguments, fake.serve_main = add_arguments, serve_main
-    import server
-
     monkeypatch.setitem(sys.modules, "server.app", fake)
-    monkeypatch.setattr(server, "app", fake, raising=False)
     code, _, err = run(capsys, "serve", "--port", "5051")
     assert code == 0, err
     assert calls == {"port": 5051}
@@ -449,3 +446,15 @@ def test_time_zone_aware_settle_time_is_a_schema_error(capsys, tmp_path, claims)
     pq.write_table(t, path)
     code, out, err = run(capsys, "settle", path, "-o", tmp_path / "r.parquet")
     assert_error(code, out, err, "settle_time")
+
+
+def test_generate_label_then_settle(capsys, tmp_path):
+    out = tmp_path / "g.csv"
+    code, _, err = run(capsys, "generate", "-o", out, "--claims", 3000, "--seed", 4, "--invalid-rate", 0.2,
+                       "--label")
+    assert code == 0, err
+    res = tmp_path / "r.parquet"
+    code, _, err = run(capsys, "settle", out, "-o", res)
+    assert code == 0, err
+    want = pcsv.read_csv(out).column("expected_status").to_pylist()
+    assert pq.read_table(res).column("status").to_pylist() == want

@@ -5,7 +5,6 @@ policies settle the generated valid rows `ok`."""
 from __future__ import annotations
 
 import collections
-import datetime as dt
 
 import numpy as np
 import pyarrow as pa
