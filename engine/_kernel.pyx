@@ -453,6 +453,8 @@ def settle(const int64_t[::1] order, const int8_t[::1] status_in,
            const SegmentRow[::1] segments, const AdjustmentRow[::1] adjustments,
            const MatchRow[::1] match_rows, const RangeRow[::1] ranges,
            const int64_t[::1] repeat_factors, const int64_t[::1] identity_rank,
+           const int64_t[:, :, ::1] rule_candidates, const int64_t[::1] candidate_rules,
+           const int64_t[:, :, ::1] adjustment_candidates, const int64_t[::1] candidate_adjustments,
            int64_t[:, ::1] state,
            int8_t[::1] status, int32_t[::1] effective, int64_t[::1] deductible_applied,
            int64_t[:, ::1] fund_pay, int64_t[:, ::1] layer_pay, uint8_t[::1] cap_hit,
@@ -476,7 +478,7 @@ def settle(const int64_t[::1] order, const int8_t[::1] status_in,
     cdef int64_t p, sl, j, l, r, a, f, li, nl
     cdef int64_t in_scope, class_b, K, base, paid_sum, raw, pay, room, x, start, end
     cdef int64_t Dr, D, g, rr, ra, factor, rep_idx, elig_a, elig_b, class_a, rest
-    cdef int64_t dedc_inc, col, keep
+    cdef int64_t dedc_inc, col, keep, profile, q
     cdef const PolicyRow* pol
     cdef const LayerRow* lay
     cdef const RuleRow* rule
@@ -487,11 +489,8 @@ def settle(const int64_t[::1] order, const int8_t[::1] status_in,
         for k in range(n):
             if k + PREFETCH_AHEAD < n and slot[order[k + PREFETCH_AHEAD]] >= 0:
                 j = slot[order[k + PREFETCH_AHEAD]]
-                prefetch_address(&state[j, 0])
-                if width > 8:
-                    prefetch_address(&state[j, 0] + 8)
-                if width > 16:
-                    prefetch_address(&state[j, 0] + 16)
+                for f in range(0, width, 8):
+                    prefetch_address(&state[j, 0] + f)
             i = order[k]
             status[i] = status_in[i]
             effective[i] = -1
@@ -526,9 +525,11 @@ def settle(const int64_t[::1] order, const int8_t[::1] status_in,
                 status[i] = AMOUNT_OUT_OF_RANGE
                 continue
             # The first layer must have a rule; found before anything changes.
-            lay = &layers[pol.layer_start]
+            profile = (c.visit * 3 + c.level) * 4 + c.locality
+            l = pol.layer_start
             r = -1
-            for j in range(lay.rule_start, lay.rule_start + lay.rule_count):
+            for q in range(rule_candidates[l, profile, 0], rule_candidates[l, profile, 0] + rule_candidates[l, profile, 1]):
+                j = candidate_rules[q]
                 if matches(&match_rows[rules[j].match], &c, ranges):
                     r = j
                     break
@@ -549,7 +550,9 @@ def settle(const int64_t[::1] order, const int8_t[::1] status_in,
                 base = in_scope if li == 0 else K - paid_sum
                 if li > 0:
                     r = -1
-                    for j in range(lay.rule_start, lay.rule_start + lay.rule_count):
+                    for q in range(rule_candidates[l, profile, 0],
+                                   rule_candidates[l, profile, 0] + rule_candidates[l, profile, 1]):
+                        j = candidate_rules[q]
                         if matches(&match_rows[rules[j].match], &c, ranges):
                             r = j
                             break
@@ -578,8 +581,9 @@ def settle(const int64_t[::1] order, const int8_t[::1] status_in,
                     g = BP
                     rr = -1
                     ra = 0
-                    for a in range(lay.adjustment_start, lay.adjustment_start + lay.adjustment_count):
-                        adj = &adjustments[a]
+                    for q in range(adjustment_candidates[l, profile, 0],
+                                   adjustment_candidates[l, profile, 0] + adjustment_candidates[l, profile, 1]):
+                        adj = &adjustments[candidate_adjustments[q]]
                         if matches(&match_rows[adj.match], &c, ranges):
                             g = round_div(g * adj.deductible_factor, BP)
                             if adj.ratio >= 0:

@@ -79,6 +79,12 @@ class CompiledPolicies:
     repeat_factors: np.ndarray
     identity_rank: np.ndarray
     identity_names: tuple[str, ...]  # global identity id -> name
+    # per (layer, visit x level x locality profile): the rules / adjustments whose match
+    # admits that profile, in file order, so the kernel tries only those
+    rule_candidates: np.ndarray  # [layers, PROFILES, 2]: start, count into candidate_rules
+    candidate_rules: np.ndarray
+    adjustment_candidates: np.ndarray
+    candidate_adjustments: np.ndarray
     layer_names: tuple[str, ...]  # global layer index -> name
     max_layers: int
     acc_width: int
@@ -88,6 +94,32 @@ class CompiledPolicies:
     @property
     def policy_ids(self) -> tuple[str, ...]:
         return tuple(p.id for p in self.policy_set.policies)
+
+
+PROFILES = len(VISIT_TYPES) * len(FACILITY_LEVELS) * len(LOCALITIES)
+
+
+def profile_code(visit: int, level: int, locality: int) -> int:
+    """The claim profile index the kernel computes: visit x level x locality."""
+    return (visit * len(FACILITY_LEVELS) + level) * len(LOCALITIES) + locality
+
+
+def _candidates(layers: list[dict], key_start: str, key_count: str, items: list[dict], matches: list[dict]):
+    """For each layer and profile, the items (rules or adjustments) that profile can match."""
+    index = np.zeros((max(len(layers), 1), PROFILES, 2), dtype=np.int64)
+    flat: list[int] = []
+    for li, layer in enumerate(layers):
+        for v in range(len(VISIT_TYPES)):
+            for lv in range(len(FACILITY_LEVELS)):
+                for lo in range(len(LOCALITIES)):
+                    prof = profile_code(v, lv, lo)
+                    index[li, prof, 0] = len(flat)
+                    for j in range(layer[key_start], layer[key_start] + layer[key_count]):
+                        m = matches[items[j]["match"]]
+                        if (m["visit_mask"] >> v) & 1 and (m["level_mask"] >> lv) & 1 and (m["locality_mask"] >> lo) & 1:
+                            flat.append(j)
+                    index[li, prof, 1] = len(flat) - index[li, prof, 0]
+    return index, np.asarray(flat or [0], dtype=np.int64)
 
 
 def compile_policies(policy_set: PolicySet) -> CompiledPolicies:
@@ -176,7 +208,14 @@ def compile_policies(policy_set: PolicySet) -> CompiledPolicies:
         acc_columns.append(tuple(columns))
 
     lookup = {(p.region, p.scheme, p.year): i for i, p in enumerate(policy_set.policies)}
+    rule_candidates, candidate_rules = _candidates(layers, "rule_start", "rule_count", rules, matches)
+    adjustment_candidates, candidate_adjustments = _candidates(
+        layers, "adjustment_start", "adjustment_count", adjustments, matches)
     return CompiledPolicies(
+        rule_candidates=rule_candidates,
+        candidate_rules=candidate_rules,
+        adjustment_candidates=adjustment_candidates,
+        candidate_adjustments=candidate_adjustments,
         policy_set=policy_set,
         policies=_table(POLICY_FIELDS, policies),
         layers=_table(LAYER_FIELDS, layers),

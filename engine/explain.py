@@ -11,6 +11,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from . import _kernel
+from .arrow_io import build_results
 from .compile import CompiledPolicies
 from .model import BP, KIND_CLASS_RATIO, KIND_FIXED_AMOUNT, KIND_MAX_PERSONAL_SHARE, Rule
 from .settle import Settler, _one_batch
@@ -65,8 +66,10 @@ def explain(claims, policies, claim_id: str, accumulators: pa.Table | None = Non
     if len(hits) == 0:
         raise KeyError(f"claim_id {claim_id!r} is not in the claims")
     row = int(hits[0])
-    result = settler.settle_batch(batch, trace_row=row).slice(row, 1).to_pylist()[0]
-    trace, trace_acc, prep, _ = settler.last_trace
+    chunk = settler.prepare(batch)
+    kernel_out = settler.run_kernel(chunk, trace_row=row)
+    result = build_results(chunk.prep, settler.compiled, kernel_out, False).slice(row, 1).to_pylist()[0]
+    trace, trace_acc, prep = kernel_out["trace"], kernel_out["trace_acc"], chunk.prep
     c: CompiledPolicies = settler.compiled
     claim = batch.slice(row, 1).to_pylist()[0]
     out = {"claim": claim, "result": result, "layers": []}

@@ -34,6 +34,15 @@ class AccumulatorError(ValueError):
     """Carried-in accumulators that cannot be used; the message names the key."""
 
 
+class Chunk(NamedTuple):
+    """A chunk ready for the kernel: its arrays, pre-kernel statuses, key slots, order."""
+
+    prep: PreparedClaims
+    status: np.ndarray
+    slot: np.ndarray
+    order: np.ndarray
+
+
 class Settlement(NamedTuple):
     results: pa.Table
     accumulators: pa.Table
@@ -82,22 +91,32 @@ class Settler:
 
     def settle_batch(self, batch: pa.RecordBatch, trace_row: int = -1) -> pa.RecordBatch:
         """Settle one chunk, ordered on its own; results in its input order."""
+        chunk = self.prepare(batch)
+        out = self.run_kernel(chunk, trace_row)
+        return build_results(chunk.prep, self.compiled, out, self.deltas)
+
+    def prepare(self, batch: pa.RecordBatch) -> "Chunk":
+        """Columns to kernel arrays, row statuses up to DUPLICATE_CLAIM, key slots and the order."""
         if isinstance(batch, pa.Table):
             batch = _one_batch(batch)
         check_schema(batch.schema)
         batch = batch.select(CLAIMS_SCHEMA.names)
         c = self.compiled
         prep = PreparedClaims(batch, c)
-        n = prep.n
-        status_in = np.zeros(n, dtype=np.int8)
-        slot = np.zeros(n, dtype=np.int64)
+        status = np.zeros(prep.n, dtype=np.int8)
+        slot = np.zeros(prep.n, dtype=np.int64)
         _kernel.check_rows(prep.claim_offsets, prep.claim_data, prep.claim_valid,
                            prep.person_offsets, prep.person_data, prep.missing, prep.invalid_enum,
                            prep.total, prep.self_funded, prep.over_limit, prep.class_b_copay, prep.in_scope,
                            prep.in_scope_class_b, prep.policy, prep.identity_mask, c.policies,
-                           self._claim_ids, self._keys, status_in, slot)
+                           self._claim_ids, self._keys, status, slot)
         self._reserve(len(self._keys))
         order = _kernel.order_rows(prep.settle_time, prep.claim_offsets, prep.claim_data)
+        return Chunk(prep, status, slot, order)
+
+    def run_kernel(self, chunk: "Chunk", trace_row: int = -1) -> dict:
+        """The per-claim loop (nogil) over a prepared chunk; updates the accumulators."""
+        c, prep, n = self.compiled, chunk.prep, chunk.prep.n
         out = {  # the kernel writes every row of these
             "status": _empty(n, np.int8),
             "effective": _empty(n, np.int32),
@@ -110,17 +129,17 @@ class Settler:
             "trace": np.zeros((c.max_layers, _kernel.TRACE_NFIELDS), dtype=np.int64),
             "trace_acc": np.zeros((2, self._state.shape[1]), dtype=np.int64),
         }
-        _kernel.settle(order, status_in, prep.policy, slot, prep.visit, prep.level, prep.locality,
+        _kernel.settle(chunk.order, chunk.status, prep.policy, chunk.slot, prep.visit, prep.level, prep.locality,
                        prep.referred, prep.age, prep.identity_mask, prep.disease,
                        prep.class_b_copay, prep.in_scope, prep.in_scope_class_b,
                        c.policies, c.layers, c.rules, c.segments, c.adjustments, c.matches, c.ranges,
                        c.repeat_factors, c.identity_rank,
+                       c.rule_candidates, c.candidate_rules, c.adjustment_candidates, c.candidate_adjustments,
                        self._state,
                        out["status"], out["effective"], out["deductible_applied"], out["fund_pay"],
                        out["layer_pay"], out["cap_hit"], out["compliant"],
                        self.deltas, out["deltas"], trace_row, out["trace"], out["trace_acc"])
-        self.last_trace = (out["trace"], out["trace_acc"], prep, out)
-        return build_results(prep, c, out, self.deltas)
+        return out
 
     def settle_batches(self, batches: Iterable[pa.RecordBatch]) -> Iterable[pa.RecordBatch]:
         for batch in batches:
