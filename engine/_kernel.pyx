@@ -61,7 +61,7 @@ cdef extern from *:
 
 # How many claims ahead the loops prefetch hash-table slots and accumulator rows.
 cdef enum:
-    PREFETCH_AHEAD = 16
+    PREFETCH_AHEAD = 64
 
 
 cdef inline uint64_t fnv_update(uint64_t h, const uint8_t* p, int64_t n) noexcept nogil:
