@@ -81,12 +81,23 @@ class ClaimsSchemaError(ValueError):
     """The claims table lacks a column or has one of another type; nothing was settled."""
 
 
+# Low-cardinality string columns may also come dictionary-encoded, as Parquet readers give
+# them with `read_dictionary`: the same strings, without materializing them per row.
+DICTIONARY_COLUMNS = ("region", "scheme", "visit_type", "facility_level", "locality", "disease_code")
+
+
+def _is_string_dictionary(t: pa.DataType) -> bool:
+    return pa.types.is_dictionary(t) and pa.types.is_string(t.value_type)
+
+
 def check_schema(schema: pa.Schema) -> None:
     for field in CLAIMS_SCHEMA:
         idx = schema.get_field_index(field.name)
         if idx < 0:
             raise ClaimsSchemaError(f"claims: missing column '{field.name}' ({field.type})")
         got = schema.field(idx).type
+        if field.name in DICTIONARY_COLUMNS and _is_string_dictionary(got):
+            continue
         if not got.equals(field.type):
             raise ClaimsSchemaError(f"claims: column '{field.name}' has type {got}; expected {field.type}")
 
@@ -113,6 +124,10 @@ def valid_mask(arr: pa.Array) -> np.ndarray:
 
 def _codes(arr: pa.Array, names) -> np.ndarray:
     """Index of each value in `names` as int32: -1 null, -2 not one of them."""
+    if isinstance(arr, pa.DictionaryArray):
+        per_value = np.append(_codes(arr.dictionary, names), np.int32(-1))
+        indices = arr.indices
+        return per_value[np.asarray(indices.fill_null(len(arr.dictionary)) if indices.null_count else indices)]
     out = np.empty(len(arr), dtype=np.int32)
     if len(arr) == 0:
         return out
@@ -150,10 +165,10 @@ def _identity_masks(arr: pa.ListArray, bits: dict[str, int]) -> np.ndarray:
 def _disease_codes(arr: pa.Array) -> np.ndarray:
     if len(arr) == 0:
         return np.zeros(0, dtype=np.int64)
-    enc = arr.dictionary_encode()
+    enc = arr if isinstance(arr, pa.DictionaryArray) else arr.dictionary_encode()
     values = []
     for v in enc.dictionary.to_pylist():
-        code = v.strip().upper()
+        code = (v or "").strip().upper()
         values.append(encode_category(code) if len(code) >= 3 else -1)
     dict_codes = np.array(values + [-1], dtype=np.int64)
     return dict_codes[np.asarray(enc.indices.fill_null(len(enc.dictionary)))]

@@ -249,7 +249,7 @@ class ClaimsFile:
         if self.fmt == "parquet":
             import pyarrow.parquet as pq
 
-            pf = pq.ParquetFile(str(self.path))
+            pf = self._parquet()
             self.file_schema = pf.schema_arrow
             self.num_rows = pf.metadata.num_rows
         elif self.fmt == "ipc":
@@ -282,6 +282,18 @@ class ClaimsFile:
             if i >= 0:
                 b = b.set_column(i, name, b.column(i).cast(to))
         return b
+
+    def _parquet(self):
+        """The Parquet file, its low-cardinality string columns read dictionary-encoded.
+
+        Materializing those strings per row was three quarters of the read time;
+        the engine takes them dictionary-encoded as they are.
+        """
+        import pyarrow.parquet as pq
+
+        names = pq.ParquetFile(str(self.path)).schema_arrow.names
+        return pq.ParquetFile(str(self.path),
+                              read_dictionary=[c for c in engine_dictionary_columns() if c in names])
 
     def _open_ipc(self):
         source = pa.memory_map(str(self.path), "r")
@@ -326,8 +338,7 @@ class ClaimsFile:
         if self.fmt == "parquet":
             import pyarrow.parquet as pq
 
-            pf = pq.ParquetFile(str(self.path))
-            yield from pf.iter_batches(batch_size=self.batch_size, columns=columns)
+            yield from self._parquet().iter_batches(batch_size=self.batch_size, columns=columns)
         elif self.fmt == "ipc":
             reader = self._open_ipc()
             if isinstance(reader, pa.ipc.RecordBatchFileReader):
@@ -354,6 +365,12 @@ class ClaimsFile:
         batches = [self._normalize(b) for b in self._raw_batches(cols)]
         schema = pa.schema([self.field(c) for c in cols])
         return pa.Table.from_batches(batches, schema=schema) if batches else schema.empty_table()
+
+
+def engine_dictionary_columns() -> tuple[str, ...]:
+    from engine.arrow_io import DICTIONARY_COLUMNS
+
+    return DICTIONARY_COLUMNS
 
 
 def _representation_cast(got: pa.DataType, want: pa.DataType) -> Optional[pa.DataType]:
