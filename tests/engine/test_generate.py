@@ -77,7 +77,7 @@ def test_write_claims_independent_of_block(ps, tmp_path, ext):
         path = tmp_path / f"c{block}.{ext}"
         assert write_claims(path, ps, 3000, seed=4, invalid_rate=0.1, block=block) == 3000
         back = ClaimsFile(path).read_all()
-        assert back.equals(table), (ext, block)
+        assert back.cast(table.schema).equals(table), (ext, block)  # Parquet strings come dictionary-encoded
     if ext == "parquet":
         meta = pq.ParquetFile(tmp_path / "c700.parquet").metadata
         assert [meta.row_group(i).num_rows for i in range(meta.num_row_groups)] == [700] * 4 + [200]
