@@ -131,4 +131,4 @@ cdef class Interner:
 
     cdef int64_t intern(self, const uint8_t* key, int64_t length, uint64_t h, bint* is_new) noexcept nogil
     cdef void prefetch(self, uint64_t h) noexcept nogil
-    cdef int grow_table(self) noexcept nogil
+    cdef int grow_table(self, int64_t new_size) noexcept nogil

@@ -116,8 +116,7 @@ cdef class Interner:
     def __len__(self):
         return self.count
 
-    cdef int grow_table(self) noexcept nogil:
-        cdef int64_t new_size = (self.table_mask + 1) * 2
+    cdef int grow_table(self, int64_t new_size) noexcept nogil:
         cdef TableSlot* t = <TableSlot*> malloc(new_size * sizeof(TableSlot))
         cdef int64_t i, j, mask = new_size - 1
         if t == NULL:
@@ -176,9 +175,30 @@ cdef class Interner:
         self.table[j].entry = e + 1
         is_new[0] = True
         if self.count * 2 > self.table_mask + 1:
-            if self.grow_table() != 0:
+            if self.grow_table((self.table_mask + 1) * 2) != 0:
                 return -1
         return e
+
+    def reserve(self, int64_t entries, int64_t nbytes):
+        """Room for `entries` more keys of `nbytes` in all, so a chunk grows each table once."""
+        cdef int64_t need = self.count + entries, size = self.table_mask + 1
+        cdef void* p
+        while need * 2 > size:
+            size *= 2
+        if size > self.table_mask + 1 and self.grow_table(size) != 0:
+            raise MemoryError()
+        if need > self.entries_cap:
+            p = realloc(self.starts, (need + 1) * sizeof(int64_t))
+            if p == NULL:
+                raise MemoryError()
+            self.starts = <int64_t*> p
+            self.entries_cap = need
+        if self.arena_len + nbytes > self.arena_cap:
+            p = realloc(self.arena, self.arena_len + nbytes)
+            if p == NULL:
+                raise MemoryError()
+            self.arena = <uint8_t*> p
+            self.arena_cap = self.arena_len + nbytes
 
     def export(self):
         """(starts int64[count + 1], arena uint8[...]) copies, for building output columns."""

@@ -105,6 +105,8 @@ class Settler:
         prep = PreparedClaims(batch, c)
         status = np.zeros(prep.n, dtype=np.int8)
         slot = np.zeros(prep.n, dtype=np.int64)
+        self._claim_ids.reserve(prep.n, int(prep.claim_offsets[-1] - prep.claim_offsets[0]))
+
         _kernel.check_rows(prep.claim_offsets, prep.claim_data, prep.claim_valid,
                            prep.person_offsets, prep.person_data, prep.missing, prep.invalid_enum,
                            prep.total, prep.self_funded, prep.over_limit, prep.class_b_copay, prep.in_scope,
