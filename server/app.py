@@ -50,9 +50,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     t.add_argument("--max-batch", type=int, default=1024, help="most calls committed in one group (default 1024)")
     t.add_argument("--max-pending", type=int, default=20_000,
                    help="queued calls beyond which Settle answers RESOURCE_EXHAUSTED (default 20000)")
-    t.add_argument("--group-interval-ms", type=float, default=0.0,
+    t.add_argument("--group-interval-ms", type=float, default=6.0,
                    help="start a group at most once per this many ms unless --max-batch calls are waiting "
-                        "(default 0: settle what is queued as soon as the writer is free)")
+                        "(default 6; 0: settle what is queued as soon as the writer is free)")
     t.add_argument("--writer", choices=("process", "thread"), default="process",
                    help="run the writer (engine + commits) in its own process (default) or as a thread of the "
                         "server process")
@@ -94,6 +94,17 @@ def import_registry(store, path: str) -> int:
         conn.execute("ROLLBACK")
         raise
     return count
+
+
+def tune_gc() -> None:
+    """Fewer, cheaper garbage collections: what is loaded at start (policies, modules) is frozen
+    out of the collector's view, and the young generation is collected every 20,000 allocations
+    instead of 700 (each collection is a pause every in-flight call waits out)."""
+    import gc
+
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(20_000, 50, 100)
 
 
 class Server:
@@ -235,6 +246,7 @@ async def _serve(args) -> int:
         os.replace(tmp, args.port_file)
     print(f"medsettle serve: listening on {host}:{port} ({len(ps.policies)} policies, store {args.store})",
           flush=True)
+    tune_gc()
 
     died = loop.create_task(srv.died.wait())
     await asyncio.wait([loop.create_task(stop.wait()), died], return_when=asyncio.FIRST_COMPLETED)

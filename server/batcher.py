@@ -9,9 +9,12 @@ takes everything waiting (up to `max_batch`), and for that group:
 2. answers what needs no settlement (bad requests, unknown persons, retries
    of settled claims, duplicates);
 3. puts each remaining request in a *round*: a person's first request of the
-   group in round 0, their second in round 1, and so on, so that a person's
+   group in round 0, their next one in round 1, and so on, so that a person's
    requests are applied in arrival order and each one sees the accumulators
-   left by the one before; requests of different persons share rounds;
+   left by the one before (a settlement that sorts after the person's previous
+   settlement by (settle_time, claim_id) shares its round: the engine settles
+   them in that order, which is then also the arrival order); requests of
+   different persons share rounds;
 4. per round, applies the reversals (deltas taken off) and settles the
    claims as ONE engine chunk (`engine.Settler.settle_batch`, carried-in
    accumulators of the round's keys), advancing each key by the claim's deltas;
@@ -240,9 +243,18 @@ class GroupWriter:
         rounds: list = []
         claim_bytes: dict = {}
 
-        def place(pid, entry):
+        last_entry: dict = {}  # person -> (kind, settle_time_us, claim_id bytes) of their last entry
+
+        def place(pid, entry, order_key=None):
+            """A person's entry goes to a new round after their previous one, except that a claim
+            joins the round of the person's previous settlement when it sorts after it: the engine
+            settles a chunk in (settle_time, claim_id) order, which is then the arrival order."""
+            prev = last_entry.get(pid)
             r = last_round.get(pid, -1) + 1
+            if prev is not None and order_key is not None and prev[0] == SETTLE and prev[1:] < order_key:
+                r -= 1
             last_round[pid] = r
+            last_entry[pid] = (entry[0].kind, *order_key) if order_key is not None else (entry[0].kind,)
             if r == len(rounds):
                 rounds.append([])
             rounds[r].append(entry)
@@ -275,7 +287,8 @@ class GroupWriter:
                     answers.append((it, e))
                     continue
                 claim_bytes[id(it)] = cb
-                place(pid, (it, Work(c, basis, (pid, basis.region, basis.scheme, basis.year))))
+                place(pid, (it, Work(c, basis, (pid, basis.region, basis.scheme, basis.year))),
+                      (c.settle_time_us, cid.encode()))
             else:  # REVERSE
                 req = it.payload
                 cid = req.claim_id
@@ -324,11 +337,13 @@ class GroupWriter:
         committing: list = []  # (item, bytes) answered only if the commit succeeds
         first_seq = seq = store.last_seq
         now = now_us()
+        last_state: dict = {}  # key -> Accumulators message of its last settlement in the group
         for rnd in rounds:
             works, items_w, apply = [], [], []
             for it, x in rnd:
                 if it.kind == REVERSE:
                     seq = self._reverse(it, x, accs, seq, now, ledger_out, changed, committing, answers)
+                    last_state.pop(key_of(x["settle"]), None)
                 else:
                     works.append(x)
                     items_w.append(it)
@@ -348,6 +363,7 @@ class GroupWriter:
                 resp.ledger_seq = seq
                 resp.recorded_at_us = now
                 data = resp.SerializeToString()
+                last_state[w.key] = resp.accumulators
                 c = w.claim
                 ledger_out.append((seq, "settle", c.claim_id, c.facility_id, *w.key, oc.d_adm, oc.d_ct,
                                    resp.delta.SerializeToString(), claim_bytes[id(it)], data, None, now))
@@ -357,7 +373,8 @@ class GroupWriter:
         st = self.stats
         if ledger_out:
             acc_rows = [(*key, accs[key].admissions, accs[key].compliant_total,
-                         accs[key].to_pb(key, core.column_order(key)).SerializeToString(), s)
+                         (last_state[key] if key in last_state else
+                          accs[key].to_pb(key, core.column_order(key))).SerializeToString(), s)
                         for key, s in changed.items()]
             try:
                 store.commit_group(ledger_out, acc_rows)
@@ -445,6 +462,7 @@ class Batcher:
     # ------------------------------------------------------------ lifecycle
 
     def start(self) -> None:
+        self.writer.store.start_checkpointer()
         self._thread = threading.Thread(target=self._run, name="medsettle-writer", daemon=True)
         self._thread.start()
 

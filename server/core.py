@@ -35,7 +35,9 @@ AMOUNT_FIELDS = ("total_amount", "self_funded_amount", "over_limit_amount", "cla
                  "in_scope_amount", "in_scope_class_b_amount")
 MAX_AMOUNT = 10**12
 MAX_ID_LEN = 128
+MAX_CODE_LEN = 64
 
+LAYER_ENTRY = engine.ACCUMULATORS_SCHEMA.field("layers").type.value_type
 STATUS_CODE = {name: (E.Value(name) if name != "ok" else 0) for name in engine.STATUSES}
 RESULT_INT_FIELDS = ("deductible_applied", "basic_pay", "supplementary_pay", "critical_illness_pay",
                      "medical_aid_pay", "guarantee_pay", "fund_pay_total", "personal_pay",
@@ -148,6 +150,13 @@ def precheck(claim: pb.Claim) -> Optional[CallError]:
     if not claim.facility_id:
         return CallError(E.MISSING_FIELD, "facility_id is empty; give the settling facility's id",
                          field="facility_id", claim_id=cid, person_id=claim.person_id)
+    if len(claim.facility_id) > MAX_ID_LEN:
+        return CallError(E.INVALID_VALUE, f"facility_id is longer than {MAX_ID_LEN} characters",
+                         field="facility_id", claim_id=cid, person_id=claim.person_id)
+    if len(claim.disease_code) > MAX_CODE_LEN:
+        return CallError(E.INVALID_VALUE, f"disease_code is longer than {MAX_CODE_LEN} characters; give the "
+                         "ICD-10 code of the main diagnosis", field="disease_code", claim_id=cid,
+                         person_id=claim.person_id)
     if not claim.HasField("settle_time_us"):
         return CallError(E.MISSING_FIELD, "settle_time_us is not set; give the settlement's local wall time "
                          "(µs since 1970-01-01T00:00:00)", field="settle_time_us", claim_id=cid,
@@ -220,30 +229,45 @@ class Core:
         return pa.RecordBatch.from_arrays(cols, schema=engine.CLAIMS_SCHEMA)
 
     def carry_table(self, keys, accs: dict) -> Optional[pa.Table]:
-        rows = {"person_id": [], "region": [], "scheme": [], "year": [], "admissions": [],
-                "compliant_total": [], "layers": []}
+        """The carried-in accumulators (engine.ACCUMULATORS_SCHEMA) of those `keys` that hold
+        something and have a policy."""
+        pids, regions, schemes, years, adm, ct = [], [], [], [], [], []
+        offsets, lnames, lcaps, lpos, lpaid, lded = [0], [], [], [], [], []
         for key in keys:
             a = accs.get(key)
             if a is None or self.policy(*key[1:]) is None:
                 continue
-            rows["person_id"].append(key[0])
-            rows["region"].append(key[1])
-            rows["scheme"].append(key[2])
-            rows["year"].append(key[3])
-            rows["admissions"].append(a.admissions)
-            rows["compliant_total"].append(a.compliant_total)
-            rows["layers"].append([{"layer": k[0], "cap_group": k[1], "position": v[0], "paid": v[1],
-                                    "deductible_charged": v[2]} for k, v in a.layers.items()])
-        if not rows["person_id"]:
+            pids.append(key[0])
+            regions.append(key[1])
+            schemes.append(key[2])
+            years.append(key[3])
+            adm.append(a.admissions)
+            ct.append(a.compliant_total)
+            for (layer, cap), v in a.layers.items():
+                lnames.append(layer)
+                lcaps.append(cap)
+                lpos.append(v[0])
+                lpaid.append(v[1])
+                lded.append(v[2])
+            offsets.append(len(lnames))
+        if not pids:
             return None
-        return pa.Table.from_pydict(rows, schema=engine.ACCUMULATORS_SCHEMA)
+        entries = pa.StructArray.from_arrays(
+            [pa.array(lnames, pa.string()), pa.array(lcaps, pa.string()), pa.array(lpos, pa.int64()),
+             pa.array(lpaid, pa.int64()), pa.array(lded, pa.int64())], fields=list(LAYER_ENTRY))
+        layers = pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), entries, type=pa.list_(LAYER_ENTRY))
+        return pa.Table.from_arrays(
+            [pa.array(pids, pa.string()), pa.array(regions, pa.string()), pa.array(schemes, pa.string()),
+             pa.array(years, pa.int32()), pa.array(adm, pa.int64()), pa.array(ct, pa.int64()), layers],
+            schema=engine.ACCUMULATORS_SCHEMA)
 
     # ------------------------------------------------------------ settle
 
     def settle(self, works: list, accs: dict, apply: Optional[list] = None) -> list:
-        """Settles `works` (at most one per person: one engine chunk) against `accs`
-        (key -> Acc, updated in place for accepted claims, except where `apply[i]`
-        is false: a pre-settlement). Returns, per work, an Outcome or a CallError."""
+        """Settles `works` as one engine chunk against `accs` (key -> Acc, updated in
+        place for accepted claims, except where `apply[i]` is false: a pre-settlement).
+        Works of one key must be given in (settle_time, claim_id) order, a
+        pre-settlement last. Returns, per work, an Outcome or a CallError."""
         if not works:
             return []
         keys = [w.key for w in works]

@@ -145,6 +145,7 @@ class Store:
         self._readers: list[sqlite3.Connection] = []
         self._readers_lock = threading.Lock()
         self.last_seq = self.conn.execute("SELECT COALESCE(MAX(seq), 0) FROM ledger").fetchone()[0]
+        self._checkpointer = None
 
     # ------------------------------------------------------------------ schema
 
@@ -182,6 +183,11 @@ class Store:
         return conn
 
     def close(self, checkpoint: bool = True) -> None:
+        if self._checkpointer is not None:
+            t, stop = self._checkpointer
+            stop.set()
+            t.join(10)
+            self._checkpointer = None
         with self._readers_lock:
             for r in self._readers:
                 try:
@@ -198,6 +204,10 @@ class Store:
         if self._lock_file is not None:
             self._lock_file.close()
             self._lock_file = None
+
+    def max_seq(self, conn: Optional[sqlite3.Connection] = None) -> int:
+        """The last committed ledger sequence number (0 when empty)."""
+        return (conn or self.conn).execute("SELECT COALESCE(MAX(seq), 0) FROM ledger").fetchone()[0]
 
     # ------------------------------------------------------------------ meta
 
@@ -282,6 +292,30 @@ class Store:
 
     def checkpoint(self, mode: str = "PASSIVE", conn: Optional[sqlite3.Connection] = None):
         return (conn or self.conn).execute(f"PRAGMA wal_checkpoint({mode})").fetchone()
+
+    def start_checkpointer(self, interval: float = 1.0) -> None:
+        """Moves WAL checkpoints off the commit path: the writer's connection stops
+        checkpointing on commit, and a thread with its own connection runs a PASSIVE
+        checkpoint every `interval` seconds (it never blocks the writer or the readers)."""
+        if self._checkpointer is not None:
+            return
+        self.conn.execute("PRAGMA wal_autocheckpoint = 0")
+        stop = threading.Event()
+
+        def run():
+            conn = connect(self.path)
+            try:
+                while not stop.wait(interval):
+                    try:
+                        conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+                    except sqlite3.Error:
+                        pass
+            finally:
+                conn.close()
+
+        t = threading.Thread(target=run, name="medsettle-checkpoint", daemon=True)
+        t.start()
+        self._checkpointer = (t, stop)
 
     # ------------------------------------------------------------------ audit
 

@@ -115,11 +115,15 @@ def writer_main(sock: socket.socket, store_path: str, policies, options: dict, p
 
             policies = engine.load_policies(policies)
         store = Store(store_path)
+        store.start_checkpointer()
         core = Core(policies, verify=options.get("verify", False))
         gw = GroupWriter(store, core)
     except Exception as e:  # noqa: BLE001
         sock.sendall(_frame(FAILED, 0, f"{type(e).__name__}: {e}".encode()))
         return
+    from .app import tune_gc
+
+    tune_gc()
     sock.sendall(_frame(READY, 0, b""))
     min_interval = options.get("min_interval", 0.0)
     max_batch = options.get("max_batch", 1024)
@@ -233,6 +237,8 @@ class WriterProcess:
         self._writer = None
         self._reader_task = None
         self._closing = False
+        self._out: list = []
+        self._flush_scheduled = False
 
     async def start(self, timeout: float = 120.0) -> None:
         import multiprocessing as mp
@@ -267,10 +273,26 @@ class WriterProcess:
             return CallError(E.OVERLOADED, f"{len(self._pending)} settlements are waiting; retry with backoff")
         ident = self._next
         self._next += 1
-        fut = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
         self._pending[ident] = fut
-        self._writer.write(HEADER.pack(len(payload), kind, ident) + payload)
+        # frames of one event-loop turn leave in one write
+        self._out.append(HEADER.pack(len(payload), kind, ident))
+        self._out.append(payload)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            loop.call_soon(self._flush)
         return fut
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        if self._out:
+            data = b"".join(self._out)
+            self._out.clear()
+            try:
+                self._writer.write(data)
+            except (ConnectionError, OSError, RuntimeError):
+                pass
 
     async def _read(self, reader: asyncio.StreamReader) -> None:
         pending = self._pending
@@ -314,6 +336,7 @@ class WriterProcess:
         self._accepting = False
         self._closing = True
         if self._writer is not None:
+            self._flush()
             try:
                 self._writer.write(_frame(CLOSE, 0, b""))
                 await self._writer.drain()

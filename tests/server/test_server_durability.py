@@ -145,8 +145,11 @@ def test_sigkill_mid_load_then_restart(tmp_path):
             assert rec.settlement == acked[cid] and rec.state == pb.SETTLEMENT_STATE_SETTLED
         # clients retry what they sent: acknowledged ones replay, the rest settle (or replay if committed unacked)
         sent = rows[: n_acked + 200]
-        for row in sent:
-            resp = stub.Settle(settle_request(row), timeout=10)
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(16) as ex:
+            resps = list(ex.map(lambda row: stub.Settle(settle_request(row), timeout=30), sent))
+        for row, resp in zip(sent, resps):
             if row["claim_id"] in acked:
                 assert resp.replayed
                 resp.replayed = False
@@ -197,3 +200,53 @@ def test_sigterm_drains_in_flight_calls(tmp_path):
     assert set(acked) <= set(stored)
     for cid, resp in acked.items():
         assert stored[cid] == resp
+
+
+def _children(pid: int) -> list:
+    import os
+
+    out = []
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{tid}/children") as f:
+            out += [int(x) for x in f.read().split()]
+    return out
+
+
+def _writer_pid(pid: int) -> int:
+    for child in _children(pid):
+        with open(f"/proc/{child}/cmdline", "rb") as f:
+            cmd = f.read()
+        if b"resource_tracker" not in cmd:
+            return child
+    raise AssertionError("no writer process")
+
+
+def test_writer_process_death_stops_the_server(tmp_path):
+    """If the writer dies, waiting calls get UNAVAILABLE, the server exits 1, and a restart finds
+    a consistent store with every acknowledged settlement."""
+    policies = write_policies(tmp_path / "policies")
+    registry = write_registry(tmp_path / "persons.parquet")
+    store = tmp_path / "store.db"
+    rows = load_claims(3000, seed=3)
+    proc, port = start_subprocess_server(store, policies=policies, registry=registry)
+    acked: dict = {}
+    stop = threading.Event()
+    try:
+        threads = run_load(port, rows, acked, stop, workers=8)
+        deadline = time.time() + 30
+        while len(acked) < 200 and time.time() < deadline:
+            time.sleep(0.01)
+        import os
+
+        os.kill(_writer_pid(proc.pid), signal.SIGKILL)
+        out, err = proc.communicate(timeout=30)
+        stop.set()
+        for t in threads:
+            t.join(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 1, err
+    assert "writer process died" in err
+    stored = check_store(store, policy_set(), {r["claim_id"]: r for r in rows})
+    assert set(acked) <= set(stored)

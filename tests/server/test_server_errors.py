@@ -46,6 +46,7 @@ CASES = [
     ("class B above in scope", settle_request(base(in_scope_class_b_amount=2_000_00)), INVALID, "AMOUNT_MISMATCH",
      "in_scope_class_b_amount"),
     ("long id", claim_with(claim_id="x" * 200), INVALID, "INVALID_VALUE", "claim_id"),
+    ("long code", claim_with(disease_code="I10" * 100), INVALID, "INVALID_VALUE", "disease_code"),
     ("unregistered", claim_with(person_id="ghost"), grpc.StatusCode.NOT_FOUND, "PERSON_NOT_FOUND", "person_id"),
     ("before birth", settle_request(base(settle_time=T(1950, 1, 1))), INVALID, "INVALID_VALUE", "settle_time_us"),
     ("no policy that year", settle_request(base(settle_time=T(2023, 5, 5))), PRECOND, "UNKNOWN_POLICY",
@@ -65,7 +66,7 @@ def primed(srv):
 def test_bad_requests_change_nothing(primed):
     srv = primed
     acc = srv.store.stored_accumulators()
-    seq = srv.store.last_seq
+    seq = srv.store.max_seq()
     for name, req, code, reason, field in CASES:
         for method in (srv.stub.Settle, srv.stub.PreSettle):
             got_code, d = rpc_error(method, req, timeout=10)
@@ -73,10 +74,10 @@ def test_bad_requests_change_nothing(primed):
             assert d.code == pb.ErrorCode.Value(reason) and d.message, name
             assert len(d.message) > 20
     assert srv.store.stored_accumulators() == acc
-    assert srv.store.last_seq == seq
+    assert srv.store.max_seq() == seq
     # a rejected claim is not recorded: the same id settles once corrected
     srv.stub.Settle(settle_request(base()))
-    assert srv.store.last_seq == seq + 1
+    assert srv.store.max_seq() == seq + 1
 
 
 def test_status_message_and_detail(primed):

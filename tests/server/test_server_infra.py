@@ -84,3 +84,32 @@ def test_listens_on_loopback_unless_told(tmp_path):
             out, err = proc.communicate(timeout=30)
         assert f"listening on {host}:{port}" in out, (out, err)
         assert proc.returncode == 0
+
+
+def test_tls(tmp_path):
+    import shutil
+    import subprocess
+
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed")
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out",
+                    str(cert), "-days", "1", "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost"],
+                   check=True, capture_output=True)
+    policies = write_policies(tmp_path / "policies")
+    proc, port = start_subprocess_server(tmp_path / "s.db", policies=policies,
+                                         extra=["--tls-cert", str(cert), "--tls-key", str(key)])
+    try:
+        creds = grpc.ssl_channel_credentials(root_certificates=cert.read_bytes())
+        ch = grpc.secure_channel(f"localhost:{port}", creds)
+        h = health_pb2_grpc.HealthStub(ch)
+        assert h.Check(health_pb2.HealthCheckRequest(), timeout=10).status == 1
+        ch.close()
+        plain = grpc.insecure_channel(f"127.0.0.1:{port}")
+        with pytest.raises(grpc.RpcError):
+            health_pb2_grpc.HealthStub(plain).Check(health_pb2.HealthCheckRequest(), timeout=3)
+        plain.close()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+    assert f"listening on [::]:{port}" in out, (out, err)
