@@ -6,6 +6,8 @@ accumulators are built back as Arrow arrays from the kernel's outputs.
 """
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -62,6 +64,8 @@ RESULTS_SCHEMA = pa.schema([
     ("cap_hit", pa.bool_()),
 ])
 FUND_COLUMNS = tuple(f"{f}_pay" for f in FUNDS)
+
+_STATUS_NAMES = pa.array(STATUSES, pa.string())
 
 DELTA_FIELDS = [("delta_admissions", pa.int64()), ("delta_compliant_total", pa.int64()),
                 ("delta_layers", pa.list_(LAYER_ENTRY))]
@@ -132,11 +136,15 @@ def _codes(arr: pa.Array, names) -> np.ndarray:
     if len(arr) == 0:
         return out
     offsets, data, valid = string_buffers(arr)
-    name_offsets, name_data, _ = string_buffers(pa.array(list(names) or [""], pa.string()))
-    if not names:
-        name_offsets = name_offsets[:1]
+    name_offsets, name_data = _name_buffers(tuple(names))
     _kernel.string_codes(offsets, data, valid, name_offsets, name_data, out)
     return out
+
+
+@functools.lru_cache(maxsize=256)
+def _name_buffers(names: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
+    offsets, data, _ = string_buffers(pa.array(list(names) or [""], pa.string()))
+    return (offsets if names else offsets[:1]), data
 
 
 def _amount(col: pa.Array) -> np.ndarray:
@@ -225,13 +233,9 @@ class PreparedClaims:
             return policy
         years = np.empty(n, dtype=np.int32)
         _kernel.calendar_years(settle_time, years)
-        region_names = sorted({region for region, _, _ in compiled.lookup})
-        region = _codes(batch.column("region"), region_names)
-        y0 = min(y for _, _, y in compiled.lookup)
-        y1 = max(y for _, _, y in compiled.lookup)
-        table = np.full((len(region_names), len(SCHEMES), y1 - y0 + 1), -1, dtype=np.int32)
-        for (name, sch, year), p in compiled.lookup.items():
-            table[region_names.index(name), SCHEMES.index(sch), year - y0] = p
+        names = compiled.names
+        region = _codes(batch.column("region"), names.region_names)
+        table, y0, y1 = names.policy_table, names.first_year, names.last_year
         ok = (region >= 0) & (scheme >= 0) & (years >= y0) & (years <= y1)
         policy[ok] = table[region[ok], scheme[ok], years[ok] - y0]
         return policy
@@ -246,8 +250,8 @@ def build_results(prep: PreparedClaims, compiled: CompiledPolicies, out: dict, d
     fund_pay = out["fund_pay"]
     fund_total = fund_pay.sum(axis=0)
     compliant = out["compliant"]
-    policy_ids = pa.array(list(compiled.policy_ids) + [None], pa.string())
-    identity_names = pa.array(list(compiled.identity_names) + [None], pa.string())
+    names = compiled.names
+    policy_ids, identity_names = names.policy_ids, names.identities
     effective = np.where(ok & (out["effective"] >= 0), out["effective"], len(compiled.identity_names))
 
     # layer_pays: the layers that paid more than 0, in order
@@ -258,9 +262,8 @@ def build_results(prep: PreparedClaims, compiled: CompiledPolicies, out: dict, d
     offsets = np.zeros(n + 1, dtype=np.int32)
     np.cumsum(counts, out=offsets[1:])
     layer_start = compiled.policies["layer_start"][np.maximum(policy[rows], 0)] if len(rows) else rows
-    names = pa.array(compiled.layer_names, pa.string()).take(pa.array(layer_start + cols)) if len(rows) else \
-        pa.array([], pa.string())
-    entries = pa.StructArray.from_arrays([names, pa.array(layer_pay[rows, cols], pa.int64())],
+    layer_names = names.layers.take(pa.array(layer_start + cols)) if len(rows) else pa.array([], pa.string())
+    entries = pa.StructArray.from_arrays([layer_names, pa.array(layer_pay[rows, cols], pa.int64())],
                                          fields=list(RESULTS_SCHEMA.field("layer_pays").type.value_type))
     layer_pays = pa.ListArray.from_arrays(pa.array(offsets), entries,
                                           type=RESULTS_SCHEMA.field("layer_pays").type)
@@ -268,7 +271,7 @@ def build_results(prep: PreparedClaims, compiled: CompiledPolicies, out: dict, d
     total = prep.total
     columns = [
         prep.batch.column("claim_id"),
-        pa.array(STATUSES, pa.string()).take(pa.array(status.astype(np.int32))),
+        _STATUS_NAMES.take(pa.array(status.astype(np.int32))),
         policy_ids.take(pa.array(np.where(policy >= 0, policy, len(compiled.policy_ids)).astype(np.int32))),
         identity_names.take(pa.array(effective.astype(np.int32))),
         pa.array(out["deductible_applied"]),
@@ -297,11 +300,9 @@ def _layer_entries(values: np.ndarray, policy: np.ndarray, compiled: CompiledPol
     offsets = np.zeros(n + 1, dtype=np.int32)
     np.cumsum(nonzero.sum(axis=1), out=offsets[1:])
     width = values.shape[1]
-    flat_layers = [cols_[c][0] if c < len(cols_) else None for cols_ in compiled.acc_columns for c in range(width)]
-    flat_caps = [cols_[c][1] if c < len(cols_) else None for cols_ in compiled.acc_columns for c in range(width)]
     key = pa.array(policy[rows].astype(np.int64) * width + cols)
-    layer_col = pa.array(flat_layers, pa.string()).take(key)
-    cap_col = pa.array(flat_caps, pa.string()).take(key)
+    layer_col = compiled.names.acc_layers.take(key)
+    cap_col = compiled.names.acc_cap_groups.take(key)
     entries = pa.StructArray.from_arrays(
         [layer_col, cap_col, pa.array(values[rows, cols, 0]), pa.array(values[rows, cols, 1]),
          pa.array(values[rows, cols, 2])], fields=list(LAYER_ENTRY))
@@ -336,10 +337,7 @@ def accumulators_table(keys_starts: np.ndarray, keys_arena: np.ndarray, compiled
     person = pa.LargeStringArray.from_buffers(len(keep), pa.py_buffer(offsets.tobytes()),
                                               pa.py_buffer(data.tobytes())).cast(pa.string())
     pol = policy[keep]
-    ps = compiled.policy_set.policies
-    regions = pa.array([p.region for p in ps], pa.string())
-    schemes = pa.array([p.scheme for p in ps], pa.string())
-    years = np.array([p.year for p in ps], dtype=np.int32)
+    regions, schemes, years = compiled.names.regions, compiled.names.schemes, compiled.names.years
     pol_arr = pa.array(pol.astype(np.int32))
     return pa.table([
         person, regions.take(pol_arr), schemes.take(pol_arr), pa.array(years[pol]),

@@ -6,7 +6,8 @@ cap groups) become small integer codes here; the kernel never sees a string.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 
@@ -19,6 +20,7 @@ from .model import (
     KIND_MAX_PERSONAL_SHARE,
     KIND_SEGMENTS,
     LOCALITIES,
+    SCHEMES,
     VISIT_TYPES,
     Match,
     PolicySet,
@@ -94,6 +96,40 @@ class CompiledPolicies:
     @property
     def policy_ids(self) -> tuple[str, ...]:
         return tuple(p.id for p in self.policy_set.policies)
+
+    @cached_property
+    def names(self) -> "OutputNames":
+        """Arrow arrays of the names results are written with, built once per policy set."""
+        return OutputNames(self)
+
+
+class OutputNames:
+    """Name arrays for the result and accumulator columns, indexed by the kernel's codes (last = null)."""
+
+    def __init__(self, c: CompiledPolicies):
+        import pyarrow as pa
+
+        ps = c.policy_set.policies
+        self.policy_ids = pa.array(list(c.policy_ids) + [None], pa.string())
+        self.identities = pa.array(list(c.identity_names) + [None], pa.string())
+        self.layers = pa.array(c.layer_names, pa.string())
+        width = c.acc_width
+        # accumulator column j of policy p is at p * width + j
+        self.acc_layers = pa.array([cols[j][0] if j < len(cols) else None
+                                    for cols in c.acc_columns for j in range(width)], pa.string())
+        self.acc_cap_groups = pa.array([cols[j][1] if j < len(cols) else None
+                                        for cols in c.acc_columns for j in range(width)], pa.string())
+        self.regions = pa.array([p.region for p in ps], pa.string())
+        self.schemes = pa.array([p.scheme for p in ps], pa.string())
+        self.years = np.array([p.year for p in ps], dtype=np.int32)
+        # policy lookup by (region code, scheme code, year - first year)
+        self.region_names = sorted({region for region, _, _ in c.lookup})
+        years = [y for _, _, y in c.lookup] or [0]
+        self.first_year, self.last_year = min(years), max(years)
+        self.policy_table = np.full((max(len(self.region_names), 1), len(SCHEMES),
+                                     self.last_year - self.first_year + 1), -1, dtype=np.int32)
+        for (name, sch, year), p in c.lookup.items():
+            self.policy_table[self.region_names.index(name), SCHEMES.index(sch), year - self.first_year] = p
 
 
 PROFILES = len(VISIT_TYPES) * len(FACILITY_LEVELS) * len(LOCALITIES)
