@@ -64,6 +64,9 @@ def _label(n: int) -> str:
 
 
 def _record(benchmark, n: int, **extra) -> None:
+    benchmark.extra_info.update(extra)
+    if benchmark.stats is None:  # --benchmark-disable: the code ran once, nothing was timed
+        return
     stats = benchmark.stats.stats
     benchmark.extra_info["claims"] = n
     benchmark.extra_info["claims_per_s"] = round(n / stats.mean) if stats.mean else None
