@@ -246,13 +246,9 @@ def _empty(shape, dtype) -> np.ndarray:
 
 
 def _one_batch(table: pa.Table) -> pa.RecordBatch:
-    table = table.combine_chunks()
-    batches = table.to_batches()
-    if not batches:
-        return pa.RecordBatch.from_pylist([], schema=table.schema)
-    if len(batches) == 1:
-        return batches[0]
-    return pa.Table.from_batches(batches).combine_chunks().to_batches(max_chunksize=table.num_rows)[0]
+    """A table as one contiguous batch: a table is one chunk of the call."""
+    batches = table.combine_chunks().to_batches()
+    return batches[0] if batches else pa.RecordBatch.from_pylist([], schema=table.schema)
 
 
 def settle(claims: ClaimsInput, policies: Union[PolicySet, CompiledPolicies], accumulators: pa.Table | None = None,
