@@ -92,21 +92,25 @@ class Settler:
     def settle_batch(self, batch: pa.RecordBatch, trace_row: int = -1) -> pa.RecordBatch:
         """Settle one chunk, ordered on its own; results in its input order."""
         chunk = self.prepare(batch)
-        out = self.run_kernel(chunk, trace_row)
-        return build_results(chunk.prep, self.compiled, out, self.deltas)
+        return self.results(chunk, self.run_kernel(chunk, trace_row))
 
     def prepare(self, batch: pa.RecordBatch) -> "Chunk":
-        """Columns to kernel arrays, row statuses up to DUPLICATE_CLAIM, key slots and the order."""
+        return self.check(self.prepare_columns(batch))
+
+    def prepare_columns(self, batch: pa.RecordBatch) -> PreparedClaims:
+        """Columns to kernel arrays. Touches no state of the call, so a pipeline may run it
+        for the next chunk on another thread while this one is settled."""
         if isinstance(batch, pa.Table):
             batch = _one_batch(batch)
         check_schema(batch.schema)
-        batch = batch.select(CLAIMS_SCHEMA.names)
+        return PreparedClaims(batch.select(CLAIMS_SCHEMA.names), self.compiled)
+
+    def check(self, prep: PreparedClaims) -> "Chunk":
+        """Row statuses up to DUPLICATE_CLAIM, key slots and the order: the call's state, in chunk order."""
         c = self.compiled
-        prep = PreparedClaims(batch, c)
         status = np.zeros(prep.n, dtype=np.int8)
         slot = np.zeros(prep.n, dtype=np.int64)
         self._claim_ids.reserve(prep.n, int(prep.claim_offsets[-1] - prep.claim_offsets[0]))
-
         _kernel.check_rows(prep.claim_offsets, prep.claim_data, prep.claim_valid,
                            prep.person_offsets, prep.person_data, prep.missing, prep.invalid_enum,
                            prep.total, prep.self_funded, prep.over_limit, prep.class_b_copay, prep.in_scope,
@@ -115,6 +119,10 @@ class Settler:
         self._reserve(len(self._keys))
         order = _kernel.order_rows(prep.settle_time, prep.claim_offsets, prep.claim_data)
         return Chunk(prep, status, slot, order)
+
+    def results(self, chunk: "Chunk", out: dict) -> pa.RecordBatch:
+        """The results batch of a settled chunk; stateless, so it may run on another thread."""
+        return build_results(chunk.prep, self.compiled, out, self.deltas)
 
     def run_kernel(self, chunk: "Chunk", trace_row: int = -1) -> dict:
         """The per-claim loop (nogil) over a prepared chunk; updates the accumulators."""
