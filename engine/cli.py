@@ -267,8 +267,6 @@ class ClaimsFile:
         self.target = engine.CLAIMS_SCHEMA
         self.num_rows: Optional[int] = None
         if self.fmt == "parquet":
-            import pyarrow.parquet as pq
-
             pf = self._parquet()
             self.file_schema = pf.schema_arrow
             self.num_rows = pf.metadata.num_rows
@@ -356,8 +354,6 @@ class ClaimsFile:
 
     def _read(self, columns: list[str]) -> Iterator[pa.RecordBatch]:
         if self.fmt == "parquet":
-            import pyarrow.parquet as pq
-
             yield from self._parquet().iter_batches(batch_size=self.batch_size, columns=columns)
         elif self.fmt == "ipc":
             reader = self._open_ipc()

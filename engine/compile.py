@@ -6,7 +6,7 @@ cap groups) become small integer codes here; the kernel never sees a string.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cached_property
 
 import numpy as np

@@ -766,7 +766,6 @@ def _unit_table(plan: _Plan, pop: _Population, unit: _Unit, seed: int, invalid_r
 def _inject(rng: np.random.Generator, plan: _Plan, kind: np.ndarray, pol: np.ndarray,
             cols: dict, valid: dict, expected: np.ndarray) -> None:
     """Give each row of `kind` >= 0 exactly one defect of that kind (in place)."""
-    m = len(kind)
     k_dup = INVALID_KINDS.index("DUPLICATE_CLAIM")
     # Duplicates first: a resend of an earlier valid row (same content and id, its own time).
     dup = np.flatnonzero(kind == k_dup)

@@ -33,7 +33,6 @@ the next group, and with it every later request of that person.
 """
 from __future__ import annotations
 
-import asyncio
 import logging
 import threading
 import time
@@ -45,7 +44,7 @@ import grpc
 from ._proto import settlement_pb2 as pb
 from .core import Acc, Core, Outcome, Work, delta_layers, precheck
 from .errors import CallError
-from .registry import Person, basis_at, person_from_row
+from .registry import basis_at, person_from_row
 from .store import Store, now_us
 
 log = logging.getLogger("medsettle.server")
