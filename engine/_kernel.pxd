@@ -79,6 +79,9 @@ cdef enum:
 
 cdef enum:
     VISIT_INPATIENT = 0
+    # a claim's profile is (visit * PROFILE_LEVELS + level) * PROFILE_LOCALITIES + locality
+    PROFILE_LEVELS = 3
+    PROFILE_LOCALITIES = 4
 
 # Status codes: index into engine.STATUSES.
 cdef enum:

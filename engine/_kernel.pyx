@@ -29,6 +29,7 @@ cdef extern from *:
 
 ACC_FIELDS = 3  # position, paid, deductible_charged per accumulator column
 STATE_HEAD = 2  # admissions, compliant_total before the columns of a state row
+PROFILE_SHAPE = (PROFILE_LEVELS, PROFILE_LOCALITIES)
 TRACE_NFIELDS = TR_NFIELDS
 
 
@@ -545,7 +546,7 @@ def settle(const int64_t[::1] order, const int8_t[::1] status_in,
                 status[i] = AMOUNT_OUT_OF_RANGE
                 continue
             # The first layer must have a rule; found before anything changes.
-            profile = (c.visit * 3 + c.level) * 4 + c.locality
+            profile = (c.visit * PROFILE_LEVELS + c.level) * PROFILE_LOCALITIES + c.locality
             l = pol.layer_start
             r = -1
             for q in range(rule_candidates[l, profile, 0], rule_candidates[l, profile, 0] + rule_candidates[l, profile, 1]):

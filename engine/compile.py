@@ -140,6 +140,16 @@ def profile_code(visit: int, level: int, locality: int) -> int:
     return (visit * len(FACILITY_LEVELS) + level) * len(LOCALITIES) + locality
 
 
+def _check_kernel_profile() -> None:
+    from . import _kernel
+
+    if _kernel.PROFILE_SHAPE != (len(FACILITY_LEVELS), len(LOCALITIES)):
+        raise ImportError("engine._kernel was built for other enums: rebuild it (pip install -e .)")
+
+
+_check_kernel_profile()
+
+
 def _candidates(layers: list[dict], key_start: str, key_count: str, items: list[dict], matches: list[dict]):
     """For each layer and profile, the items (rules or adjustments) that profile can match."""
     index = np.zeros((max(len(layers), 1), PROFILES, 2), dtype=np.int64)
