@@ -116,6 +116,9 @@ cdef enum:
     TR_NFIELDS = 15
 
 
+cdef enum:
+    INLINE_BYTES = 32
+
 ctypedef struct TableSlot:
     uint64_t hash
     int64_t entry               # entry id + 1; 0 = empty
@@ -131,6 +134,7 @@ cdef class Interner:
     cdef int64_t entries_cap
     cdef TableSlot* table       # open addressing, linear probing, load <= 1/2
     cdef int64_t table_mask
+    cdef uint8_t* inline        # NULL, or INLINE_BYTES per table slot: min(length, 255), first key bytes
 
     cdef int64_t intern(self, const uint8_t* key, int64_t length, uint64_t h, bint* is_new) noexcept nogil
     cdef void prefetch(self, uint64_t h) noexcept nogil

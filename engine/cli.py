@@ -672,9 +672,8 @@ def cmd_settle(args) -> int:
     claims = ClaimsFile(args.claims, args.batch_size)
     # Fails on a missing column or a wrong type before anything is written.
     engine.settle(claims.schema.empty_table(), ps)
-    settler = engine.Settler(ps, accumulators=acc_in)
-
     ordered, rows = check_order(claims)
+    settler = engine.Settler(ps, accumulators=acc_in, expected_claims=rows or claims.num_rows or 0)
     total = rows or claims.num_rows
     progress = Progress(total, "settle", _progress_enabled(args.progress, total))
     summary = Summary()

@@ -6,6 +6,7 @@ it. The per-claim work is all in `_kernel`; this layer only moves arrays.
 """
 from __future__ import annotations
 
+import mmap
 from typing import Iterable, NamedTuple, Union
 
 import numpy as np
@@ -69,15 +70,19 @@ class Settler:
     """One settlement call, fed chunk after chunk (spec section 4, "Order")."""
 
     def __init__(self, policies: Union[PolicySet, CompiledPolicies], accumulators: pa.Table | None = None,
-                 deltas: bool = False):
+                 deltas: bool = False, expected_claims: int = 0):
+        """`expected_claims` (e.g. a file's row count) sizes the claim-id table once, up front,
+        instead of rehashing it as it fills; it is a hint, not a limit."""
         self.compiled = compiled(policies)
         self.deltas = deltas
         self._claim_ids = _kernel.Interner()
-        self._keys = _kernel.Interner()
+        if expected_claims > 0:
+            self._claim_ids.reserve(expected_claims, 0)
+        self._keys = _kernel.Interner(inline_keys=True)
         self._width = self.compiled.acc_width
         # one row per accumulator key: admissions, compliant_total, then (position, paid,
         # deductible_charged) per accumulator column of its policy
-        self._state = np.zeros((0, _kernel.STATE_HEAD + self._width * _kernel.ACC_FIELDS), dtype=np.int64)
+        self._state = _state_table(0, _kernel.STATE_HEAD + self._width * _kernel.ACC_FIELDS)
         if accumulators is not None:
             self._carry_in(accumulators)
 
@@ -85,7 +90,7 @@ class Settler:
         have = len(self._state)
         if slots <= have:
             return
-        grown = np.zeros((max(slots, have * 2, 1024), self._state.shape[1]), dtype=np.int64)
+        grown = _state_table(max(slots, have * 2, 1024), self._state.shape[1])
         grown[:have] = self._state
         self._state = grown
 
@@ -238,6 +243,26 @@ class Settler:
                                        f"'{layer_names[e]}' with cap group {cap_names[e]!r} appears twice")
             for f in range(_kernel.ACC_FIELDS):
                 self._state[slots[parents], _kernel.STATE_HEAD + col_index * _kernel.ACC_FIELDS + f] = values[:, f]
+
+
+HUGE_PAGE = 2 << 20
+
+
+def _state_table(rows: int, width: int) -> np.ndarray:
+    """Zeroed int64 [rows, width], in memory advised to use 2 MiB pages when large.
+
+    The loop reads one state row per claim at random across hundreds of MB;
+    with 4 KiB pages nearly every read also misses the TLB.
+    """
+    nbytes = rows * width * 8
+    if nbytes < 4 * HUGE_PAGE or not hasattr(mmap, "MADV_HUGEPAGE"):
+        return np.zeros((rows, width), dtype=np.int64)
+    m = mmap.mmap(-1, nbytes)  # anonymous: zero pages, faulted in on first touch
+    try:
+        m.madvise(mmap.MADV_HUGEPAGE)
+    except OSError:
+        pass  # the kernel may not offer it; 4 KiB pages then
+    return np.frombuffer(m, dtype=np.int64, count=rows * width).reshape(rows, width)
 
 
 def _empty(shape, dtype) -> np.ndarray:

@@ -1,0 +1,72 @@
+"""The kernel's interner: exact ids for byte strings, whatever their length or shared prefix."""
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from engine import _kernel
+from engine.arrow_io import string_buffers
+
+# around the inline record (1 length byte + 31 key bytes) and the 255 cap of its length byte
+LENGTHS = [0, 1, 2, 7, 8, 9, 15, 16, 27, 30, 31, 32, 33, 63, 64, 200, 254, 255, 256, 257, 300, 1000]
+
+
+def _keys() -> list[str]:
+    keys = []
+    for n in LENGTHS:
+        base = "k" * n
+        keys.append(base)
+        if n:
+            keys.append(base[:-1] + "z")      # differs in the last byte only
+            keys.append("z" + base[1:])       # differs in the first byte only
+    return list(dict.fromkeys(keys))
+
+
+def _intern(interner, keys, policy=None):
+    arr = pa.array(keys, pa.string())
+    offsets, data, _ = string_buffers(arr)
+    pol = np.zeros(len(keys), np.int32) if policy is None else np.asarray(policy, np.int32)
+    out = np.empty(len(keys), np.int64)
+    interner.intern_keys(offsets, data, pol, out)
+    return out
+
+
+@pytest.mark.parametrize("inline", [False, True])
+def test_distinct_keys_get_dense_ids_in_first_seen_order(inline):
+    keys = _keys()
+    assert len(set(keys)) == len(keys)
+    it = _kernel.Interner(inline_keys=inline)
+    ids = _intern(it, keys)
+    assert ids.tolist() == list(range(len(keys)))
+    assert len(it) == len(keys)
+    # again, shuffled: every key finds its own id
+    perm = np.random.default_rng(1).permutation(len(keys))
+    again = _intern(it, [keys[i] for i in perm])
+    assert again.tolist() == perm.tolist()
+    assert len(it) == len(keys)
+
+
+@pytest.mark.parametrize("inline", [False, True])
+def test_ids_survive_table_growth(inline):
+    keys = [f"P{i:09d}" for i in range(50_000)] + [f"{'x' * 40}{i}" for i in range(5_000)]
+    it = _kernel.Interner(inline_keys=inline)
+    first = _intern(it, keys)
+    assert first.tolist() == list(range(len(keys)))
+    assert _intern(it, keys[::-1]).tolist() == list(range(len(keys)))[::-1]
+
+
+@pytest.mark.parametrize("inline", [False, True])
+def test_policy_is_part_of_the_key(inline):
+    it = _kernel.Interner(inline_keys=inline)
+    ids = _intern(it, ["p1", "p1", "p1", "p2"], policy=[0, 1, 0, -1])
+    assert ids.tolist() == [0, 1, 0, -1]  # policy -1: no key
+
+
+def test_reserve_then_intern_keeps_ids():
+    it = _kernel.Interner(inline_keys=True)
+    a = _intern(it, ["a", "b", "c"])
+    it.reserve(100_000, 1_000_000)
+    b = _intern(it, ["c", "d", "a"])
+    assert a.tolist() == [0, 1, 2] and b.tolist() == [2, 3, 0]
+    starts, arena = it.export()
+    assert starts.tolist()[:5] == [0, 5, 10, 15, 20]  # 4 bytes of policy, then the id
+    assert bytes(arena[4:5]) == b"a" and bytes(arena[19:20]) == b"d"
