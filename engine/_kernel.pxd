@@ -66,6 +66,7 @@ ctypedef struct MatchRow:
     int64_t disease_count
     int64_t min_age             # -1 when absent
     int64_t max_age
+    int64_t profile_only        # 1: no condition beyond visit type, level and locality
 
 ctypedef struct RangeRow:
     int64_t low                 # encoded 3-character ICD-10 categories, inclusive

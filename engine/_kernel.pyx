@@ -526,12 +526,15 @@ ctypedef struct Claim:
 
 
 cdef inline bint matches(const MatchRow* m, const Claim* c, const RangeRow[::1] ranges) noexcept nogil:
-    """The conjunction of section 6.3, as bit tests without branches where it can be."""
+    """The conjunction of section 6.3, as bit tests without branches where it can be.
+
+    Only called on the candidates of the claim's profile, which already
+    match its visit type, level and locality (engine/compile.py).
+    """
     cdef int64_t k
-    cdef bint ok = (((m.visit_mask >> c.visit) & 1)
-                    & ((m.level_mask >> c.level) & 1)
-                    & ((m.locality_mask >> c.locality) & 1)
-                    & ((m.referred < 0) | (m.referred == c.referred))
+    if m.profile_only:
+        return True
+    cdef bint ok = (((m.referred < 0) | (m.referred == c.referred))
                     & ((m.has_identity == 0) | ((c.effective >= 0) & ((m.identity_mask >> (c.effective & 63)) & 1)))
                     & ((m.has_holds == 0) | ((c.held & m.holds_mask) != 0))
                     & ((m.min_age < 0) | ((c.age >= 0) & (c.age >= m.min_age)))

@@ -36,7 +36,7 @@ SEGMENT_FIELDS = ("upto", "ratio")
 ADJUSTMENT_FIELDS = ("match", "deductible_factor", "ratio", "ratio_add")
 MATCH_FIELDS = ("visit_mask", "level_mask", "locality_mask", "referred", "has_identity",
                 "identity_mask", "has_holds", "holds_mask", "disease_start", "disease_count",
-                "min_age", "max_age")
+                "min_age", "max_age", "profile_only")
 RANGE_FIELDS = ("low", "high")
 
 RULE_KIND_CODES = {KIND_SEGMENTS: 0, KIND_CLASS_RATIO: 1, KIND_FIXED_AMOUNT: 2,
@@ -150,8 +150,14 @@ def _check_kernel_profile() -> None:
 _check_kernel_profile()
 
 
-def _candidates(layers: list[dict], key_start: str, key_count: str, items: list[dict], matches: list[dict]):
-    """For each layer and profile, the items (rules or adjustments) that profile can match."""
+def _candidates(layers: list[dict], key_start: str, key_count: str, items: list[dict], matches: list[dict],
+                first_only: bool):
+    """For each layer and profile, the items (rules or adjustments) that profile can match.
+
+    The kernel tests only the other conditions of these. With `first_only`
+    (rules: the first match wins) a list ends at its first item that every
+    claim of the profile matches, since nothing after it can be chosen.
+    """
     index = np.zeros((max(len(layers), 1), PROFILES, 2), dtype=np.int64)
     flat: list[int] = []
     for li, layer in enumerate(layers):
@@ -164,6 +170,8 @@ def _candidates(layers: list[dict], key_start: str, key_count: str, items: list[
                         m = matches[items[j]["match"]]
                         if (m["visit_mask"] >> v) & 1 and (m["level_mask"] >> lv) & 1 and (m["locality_mask"] >> lo) & 1:
                             flat.append(j)
+                            if first_only and m["profile_only"]:
+                                break
                     index[li, prof, 1] = len(flat) - index[li, prof, 0]
     return index, np.asarray(flat or [0], dtype=np.int64)
 
@@ -205,6 +213,10 @@ def compile_policies(policy_set: PolicySet) -> CompiledPolicies:
             "min_age": -1 if m.min_age is None else m.min_age,
             "max_age": -1 if m.max_age is None else m.max_age,
         })
+        # only visit type, level and locality: decided by the profile's candidate list alone
+        matches[-1]["profile_only"] = int(m.referred is None and m.identity is None and m.holds is None
+                                          and m.disease_group is None and m.min_age is None
+                                          and m.max_age is None)
         return len(matches) - 1
 
     for p in policy_set.policies:
@@ -254,9 +266,9 @@ def compile_policies(policy_set: PolicySet) -> CompiledPolicies:
         acc_columns.append(tuple(columns))
 
     lookup = {(p.region, p.scheme, p.year): i for i, p in enumerate(policy_set.policies)}
-    rule_candidates, candidate_rules = _candidates(layers, "rule_start", "rule_count", rules, matches)
+    rule_candidates, candidate_rules = _candidates(layers, "rule_start", "rule_count", rules, matches, True)
     adjustment_candidates, candidate_adjustments = _candidates(
-        layers, "adjustment_start", "adjustment_count", adjustments, matches)
+        layers, "adjustment_start", "adjustment_count", adjustments, matches, False)
     return CompiledPolicies(
         rule_candidates=rule_candidates,
         candidate_rules=candidate_rules,
