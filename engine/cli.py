@@ -593,35 +593,28 @@ def _eprint(msg: str) -> None:
 # =========================================================================== settle
 
 
-def check_order(claims: ClaimsFile) -> tuple[bool, int]:
-    """Are the batches in (settle_time, claim_id) order across their boundaries?
+def batch_bounds(batch: pa.RecordBatch) -> Optional[tuple[tuple, tuple]]:
+    """The smallest and largest (settle_time, claim_id bytes) of a batch; None if it has none.
 
-    Reads settle_time and claim_id only. A boundary is in order when the
-    smallest (settle_time, claim_id) of the next batch is not below the largest
-    of every batch before it (rows with a null in either are error rows and
-    are skipped). Returns (in order, rows)."""
-    prev_max = None
-    rows = 0
-    ordered = True
-    for b in claims.batches(["settle_time", "claim_id"]):
-        rows += b.num_rows
-        t = b.column(0).cast(pa.int64())
-        ids = b.column(1)
-        keep = pc.and_(pc.is_valid(t), pc.is_valid(ids))
-        if not pc.any(keep).as_py():
-            continue
-        if keep.null_count or not pc.all(keep).as_py():
-            t, ids = t.filter(keep), ids.filter(keep)
-        mm = pc.min_max(t)
-        tmin, tmax = mm["min"].as_py(), mm["max"].as_py()
-        idmin = pc.min(ids.filter(pc.equal(t, tmin))).as_py()
-        idmax = pc.max(ids.filter(pc.equal(t, tmax))).as_py()
-        lo = (tmin, idmin.encode())
-        hi = (tmax, idmax.encode())
-        if prev_max is not None and lo < prev_max:
-            ordered = False
-        prev_max = hi if prev_max is None or hi > prev_max else prev_max
-    return ordered, rows
+    Rows with a null in either are error rows, which take no part in the order.
+    """
+    t = batch.column("settle_time").cast(pa.int64())
+    ids = batch.column("claim_id")
+    keep = pc.and_(pc.is_valid(t), pc.is_valid(ids))
+    if not pc.any(keep).as_py():
+        return None
+    if keep.null_count or not pc.all(keep).as_py():
+        t, ids = t.filter(keep), ids.filter(keep)
+    mm = pc.min_max(t)
+    tmin, tmax = mm["min"].as_py(), mm["max"].as_py()
+    idmin = pc.min(ids.filter(pc.equal(t, tmin))).as_py()
+    idmax = pc.max(ids.filter(pc.equal(t, tmax))).as_py()
+    return (tmin, idmin.encode()), (tmax, idmax.encode())
+
+
+def with_bounds(batches: Iterable[pa.RecordBatch]) -> Iterator[tuple[pa.RecordBatch, Optional[tuple]]]:
+    for b in batches:
+        yield b, batch_bounds(b)
 
 
 class Summary:
@@ -657,6 +650,43 @@ class Summary:
         return out
 
 
+def _settle_file(engine, args, ps, acc_in, claims: ClaimsFile, out_path: Path, streamed: bool):
+    """Settle `claims` into `out_path` as one call: (settler, summary), or None when
+    `streamed` and a batch boundary is found out of order (the output is then incomplete)."""
+    settler = engine.Settler(ps, accumulators=acc_in, expected_claims=claims.num_rows or 0)
+    total = claims.num_rows  # None for CSV: a count without a bar
+    progress = Progress(total, "settle", _progress_enabled(args.progress, total))
+    summary = Summary()
+    if streamed:
+        batches: Iterable = prefetch(with_bounds(claims.batches()))  # read ahead while the kernel works
+    else:
+        whole = claims.read_all()
+        batches = [(whole.combine_chunks().to_batches()[0], None)] if whole.num_rows else []
+    high = None
+    try:
+        with open_table_writer(out_path, engine.RESULTS_SCHEMA, claims.batch_size) as writer:
+            background = BackgroundWriter(writer.write)
+            try:
+                for batch, bounds in batches:
+                    if bounds is not None:
+                        if high is not None and bounds[0] < high:
+                            return None
+                        high = bounds[1] if high is None or bounds[1] > high else high
+                    res = settler.settle_batch(batch)
+                    for piece in (rebatch([res], claims.batch_size) if res.num_rows > claims.batch_size
+                                  else [res]):
+                        background.submit(piece)
+                    summary.add(res)
+                    progress.update(summary.claims)
+            finally:
+                background.close()
+                if hasattr(batches, "close"):
+                    batches.close()
+    finally:
+        progress.close()
+    return settler, summary
+
+
 def cmd_settle(args) -> int:
     import engine
 
@@ -672,34 +702,18 @@ def cmd_settle(args) -> int:
     claims = ClaimsFile(args.claims, args.batch_size)
     # Fails on a missing column or a wrong type before anything is written.
     engine.settle(claims.schema.empty_table(), ps)
-    ordered, rows = check_order(claims)
-    settler = engine.Settler(ps, accumulators=acc_in, expected_claims=rows or claims.num_rows or 0)
-    total = rows or claims.num_rows
-    progress = Progress(total, "settle", _progress_enabled(args.progress, total))
-    summary = Summary()
-    if not ordered:
+
+    # A file is one call, settled in the spec's order. Batches are streamed on the
+    # assumption that each one starts at or after the largest (settle_time, claim_id)
+    # of those before it (rows inside a batch are ordered by the kernel); the first
+    # batch that breaks it stops the stream and the whole file is settled again as
+    # one chunk, so an unordered file costs a restart, and an ordered one no pre-pass.
+    result = _settle_file(engine, args, ps, acc_in, claims, out_path, streamed=True)
+    if result is None:
         _eprint(f"{PROG}: {claims.path}: batches of {claims.batch_size} rows are not in (settle_time, claim_id) "
                 f"order across their boundaries; settling the whole file as one chunk")
-        whole = claims.read_all()
-        batches: Iterable[pa.RecordBatch] = [whole.combine_chunks().to_batches()[0]] if whole.num_rows else []
-    else:
-        batches = prefetch(claims.batches())  # read ahead while the kernel works
-
-    try:
-        with open_table_writer(out_path, engine.RESULTS_SCHEMA, claims.batch_size) as writer:
-            background = BackgroundWriter(writer.write)
-            try:
-                for batch in batches:
-                    res = settler.settle_batch(batch)
-                    for piece in (rebatch([res], claims.batch_size) if res.num_rows > claims.batch_size
-                                  else [res]):
-                        background.submit(piece)
-                    summary.add(res)
-                    progress.update(summary.claims)
-            finally:
-                background.close()
-    finally:
-        progress.close()
+        result = _settle_file(engine, args, ps, acc_in, claims, out_path, streamed=False)
+    settler, summary = result
     if args.accumulators_out:
         write_table(settler.accumulators(), args.accumulators_out)
     elapsed = time.perf_counter() - t0

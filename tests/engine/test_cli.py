@@ -192,6 +192,27 @@ def test_unordered_file_is_settled_whole(capsys, tmp_path, claims, ps):
     assert pq.read_table(out).equals(engine.settle(shuffled, ps).results)
 
 
+def test_late_disorder_restarts_whole_with_carry_in(capsys, tmp_path, ps):
+    """Ordered for several batches, then one out of order: the streamed start is thrown
+    away and the file settled whole, carried-in accumulators counted once."""
+    clean = generate_claims(ps, N, seed=43)
+    head, tail = clean.slice(0, 1000), clean.slice(1000)
+    acc_in = tmp_path / "acc_in.parquet"
+    pq.write_table(engine.settle(head, ps).accumulators, acc_in)
+    idx = list(range(len(tail)))
+    idx[3500:4000], idx[500:1000] = idx[500:1000], idx[3500:4000]  # batch 1 jumps ahead; batch 2 is then behind
+    late = tail.take(pa.array(idx))
+    path, out, acc_out = tmp_path / "late.parquet", tmp_path / "r.parquet", tmp_path / "acc_out.parquet"
+    pq.write_table(late, path)
+    code, _, err = run(capsys, "settle", path, "-o", out, "--batch-size", 500,
+                       "--accumulators-in", acc_in, "--accumulators-out", acc_out)
+    assert code == 0 and "whole file" in err
+    whole = engine.settle(late, ps, engine.settle(head, ps).accumulators)
+    assert pq.read_table(out).equals(whole.results)
+    key = [("person_id", "ascending"), ("region", "ascending"), ("scheme", "ascending"), ("year", "ascending")]
+    assert pq.read_table(acc_out).sort_by(key).equals(whole.accumulators.sort_by(key))
+
+
 def test_order_within_a_batch_is_free(capsys, tmp_path, claims, ps):
     """Rows out of order inside one batch only: streamed, same results as one call."""
     idx = []
