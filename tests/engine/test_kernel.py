@@ -62,11 +62,28 @@ def test_policy_is_part_of_the_key(inline):
 
 
 def test_reserve_then_intern_keeps_ids():
+    """Reserving 600k keys moves the tables to huge-page-advised memory (> 8 MiB)."""
     it = _kernel.Interner(inline_keys=True)
     a = _intern(it, ["a", "b", "c"])
-    it.reserve(100_000, 1_000_000)
+    it.reserve(600_000, 1_000_000)
     b = _intern(it, ["c", "d", "a"])
     assert a.tolist() == [0, 1, 2] and b.tolist() == [2, 3, 0]
     starts, arena = it.export()
     assert starts.tolist()[:5] == [0, 5, 10, 15, 20]  # 4 bytes of policy, then the id
     assert bytes(arena[4:5]) == b"a" and bytes(arena[19:20]) == b"d"
+
+
+def test_large_state_table_is_zeroed_and_keeps_rows_when_grown():
+    from engine.settle import Settler, _state_table
+    import engine
+
+    t = _state_table(100_000, 26)  # 20.8 MB: the huge-page-advised path
+    assert t.shape == (100_000, 26) and t.dtype == np.int64 and not t.any()
+    t[-1, -1] = 7
+    s = Settler(engine.load_policies(None))
+    s._reserve(10)
+    s._state[3, :] = np.arange(s._state.shape[1])
+    s._reserve(200_000)
+    assert s._state.shape[0] >= 200_000
+    assert s._state[3].tolist() == list(range(s._state.shape[1]))
+    assert not s._state[4:].any()
