@@ -11,7 +11,7 @@ to it) into a temporary folder as Parquet. Measured, per size:
 * `kernel_loop`: the per-claim loop alone (`Settler.run_kernel` over a prepared chunk);
 * `kernel`: `engine.settle` on an in-memory table (one chunk);
 * `settler`: `engine.Settler(...).settle_batch` over 1M-row batches (the streaming path);
-* `cli`: `medsettle settle` Parquet to Parquet through `engine.cli.main`;
+* `cli`: `medsettle settle` Parquet to Parquet through `engine.cli.main`, default batch size;
 * `cli_peak_memory`: the same in a child process, its peak RSS (`os.wait4`) in extra_info;
 
 and on `MEDSETTLE_BENCH_REF_SIZE` claims (default 100,000) the plain-Python
@@ -41,6 +41,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import engine  # noqa: E402
+from engine.cli import SETTLE_BATCH  # noqa: E402
 from engine.generate import write_claims  # noqa: E402
 
 REGION, SCHEME, YEAR = "140600", "resident", 2022  # Shuozhou residents 2022
@@ -206,13 +207,12 @@ def test_cli(benchmark, data, policy_dir, bench_dir, n, capsys):
     out = bench_dir / f"results_{_label(n)}.parquet"
 
     def run():
-        return main(["settle", str(src), "-o", str(out), "--policies", str(policy_dir),
-                     "--batch-size", str(BATCH)])
+        return main(["settle", str(src), "-o", str(out), "--policies", str(policy_dir)])
 
     assert benchmark.pedantic(run, rounds=BIG_ROUNDS, iterations=1) == 0
     capsys.readouterr()
     assert pq.ParquetFile(out).metadata.num_rows == n
-    _record(benchmark, n, batch=BATCH, input_mb=round(src.stat().st_size / 1e6, 1))
+    _record(benchmark, n, batch=SETTLE_BATCH, input_mb=round(src.stat().st_size / 1e6, 1))
 
 
 # Run in a small intermediate process: a child forked straight from this (big) pytest process would
@@ -245,14 +245,14 @@ def run_cli_child(argv: list[str]) -> tuple[int, int, float]:
 def test_cli_peak_memory(benchmark, data, policy_dir, bench_dir, n):
     src = data.path(n)
     out = bench_dir / f"results_mem_{_label(n)}.parquet"
-    argv = ["settle", str(src), "-o", str(out), "--policies", str(policy_dir), "--batch-size", str(BATCH)]
+    argv = ["settle", str(src), "-o", str(out), "--policies", str(policy_dir)]
     result = {}
 
     def run():
         result["code"], result["rss"], result["seconds"] = run_cli_child(argv)
 
     benchmark.pedantic(run, rounds=1, iterations=1)
-    _record(benchmark, n, peak_rss_mb=round(result["rss"] / 2**20, 1), batch=BATCH,
+    _record(benchmark, n, peak_rss_mb=round(result["rss"] / 2**20, 1), batch=SETTLE_BATCH,
             note="child process wall time, interpreter start and imports included")
 
 
