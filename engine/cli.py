@@ -654,9 +654,11 @@ class Summary:
         return out
 
 
-def _settle_file(engine, args, ps, acc_in, claims: ClaimsFile, out_path: Path, streamed: bool):
+def _settle_file(args, ps, acc_in, claims: ClaimsFile, out_path: Path, streamed: bool):
     """Settle `claims` into `out_path` as one call: (settler, summary), or None when
     `streamed` and a batch boundary is found out of order (the output is then incomplete)."""
+    import engine
+
     settler = engine.Settler(ps, accumulators=acc_in, expected_claims=claims.num_rows or 0)
     total = claims.num_rows  # None for CSV: a count without a bar
     progress = Progress(total, "settle", _progress_enabled(args.progress, total))
@@ -712,11 +714,11 @@ def cmd_settle(args) -> int:
     # of those before it (rows inside a batch are ordered by the kernel); the first
     # batch that breaks it stops the stream and the whole file is settled again as
     # one chunk, so an unordered file costs a restart, and an ordered one no pre-pass.
-    result = _settle_file(engine, args, ps, acc_in, claims, out_path, streamed=True)
+    result = _settle_file(args, ps, acc_in, claims, out_path, streamed=True)
     if result is None:
         _eprint(f"{PROG}: {claims.path}: batches of {claims.batch_size} rows are not in (settle_time, claim_id) "
                 f"order across their boundaries; settling the whole file as one chunk")
-        result = _settle_file(engine, args, ps, acc_in, claims, out_path, streamed=False)
+        result = _settle_file(args, ps, acc_in, claims, out_path, streamed=False)
     settler, summary = result
     if args.accumulators_out:
         write_table(settler.accumulators(), args.accumulators_out)

@@ -1,6 +1,7 @@
 """Crash and shutdown: SIGKILL in the middle of a load, SIGTERM drain (server as a subprocess)."""
 from __future__ import annotations
 
+import os
 import random
 import signal
 import sqlite3
@@ -104,6 +105,19 @@ def check_store(store_path, ps, rows_by_id):
     return {r[2]: pb.SettleResponse.FromString(r[4]) for r in led if r[1] == "settle"}
 
 
+def _wait_for_acks(acked: dict, n: int, timeout: float = 30) -> None:
+    """Until the load has `n` acknowledged settlements (or the timeout passes)."""
+    deadline = time.time() + timeout
+    while len(acked) < n and time.time() < deadline:
+        time.sleep(0.01)
+
+
+def _stop_load(stop: threading.Event, threads) -> None:
+    stop.set()
+    for t in threads:
+        t.join(30)
+
+
 def test_sigkill_mid_load_then_restart(tmp_path):
     ps = policy_set()
     policies = write_policies(tmp_path / "policies")
@@ -116,15 +130,11 @@ def test_sigkill_mid_load_then_restart(tmp_path):
     stop = threading.Event()
     try:
         threads = run_load(port, rows, acked, stop)
-        deadline = time.time() + 30
-        while len(acked) < 300 and time.time() < deadline:
-            time.sleep(0.01)
+        _wait_for_acks(acked, 300)
         assert len(acked) >= 300, "the load did not get going"
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
-        stop.set()
-        for t in threads:
-            t.join(30)
+        _stop_load(stop, threads)
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -178,16 +188,12 @@ def test_sigterm_drains_in_flight_calls(tmp_path):
     errors = []
     try:
         threads = run_load(port, rows, acked, stop, workers=16)
-        deadline = time.time() + 30
-        while len(acked) < 200 and time.time() < deadline:
-            time.sleep(0.01)
+        _wait_for_acks(acked, 200)
         t0 = time.time()
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=30)
         took = time.time() - t0
-        stop.set()
-        for t in threads:
-            t.join(30)
+        _stop_load(stop, threads)
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -203,8 +209,6 @@ def test_sigterm_drains_in_flight_calls(tmp_path):
 
 
 def _children(pid: int) -> list:
-    import os
-
     out = []
     for tid in os.listdir(f"/proc/{pid}/task"):
         with open(f"/proc/{pid}/task/{tid}/children") as f:
@@ -233,16 +237,10 @@ def test_writer_process_death_stops_the_server(tmp_path):
     stop = threading.Event()
     try:
         threads = run_load(port, rows, acked, stop, workers=8)
-        deadline = time.time() + 30
-        while len(acked) < 200 and time.time() < deadline:
-            time.sleep(0.01)
-        import os
-
+        _wait_for_acks(acked, 200)
         os.kill(_writer_pid(proc.pid), signal.SIGKILL)
         out, err = proc.communicate(timeout=30)
-        stop.set()
-        for t in threads:
-            t.join(30)
+        _stop_load(stop, threads)
     finally:
         if proc.poll() is None:
             proc.kill()
