@@ -174,11 +174,7 @@ def _disease_codes(arr: pa.Array) -> np.ndarray:
     if len(arr) == 0:
         return np.zeros(0, dtype=np.int64)
     enc = arr if isinstance(arr, pa.DictionaryArray) else arr.dictionary_encode()
-    values = []
-    for v in enc.dictionary.to_pylist():
-        code = (v or "").strip().upper()
-        values.append(encode_category(code) if len(code) >= 3 else -1)
-    dict_codes = np.array(values + [-1], dtype=np.int64)
+    dict_codes = np.array([_disease_code(v) for v in enc.dictionary.to_pylist()] + [-1], dtype=np.int64)
     return dict_codes[np.asarray(enc.indices.fill_null(len(enc.dictionary)))]
 
 
@@ -227,32 +223,146 @@ class PreparedClaims:
     @staticmethod
     def _policies(batch, compiled: CompiledPolicies, scheme: np.ndarray, settle_time: np.ndarray) -> np.ndarray:
         """Policy index per row from (region, scheme, calendar year of settle_time); -1 none."""
-        n = batch.num_rows
-        policy = np.full(n, -1, dtype=np.int32)
-        if n == 0 or not compiled.lookup:
-            return policy
-        years = np.empty(n, dtype=np.int32)
-        _kernel.calendar_years(settle_time, years)
-        names = compiled.names
-        region = _codes(batch.column("region"), names.region_names)
-        table, y0, y1 = names.policy_table, names.first_year, names.last_year
-        ok = (region >= 0) & (scheme >= 0) & (years >= y0) & (years <= y1)
-        policy[ok] = table[region[ok], scheme[ok], years[ok] - y0]
-        return policy
+        if batch.num_rows == 0 or not compiled.lookup:
+            return np.full(batch.num_rows, -1, dtype=np.int32)
+        return _policy_index(_codes(batch.column("region"), compiled.names.region_names), scheme, settle_time,
+                             compiled)
+
+    @classmethod
+    def from_rows(cls, rows: list, compiled: CompiledPolicies) -> "PreparedClaims":
+        """The same arrays from claims given as Python values, one tuple per claim in the
+        column order of CLAIMS_SCHEMA (None for null; settle_time as int microseconds).
+
+        For callers that settle a few claims at a time (the server): building a dozen
+        Arrow arrays and reading them back costs more than settling the claims."""
+        self = cls.__new__(cls)
+        n = self.n = len(rows)
+        self.batch = None
+        (claim_id, person_id, region, scheme, settle_time, visit, level, locality, referred, disease, age,
+         identities, *amounts) = zip(*rows) if n else [()] * len(CLAIMS_SCHEMA)
+        self._claim_ids = list(claim_id)
+        self.claim_offsets, self.claim_data, self.claim_valid = _string_arrays(claim_id)
+        self.person_offsets, self.person_data, _ = _string_arrays(person_id)
+        required = [CLAIMS_SCHEMA.names.index(name) for name in REQUIRED_COLUMNS]
+        self.missing = np.array([any(r[j] is None for j in required) for r in rows], dtype=np.uint8)
+        self.visit, self.level, self.locality = (_value_codes(v, names).astype(np.int8) for v, names in (
+            (visit, VISIT_TYPES), (level, FACILITY_LEVELS), (locality, LOCALITIES)))
+        scheme_codes = _value_codes(scheme, SCHEMES)
+        self.invalid_enum = ((self.visit == -2) | (self.level == -2) | (self.locality == -2)
+                             | (scheme_codes == -2)).view(np.uint8)
+        for codes in (self.visit, self.level, self.locality):
+            np.maximum(codes, 0, out=codes)
+        self.referred = np.array([bool(v) for v in referred], dtype=np.uint8)
+        self.age = np.array([-1 if v is None or v < 0 else v for v in age], dtype=np.int32)
+        (self.total, self.self_funded, self.over_limit, self.class_b_copay, self.in_scope,
+         self.in_scope_class_b) = (np.array([v or 0 for v in col], dtype=np.int64) for col in amounts)
+        bits = _identity_bits(compiled)
+        undeclared = _undeclared_bit()
+        self.identity_mask = np.array([0 if ids is None else _or(bits.get(v, undeclared) for v in ids if v is not None)
+                                       for ids in identities], dtype=np.int64)
+        self.disease = np.array([_disease_code(v) for v in disease], dtype=np.int64)
+        self.settle_time = np.array([v or 0 for v in settle_time], dtype=np.int64)
+        self.policy = np.full(n, -1, dtype=np.int32)
+        if n and compiled.lookup:
+            region_names = compiled.names.region_names
+            self.policy = _policy_index(_value_codes(region, region_names), scheme_codes, self.settle_time,
+                                        compiled)
+        return self
+
+    def claim_ids(self) -> list:
+        """The claim_id of each row as Python values (None for null)."""
+        return self._claim_ids if self.batch is None else self.batch.column("claim_id").to_pylist()
+
+
+def _policy_index(region: np.ndarray, scheme: np.ndarray, settle_time: np.ndarray,
+                  compiled: CompiledPolicies) -> np.ndarray:
+    n = len(settle_time)
+    policy = np.full(n, -1, dtype=np.int32)
+    years = np.empty(n, dtype=np.int32)
+    _kernel.calendar_years(settle_time, years)
+    names = compiled.names
+    table, y0, y1 = names.policy_table, names.first_year, names.last_year
+    ok = (region >= 0) & (scheme >= 0) & (years >= y0) & (years <= y1)
+    policy[ok] = table[region[ok], scheme[ok], years[ok] - y0]
+    return policy
+
+
+def _string_arrays(values) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """string_buffers() of Python strings (None: null, stored empty)."""
+    encoded = [b"" if v is None else v.encode() for v in values]
+    offsets = np.zeros(len(encoded) + 1, dtype=np.int32)
+    np.cumsum([len(b) for b in encoded], out=offsets[1:])
+    data = np.frombuffer(b"".join(encoded) or b"\0", dtype=np.uint8)
+    return offsets, data, np.array([v is not None for v in values], dtype=np.uint8)
+
+
+@functools.lru_cache(maxsize=256)
+def _code_table(names: tuple) -> dict:
+    return {name: i for i, name in enumerate(names)}
+
+
+def _value_codes(values, names) -> np.ndarray:
+    """_codes() of Python strings: index in `names`, -1 None, -2 not one of them."""
+    table = _code_table(tuple(names))
+    return np.array([-1 if v is None else table.get(v, -2) for v in values], dtype=np.int32)
+
+
+_bits_cache: dict = {}
+
+
+def _identity_bits(compiled: CompiledPolicies) -> dict:
+    hit = _bits_cache.get(id(compiled))
+    if hit is None or hit[0] is not compiled:
+        if len(_bits_cache) > 64:
+            _bits_cache.clear()
+        hit = _bits_cache[id(compiled)] = (compiled, {name: 1 << i for i, name in enumerate(compiled.identity_names)})
+    return hit[1]
+
+
+def _undeclared_bit() -> int:
+    return int(np.int64(np.uint64(1 << UNDECLARED_IDENTITY_BIT).view(np.int64)))
+
+
+def _or(values) -> int:
+    out = 0
+    for v in values:
+        out |= v
+    return out
+
+
+@functools.lru_cache(maxsize=4096)
+def _disease_code(value) -> int:
+    code = (value or "").strip().upper()
+    return encode_category(code) if len(code) >= 3 else -1
+
+
+def _derived(prep: PreparedClaims, out: dict) -> dict:
+    """The result values computed from the kernel's outputs, shared by both result builders."""
+    status = out["status"]
+    ok = status == 0
+    fund_total = out["fund_pay"].sum(axis=0)
+    compliant = out["compliant"]
+    return {
+        "ok": ok,
+        "policy": np.where(ok, prep.policy, -1),
+        "fund_total": fund_total,
+        "personal": np.where(ok, prep.total - fund_total, 0),
+        "compliant_personal": np.where(ok, compliant - fund_total, 0),
+        "effective": np.where(ok & (out["effective"] >= 0), out["effective"], -1),
+        "delta_admissions": ((prep.visit == 0) & ok).astype(np.int64),
+        "delta_compliant_total": np.where(ok, compliant, 0),
+    }
 
 
 def build_results(prep: PreparedClaims, compiled: CompiledPolicies, out: dict, deltas: bool) -> pa.RecordBatch:
     """The results chunk (spec section 3) from the kernel's outputs, in input order."""
     n = prep.n
-    status = out["status"]
-    ok = status == 0
-    policy = np.where(ok, prep.policy, -1)
+    d = _derived(prep, out)
+    policy = d["policy"]
     fund_pay = out["fund_pay"]
-    fund_total = fund_pay.sum(axis=0)
-    compliant = out["compliant"]
     names = compiled.names
     policy_ids, identity_names = names.policy_ids, names.identities
-    effective = np.where(ok & (out["effective"] >= 0), out["effective"], len(compiled.identity_names))
+    effective = np.where(d["effective"] >= 0, d["effective"], len(compiled.identity_names))
 
     # layer_pays: the layers that paid more than 0, in order
     layer_pay = out["layer_pay"]
@@ -268,28 +378,77 @@ def build_results(prep: PreparedClaims, compiled: CompiledPolicies, out: dict, d
     layer_pays = pa.ListArray.from_arrays(pa.array(offsets), entries,
                                           type=RESULTS_SCHEMA.field("layer_pays").type)
 
-    total = prep.total
     columns = [
         prep.batch.column("claim_id"),
-        _STATUS_NAMES.take(pa.array(status.astype(np.int32))),
+        _STATUS_NAMES.take(pa.array(out["status"].astype(np.int32))),
         policy_ids.take(pa.array(np.where(policy >= 0, policy, len(compiled.policy_ids)).astype(np.int32))),
         identity_names.take(pa.array(effective.astype(np.int32))),
         pa.array(out["deductible_applied"]),
         *[pa.array(fund_pay[j]) for j in range(len(FUNDS))],
-        pa.array(fund_total),
-        pa.array(np.where(ok, total - fund_total, 0)),
-        pa.array(np.where(ok, compliant - fund_total, 0)),
+        pa.array(d["fund_total"]),
+        pa.array(d["personal"]),
+        pa.array(d["compliant_personal"]),
         layer_pays,
         pa.array(out["cap_hit"].view(np.bool_)),
     ]
     schema = RESULTS_SCHEMA
     if deltas:
-        inpatient = (prep.visit == 0) & ok
-        columns += [pa.array(inpatient.astype(np.int64)), pa.array(np.where(ok, compliant, 0)),
+        columns += [pa.array(d["delta_admissions"]), pa.array(d["delta_compliant_total"]),
                     _delta_layers(out["deltas"], policy, compiled)]
         for name, typ in DELTA_FIELDS:
             schema = schema.append(pa.field(name, typ))
     return pa.RecordBatch.from_arrays(columns, schema=schema)
+
+
+def result_rows(prep: PreparedClaims, compiled: CompiledPolicies, out: dict, deltas: bool) -> list[dict]:
+    """The rows `build_results(...).to_pylist()` gives, built without Arrow arrays.
+
+    For callers that settle a few claims at a time (the server's groups), where
+    building and reading back a dozen Arrow arrays costs more than the claims."""
+    d = _derived(prep, out)
+    c = compiled
+    claim_ids = prep.claim_ids()
+    status = out["status"].tolist()
+    policy = d["policy"].tolist()
+    effective = d["effective"].tolist()
+    ded = out["deductible_applied"].tolist()
+    fund_pay = out["fund_pay"].T.tolist()
+    fund_total, personal, compliant_personal = (d[k].tolist() for k in ("fund_total", "personal",
+                                                                        "compliant_personal"))
+    layer_pay = out["layer_pay"].tolist()
+    cap_hit = out["cap_hit"].view(np.bool_).tolist()
+    layer_start = c.policies["layer_start"].tolist()
+    policy_ids, identity_names, layer_names = c.policy_ids, c.identity_names, c.layer_names
+    if deltas:
+        d_adm, d_ct = d["delta_admissions"].tolist(), d["delta_compliant_total"].tolist()
+        values = out["deltas"]
+    rows = []
+    for i in range(prep.n):
+        p = policy[i]
+        start = layer_start[p] if p >= 0 else 0
+        row = {
+            "claim_id": claim_ids[i],
+            "status": STATUSES[status[i]],
+            "policy_id": policy_ids[p] if p >= 0 else None,
+            "identity": identity_names[effective[i]] if effective[i] >= 0 else None,
+            "deductible_applied": ded[i],
+            **dict(zip(FUND_COLUMNS, fund_pay[i])),
+            "fund_pay_total": fund_total[i],
+            "personal_pay": personal[i],
+            "compliant_personal_pay": compliant_personal[i],
+            "layer_pays": [{"layer": layer_names[start + j], "pay": v} for j, v in enumerate(layer_pay[i]) if v > 0],
+            "cap_hit": cap_hit[i],
+        }
+        if deltas:
+            columns = c.acc_columns[max(p, 0)]
+            row["delta_admissions"] = d_adm[i]
+            row["delta_compliant_total"] = d_ct[i]
+            row["delta_layers"] = [
+                {"layer": columns[j][0], "cap_group": columns[j][1], "position": v[0], "paid": v[1],
+                 "deductible_charged": v[2]}
+                for j in np.flatnonzero(values[i].any(axis=1)).tolist() for v in (values[i, j].tolist(),)]
+        rows.append(row)
+    return rows
 
 
 def _layer_entries(values: np.ndarray, policy: np.ndarray, compiled: CompiledPolicies) -> pa.ListArray:

@@ -21,6 +21,7 @@ from .arrow_io import (
     accumulators_table,
     build_results,
     check_schema,
+    result_rows,
     string_buffers,
 )
 from .compile import CompiledPolicies, compile_policies
@@ -90,7 +91,7 @@ class Settler:
         have = len(self._state)
         if slots <= have:
             return
-        grown = _state_table(max(slots, have * 2, 1024), self._state.shape[1])
+        grown = _state_table(max(slots, have * 2, 64), self._state.shape[1])
         grown[:have] = self._state
         self._state = grown
 
@@ -124,6 +125,16 @@ class Settler:
         self._reserve(len(self._keys))
         order = _kernel.order_rows(prep.settle_time, prep.claim_offsets, prep.claim_data)
         return Chunk(prep, status, slot, order)
+
+    def settle_rows(self, rows: list) -> list[dict]:
+        """Settle one chunk given as Python values, one tuple per claim in CLAIMS_SCHEMA's
+        column order (None for null, settle_time as int microseconds); returns what
+        `settle_batch(...).to_pylist()` would, without Arrow arrays either way.
+
+        For callers that settle a few claims at a time, such as the server's groups:
+        there, moving the values through Arrow costs more than settling them."""
+        chunk = self.check(PreparedClaims.from_rows(rows, self.compiled))
+        return result_rows(chunk.prep, self.compiled, self.run_kernel(chunk), self.deltas)
 
     def results(self, chunk: "Chunk", out: dict) -> pa.RecordBatch:
         """The results batch of a settled chunk; stateless, so it may run on another thread."""
@@ -178,7 +189,6 @@ class Settler:
         n = table.num_rows
         if n == 0:
             return
-        c = self.compiled
 
         def key_name(i: int) -> str:
             row = table.slice(i, 1).to_pylist()[0]
@@ -189,41 +199,80 @@ class Settler:
             if col.null_count:
                 i = int(np.nonzero(~np.asarray(pc.is_valid(col)))[0][0])
                 raise AccumulatorError(f"accumulators: key {key_name(i)}: '{name}' is null")
-        policy = np.array([c.lookup.get(k, -1) for k in zip(table.column("region").to_pylist(),
-                                                            table.column("scheme").to_pylist(),
-                                                            table.column("year").to_pylist())], dtype=np.int32)
+        lookup = self.compiled.lookup
+        policy = np.array([lookup.get(k, -1) for k in zip(table.column("region").to_pylist(),
+                                                          table.column("scheme").to_pylist(),
+                                                          table.column("year").to_pylist())], dtype=np.int32)
+        layers = table.column("layers").chunk(0)
+        entries = layers.flatten()
+        values = np.stack([np.asarray(entries.field(f).fill_null(-1)) for f in ("position", "paid",
+                                                                               "deductible_charged")], axis=1) \
+            if len(entries) else np.zeros((0, 3), np.int64)
+        offsets, data, _ = string_buffers(table.column("person_id").chunk(0))
+        self._load_carried(offsets, data, policy, np.asarray(table.column("admissions")),
+                           np.asarray(table.column("compliant_total")),
+                           np.asarray(pc.list_parent_indices(layers), dtype=np.int64),
+                           entries.field("layer").to_pylist(), entries.field("cap_group").to_pylist(), values,
+                           key_name)
+
+    def carry_in_rows(self, rows) -> None:
+        """Load carried-in accumulators given as Python values, checked as the table form is:
+        `(person_id, region, scheme, year, admissions, compliant_total, layers)` per key, with
+        `layers` an iterable of `((layer, cap_group), (position, paid, deductible_charged))`.
+
+        The server's groups carry in a few keys each; building an Arrow table for them costs
+        more than settling their claims."""
+        keys, adm, ct, parents, layer_names, cap_names, values = [], [], [], [], [], [], []
+        for i, (person_id, region, scheme, year, admissions, compliant_total, layers) in enumerate(rows):
+            keys.append((person_id, region, scheme, year))
+            adm.append(admissions)
+            ct.append(compliant_total)
+            for (layer, cap), v in layers:
+                parents.append(i)
+                layer_names.append(layer)
+                cap_names.append(cap)
+                values.append(v)
+        if not keys:
+            return
+        lookup = self.compiled.lookup
+        policy = np.array([lookup.get(k[1:], -1) for k in keys], dtype=np.int32)
+        encoded = [k[0].encode() for k in keys]
+        offsets = np.zeros(len(keys) + 1, dtype=np.int32)
+        np.cumsum([len(b) for b in encoded], out=offsets[1:])
+        data = np.frombuffer(b"".join(encoded) or b"\0", dtype=np.uint8)
+        self._load_carried(offsets, data, policy, np.array(adm, dtype=np.int64), np.array(ct, dtype=np.int64),
+                           np.array(parents, dtype=np.int64), layer_names, cap_names,
+                           np.array(values, dtype=np.int64).reshape(len(values), 3),
+                           lambda i: "({!r}, {!r}, {!r}, {})".format(*keys[i]))
+
+    def _load_carried(self, offsets, data, policy, adm, ct, parents, layer_names, cap_names, values,
+                      key_name) -> None:
+        """Checks carried-in keys (policy, ranges, layers, no key or column twice) and writes them
+        into the state table; `key_name(i)` names key i in an error."""
+        c = self.compiled
+        n = len(policy)
         if (policy < 0).any():
             i = int(np.nonzero(policy < 0)[0][0])
             raise AccumulatorError(f"accumulators: key {key_name(i)}: no policy for this region, scheme and year")
-        for name in ("admissions", "compliant_total"):
-            v = np.asarray(table.column(name))
+        for name, v in (("admissions", adm), ("compliant_total", ct)):
             bad = (v < 0) | (v > MAX_CARRIED)
             if bad.any():
                 i = int(np.nonzero(bad)[0][0])
                 raise AccumulatorError(f"accumulators: key {key_name(i)}: {name} {int(v[i])} is outside [0, 10^14]")
-        layers = table.column("layers").chunk(0) if table.num_rows else None
-        entries = layers.flatten()
-        parents = np.asarray(pc.list_parent_indices(layers), dtype=np.int64)
-        col_index = np.full(len(entries), -1, dtype=np.int64)
-        layer_names = entries.field("layer").to_pylist()
-        cap_names = entries.field("cap_group").to_pylist()
-        column_of = [{col: j for j, col in enumerate(cols)} for cols in c.acc_columns]
-        for e in range(len(entries)):
+        col_index = np.full(len(parents), -1, dtype=np.int64)
+        column_of = _column_index(c)
+        for e in range(len(parents)):
             j = column_of[policy[parents[e]]].get((layer_names[e], cap_names[e]), -1)
             if j < 0:
                 raise AccumulatorError(f"accumulators: key {key_name(int(parents[e]))}: no layer "
                                        f"'{layer_names[e]}' with cap group {cap_names[e]!r} in its policy")
             col_index[e] = j
-        values = np.stack([np.asarray(entries.field(f).fill_null(-1)) for f in ("position", "paid",
-                                                                               "deductible_charged")], axis=1) \
-            if len(entries) else np.zeros((0, 3), np.int64)
         bad = ((values < 0) | (values > MAX_CARRIED)).any(axis=1)
         if bad.any():
             e = int(np.nonzero(bad)[0][0])
             raise AccumulatorError(f"accumulators: key {key_name(int(parents[e]))}: layer '{layer_names[e]}' "
                                    f"holds a value outside [0, 10^14] (or null)")
 
-        offsets, data, _ = string_buffers(table.column("person_id").chunk(0))
         slots = np.zeros(n, dtype=np.int64)
         before = len(self._keys)
         self._keys.intern_keys(offsets, data, policy, slots)
@@ -232,9 +281,9 @@ class Settler:
             dup = sorted(set(range(n)) - set(first.tolist()))[0]
             raise AccumulatorError(f"accumulators: key {key_name(dup)} appears twice")
         self._reserve(len(self._keys))
-        self._state[slots, 0] = np.asarray(table.column("admissions"))
-        self._state[slots, 1] = np.asarray(table.column("compliant_total"))
-        if len(entries):
+        self._state[slots, 0] = adm
+        self._state[slots, 1] = ct
+        if len(parents):
             pairs = slots[parents] * self._width + col_index
             if len(np.unique(pairs)) != len(pairs):
                 _, first = np.unique(pairs, return_index=True)
@@ -243,6 +292,19 @@ class Settler:
                                        f"'{layer_names[e]}' with cap group {cap_names[e]!r} appears twice")
             for f in range(_kernel.ACC_FIELDS):
                 self._state[slots[parents], _kernel.STATE_HEAD + col_index * _kernel.ACC_FIELDS + f] = values[:, f]
+
+
+_column_cache: dict[int, tuple[CompiledPolicies, list]] = {}
+
+
+def _column_index(c: CompiledPolicies) -> list[dict]:
+    """Per policy: (layer, cap_group) -> accumulator column, built once per compiled set."""
+    hit = _column_cache.get(id(c))
+    if hit is None or hit[0] is not c:
+        if len(_column_cache) > 64:
+            _column_cache.clear()
+        hit = _column_cache[id(c)] = (c, [{col: j for j, col in enumerate(cols)} for cols in c.acc_columns])
+    return hit[1]
 
 
 HUGE_PAGE = 2 << 20
@@ -273,7 +335,9 @@ def _empty(shape, dtype) -> np.ndarray:
     kernel's time with numpy's allocator).
     """
     dtype = np.dtype(dtype)
-    count = int(np.prod(shape))
+    count = shape if isinstance(shape, int) else shape[0] * shape[1]
+    if count < 4096:  # a few claims: the pool's bookkeeping costs more than it saves
+        return np.empty(shape, dtype=dtype)
     buf = pa.allocate_buffer(max(count * dtype.itemsize, 1))
     return np.frombuffer(buf, dtype=dtype, count=count).reshape(shape)
 

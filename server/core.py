@@ -37,7 +37,6 @@ MAX_AMOUNT = 10**12
 MAX_ID_LEN = 128
 MAX_CODE_LEN = 64
 
-LAYER_ENTRY = engine.ACCUMULATORS_SCHEMA.field("layers").type.value_type
 STATUS_CODE = {name: (E.Value(name) if name != "ok" else 0) for name in engine.STATUSES}
 RESULT_INT_FIELDS = ("deductible_applied", "basic_pay", "supplementary_pay", "critical_illness_pay",
                      "medical_aid_pay", "guarantee_pay", "fund_pay_total", "personal_pay",
@@ -203,63 +202,24 @@ class Core:
     # ------------------------------------------------------------ tables
 
     @staticmethod
-    def claims_batch(works: list) -> pa.RecordBatch:
-        claims = [w.claim for w in works]
-        bases = [w.basis for w in works]
-        cols = [
-            pa.array([c.claim_id for c in claims], pa.string()),
-            pa.array([c.person_id for c in claims], pa.string()),
-            pa.array([b.region for b in bases], pa.string()),
-            pa.array([b.scheme for b in bases], pa.string()),
-            pa.array([c.settle_time_us for c in claims], pa.timestamp("us")),
-            pa.array([_enum_str(c.visit_type, VISIT) for c in claims], pa.string()),
-            pa.array([_enum_str(c.facility_level, LEVEL) for c in claims], pa.string()),
-            pa.array([_enum_str(c.locality, LOCALITY) for c in claims], pa.string()),
-            pa.array([c.referred for c in claims], pa.bool_()),
-            pa.array([c.disease_code or None for c in claims], pa.string()),
-            pa.array([b.age for b in bases], pa.int16()),
-            pa.array([b.identities for b in bases], pa.list_(pa.string())),
-            pa.array([c.total_amount for c in claims], pa.int64()),
-            pa.array([c.self_funded_amount for c in claims], pa.int64()),
-            pa.array([c.over_limit_amount for c in claims], pa.int64()),
-            pa.array([c.class_b_copay_amount for c in claims], pa.int64()),
-            pa.array([c.in_scope_amount for c in claims], pa.int64()),
-            pa.array([c.in_scope_class_b_amount for c in claims], pa.int64()),
-        ]
-        return pa.RecordBatch.from_arrays(cols, schema=engine.CLAIMS_SCHEMA)
+    def claim_rows(works: list) -> list:
+        """The claims as `engine.Settler.settle_rows` takes them (CLAIMS_SCHEMA column order)."""
+        return [(c.claim_id, c.person_id, b.region, b.scheme, c.settle_time_us, _enum_str(c.visit_type, VISIT),
+                 _enum_str(c.facility_level, LEVEL), _enum_str(c.locality, LOCALITY), c.referred,
+                 c.disease_code or None, b.age, b.identities, c.total_amount, c.self_funded_amount,
+                 c.over_limit_amount, c.class_b_copay_amount, c.in_scope_amount, c.in_scope_class_b_amount)
+                for c, b in ((w.claim, w.basis) for w in works)]
 
-    def carry_table(self, keys, accs: dict) -> Optional[pa.Table]:
-        """The carried-in accumulators (engine.ACCUMULATORS_SCHEMA) of those `keys` that hold
-        something and have a policy."""
-        pids, regions, schemes, years, adm, ct = [], [], [], [], [], []
-        offsets, lnames, lcaps, lpos, lpaid, lded = [0], [], [], [], [], []
+    def carried(self, keys, accs: dict) -> list:
+        """The carried-in accumulators (`engine.Settler.carry_in_rows` rows) of those `keys`
+        that hold something and have a policy."""
+        out = []
         for key in keys:
             a = accs.get(key)
             if a is None or self.policy(*key[1:]) is None:
                 continue
-            pids.append(key[0])
-            regions.append(key[1])
-            schemes.append(key[2])
-            years.append(key[3])
-            adm.append(a.admissions)
-            ct.append(a.compliant_total)
-            for (layer, cap), v in a.layers.items():
-                lnames.append(layer)
-                lcaps.append(cap)
-                lpos.append(v[0])
-                lpaid.append(v[1])
-                lded.append(v[2])
-            offsets.append(len(lnames))
-        if not pids:
-            return None
-        entries = pa.StructArray.from_arrays(
-            [pa.array(lnames, pa.string()), pa.array(lcaps, pa.string()), pa.array(lpos, pa.int64()),
-             pa.array(lpaid, pa.int64()), pa.array(lded, pa.int64())], fields=list(LAYER_ENTRY))
-        layers = pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), entries, type=pa.list_(LAYER_ENTRY))
-        return pa.Table.from_arrays(
-            [pa.array(pids, pa.string()), pa.array(regions, pa.string()), pa.array(schemes, pa.string()),
-             pa.array(years, pa.int32()), pa.array(adm, pa.int64()), pa.array(ct, pa.int64()), layers],
-            schema=engine.ACCUMULATORS_SCHEMA)
+            out.append((*key, a.admissions, a.compliant_total, a.layers.items()))
+        return out
 
     # ------------------------------------------------------------ settle
 
@@ -272,7 +232,8 @@ class Core:
             return []
         keys = [w.key for w in works]
         try:
-            settler = engine.Settler(self.ps, self.carry_table(dict.fromkeys(keys), accs), deltas=True)
+            settler = engine.Settler(self.ps, deltas=True)
+            settler.carry_in_rows(self.carried(dict.fromkeys(keys), accs))
         except engine.AccumulatorError as e:
             if len(works) == 1:
                 return [self._carry_error(works[0], e)]
@@ -280,21 +241,18 @@ class Core:
             for i, w in enumerate(works):  # isolate the key whose stored accumulators the policy rejects
                 out.extend(self.settle([w], accs, None if apply is None else [apply[i]]))
             return out
-        res = settler.settle_batch(self.claims_batch(works))
-        cols = {name: res.column(name).to_pylist() for name in (
-            "status", "policy_id", "identity", *RESULT_INT_FIELDS, "layer_pays", "cap_hit",
-            "delta_admissions", "delta_compliant_total", "delta_layers")}
+        rows = settler.settle_rows(self.claim_rows(works))
         out = []
-        status = cols["status"]
         for i, w in enumerate(works):
-            st = status[i]
+            row = rows[i]
+            st = row["status"]
             if st != "ok":
                 out.append(self.describe(st, w, accs.get(w.key)))
                 continue
-            dl = cols["delta_layers"][i]
+            dl = row["delta_layers"]
             d_layers = [(e["layer"], e["cap_group"], e["position"], e["paid"], e["deductible_charged"]) for e in dl]
-            d_adm = cols["delta_admissions"][i]
-            d_ct = cols["delta_compliant_total"][i]
+            d_adm = row["delta_admissions"]
+            d_ct = row["delta_compliant_total"]
             acc = accs.get(w.key)
             if apply is not None and not apply[i]:
                 acc = acc.copy() if acc is not None else Acc()
@@ -304,14 +262,10 @@ class Core:
             c = w.claim
             b = w.basis
             result = pb.SettlementResult(
-                claim_id=c.claim_id, status="ok", policy_id=cols["policy_id"][i], identity=cols["identity"][i] or "",
-                deductible_applied=cols["deductible_applied"][i], basic_pay=cols["basic_pay"][i],
-                supplementary_pay=cols["supplementary_pay"][i], critical_illness_pay=cols["critical_illness_pay"][i],
-                medical_aid_pay=cols["medical_aid_pay"][i], guarantee_pay=cols["guarantee_pay"][i],
-                fund_pay_total=cols["fund_pay_total"][i], personal_pay=cols["personal_pay"][i],
-                compliant_personal_pay=cols["compliant_personal_pay"][i],
-                layer_pays=[pb.LayerPay(layer=e["layer"], pay=e["pay"]) for e in cols["layer_pays"][i]],
-                cap_hit=cols["cap_hit"][i])
+                claim_id=c.claim_id, status="ok", policy_id=row["policy_id"], identity=row["identity"] or "",
+                **{name: row[name] for name in RESULT_INT_FIELDS},
+                layer_pays=[pb.LayerPay(layer=e["layer"], pay=e["pay"]) for e in row["layer_pays"]],
+                cap_hit=row["cap_hit"])
             resp = pb.SettleResponse(
                 result=result, accumulators=acc.to_pb(w.key, self.column_order(w.key)),
                 basis=pb.SettlementBasis(region=b.region, scheme=SCHEME_TO_PB[b.scheme], year=b.year, age=b.age,
