@@ -215,45 +215,8 @@ def _open_loop_proc(args):
     return lat, ok, time.process_time() - t0
 
 
-NODE = shutil.which("node")
-LOADGEN = Path(__file__).resolve().parent / "loadgen.mjs"
-
-
-def default_client() -> str:
-    """"node" (benchmarks/loadgen.mjs, the lighter client) where Node.js is installed, else "python"."""
-    return "node" if NODE else "python"
-
-
-def run_open_loop_node(target: str, payloads: list, rate: float) -> dict:
-    """The open loop of benchmarks/loadgen.mjs (Node's built-in HTTP/2): the same schedule and
-    latency definition as the Python client at a fraction of its CPU per call."""
-    n = len(payloads)
-    with tempfile.TemporaryDirectory(prefix="medsettle-load-") as d:
-        src, dst = Path(d) / "payloads.bin", Path(d) / "out.json"
-        with open(src, "wb") as f:
-            for p in payloads:
-                f.write(len(p).to_bytes(4, "little"))
-                f.write(p)
-        subprocess.run([NODE, str(LOADGEN), "--target", target, "--method", METHOD, "--payloads", str(src),
-                        "--rate", repr(float(rate)), "--out", str(dst)], check=True)
-        res = json.loads(dst.read_text())
-    lat = np.array([np.nan if x is None else x / 1000.0 for x in res["latency_ms"]])
-    status = np.array(res["grpc_status"])
-    ok = status == 0
-    if (~ok).any():
-        codes, counts = np.unique(status[~ok], return_counts=True)
-        print(f"errors (gRPC status: count): {dict(zip(codes.tolist(), counts.tolist()))}", file=sys.stderr)
-    elapsed = np.nanmax(lat) + (n - 1) / rate if n and not np.isnan(lat).all() else 0.0
-    out = summarize(lat, ok, n, elapsed, offered=rate)
-    out["client_cpu_per_s"] = res["cpu_s"] / max(elapsed, 1e-9)
-    out["client"] = "node"
-    return out
-
-
-def run_open_loop(target: str, payloads: list, rate: float, clients: int = 1, client: str = "python") -> dict:
+def run_open_loop(target: str, payloads: list, rate: float, clients: int = 1) -> dict:
     """Offers `len(payloads)` settlements at `rate`/s (open loop) and returns the latency figures."""
-    if client == "node":
-        return run_open_loop_node(target, payloads, rate)
     n = len(payloads)
     start_at = time.perf_counter() + 0.5
     stride = clients / rate
