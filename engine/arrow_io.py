@@ -256,7 +256,7 @@ class PreparedClaims:
         self.age = np.array([-1 if v is None or v < 0 else v for v in age], dtype=np.int32)
         (self.total, self.self_funded, self.over_limit, self.class_b_copay, self.in_scope,
          self.in_scope_class_b) = (np.array([v or 0 for v in col], dtype=np.int64) for col in amounts)
-        bits = _identity_bits(compiled)
+        bits = compiled.identity_bits
         undeclared = _undeclared_bit()
         self.identity_mask = np.array([0 if ids is None else _or(bits.get(v, undeclared) for v in ids if v is not None)
                                        for ids in identities], dtype=np.int64)
@@ -305,18 +305,6 @@ def _value_codes(values, names) -> np.ndarray:
     """_codes() of Python strings: index in `names`, -1 None, -2 not one of them."""
     table = _code_table(tuple(names))
     return np.array([-1 if v is None else table.get(v, -2) for v in values], dtype=np.int32)
-
-
-_bits_cache: dict = {}
-
-
-def _identity_bits(compiled: CompiledPolicies) -> dict:
-    hit = _bits_cache.get(id(compiled))
-    if hit is None or hit[0] is not compiled:
-        if len(_bits_cache) > 64:
-            _bits_cache.clear()
-        hit = _bits_cache[id(compiled)] = (compiled, {name: 1 << i for i, name in enumerate(compiled.identity_names)})
-    return hit[1]
 
 
 def _undeclared_bit() -> int:

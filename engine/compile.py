@@ -98,6 +98,16 @@ class CompiledPolicies:
         return tuple(p.id for p in self.policy_set.policies)
 
     @cached_property
+    def identity_bits(self) -> dict[str, int]:
+        """Identity name -> its bit in the kernel's identity masks."""
+        return {name: 1 << i for i, name in enumerate(self.identity_names)}
+
+    @cached_property
+    def acc_column_index(self) -> list[dict]:
+        """Per policy: (layer, cap_group) -> accumulator column."""
+        return [{col: j for j, col in enumerate(cols)} for cols in self.acc_columns]
+
+    @cached_property
     def names(self) -> "OutputNames":
         """Arrow arrays of the names results are written with, built once per policy set."""
         return OutputNames(self)

@@ -260,7 +260,7 @@ class Settler:
                 i = int(np.nonzero(bad)[0][0])
                 raise AccumulatorError(f"accumulators: key {key_name(i)}: {name} {int(v[i])} is outside [0, 10^14]")
         col_index = np.full(len(parents), -1, dtype=np.int64)
-        column_of = _column_index(c)
+        column_of = c.acc_column_index
         for e in range(len(parents)):
             j = column_of[policy[parents[e]]].get((layer_names[e], cap_names[e]), -1)
             if j < 0:
@@ -292,19 +292,6 @@ class Settler:
                                        f"'{layer_names[e]}' with cap group {cap_names[e]!r} appears twice")
             for f in range(_kernel.ACC_FIELDS):
                 self._state[slots[parents], _kernel.STATE_HEAD + col_index * _kernel.ACC_FIELDS + f] = values[:, f]
-
-
-_column_cache: dict[int, tuple[CompiledPolicies, list]] = {}
-
-
-def _column_index(c: CompiledPolicies) -> list[dict]:
-    """Per policy: (layer, cap_group) -> accumulator column, built once per compiled set."""
-    hit = _column_cache.get(id(c))
-    if hit is None or hit[0] is not c:
-        if len(_column_cache) > 64:
-            _column_cache.clear()
-        hit = _column_cache[id(c)] = (c, [{col: j for j, col in enumerate(cols)} for cols in c.acc_columns])
-    return hit[1]
 
 
 HUGE_PAGE = 2 << 20
