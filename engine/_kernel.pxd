@@ -57,15 +57,13 @@ ctypedef struct MatchRow:
     int64_t visit_mask          # bit per enum code; all bits when absent
     int64_t level_mask
     int64_t locality_mask
-    int64_t referred            # -1 any, 0, 1
-    int64_t has_identity
-    int64_t identity_mask       # global identity bits
-    int64_t has_holds
-    int64_t holds_mask
+    int64_t referred_mask       # bit 0: not referred passes, bit 1: referred passes
+    int64_t effective_mask      # bit e + 1: effective identity e passes, bit 0: none; all when absent
+    int64_t holds_mask          # global identity bits, or bit 63 alone when absent
     int64_t disease_start       # into disease ranges; disease_count -1 when absent
     int64_t disease_count
     int64_t min_age             # -1 when absent
-    int64_t max_age
+    int64_t max_age             # MAX_AGE_ANY when absent
     int64_t profile_only        # 1: no condition beyond visit type, level and locality
 
 ctypedef struct RangeRow:

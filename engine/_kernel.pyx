@@ -22,15 +22,25 @@ cdef extern from *:
     #define MEDSETTLE_BP 10000LL
     #define MEDSETTLE_MAX_AMOUNT 1000000000000LL
     #define MEDSETTLE_MAX_COMPLIANT_TOTAL 100000000000000LL
+    #define MEDSETTLE_MAX_AGE_ANY (1LL << 62)
+    #define MEDSETTLE_ANY_HOLDS ((int64_t)(1ULL << 63))
     """
     const int64_t BP "MEDSETTLE_BP"
     const int64_t MAX_AMOUNT "MEDSETTLE_MAX_AMOUNT"                # 10^12 fen per claim amount
     const int64_t MAX_COMPLIANT_TOTAL "MEDSETTLE_MAX_COMPLIANT_TOTAL"  # 10^14 fen per key
+    const int64_t MAX_AGE_ANY_C "MEDSETTLE_MAX_AGE_ANY"    # engine/compile.py MAX_AGE_ANY
+    const int64_t ANY_HOLDS_C "MEDSETTLE_ANY_HOLDS"        # engine/compile.py ANY_HOLDS
 
-ACC_FIELDS = 3  # position, paid, deductible_charged per accumulator column
-STATE_HEAD = 2  # admissions, compliant_total before the columns of a state row
+cdef enum:
+    ACC_FIELDS_C = 3  # position, paid, deductible_charged per accumulator column
+    STATE_HEAD_C = 2  # admissions, compliant_total before the columns of a state row
+
+ACC_FIELDS = ACC_FIELDS_C
+STATE_HEAD = STATE_HEAD_C
 PROFILE_SHAPE = (PROFILE_LEVELS, PROFILE_LOCALITIES)
 TRACE_NFIELDS = TR_NFIELDS
+MAX_AGE_ANY = MAX_AGE_ANY_C
+ANY_HOLDS = ANY_HOLDS_C
 
 
 cdef inline int64_t round_div(int64_t n, int64_t d) noexcept nogil:
@@ -518,15 +528,17 @@ ctypedef struct Claim:
     int64_t visit
     int64_t level
     int64_t locality
-    int64_t referred
-    int64_t age            # -1 when null
-    int64_t held           # identity bits
+    int64_t referred       # 0 or 1 (null is 0)
+    int64_t age_low        # age; -1 when null, so that any min_age fails
+    int64_t age_high       # age; MAX_AGE_ANY when null, so that any max_age fails
+    int64_t held           # identity bits, and ANY_HOLDS
     int64_t effective      # global identity id, -1 none
     int64_t disease        # encoded 3-character category, -1 none
 
 
 cdef inline bint matches(const MatchRow* m, const Claim* c, const RangeRow[::1] ranges) noexcept nogil:
-    """The conjunction of section 6.3, as bit tests without branches where it can be.
+    """The conjunction of section 6.3 as five bit and compare tests, absent conditions
+    encoded by engine/compile.py so that they pass.
 
     Only called on the candidates of the claim's profile, which already
     match its visit type, level and locality (engine/compile.py).
@@ -534,13 +546,11 @@ cdef inline bint matches(const MatchRow* m, const Claim* c, const RangeRow[::1] 
     cdef int64_t k
     if m.profile_only:
         return True
-    cdef bint ok = (((m.referred < 0) | (m.referred == c.referred))
-                    & ((m.has_identity == 0) | ((c.effective >= 0) & ((m.identity_mask >> (c.effective & 63)) & 1)))
-                    & ((m.has_holds == 0) | ((c.held & m.holds_mask) != 0))
-                    & ((m.min_age < 0) | ((c.age >= 0) & (c.age >= m.min_age)))
-                    & ((m.max_age < 0) | ((c.age >= 0) & (c.age <= m.max_age))))
-    if not ok or m.disease_count < 0:
-        return ok
+    if not ((((m.referred_mask >> c.referred) & (<uint64_t>m.effective_mask >> (c.effective + 1))) & 1)
+            & ((c.held & m.holds_mask) != 0) & (c.age_low >= m.min_age) & (c.age_high <= m.max_age)):
+        return False
+    if m.disease_count < 0:
+        return True
     if c.disease < 0:
         return False
     for k in range(m.disease_start, m.disease_start + m.disease_count):
@@ -606,19 +616,31 @@ def settle(const int64_t[::1] order, const int8_t[::1] status_in,
     cdef int64_t p, sl, j, l, r, a, f, li, nl
     cdef int64_t in_scope, class_b, K, base, paid_sum, raw, pay, room, x, start, end
     cdef int64_t Dr, D, g, rr, ra, factor, rep_idx, elig_a, elig_b, class_a, rest
-    cdef int64_t dedc_inc, col, keep, profile, q
+    cdef int64_t dedc_inc, col, keep, profile, q, q_end
     cdef const PolicyRow* pol
     cdef const LayerRow* lay
     cdef const RuleRow* rule
     cdef const AdjustmentRow* adj
     cdef Claim c
     cdef bint tracing
+    # Raw pointers into the 2- and 3-d arrays (all C-contiguous): an index is then one
+    # multiply by a constant, not a stride read from the memoryview per access.
+    cdef int64_t nprof = rule_candidates.shape[1], nlay = layer_pay.shape[1]
+    cdef const int64_t* rc = &rule_candidates[0, 0, 0]
+    cdef const int64_t* ac = &adjustment_candidates[0, 0, 0]
+    cdef int64_t* fp
+    cdef int64_t* lp
+    cdef int64_t* row
+    cdef int64_t* dl
+    if n == 0:
+        return
+    fp = &fund_pay[0, 0]  # fund f of row i at fp[f * n + i]
     with nogil:
         for k in range(n):
             if k + PREFETCH_AHEAD < n and slot[order[k + PREFETCH_AHEAD]] >= 0:
-                j = slot[order[k + PREFETCH_AHEAD]]
+                row = &state[0, 0] + slot[order[k + PREFETCH_AHEAD]] * width
                 for f in range(0, width, 8):
-                    prefetch_address(&state[j, 0] + f)
+                    prefetch_address(row + f)
             i = order[k]
             status[i] = status_in[i]
             effective[i] = -1
@@ -626,20 +648,24 @@ def settle(const int64_t[::1] order, const int8_t[::1] status_in,
             cap_hit[i] = 0
             compliant[i] = 0
             for j in range(5):
-                fund_pay[j, i] = 0
-            for j in range(layer_pay.shape[1]):
-                layer_pay[i, j] = 0
+                fp[j * n + i] = 0
+            lp = &layer_pay[i, 0] if nlay else NULL
+            for j in range(nlay):
+                lp[j] = 0
             if status_in[i] != OK:
                 continue
             p = policy[i]
             pol = &policies[p]
             sl = slot[i]
+            row = &state[0, 0] + sl * width
+            dl = &deltas[i, 0, 0] if want_deltas else NULL
             c.visit = visit[i]
             c.level = level[i]
             c.locality = locality[i]
-            c.referred = referred[i]
-            c.age = age[i]
-            c.held = identity_mask[i]
+            c.referred = referred[i] != 0
+            c.age_low = age[i]
+            c.age_high = age[i] if age[i] >= 0 else MAX_AGE_ANY_C
+            c.held = identity_mask[i] | ANY_HOLDS_C
             c.disease = disease[i]
             c.effective = -1
             for j in range(pol.rank_start, pol.rank_start + pol.rank_count):
@@ -649,14 +675,15 @@ def settle(const int64_t[::1] order, const int8_t[::1] status_in,
             in_scope = in_scope_amount[i]
             class_b = in_scope_class_b[i]
             K = in_scope + (class_b_copay[i] if pol.includes_class_b_copay else 0)
-            if state[sl, 1] + K > MAX_COMPLIANT_TOTAL:
+            if row[1] + K > MAX_COMPLIANT_TOTAL:
                 status[i] = AMOUNT_OUT_OF_RANGE
                 continue
             # The first layer must have a rule; found before anything changes.
             profile = (c.visit * PROFILE_LEVELS + c.level) * PROFILE_LOCALITIES + c.locality
             l = pol.layer_start
             r = -1
-            for q in range(rule_candidates[l, profile, 0], rule_candidates[l, profile, 0] + rule_candidates[l, profile, 1]):
+            q_end = rc[(l * nprof + profile) * 2] + rc[(l * nprof + profile) * 2 + 1]
+            for q in range(rc[(l * nprof + profile) * 2], q_end):
                 j = candidate_rules[q]
                 if matches(&match_rows[rules[j].match], &c, ranges):
                     r = j
@@ -667,7 +694,7 @@ def settle(const int64_t[::1] order, const int8_t[::1] status_in,
             tracing = i == trace_row
             if tracing:
                 for j in range(width):
-                    trace_acc[0, j] = state[sl, j]
+                    trace_acc[0, j] = row[j]
             effective[i] = <int32_t>c.effective
             compliant[i] = K
             paid_sum = 0
@@ -678,8 +705,8 @@ def settle(const int64_t[::1] order, const int8_t[::1] status_in,
                 base = in_scope if li == 0 else K - paid_sum
                 if li > 0:
                     r = -1
-                    for q in range(rule_candidates[l, profile, 0],
-                                   rule_candidates[l, profile, 0] + rule_candidates[l, profile, 1]):
+                    q_end = rc[(l * nprof + profile) * 2] + rc[(l * nprof + profile) * 2 + 1]
+                    for q in range(rc[(l * nprof + profile) * 2], q_end):
                         j = candidate_rules[q]
                         if matches(&match_rows[rules[j].match], &c, ranges):
                             r = j
@@ -690,7 +717,7 @@ def settle(const int64_t[::1] order, const int8_t[::1] status_in,
                 if r < 0:
                     continue
                 rule = &rules[r]
-                col = rule.acc
+                col = STATE_HEAD_C + ACC_FIELDS_C * rule.acc  # position, paid, deductible_charged
                 dedc_inc = 0
                 if rule.kind == RULE_FIXED_AMOUNT:
                     raw = i64min(rule.amount, base)
@@ -701,7 +728,7 @@ def settle(const int64_t[::1] order, const int8_t[::1] status_in,
                     Dr = rule.deductible
                     factor = BP
                     if li == 0 and rule.repeat_admission and rule.axis == 0 and c.visit == VISIT_INPATIENT:
-                        rep_idx = i64min(state[sl, 0], pol.repeat_count - 1)
+                        rep_idx = i64min(row[0], pol.repeat_count - 1)
                         factor = repeat_factors[pol.repeat_start + rep_idx]
                         Dr = round_div(rule.deductible * factor, BP)
                         if factor < BP:
@@ -709,8 +736,8 @@ def settle(const int64_t[::1] order, const int8_t[::1] status_in,
                     g = BP
                     rr = -1
                     ra = 0
-                    for q in range(adjustment_candidates[l, profile, 0],
-                                   adjustment_candidates[l, profile, 0] + adjustment_candidates[l, profile, 1]):
+                    q_end = ac[(l * nprof + profile) * 2] + ac[(l * nprof + profile) * 2 + 1]
+                    for q in range(ac[(l * nprof + profile) * 2], q_end):
                         adj = &adjustments[candidate_adjustments[q]]
                         if matches(&match_rows[adj.match], &c, ranges):
                             g = round_div(g * adj.deductible_factor, BP)
@@ -718,7 +745,7 @@ def settle(const int64_t[::1] order, const int8_t[::1] status_in,
                                 rr = adj.ratio
                                 ra = 0
                             ra += adj.ratio_add
-                    D = round_div(Dr * g, BP)
+                    D = round_div(Dr * g, BP) if g != BP else Dr
                     if rule.kind == RULE_CLASS_RATIO:
                         x = base
                         class_a = in_scope - class_b
@@ -733,20 +760,21 @@ def settle(const int64_t[::1] order, const int8_t[::1] status_in,
                         end = x
                     else:
                         x = base
-                        start = state[sl, 2 + 3 * col] if rule.axis == 1 else 0
+                        start = row[col] if rule.axis == 1 else 0
                         end = start + x
-                        raw = (round_div(integral(segments, rule.segment_start, rule.segment_count,
-                                                  rr, ra, D, rule.above_deductible, end), BP)
-                               - round_div(integral(segments, rule.segment_start, rule.segment_count,
-                                                    rr, ra, D, rule.above_deductible, start), BP))
+                        raw = round_div(integral(segments, rule.segment_start, rule.segment_count,
+                                                 rr, ra, D, rule.above_deductible, end), BP)
+                        if start > 0:
+                            raw -= round_div(integral(segments, rule.segment_start, rule.segment_count,
+                                                      rr, ra, D, rule.above_deductible, start), BP)
                         dedc_inc = i64max(0, i64min(end, D) - start)
                         if rule.axis == 1:
-                            state[sl, 2 + 3 * col] = end
+                            row[col] = end
                             if want_deltas:
-                                deltas[i, col, 0] += x
-                    state[sl, 4 + 3 * col] += dedc_inc
+                                dl[ACC_FIELDS_C * rule.acc] += x
+                    row[col + 2] += dedc_inc
                     if want_deltas:
-                        deltas[i, col, 2] += dedc_inc
+                        dl[ACC_FIELDS_C * rule.acc + 2] += dedc_inc
                     if tracing:
                         trace[li, TR_DEDUCTIBLE_RULE] = Dr
                         trace[li, TR_REPEAT_FACTOR] = factor
@@ -758,7 +786,7 @@ def settle(const int64_t[::1] order, const int8_t[::1] status_in,
                         trace[li, TR_RATIO_ADD] = ra
                         trace[li, TR_DEDUCTIBLE_CHARGED] = dedc_inc
                 if rule.cap >= 0:
-                    room = i64max(0, rule.cap - state[sl, 3 + 3 * col])
+                    room = i64max(0, rule.cap - row[col + 1])
                     pay = i64min(raw, room)
                 else:
                     pay = raw
@@ -767,22 +795,22 @@ def settle(const int64_t[::1] order, const int8_t[::1] status_in,
                 if tracing:
                     trace[li, TR_RAW] = raw
                     trace[li, TR_CAP] = rule.cap
-                    trace[li, TR_PAID_BEFORE] = state[sl, 3 + 3 * col]
+                    trace[li, TR_PAID_BEFORE] = row[col + 1]
                     trace[li, TR_PAY] = pay
-                state[sl, 3 + 3 * col] += pay
+                row[col + 1] += pay
                 if want_deltas:
-                    deltas[i, col, 1] += pay
-                fund_pay[lay.fund, i] += pay
-                layer_pay[i, li] = pay
+                    dl[ACC_FIELDS_C * rule.acc + 1] += pay
+                fp[lay.fund * n + i] += pay
+                lp[li] = pay
                 paid_sum += pay
                 if li == 0:
                     deductible_applied[i] = dedc_inc
                     if c.visit == VISIT_INPATIENT:
-                        state[sl, 0] += 1
-            state[sl, 1] += K
+                        row[0] += 1
+            row[1] += K
             if tracing:
                 for j in range(width):
-                    trace_acc[1, j] = state[sl, j]
+                    trace_acc[1, j] = row[j]
 
 
 def string_codes(const int32_t[::1] offsets, const uint8_t[::1] data, const uint8_t[::1] valid,

@@ -34,16 +34,25 @@ RULE_FIELDS = ("kind", "match", "deductible", "axis", "above_deductible", "repea
                "acc", "cap", "segment_start", "segment_count", "ratio_a", "ratio_b", "amount")
 SEGMENT_FIELDS = ("upto", "ratio")
 ADJUSTMENT_FIELDS = ("match", "deductible_factor", "ratio", "ratio_add")
-MATCH_FIELDS = ("visit_mask", "level_mask", "locality_mask", "referred", "has_identity",
-                "identity_mask", "has_holds", "holds_mask", "disease_start", "disease_count",
-                "min_age", "max_age", "profile_only")
+MATCH_FIELDS = ("visit_mask", "level_mask", "locality_mask", "referred_mask", "effective_mask",
+                "holds_mask", "disease_start", "disease_count", "min_age", "max_age", "profile_only")
 RANGE_FIELDS = ("low", "high")
 
 RULE_KIND_CODES = {KIND_SEGMENTS: 0, KIND_CLASS_RATIO: 1, KIND_FIXED_AMOUNT: 2,
                    KIND_MAX_PERSONAL_SHARE: 3}
 
-# Bit 63 of a claim's identity mask: a name no policy of the set declares.
+# Bit 63 of a claim's identity mask: a name no policy of the set declares. Such a claim
+# never reaches the rules (UNKNOWN_IDENTITY), so the kernel reuses the bit there: set in
+# every claim it matches, it is the whole of `holds_mask` for a match without `holds`.
 UNDECLARED_IDENTITY_BIT = 63
+ANY_HOLDS = -(1 << 63)
+# max_age of a match without one: above any age, and above the null age the kernel tests with
+MAX_AGE_ANY = 1 << 62
+
+
+def _int64(bits: int) -> int:
+    """An unsigned 64-bit mask as the int64 with the same bits."""
+    return bits - (1 << 64) if bits >= 1 << 63 else bits
 
 
 def _table(fields, rows) -> np.ndarray:
@@ -213,15 +222,15 @@ def compile_policies(policy_set: PolicySet) -> CompiledPolicies:
             "visit_mask": _mask(m.visit_type, VISIT_TYPES),
             "level_mask": _mask(m.facility_level, FACILITY_LEVELS),
             "locality_mask": _mask(m.locality, LOCALITIES),
-            "referred": -1 if m.referred is None else int(m.referred),
-            "has_identity": int(m.identity is not None),
-            "identity_mask": sum(1 << ident_bit[x] for x in (m.identity or ())),
-            "has_holds": int(m.holds is not None),
-            "holds_mask": sum(1 << ident_bit[x] for x in (m.holds or ())),
+            # bit 0: not referred (or null) passes, bit 1: referred passes
+            "referred_mask": 3 if m.referred is None else 1 << int(m.referred),
+            # bit e + 1 for an effective identity e that passes; bit 0 for none
+            "effective_mask": -1 if m.identity is None else _int64(sum(1 << (ident_bit[x] + 1) for x in m.identity)),
+            "holds_mask": ANY_HOLDS if m.holds is None else sum(1 << ident_bit[x] for x in m.holds),
             "disease_start": start,
             "disease_count": -1 if m.disease_group is None else len(ranges) - start,
             "min_age": -1 if m.min_age is None else m.min_age,
-            "max_age": -1 if m.max_age is None else m.max_age,
+            "max_age": MAX_AGE_ANY if m.max_age is None else m.max_age,
         })
         # only visit type, level and locality: decided by the profile's candidate list alone
         matches[-1]["profile_only"] = int(m.referred is None and m.identity is None and m.holds is None

@@ -87,3 +87,14 @@ def test_large_state_table_is_zeroed_and_keeps_rows_when_grown():
     assert s._state.shape[0] >= 200_000
     assert s._state[3].tolist() == list(range(s._state.shape[1]))
     assert not s._state[4:].any()
+
+
+def test_match_encodings_agree_with_compile():
+    """compile.py encodes absent match conditions so that the kernel's tests pass them;
+    the two sides must use the same sentinels."""
+    from engine import compile as comp
+
+    assert comp.MAX_AGE_ANY == _kernel.MAX_AGE_ANY
+    assert comp.ANY_HOLDS == _kernel.ANY_HOLDS == -(1 << 63)
+    assert comp.UNDECLARED_IDENTITY_BIT == 63  # the bit ANY_HOLDS reuses
+    assert 150 < comp.MAX_AGE_ANY  # above any real max_age
