@@ -641,6 +641,7 @@ def settle(const int64_t[::1] order, const int8_t[::1] status_in,
                 row = &state[0, 0] + slot[order[k + PREFETCH_AHEAD]] * width
                 for f in range(0, width, 8):
                     prefetch_address(row + f)
+                prefetch_address(row + width - 1)  # a row not aligned to a line ends in one more
             i = order[k]
             status[i] = status_in[i]
             effective[i] = -1
@@ -668,10 +669,11 @@ def settle(const int64_t[::1] order, const int8_t[::1] status_in,
             c.held = identity_mask[i] | ANY_HOLDS_C
             c.disease = disease[i]
             c.effective = -1
-            for j in range(pol.rank_start, pol.rank_start + pol.rank_count):
-                if (c.held >> identity_rank[j]) & 1:
-                    c.effective = identity_rank[j]
-                    break
+            if identity_mask[i] & pol.identity_mask:  # most claims hold no identity
+                for j in range(pol.rank_start, pol.rank_start + pol.rank_count):
+                    if (c.held >> identity_rank[j]) & 1:
+                        c.effective = identity_rank[j]
+                        break
             in_scope = in_scope_amount[i]
             class_b = in_scope_class_b[i]
             K = in_scope + (class_b_copay[i] if pol.includes_class_b_copay else 0)
