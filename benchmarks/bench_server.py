@@ -11,11 +11,19 @@ rate, runs an *open-loop* client: request i is due at t0 + i / rate whatever
 happened to earlier ones, and its latency is measured from that due time to
 its response, so a stalled server (or a stalled client) shows up in the
 figures instead of slowing the offered load. Requests are pre-serialized
-SettleRequest bytes sent on one HTTP/2 channel per client process
-(`--clients` splits the rate over several processes, interleaved).
+SettleRequest bytes.
 
-Saturation: a closed loop with `--concurrency` calls in flight for
-`--duration` seconds; settlements per second completed.
+Two clients send them. `benchmarks/loadgen.c` (HTTP/2 from libnghttp2, one
+thread; built here with the C compiler when Debian's libnghttp2-dev is
+installed) costs ~0.05 ms of CPU per call; the Python grpc.aio client costs
+~0.4 ms, which on this 2-core machine is taken from the server it measures.
+`--client auto` (the default) uses the C one when it builds, else Python;
+`--clients` splits the rate over several Python processes, `--connections`
+over HTTP/2 connections of the C client.
+
+Saturation: a closed loop with `--concurrency` calls in flight; settlements
+per second completed (C client: a fixed number of calls, `--duration`
+seconds' worth at 3,000/s; Python client: for `--duration` seconds).
 
 Every run checks that each call succeeded (status OK) and reports errors.
 """
@@ -141,6 +149,116 @@ def stop_server(proc: subprocess.Popen) -> None:
 
 
 # --------------------------------------------------------------------------- clients
+
+LOADGEN_SRC = ROOT / "benchmarks" / "loadgen.c"
+RESULT_DTYPE = np.dtype([("due_ns", "<i8"), ("done_ns", "<i8"), ("grpc_status", "<i4"), ("http_status", "<i4")])
+
+
+def build_loadgen(folder: Path | None = None) -> Path | None:
+    """benchmarks/loadgen.c compiled (cached by its content), or None when there is no C
+    compiler or no libnghttp2 headers (Debian: apt-get install libnghttp2-dev)."""
+    import hashlib
+
+    cc = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
+    if cc is None or not LOADGEN_SRC.exists():
+        return None
+    digest = hashlib.sha256(LOADGEN_SRC.read_bytes()).hexdigest()[:12]
+    exe = Path(folder or tempfile.gettempdir()) / f"medsettle-loadgen-{digest}"
+    if exe.exists():
+        return exe
+    tmp = exe.with_name(exe.name + f".{os.getpid()}")
+    r = subprocess.run([cc, "-O2", "-o", str(tmp), str(LOADGEN_SRC), "-lnghttp2"], capture_output=True, text=True)
+    if r.returncode != 0:
+        return None
+    os.replace(tmp, exe)
+    return exe
+
+
+class CClient:
+    """Runs benchmarks/loadgen.c: the open loop (or a closed one, `in_flight` > 0) of `payloads`."""
+
+    name = "c"
+
+    def __init__(self, exe: Path, connections: int = 1):
+        self.exe, self.connections = exe, connections
+
+    def run(self, target: str, payloads: list, rate: float, in_flight: int = 0, timeout_s: float = 60.0):
+        """(results array of RESULT_DTYPE, client CPU seconds)."""
+        host, port = target.rsplit(":", 1)
+        with tempfile.TemporaryDirectory(prefix="medsettle-loadgen-") as d:
+            src, out = Path(d) / "payloads.bin", Path(d) / "results.bin"
+            with open(src, "wb") as f:
+                for p in payloads:
+                    f.write(len(p).to_bytes(4, "little"))
+                    f.write(p)
+            cmd = [str(self.exe), host, port, METHOD, str(src), str(rate), str(out), str(self.connections),
+                   str(timeout_s), str(in_flight)]
+            r = subprocess.run(cmd, capture_output=True, text=True)
+            if r.returncode != 0:
+                raise RuntimeError(f"loadgen failed ({r.returncode}): {r.stderr.strip()}")
+            fields = r.stdout.split()
+            cpu = float(fields[fields.index("cpu_s") + 1])
+            return np.fromfile(out, dtype=RESULT_DTYPE), cpu
+
+    def open_loop(self, target: str, payloads: list, rate: float) -> dict:
+        res, cpu = self.run(target, payloads, rate)
+        lat, ok = _latencies(res)
+        n = len(payloads)
+        elapsed = np.nanmax(lat) + (n - 1) / rate if n else 0.0
+        out = summarize(lat, ok, n, elapsed, offered=rate)
+        out["client_cpu_per_s"] = cpu / max(elapsed, 1e-9)
+        return out
+
+    def saturation(self, target: str, payloads: list, concurrency: int, duration: float) -> dict:
+        part = payloads[: int(3000 * duration)]
+        res, cpu = self.run(target, part, 1e9, in_flight=concurrency)
+        lat, ok = _latencies(res)
+        done = res["done_ns"][res["done_ns"] >= 0]
+        elapsed = (done.max() / 1e9) if len(done) else 0.0
+        out = summarize(lat, ok, len(part), elapsed, offered=None)
+        out["concurrency"] = concurrency
+        out["client_cpu_per_s"] = cpu / max(elapsed, 1e-9)
+        return out
+
+
+def _latencies(res: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Seconds from due time to answer (NaN: no answer) and whether each call succeeded."""
+    lat = np.where(res["done_ns"] >= 0, (res["done_ns"] - res["due_ns"]) / 1e9, np.nan)
+    ok = (res["grpc_status"] == 0) & (res["http_status"] == 200) & (res["done_ns"] >= 0)
+    bad = res["grpc_status"][~ok]
+    if len(bad):
+        codes, counts = np.unique(bad, return_counts=True)
+        print("errors by grpc-status (-1: no answer): "
+              + ", ".join(f"{c}: {k}" for c, k in zip(codes.tolist(), counts.tolist())), file=sys.stderr)
+    return lat, ok
+
+
+class PyClient:
+    """The grpc.aio client of this file: `clients` processes share the rate."""
+
+    name = "python"
+
+    def __init__(self, clients: int = 1):
+        self.clients = clients
+
+    def open_loop(self, target: str, payloads: list, rate: float) -> dict:
+        return run_open_loop(target, payloads, rate, self.clients)
+
+    def saturation(self, target: str, payloads: list, concurrency: int, duration: float) -> dict:
+        return run_saturation(target, payloads, concurrency, duration)
+
+
+def make_client(kind: str = "auto", clients: int = 1, connections: int = 1, log=print):
+    """The load client: "c" (error if it can't be built), "python", or "auto" (C when it builds)."""
+    if kind in ("auto", "c"):
+        exe = build_loadgen()
+        if exe is not None:
+            return CClient(exe, connections)
+        if kind == "c":
+            raise RuntimeError("cannot build benchmarks/loadgen.c: needs a C compiler and libnghttp2's "
+                               "headers (Debian: apt-get install libnghttp2-dev)")
+        log("loadgen.c does not build here (no libnghttp2-dev?): using the Python client")
+    return PyClient(clients)
 
 
 async def _open_loop(target: str, payloads: list, rate: float, start_at: float, phase: float, stride: float):
@@ -316,24 +434,25 @@ def server_cpu_seconds(pid: int) -> float:
 # --------------------------------------------------------------------------- the run
 
 
-def run_baseline(rates, duration: float, clients: int = 1, concurrency: int = 256, saturation: bool = True,
+def run_baseline(rates, duration: float, client=None, concurrency: int = 256, saturation: bool = True,
                  log=print) -> dict:
     """The same open-loop (and closed-loop) runs against the do-nothing server."""
+    client = client or PyClient()
     work = Path(tempfile.mkdtemp(prefix="medsettle-bare-"))
     proc, port = start_bare_server(work)
     target = f"127.0.0.1:{port}"
-    out = {"rates": []}
+    out = {"client": client.name, "rates": []}
     try:
-        run_open_loop(target, [b"y" * 200] * 1000, 500, 1)
+        client.open_loop(target, [b"y" * 200] * 1000, 500)
         for rate in rates:
             cpu0 = server_cpu_seconds(proc.pid)
-            r = run_open_loop(target, [b"y" * 200] * int(rate * duration), rate, clients)
+            r = client.open_loop(target, [b"y" * 200] * int(rate * duration), rate)
             r["server_cpu_per_s"] = (server_cpu_seconds(proc.pid) - cpu0) / duration
             out["rates"].append(r)
             log("bare gRPC  " + fmt_row(r))
             time.sleep(1.0)
         if saturation:
-            r = run_saturation(target, [b"y" * 200] * int(5000 * duration), concurrency, duration)
+            r = client.saturation(target, [b"y" * 200] * int(5000 * duration), concurrency, duration)
             out["saturation"] = r
             log(f"bare gRPC saturation (closed loop, {concurrency} in flight): {r['achieved_per_s']:.0f} calls/s")
     finally:
@@ -342,9 +461,10 @@ def run_baseline(rates, duration: float, clients: int = 1, concurrency: int = 25
     return out
 
 
-def run(rates=DEFAULT_RATES, duration: float = 8.0, clients: int = 1,
+def run(rates=DEFAULT_RATES, duration: float = 8.0, client=None,
         concurrency: int = 256, saturation: bool = True, server_args=(), workdir: str | None = None,
         log=print) -> dict:
+    client = client or PyClient()
     own = workdir is None
     work = Path(workdir or tempfile.mkdtemp(prefix="medsettle-bench-"))
     try:
@@ -359,19 +479,19 @@ def run(rates=DEFAULT_RATES, duration: float = 8.0, clients: int = 1,
         proc, port = start_server(work / "store.db", registry, server_args)
         target = f"127.0.0.1:{port}"
         results = {"machine": {"cpus": os.cpu_count()}, "duration_s": duration, "persons": n_persons,
-                   "clients": clients, "server_args": list(server_args), "rates": []}
+                   "client": client.name, "server_args": list(server_args), "rates": []}
         pos = 0
         try:
             # warm-up (not reported)
             warm = payloads[pos:pos + 1000]
             pos += len(warm)
-            run_open_loop(target, warm, 500, 1)
+            client.open_loop(target, warm, 500)
             for rate in rates:
                 n = int(rate * duration)
                 part = payloads[pos:pos + n]
                 pos += n
                 cpu0 = cpu_by_process(proc.pid)
-                r = run_open_loop(target, part, rate, clients)
+                r = client.open_loop(target, part, rate)
                 cpu1 = cpu_by_process(proc.pid)
                 r["server_cpu_per_s"] = (sum(cpu1.values()) - sum(cpu0.values())) / duration
                 r["writer_cpu_per_s"] = sum(cpu1[p] - cpu0.get(p, 0) for p in cpu1 if p != proc.pid) / duration
@@ -380,7 +500,7 @@ def run(rates=DEFAULT_RATES, duration: float = 8.0, clients: int = 1,
                 time.sleep(1.0)  # let a backlog drain before the next rate
             if saturation:
                 part = payloads[pos:]
-                r = run_saturation(target, part, concurrency, duration)
+                r = client.saturation(target, part, concurrency, duration)
                 results["saturation"] = r
                 log(f"saturation (closed loop, {concurrency} in flight): {r['achieved_per_s']:.0f} settlements/s, "
                     f"p50 {r['p50_ms']:.1f} ms, p99 {r['p99_ms']:.1f} ms, errors {r['errors']}")
@@ -403,7 +523,10 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rates", default=",".join(map(str, DEFAULT_RATES)), help="offered rates, settlements/s")
     ap.add_argument("--duration", type=float, default=8.0, help="seconds per rate (default 8)")
-    ap.add_argument("--clients", type=int, default=1, help="client processes sharing each rate (default 1)")
+    ap.add_argument("--client", choices=("auto", "c", "python"), default="auto",
+                    help="load client: benchmarks/loadgen.c, the Python one, or C when it builds (default)")
+    ap.add_argument("--clients", type=int, default=1, help="Python client processes sharing each rate (default 1)")
+    ap.add_argument("--connections", type=int, default=1, help="HTTP/2 connections of the C client (default 1)")
     ap.add_argument("--concurrency", type=int, default=256, help="calls in flight for saturation (default 256)")
     ap.add_argument("--no-saturation", action="store_true")
     ap.add_argument("--server-arg", action="append", default=[], help="extra argument for the server (repeatable)")
@@ -415,12 +538,14 @@ def main(argv=None) -> int:
     if args.bare_server:
         _bare_server_main(args.bare_server)
         return 0
+    client = make_client(args.client, args.clients, args.connections)
+    print(f"client: {client.name}")
     res = run(rates=[float(x) for x in args.rates.split(",") if x], duration=args.duration,
-              clients=args.clients, concurrency=args.concurrency, saturation=not args.no_saturation,
+              client=client, concurrency=args.concurrency, saturation=not args.no_saturation,
               server_args=args.server_arg)
     if args.baseline:
         res["baseline"] = run_baseline([float(x) for x in args.rates.split(",") if x], args.duration,
-                                       clients=args.clients, concurrency=args.concurrency,
+                                       client=client, concurrency=args.concurrency,
                                        saturation=not args.no_saturation)
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=2))
@@ -490,7 +615,7 @@ def test_open_loop_short(benchmark, tmp_path):
 
     def go():
         res.update(run(rates=(1000,), duration=3.0, saturation=False, workdir=str(tmp_path),
-                       log=lambda *_: None)["rates"][0])
+                       client=make_client(log=lambda *_: None), log=lambda *_: None)["rates"][0])
 
     benchmark.pedantic(go, rounds=1, iterations=1)
     benchmark.extra_info.update(res)
