@@ -202,12 +202,7 @@ class CClient:
 
     def open_loop(self, target: str, payloads: list, rate: float) -> dict:
         res, cpu = self.run(target, payloads, rate)
-        lat, ok = _latencies(res)
-        n = len(payloads)
-        elapsed = np.nanmax(lat) + (n - 1) / rate if n else 0.0
-        out = summarize(lat, ok, n, elapsed, offered=rate)
-        out["client_cpu_per_s"] = cpu / max(elapsed, 1e-9)
-        return out
+        return open_loop_figures(*_latencies(res), rate, cpu)
 
     def saturation(self, target: str, payloads: list, concurrency: int, duration: float) -> dict:
         part = payloads[: int(3000 * duration)]
@@ -335,7 +330,6 @@ def _open_loop_proc(args):
 
 def run_open_loop(target: str, payloads: list, rate: float, clients: int = 1) -> dict:
     """Offers `len(payloads)` settlements at `rate`/s (open loop) and returns the latency figures."""
-    n = len(payloads)
     start_at = time.perf_counter() + 0.5
     stride = clients / rate
     jobs = [(target, payloads[k::clients], rate / clients, start_at, k / rate, stride) for k in range(clients)]
@@ -345,11 +339,16 @@ def run_open_loop(target: str, payloads: list, rate: float, clients: int = 1) ->
         ctx = mp.get_context("fork")
         with ctx.Pool(clients) as pool:
             parts = pool.map(_open_loop_proc, jobs)
-    lat = np.concatenate([p[0] for p in parts])
-    ok = np.concatenate([p[1] for p in parts])
+    return open_loop_figures(np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]),
+                             rate, sum(p[2] for p in parts))
+
+
+def open_loop_figures(lat: np.ndarray, ok: np.ndarray, rate: float, client_cpu: float) -> dict:
+    """The figures of an open-loop run: the run lasts from the first due time to the last answer."""
+    n = len(lat)
     elapsed = np.nanmax(lat) + (n - 1) / rate if n else 0.0
     out = summarize(lat, ok, n, elapsed, offered=rate)
-    out["client_cpu_per_s"] = sum(p[2] for p in parts) / max(elapsed, 1e-9)
+    out["client_cpu_per_s"] = client_cpu / max(elapsed, 1e-9)
     return out
 
 

@@ -121,17 +121,6 @@ static int on_header(nghttp2_session *s, const nghttp2_frame *frame, const uint8
     return 0;
 }
 
-static int on_data(nghttp2_session *s, uint8_t flags, int32_t stream_id, const uint8_t *data, size_t len,
-                   void *user) {
-    (void)s;
-    (void)flags;
-    (void)stream_id;
-    (void)data;
-    (void)len;
-    (void)user;
-    return 0; /* the response body is not read; grpc-status says whether the call succeeded */
-}
-
 static int on_close(nghttp2_session *s, int32_t stream_id, uint32_t error_code, void *user) {
     (void)error_code;
     (void)user;
@@ -236,7 +225,6 @@ int main(int argc, char **argv) {
     nghttp2_session_callbacks_new(&cbs);
     nghttp2_session_callbacks_set_send_callback(cbs, send_cb);
     nghttp2_session_callbacks_set_on_header_callback(cbs, on_header);
-    nghttp2_session_callbacks_set_on_data_chunk_recv_callback(cbs, on_data);
     nghttp2_session_callbacks_set_on_stream_close_callback(cbs, on_close);
 
     char authority[300];
