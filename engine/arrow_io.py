@@ -342,15 +342,47 @@ def _derived(prep: PreparedClaims, out: dict) -> dict:
     }
 
 
-def build_results(prep: PreparedClaims, compiled: CompiledPolicies, out: dict, deltas: bool) -> pa.RecordBatch:
-    """The results chunk (spec section 3) from the kernel's outputs, in input order."""
+NAME_COLUMNS = ("status", "policy_id", "identity")
+
+
+def results_schema(deltas: bool = False, dictionary: bool = False) -> pa.Schema:
+    """RESULTS_SCHEMA (plus the delta columns); with `dictionary`, the name columns and
+    layer_pays' layer as dictionary<int32, string> (the same strings, see build_results)."""
+    schema = RESULTS_SCHEMA
+    if dictionary:
+        dict_type = pa.dictionary(pa.int32(), pa.string())
+        for name in NAME_COLUMNS:
+            schema = schema.set(schema.get_field_index(name), pa.field(name, dict_type))
+        entry = pa.struct([("layer", dict_type), ("pay", pa.int64())])
+        schema = schema.set(schema.get_field_index("layer_pays"), pa.field("layer_pays", pa.list_(entry)))
+    for name, typ in (DELTA_FIELDS if deltas else ()):
+        schema = schema.append(pa.field(name, typ))
+    return schema
+
+
+def _named(codes: np.ndarray, names: pa.Array, dictionary: bool) -> pa.Array:
+    """names[codes] (code -1: null), as strings or as a dictionary array over `names`."""
+    codes = codes.astype(np.int32, copy=False)
+    if dictionary:
+        nulls = codes < 0
+        return pa.DictionaryArray.from_arrays(pa.array(codes, mask=nulls if nulls.any() else None), names)
+    return names.take(pa.array(codes, mask=codes < 0))
+
+
+def build_results(prep: PreparedClaims, compiled: CompiledPolicies, out: dict, deltas: bool,
+                  dictionary: bool = False) -> pa.RecordBatch:
+    """The results chunk (spec section 3) from the kernel's outputs, in input order.
+
+    With `dictionary`, the name columns come as dictionary arrays over the
+    policy set's names: the same values, without copying a string per row,
+    which a Parquet writer then stores as its dictionary pages directly.
+    """
     n = prep.n
     d = _derived(prep, out)
     policy = d["policy"]
     fund_pay = out["fund_pay"]
     names = compiled.names
-    policy_ids, identity_names = names.policy_ids, names.identities
-    effective = np.where(d["effective"] >= 0, d["effective"], len(compiled.identity_names))
+    schema = results_schema(deltas, dictionary)
 
     # layer_pays: the layers that paid more than 0, in order
     layer_pay = out["layer_pay"]
@@ -360,17 +392,17 @@ def build_results(prep: PreparedClaims, compiled: CompiledPolicies, out: dict, d
     offsets = np.zeros(n + 1, dtype=np.int32)
     np.cumsum(counts, out=offsets[1:])
     layer_start = compiled.policies["layer_start"][np.maximum(policy[rows], 0)] if len(rows) else rows
-    layer_names = names.layers.take(pa.array(layer_start + cols)) if len(rows) else pa.array([], pa.string())
-    entries = pa.StructArray.from_arrays([layer_names, pa.array(layer_pay[rows, cols], pa.int64())],
-                                         fields=list(RESULTS_SCHEMA.field("layer_pays").type.value_type))
-    layer_pays = pa.ListArray.from_arrays(pa.array(offsets), entries,
-                                          type=RESULTS_SCHEMA.field("layer_pays").type)
+    layer_pays_type = schema.field("layer_pays").type
+    entries = pa.StructArray.from_arrays([_named(layer_start + cols, names.layers, dictionary),
+                                          pa.array(layer_pay[rows, cols], pa.int64())],
+                                         fields=list(layer_pays_type.value_type))
+    layer_pays = pa.ListArray.from_arrays(pa.array(offsets), entries, type=layer_pays_type)
 
     columns = [
         prep.batch.column("claim_id"),
-        _STATUS_NAMES.take(pa.array(out["status"].astype(np.int32))),
-        policy_ids.take(pa.array(np.where(policy >= 0, policy, len(compiled.policy_ids)).astype(np.int32))),
-        identity_names.take(pa.array(effective.astype(np.int32))),
+        _named(out["status"], _STATUS_NAMES, dictionary),
+        _named(policy, names.policy_ids, dictionary),
+        _named(d["effective"], names.identities, dictionary),
         pa.array(out["deductible_applied"]),
         *[pa.array(fund_pay[j]) for j in range(len(FUNDS))],
         pa.array(d["fund_total"]),
@@ -379,12 +411,9 @@ def build_results(prep: PreparedClaims, compiled: CompiledPolicies, out: dict, d
         layer_pays,
         pa.array(out["cap_hit"].view(np.bool_)),
     ]
-    schema = RESULTS_SCHEMA
     if deltas:
         columns += [pa.array(d["delta_admissions"]), pa.array(d["delta_compliant_total"]),
                     _delta_layers(out["deltas"], policy, compiled)]
-        for name, typ in DELTA_FIELDS:
-            schema = schema.append(pa.field(name, typ))
     return pa.RecordBatch.from_arrays(columns, schema=schema)
 
 

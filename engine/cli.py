@@ -186,6 +186,20 @@ def _dictionary_columns(schema: pa.Schema) -> list[str]:
     return paths
 
 
+def _leaf_types(schema: pa.Schema) -> Iterator[pa.DataType]:
+    def walk(t: pa.DataType) -> Iterator[pa.DataType]:
+        if pa.types.is_list(t) or pa.types.is_large_list(t):
+            yield from walk(t.value_type)
+        elif pa.types.is_struct(t):
+            for f in t:
+                yield from walk(f.type)
+        else:
+            yield t
+
+    for f in schema:
+        yield from walk(f.type)
+
+
 class _Writer:
     def __init__(self, path: Path, schema: pa.Schema, row_group_size: int):
         self.path = Path(path)
@@ -195,7 +209,11 @@ class _Writer:
         if self.fmt == "parquet":
             import pyarrow.parquet as pq
 
-            self._w = pq.ParquetWriter(str(self.path), schema, use_dictionary=_dictionary_columns(schema))
+            # Dictionary-typed columns are written as Parquet strings (their dictionary pages
+            # taken as they are); without the stored Arrow schema, readers get plain strings back.
+            has_dictionary = any(pa.types.is_dictionary(t) for t in _leaf_types(schema))
+            self._w = pq.ParquetWriter(str(self.path), schema, use_dictionary=_dictionary_columns(schema),
+                                       store_schema=not has_dictionary)
         elif self.fmt == "ipc":
             self._sink = pa.OSFile(str(self.path), "wb")
             self._w = pa.ipc.new_file(self._sink, schema)
@@ -654,6 +672,20 @@ class Summary:
         return out
 
 
+class _OutOfOrder(Exception):
+    """A streamed batch starts before the largest (settle_time, claim_id) of those before it."""
+
+
+def _in_order(batches: Iterable[tuple[pa.RecordBatch, Optional[tuple]]]) -> Iterator[pa.RecordBatch]:
+    high = None
+    for batch, bounds in batches:
+        if bounds is not None:
+            if high is not None and bounds[0] < high:
+                raise _OutOfOrder()
+            high = bounds[1] if high is None or bounds[1] > high else high
+        yield batch
+
+
 def _settle_file(args, ps, acc_in, claims: ClaimsFile, out_path: Path, streamed: bool):
     """Settle `claims` into `out_path` as one call: (settler, summary), or None when
     `streamed` and a batch boundary is found out of order (the output is then incomplete)."""
@@ -668,17 +700,13 @@ def _settle_file(args, ps, acc_in, claims: ClaimsFile, out_path: Path, streamed:
     else:
         whole = claims.read_all()
         batches = [(whole.combine_chunks().to_batches()[0], None)] if whole.num_rows else []
-    high = None
+    # Parquet stores the name columns as dictionary pages, which it then takes as they come.
+    dictionary = file_format(out_path) == "parquet"
     try:
-        with open_table_writer(out_path, engine.RESULTS_SCHEMA, claims.batch_size) as writer:
+        with open_table_writer(out_path, engine.results_schema(dictionary=dictionary), claims.batch_size) as writer:
             background = BackgroundWriter(writer.write)
             try:
-                for batch, bounds in batches:
-                    if bounds is not None:
-                        if high is not None and bounds[0] < high:
-                            return None
-                        high = bounds[1] if high is None or bounds[1] > high else high
-                    res = settler.settle_batch(batch)
+                for res in settler.settle_batches(_in_order(batches), dictionary=dictionary):
                     for piece in (rebatch([res], claims.batch_size) if res.num_rows > claims.batch_size
                                   else [res]):
                         background.submit(piece)
@@ -688,6 +716,8 @@ def _settle_file(args, ps, acc_in, claims: ClaimsFile, out_path: Path, streamed:
                 background.close()
                 if hasattr(batches, "close"):
                     batches.close()
+    except _OutOfOrder:
+        return None
     finally:
         progress.close()
     return settler, summary

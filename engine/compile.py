@@ -123,14 +123,14 @@ class CompiledPolicies:
 
 
 class OutputNames:
-    """Name arrays for the result and accumulator columns, indexed by the kernel's codes (last = null)."""
+    """Name arrays for the result and accumulator columns, indexed by the kernel's codes."""
 
     def __init__(self, c: CompiledPolicies):
         import pyarrow as pa
 
         ps = c.policy_set.policies
-        self.policy_ids = pa.array(list(c.policy_ids) + [None], pa.string())
-        self.identities = pa.array(list(c.identity_names) + [None], pa.string())
+        self.policy_ids = pa.array(list(c.policy_ids), pa.string())
+        self.identities = pa.array(list(c.identity_names), pa.string())
         self.layers = pa.array(c.layer_names, pa.string())
         width = c.acc_width
         # accumulator column j of policy p is at p * width + j

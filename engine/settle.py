@@ -6,8 +6,10 @@ it. The per-claim work is all in `_kernel`; this layer only moves arrays.
 """
 from __future__ import annotations
 
+import contextlib
 import mmap
-from typing import Iterable, NamedTuple, Union
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Iterable, Iterator, NamedTuple, Optional, Union
 
 import numpy as np
 import pyarrow as pa
@@ -95,10 +97,11 @@ class Settler:
         grown[:have] = self._state
         self._state = grown
 
-    def settle_batch(self, batch: pa.RecordBatch, trace_row: int = -1) -> pa.RecordBatch:
-        """Settle one chunk, ordered on its own; results in its input order."""
+    def settle_batch(self, batch: pa.RecordBatch, trace_row: int = -1, dictionary: bool = False) -> pa.RecordBatch:
+        """Settle one chunk, ordered on its own; results in its input order (with
+        `dictionary`, name columns as dictionary arrays: `results_schema(dictionary=True)`)."""
         chunk = self.prepare(batch)
-        return self.results(chunk, self.run_kernel(chunk, trace_row))
+        return self.results(chunk, self.run_kernel(chunk, trace_row), dictionary)
 
     def prepare(self, batch: pa.RecordBatch) -> "Chunk":
         return self.check(self.prepare_columns(batch))
@@ -136,9 +139,9 @@ class Settler:
         chunk = self.check(PreparedClaims.from_rows(rows, self.compiled))
         return result_rows(chunk.prep, self.compiled, self.run_kernel(chunk), self.deltas)
 
-    def results(self, chunk: "Chunk", out: dict) -> pa.RecordBatch:
+    def results(self, chunk: "Chunk", out: dict, dictionary: bool = False) -> pa.RecordBatch:
         """The results batch of a settled chunk; stateless, so it may run on another thread."""
-        return build_results(chunk.prep, self.compiled, out, self.deltas)
+        return build_results(chunk.prep, self.compiled, out, self.deltas, dictionary)
 
     def run_kernel(self, chunk: "Chunk", trace_row: int = -1) -> dict:
         """The per-claim loop (nogil) over a prepared chunk; updates the accumulators."""
@@ -167,9 +170,35 @@ class Settler:
                        self.deltas, out["deltas"], trace_row, out["trace"], out["trace_acc"])
         return out
 
-    def settle_batches(self, batches: Iterable[pa.RecordBatch]) -> Iterable[pa.RecordBatch]:
-        for batch in batches:
-            yield self.settle_batch(batch)
+    def settle_batches(self, batches: Iterable[pa.RecordBatch], dictionary: bool = False) -> Iterator[pa.RecordBatch]:
+        """Settle a stream chunk after chunk, results in order, on two threads.
+
+        The call's state (dedup, key slots, the loop) advances on one worker
+        thread, chunk after chunk, with the GIL released; meanwhile this thread
+        turns the next chunk's columns into arrays and the previous chunk's
+        outputs into its results. The numbers are those of `settle_batch` in turn.
+        Reading ahead, the call's accumulators include the chunk after the last
+        result taken: a stream closed early has settled one chunk more.
+        """
+        pending: Optional[Future] = None  # the chunk on the worker: (Chunk, kernel outputs)
+        with ThreadPoolExecutor(1, thread_name_prefix="medsettle-kernel") as worker:
+            try:
+                for batch in batches:
+                    prep = self.prepare_columns(batch)
+                    previous, pending = pending, worker.submit(self._check_and_run, prep)
+                    if previous is not None:
+                        yield self.results(*previous.result(), dictionary)
+                if pending is not None:
+                    previous, pending = pending, None
+                    yield self.results(*previous.result(), dictionary)
+            finally:
+                if pending is not None:  # abandoned: let the worker finish before the state is touched again
+                    with contextlib.suppress(Exception):
+                        pending.result()
+
+    def _check_and_run(self, prep: PreparedClaims) -> tuple["Chunk", dict]:
+        chunk = self.check(prep)
+        return chunk, self.run_kernel(chunk)
 
     def accumulators(self) -> pa.Table:
         starts, arena = self._keys.export()

@@ -168,3 +168,27 @@ def test_carry_in_rows_rejects_a_key_twice(claims):
     row = (r["person_id"], r["region"], r["scheme"], r["year"], r["admissions"], r["compliant_total"], [])
     with pytest.raises(engine.AccumulatorError, match="appears twice"):
         engine.Settler(ps).carry_in_rows([row, row])
+
+
+# --------------------------------------------------------------------------- dictionary results
+
+
+def test_dictionary_results_hold_the_same_values(claims):
+    ps, table = claims
+    plain = engine.Settler(ps).settle_batch(table.combine_chunks().to_batches()[0])
+    encoded = engine.Settler(ps).settle_batch(table.combine_chunks().to_batches()[0], dictionary=True)
+    assert encoded.schema.equals(engine.results_schema(dictionary=True))
+    for name in ("status", "policy_id", "identity"):
+        assert pa.types.is_dictionary(encoded.schema.field(name).type)
+    # error rows have a null policy and identity: nulls survive the encoding
+    assert encoded.column("policy_id").null_count == plain.column("policy_id").null_count > 0
+    assert encoded.column("identity").null_count == plain.column("identity").null_count > 0
+    assert encoded.to_pylist() == plain.to_pylist()
+    assert pa.Table.from_batches([encoded]).cast(engine.RESULTS_SCHEMA).equals(pa.Table.from_batches([plain]))
+
+
+def test_results_schema_with_deltas():
+    schema = engine.results_schema(deltas=True, dictionary=True)
+    assert schema.names[:len(engine.RESULTS_SCHEMA)] == engine.RESULTS_SCHEMA.names
+    assert schema.names[len(engine.RESULTS_SCHEMA):] == ["delta_admissions", "delta_compliant_total", "delta_layers"]
+    assert engine.results_schema().equals(engine.RESULTS_SCHEMA)
