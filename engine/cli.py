@@ -167,37 +167,26 @@ def _csv_schema(schema: pa.Schema) -> pa.Schema:
 _PLAIN_STRINGS = {"claim_id", "person_id"}
 
 
+def _leaves(schema: pa.Schema) -> Iterator[tuple[str, pa.DataType, str]]:
+    """(Parquet column path, type, field name) of each leaf column, nested ones too."""
+    def walk(prefix: str, t: pa.DataType, name: str):
+        if pa.types.is_list(t) or pa.types.is_large_list(t):
+            yield from walk(f"{prefix}.list.element", t.value_type, name)
+        elif pa.types.is_struct(t):
+            for f in t:
+                yield from walk(f"{prefix}.{f.name}", f.type, f.name)
+        else:
+            yield prefix, t, name
+
+    for f in schema:
+        yield from walk(f.name, f.type, f.name)
+
+
 def _dictionary_columns(schema: pa.Schema) -> list[str]:
     """Parquet column paths worth dictionary-encoding: the low-cardinality strings, nested ones too."""
-    paths = []
-
-    def walk(prefix: str, t: pa.DataType, name: str) -> None:
-        if pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_dictionary(t):
-            if name not in _PLAIN_STRINGS:
-                paths.append(prefix)
-        elif pa.types.is_list(t) or pa.types.is_large_list(t):
-            walk(f"{prefix}.list.element", t.value_type, name)
-        elif pa.types.is_struct(t):
-            for f in t:
-                walk(f"{prefix}.{f.name}", f.type, f.name)
-
-    for f in schema:
-        walk(f.name, f.type, f.name)
-    return paths
-
-
-def _leaf_types(schema: pa.Schema) -> Iterator[pa.DataType]:
-    def walk(t: pa.DataType) -> Iterator[pa.DataType]:
-        if pa.types.is_list(t) or pa.types.is_large_list(t):
-            yield from walk(t.value_type)
-        elif pa.types.is_struct(t):
-            for f in t:
-                yield from walk(f.type)
-        else:
-            yield t
-
-    for f in schema:
-        yield from walk(f.type)
+    return [path for path, t, name in _leaves(schema)
+            if (pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_dictionary(t))
+            and name not in _PLAIN_STRINGS]
 
 
 class _Writer:
@@ -211,7 +200,7 @@ class _Writer:
 
             # Dictionary-typed columns are written as Parquet strings (their dictionary pages
             # taken as they are); without the stored Arrow schema, readers get plain strings back.
-            has_dictionary = any(pa.types.is_dictionary(t) for t in _leaf_types(schema))
+            has_dictionary = any(pa.types.is_dictionary(t) for _, t, _ in _leaves(schema))
             self._w = pq.ParquetWriter(str(self.path), schema, use_dictionary=_dictionary_columns(schema),
                                        store_schema=not has_dictionary)
         elif self.fmt == "ipc":
