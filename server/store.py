@@ -83,6 +83,13 @@ UPSERT_ACC = ("INSERT OR REPLACE INTO accumulators (person_id, region, scheme, y
               "state, last_seq) VALUES (?, ?, ?, ?, ?, ?, ?, ?)")
 UPSERT_PERSON = "INSERT OR REPLACE INTO persons (person_id, region, scheme, birth_date, identities) VALUES (?, ?, ?, ?, ?)"
 
+#: WAL frames (pages) after which the checkpointer restarts the log: about 40 MB.
+RESTART_FRAMES = 10_000
+#: How long a RESTART checkpoint may wait for readers (and hold off the writer).
+RESTART_WAIT_MS = 20
+#: The WAL file is truncated to this size when the log restarts.
+JOURNAL_SIZE_LIMIT = 64 << 20
+
 #: SQLite's default limit on host parameters is 32766 (3.32+); stay far below.
 IN_CHUNK = 500
 
@@ -293,21 +300,38 @@ class Store:
     def checkpoint(self, mode: str = "PASSIVE", conn: Optional[sqlite3.Connection] = None):
         return (conn or self.conn).execute(f"PRAGMA wal_checkpoint({mode})").fetchone()
 
-    def start_checkpointer(self, interval: float = 1.0) -> None:
+    def start_checkpointer(self, interval: float = 1.0, restart_frames: int = RESTART_FRAMES) -> None:
         """Moves WAL checkpoints off the commit path: the writer's connection stops
         checkpointing on commit, and a thread with its own connection runs a PASSIVE
-        checkpoint every `interval` seconds (it never blocks the writer or the readers)."""
+        checkpoint every `interval` seconds (it never blocks the writer or the readers).
+
+        Under steady load a PASSIVE checkpoint never finds the log fully copied
+        when the writer begins its next transaction, so the log would never start
+        over and would grow without bound (and every page read would probe a
+        longer WAL index). Once it holds `restart_frames` frames, the thread
+        follows the PASSIVE checkpoint with a RESTART: that copies only the
+        frames committed meanwhile and holds off the writer for about one
+        fsync of the database file; if readers keep it busy past
+        RESTART_WAIT_MS it gives up until the next round."""
         if self._checkpointer is not None:
             return
         self.conn.execute("PRAGMA wal_autocheckpoint = 0")
+        self.conn.execute(f"PRAGMA journal_size_limit = {JOURNAL_SIZE_LIMIT}")
         stop = threading.Event()
 
         def run():
             conn = connect(self.path)
+            conn.execute(f"PRAGMA journal_size_limit = {JOURNAL_SIZE_LIMIT}")
             try:
                 while not stop.wait(interval):
                     try:
-                        conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+                        _, frames, _ = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+                        if frames >= restart_frames:
+                            conn.execute(f"PRAGMA busy_timeout = {RESTART_WAIT_MS}")
+                            try:
+                                conn.execute("PRAGMA wal_checkpoint(RESTART)").fetchone()
+                            finally:
+                                conn.execute("PRAGMA busy_timeout = 10000")
                     except sqlite3.Error:
                         pass
             finally:
