@@ -49,9 +49,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     t.add_argument("--max-batch", type=int, default=1024, help="most calls committed in one group (default 1024)")
     t.add_argument("--max-pending", type=int, default=20_000,
                    help="queued calls beyond which Settle answers RESOURCE_EXHAUSTED (default 20000)")
-    t.add_argument("--group-interval-ms", type=float, default=6.0,
+    t.add_argument("--group-interval-ms", type=float, default=2.0,
                    help="start a group at most once per this many ms unless --max-batch calls are waiting "
-                        "(default 6; 0: settle what is queued as soon as the writer is free)")
+                        "(default 2; 0: settle what is queued as soon as the writer is free)")
     t.add_argument("--writer", choices=("process", "thread"), default="process",
                    help="run the writer (engine + commits) in its own process (default) or as a thread of the "
                         "server process")
@@ -257,8 +257,8 @@ async def _serve(args) -> int:
     await srv.stop(args.drain_seconds)
     s = srv.batcher.stats
     if s:
-        log.info("stopped: %d settled, %d reversed in %d groups (largest %d)", s["settled"], s["reversed"],
-                 s["groups"], s["max_group"])
+        log.info("stopped: %d settled, %d reversed in %d groups (largest %d), %d slow commits", s["settled"],
+                 s["reversed"], s["groups"], s["max_group"], s.get("slow_commits", 0))
     print("medsettle serve: stopped", flush=True)
     return 0
 

@@ -52,6 +52,9 @@ E = pb.ErrorCode
 
 SETTLE, REVERSE, UPSERT, PRESETTLE = 1, 2, 3, 4
 
+#: A commit slower than this is logged: every call of its group waited for the disk.
+SLOW_COMMIT_S = 0.05
+
 #: Engine statuses that outrank DUPLICATE_CLAIM (spec section 7).
 BEFORE_DUPLICATE = frozenset({E.MISSING_FIELD, E.INVALID_VALUE, E.INVALID_AMOUNT, E.AMOUNT_OUT_OF_RANGE,
                               E.AMOUNT_MISMATCH, E.UNKNOWN_POLICY, E.UNKNOWN_IDENTITY})
@@ -162,7 +165,7 @@ class GroupWriter:
         self._persons: dict = {}
         self._person_cache = person_cache
         self.stats = {"groups": 0, "items": 0, "settled": 0, "reversed": 0, "commit_failures": 0,
-                      "max_group": 0}
+                      "slow_commits": 0, "max_group": 0}
 
     @property
     def has_deferred(self) -> bool:
@@ -376,7 +379,13 @@ class GroupWriter:
                           accs[key].to_pb(key, core.column_order(key))).SerializeToString(), s)
                         for key, s in changed.items()]
             try:
+                t0 = time.monotonic()
                 store.commit_group(ledger_out, acc_rows)
+                took = time.monotonic() - t0
+                if took > SLOW_COMMIT_S:
+                    st["slow_commits"] += 1
+                    log.warning("writer: a commit of %d ledger rows took %.0f ms (the store's disk was slow to "
+                                "sync); the calls of its group waited for it", len(ledger_out), took * 1e3)
                 store.last_seq = seq
                 for it, _ in committing:
                     st["settled" if it.kind == SETTLE else "reversed"] += 1

@@ -203,8 +203,8 @@ def writer_main(sock: socket.socket, store_path: str, policies, options: dict, p
             if (closing or eof) and not gw.has_deferred and not buf:
                 break
     s = gw.stats
-    log.info("writer stopped: %d settled, %d reversed in %d groups (largest %d)", s["settled"], s["reversed"],
-             s["groups"], s["max_group"])
+    log.info("writer stopped: %d settled, %d reversed in %d groups (largest %d), %d slow commits", s["settled"],
+             s["reversed"], s["groups"], s["max_group"], s["slow_commits"])
     store.close(checkpoint=True)
     try:
         sock.close()
