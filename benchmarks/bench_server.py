@@ -518,6 +518,48 @@ def fmt_row(r: dict) -> str:
             f"(writer {r.get('writer_cpu_per_s', 0):.2f}), client CPU {r.get('client_cpu_per_s', 0):.2f}")
 
 
+def run_disk_baseline(duration: float, commits_per_s: float = 250.0, rows: int = 8, folder: str | None = None,
+                      log=print) -> dict:
+    """The store's floor: SQLite commits (WAL, synchronous=FULL) of `rows` ledger-sized rows
+    on a fixed schedule, in the folder the benchmark's stores use, nothing else running.
+    Latency from each commit's due time to its end: a server that acknowledges only after
+    the commit cannot answer faster than this, in its tail above all."""
+    import sqlite3
+
+    work = Path(tempfile.mkdtemp(prefix="medsettle-disk-", dir=folder))
+    try:
+        conn = sqlite3.connect(str(work / "disk.db"), isolation_level=None)
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute("PRAGMA synchronous = FULL")
+        conn.execute("CREATE TABLE t (seq INTEGER PRIMARY KEY, k TEXT UNIQUE, body BLOB)")
+        body = os.urandom(1200)
+        n = int(duration * commits_per_s)
+        lat = np.empty(n)
+        t0 = time.perf_counter()
+        for i in range(n):
+            due = t0 + i / commits_per_s
+            wait = due - time.perf_counter()
+            if wait > 0:
+                time.sleep(wait)
+            conn.execute("BEGIN IMMEDIATE")
+            conn.executemany("INSERT INTO t (k, body) VALUES (?, ?)",
+                             [(os.urandom(8).hex(), body) for _ in range(rows)])
+            conn.execute("COMMIT")
+            lat[i] = time.perf_counter() - due
+        conn.close()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    ms = lat * 1e3
+    out = {"commits_per_s": commits_per_s, "rows": rows, "commits": n,
+           "p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99)),
+           "p999_ms": float(np.percentile(ms, 99.9)), "max_ms": float(ms.max()),
+           "over_50ms": int((ms > 50).sum())}
+    log(f"disk: {commits_per_s:.0f} commits/s of {rows} rows (WAL, synchronous=FULL): p50 {out['p50_ms']:.2f} ms  "
+        f"p99 {out['p99_ms']:.2f} ms  p99.9 {out['p999_ms']:.2f} ms  max {out['max_ms']:.1f} ms  "
+        f"over 50 ms: {out['over_50ms']}")
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rates", default=",".join(map(str, DEFAULT_RATES)), help="offered rates, settlements/s")
@@ -530,7 +572,8 @@ def main(argv=None) -> int:
     ap.add_argument("--no-saturation", action="store_true")
     ap.add_argument("--server-arg", action="append", default=[], help="extra argument for the server (repeatable)")
     ap.add_argument("--baseline", action="store_true",
-                    help="also run the same load against a do-nothing gRPC server (the floor of the figures)")
+                    help="also run the same load against a do-nothing gRPC server, and time bare SQLite "
+                         "commits on the same disk (the floors of the figures)")
     ap.add_argument("--json", metavar="PATH", help="write the figures as JSON")
     ap.add_argument("--bare-server", metavar="PORT_FILE", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -543,6 +586,7 @@ def main(argv=None) -> int:
               client=client, concurrency=args.concurrency, saturation=not args.no_saturation,
               server_args=args.server_arg)
     if args.baseline:
+        res["disk"] = run_disk_baseline(args.duration)
         res["baseline"] = run_baseline([float(x) for x in args.rates.split(",") if x], args.duration,
                                        client=client, concurrency=args.concurrency,
                                        saturation=not args.no_saturation)

@@ -81,3 +81,11 @@ def test_closed_loop_holds_calls_in_flight(bench, loadgen, tmp_path):
         bench.stop_server(proc)
     assert (r["requests"], r["ok"], r["errors"], r["concurrency"]) == (600, 600, 0, 8)
     assert r["achieved_per_s"] > 0
+
+
+def test_disk_baseline_times_every_commit(bench, tmp_path):
+    r = bench.run_disk_baseline(0.5, commits_per_s=100, rows=2, folder=str(tmp_path), log=lambda *_: None)
+    assert r["commits"] == 50
+    assert 0 < r["p50_ms"] <= r["p99_ms"] <= r["p999_ms"] <= r["max_ms"]
+    assert 0 <= r["over_50ms"] <= 50
+    assert list(tmp_path.iterdir()) == []  # its database is removed
