@@ -285,7 +285,7 @@ cdef class Interner:
             rec[0] = <uint8_t>i64min(length, 255)
             memcpy(rec + 1, key, i64min(length, INLINE_BYTES - 1))
         is_new[0] = True
-        if self.count * 2 > self.table_mask + 1:
+        if self.count * 4 > (self.table_mask + 1) * 3:
             if self.grow_table((self.table_mask + 1) * 2) != 0:
                 return -1
         return e
@@ -299,7 +299,7 @@ cdef class Interner:
         """
         cdef int64_t need = self.count + entries, size = self.table_mask + 1, cap
         cdef void* p
-        while need * 2 > size:
+        while need * 4 > size * 3:
             size *= 2
         if size > self.table_mask + 1 and self.grow_table(size) != 0:
             raise MemoryError()

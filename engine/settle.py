@@ -75,7 +75,9 @@ class Settler:
     def __init__(self, policies: Union[PolicySet, CompiledPolicies], accumulators: pa.Table | None = None,
                  deltas: bool = False, expected_claims: int = 0):
         """`expected_claims` (e.g. a file's row count) sizes the claim-id table once, up front,
-        instead of rehashing it as it fills; it is a hint, not a limit."""
+        instead of rehashing it as it fills, and the accumulator table for as many keys, so
+        that it is never copied to grow (its pages are only faulted in as keys take rows);
+        it is a hint, not a limit."""
         self.compiled = compiled(policies)
         self.deltas = deltas
         self._claim_ids = _kernel.Interner()
@@ -85,7 +87,8 @@ class Settler:
         self._width = self.compiled.acc_width
         # one row per accumulator key: admissions, compliant_total, then (position, paid,
         # deductible_charged) per accumulator column of its policy
-        self._state = _state_table(0, _kernel.STATE_HEAD + self._width * _kernel.ACC_FIELDS)
+        width = _kernel.STATE_HEAD + self._width * _kernel.ACC_FIELDS
+        self._state = _state_table(min(max(expected_claims, 0), STATE_RESERVE_BYTES // (8 * width)), width)
         if accumulators is not None:
             self._carry_in(accumulators)
 
@@ -324,6 +327,9 @@ class Settler:
 
 
 HUGE_PAGE = 2 << 20
+# Most address space reserved up front for the accumulator table (rows cost memory only
+# once a key writes them); beyond it the table grows by doubling.
+STATE_RESERVE_BYTES = 4 << 30
 
 
 def _state_table(rows: int, width: int) -> np.ndarray:

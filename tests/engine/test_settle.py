@@ -62,3 +62,17 @@ def test_error_in_the_input_stops_the_stream(claims):
     bad = batches[2].drop_columns(["locality"])
     with pytest.raises(engine.ClaimsSchemaError, match="locality"):
         list(engine.Settler(ps).settle_batches([batches[0], bad]))
+
+
+def test_expected_claims_reserves_the_accumulator_table(claims):
+    """With the call's size known, the accumulator table is sized once and never copied to grow."""
+    ps, batches = claims
+    s = engine.Settler(ps, expected_claims=sum(b.num_rows for b in batches))
+    table = s._state
+    got = list(s.settle_batches(batches))
+    assert s._state is table
+    plain = engine.Settler(ps)
+    want = list(plain.settle_batches(batches))
+    assert len(plain._state) < len(table)  # grown by doubling to its keys
+    assert all(g.equals(w) for g, w in zip(got, want))
+    assert s.accumulators().equals(plain.accumulators())
