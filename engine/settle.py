@@ -341,7 +341,9 @@ def _state_table(rows: int, width: int) -> np.ndarray:
     nbytes = rows * width * 8
     if nbytes < 4 * HUGE_PAGE or not hasattr(mmap, "MADV_HUGEPAGE"):
         return np.zeros((rows, width), dtype=np.int64)
-    m = mmap.mmap(-1, nbytes)  # anonymous: zero pages, faulted in on first touch
+    # private anonymous: zero pages, faulted in on first touch (a shared mapping, mmap's
+    # default, is shmem, which gets no transparent huge pages)
+    m = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     try:
         m.madvise(mmap.MADV_HUGEPAGE)
     except OSError:
