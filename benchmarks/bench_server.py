@@ -549,11 +549,8 @@ def run_disk_baseline(duration: float, commits_per_s: float = 250.0, rows: int =
         conn.close()
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    ms = lat * 1e3
-    out = {"commits_per_s": commits_per_s, "rows": rows, "commits": n,
-           "p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99)),
-           "p999_ms": float(np.percentile(ms, 99.9)), "max_ms": float(ms.max()),
-           "over_50ms": int((ms > 50).sum())}
+    out = summarize(lat, np.ones(n, dtype=bool), n, n / commits_per_s, offered=commits_per_s)
+    out.update(commits_per_s=commits_per_s, rows=rows, commits=n, over_50ms=int((lat > 0.05).sum()))
     log(f"disk: {commits_per_s:.0f} commits/s of {rows} rows (WAL, synchronous=FULL): p50 {out['p50_ms']:.2f} ms  "
         f"p99 {out['p99_ms']:.2f} ms  p99.9 {out['p999_ms']:.2f} ms  max {out['max_ms']:.1f} ms  "
         f"over 50 ms: {out['over_50ms']}")
