@@ -13,7 +13,7 @@ import numpy as np
 cimport numpy as cnp
 from libc.stdlib cimport malloc, calloc, realloc, free
 from libc.string cimport memcpy, memcmp, memset
-from libc.stdint cimport INT64_MAX, uint32_t
+from libc.stdint cimport INT64_MAX, int16_t, uint32_t
 
 cnp.import_array()
 
@@ -842,22 +842,130 @@ def string_codes(const int32_t[::1] offsets, const uint8_t[::1] data, const uint
                     break
 
 
-def calendar_years(const int64_t[::1] micros, int32_t[::1] out):
-    """Calendar year of each timestamp[us] (days-from-civil inverse, proleptic Gregorian)."""
-    cdef Py_ssize_t n = out.shape[0], i
-    cdef int64_t days, z, era, doe, yoe, y, doy, mp, m
+cdef inline int32_t civil_year(int64_t micros) noexcept nogil:
+    """Calendar year of a timestamp[us] (days-from-civil inverse, proleptic Gregorian)."""
     cdef int64_t day_us = 86400 * <int64_t>1000000
+    cdef int64_t days = micros // day_us, z, era, doe, yoe, y, doy, mp, m
+    if micros % day_us < 0:
+        days -= 1
+    z = days + 719468
+    era = (z if z >= 0 else z - 146096) // 146097
+    doe = z - era * 146097
+    yoe = (doe - doe // 1460 + doe // 36524 - doe // 146096) // 365
+    y = yoe + era * 400
+    doy = doe - (365 * yoe + yoe // 4 - yoe // 100)
+    mp = (5 * doy + 2) // 153
+    m = mp + 3 if mp < 10 else mp - 9
+    return <int32_t>(y + (1 if m <= 2 else 0))
+
+
+def calendar_years(const int64_t[::1] micros, int32_t[::1] out):
+    """Calendar year of each timestamp[us]."""
+    cdef Py_ssize_t n = out.shape[0], i
     with nogil:
         for i in range(n):
-            days = micros[i] // day_us
-            if micros[i] % day_us < 0:
-                days -= 1
-            z = days + 719468
-            era = (z if z >= 0 else z - 146096) // 146097
-            doe = z - era * 146097
-            yoe = (doe - doe // 1460 + doe // 36524 - doe // 146096) // 365
-            y = yoe + era * 400
-            doy = doe - (365 * yoe + yoe // 4 - yoe // 100)
-            mp = (5 * doy + 2) // 153
-            m = mp + 3 if mp < 10 else mp - 9
-            out[i] = <int32_t>(y + (1 if m <= 2 else 0))
+            out[i] = civil_year(micros[i])
+
+
+# --------------------------------------------------------------------------- columns
+# One pass each over Arrow buffers, for the column preparation and the results of a
+# chunk: numpy would take several passes and temporaries per column.
+
+
+cdef inline bint bit_at(const uint8_t* bits, int64_t i) noexcept nogil:
+    return (bits[i >> 3] >> (i & 7)) & 1
+
+
+def policy_rows(const int32_t[::1] region, const int32_t[::1] scheme, const int64_t[::1] micros,
+                const int32_t[:, :, ::1] table, int32_t first_year, int32_t[::1] out):
+    """Policy index of each row from (region code, scheme code, calendar year); -1 none
+    (negative codes, or a year outside the table)."""
+    cdef Py_ssize_t n = out.shape[0], i
+    cdef int32_t y, years = <int32_t>table.shape[2]
+    with nogil:
+        for i in range(n):
+            out[i] = -1
+            if region[i] < 0 or scheme[i] < 0:
+                continue
+            y = civil_year(micros[i]) - first_year
+            if 0 <= y < years:
+                out[i] = table[region[i], scheme[i], y]
+
+
+def unpack_bits(const uint8_t[::1] bits, int64_t offset, uint8_t[::1] out):
+    """out[i] = bit offset + i of an Arrow bitmap (validity, or a boolean column's values)."""
+    cdef Py_ssize_t n = out.shape[0], i
+    with nogil:
+        for i in range(n):
+            out[i] = bit_at(&bits[0], offset + i)
+
+
+def mark_nulls(const uint8_t[::1] validity, int64_t offset, uint8_t[::1] missing):
+    """missing[i] = 1 where bit offset + i of an Arrow validity bitmap is 0."""
+    cdef Py_ssize_t n = missing.shape[0], i
+    with nogil:
+        for i in range(n):
+            if not bit_at(&validity[0], offset + i):
+                missing[i] = 1
+
+
+def ages(const int16_t[::1] values, const uint8_t[::1] validity, int64_t offset, int32_t[::1] out):
+    """Age of each row as int32, -1 where null (empty `validity`: none) or negative."""
+    cdef Py_ssize_t n = out.shape[0], i
+    cdef bint has_nulls = validity.shape[0] > 0
+    with nogil:
+        for i in range(n):
+            if (has_nulls and not bit_at(&validity[0], offset + i)) or values[i] < 0:
+                out[i] = -1
+            else:
+                out[i] = values[i]
+
+
+def result_columns(const int8_t[::1] status, const int32_t[::1] policy, const int64_t[::1] total,
+                   const int64_t[:, ::1] fund_pay, const int64_t[::1] compliant,
+                   const int64_t[:, ::1] layer_pay,
+                   int32_t[::1] policy_out, int64_t[::1] fund_total, int64_t[::1] personal,
+                   int64_t[::1] compliant_personal, int32_t[::1] layer_offsets):
+    """The derived columns of spec section 3 from the kernel's outputs; returns how
+    many layer_pays entries there are (layers that paid more than 0), with
+    `layer_offsets` [n + 1] their list offsets. Error rows: no policy, all 0."""
+    cdef Py_ssize_t n = status.shape[0], i, j
+    cdef int64_t nlay = layer_pay.shape[1], s, entries = 0
+    with nogil:
+        layer_offsets[0] = 0
+        for i in range(n):
+            if status[i] != OK:
+                policy_out[i] = -1
+                fund_total[i] = 0
+                personal[i] = 0
+                compliant_personal[i] = 0
+            else:
+                policy_out[i] = policy[i]
+                s = 0
+                for j in range(5):
+                    s += fund_pay[j, i]
+                fund_total[i] = s
+                personal[i] = total[i] - s
+                compliant_personal[i] = compliant[i] - s
+                for j in range(nlay):
+                    if layer_pay[i, j] > 0:
+                        entries += 1
+            layer_offsets[i + 1] = <int32_t>entries
+    return entries
+
+
+def layer_entries(const int64_t[:, ::1] layer_pay, const int32_t[::1] policy_out,
+                  const PolicyRow[::1] policies, int32_t[::1] layer, int64_t[::1] pay):
+    """The layer_pays entries counted by result_columns, in row order: the global
+    layer index (into the policy set's layer names) and the amount."""
+    cdef Py_ssize_t n = layer_pay.shape[0], i, j
+    cdef int64_t nlay = layer_pay.shape[1], k = 0
+    with nogil:
+        for i in range(n):
+            if policy_out[i] < 0:
+                continue
+            for j in range(nlay):
+                if layer_pay[i, j] > 0:
+                    layer[k] = <int32_t>(policies[policy_out[i]].layer_start + j)
+                    pay[k] = layer_pay[i, j]
+                    k += 1

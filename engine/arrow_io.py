@@ -120,10 +120,45 @@ def string_buffers(arr: pa.Array) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return np.ascontiguousarray(offsets), data, valid
 
 
-def valid_mask(arr: pa.Array) -> np.ndarray:
+def _validity(arr: pa.Array) -> np.ndarray | None:
+    """The Arrow validity bitmap of an array as bytes (bit arr.offset + i is row i), None if no nulls."""
     if arr.null_count == 0:
+        return None
+    return np.frombuffer(arr.buffers()[0], dtype=np.uint8)
+
+
+def valid_mask(arr: pa.Array) -> np.ndarray:
+    """uint8[n]: 1 where the value is not null."""
+    bits = _validity(arr)
+    if bits is None:
         return np.ones(len(arr), dtype=np.uint8)
-    return np.asarray(pc.is_valid(arr)).view(np.uint8)
+    out = np.empty(len(arr), dtype=np.uint8)
+    _kernel.unpack_bits(bits, arr.offset, out)
+    return out
+
+
+def _booleans(arr: pa.Array) -> np.ndarray:
+    """uint8[n] of a boolean column, null as 0."""
+    out = np.empty(len(arr), dtype=np.uint8)
+    if len(arr) == 0:
+        return out
+    _kernel.unpack_bits(np.frombuffer(arr.buffers()[1], dtype=np.uint8), arr.offset, out)
+    bits = _validity(arr)
+    if bits is not None:
+        out &= valid_mask(arr)
+    return out
+
+
+def _ages(arr: pa.Array) -> np.ndarray:
+    """int32[n] of the int16 age column, -1 where null or negative."""
+    n = len(arr)
+    out = np.empty(n, dtype=np.int32)
+    if n == 0:
+        return out
+    values = np.frombuffer(arr.buffers()[1], dtype=np.int16, count=arr.offset + n)[arr.offset:]
+    bits = _validity(arr)
+    _kernel.ages(values, np.zeros(0, np.uint8) if bits is None else bits, arr.offset, out)
+    return out
 
 
 def _codes(arr: pa.Array, names) -> np.ndarray:
@@ -192,7 +227,7 @@ class PreparedClaims:
         for name in REQUIRED_COLUMNS:
             col = batch.column(name)
             if col.null_count:
-                missing |= 1 - valid_mask(col)
+                _kernel.mark_nulls(_validity(col), col.offset, missing)
         self.missing = missing
 
         self.visit = _codes(batch.column("visit_type"), VISIT_TYPES).astype(np.int8)
@@ -205,11 +240,8 @@ class PreparedClaims:
         for codes in (self.visit, self.level, self.locality):
             np.maximum(codes, 0, out=codes)
 
-        referred = batch.column("referred")
-        self.referred = np.asarray(referred.fill_null(False)).view(np.uint8) if n else np.zeros(0, np.uint8)
-        age = batch.column("age")
-        self.age = (np.asarray(age.fill_null(-1)) if age.null_count else np.asarray(age)).astype(np.int32)
-        self.age[self.age < 0] = -1
+        self.referred = _booleans(batch.column("referred"))
+        self.age = _ages(batch.column("age"))
         (self.total, self.self_funded, self.over_limit, self.class_b_copay, self.in_scope,
          self.in_scope_class_b) = (_amount(batch.column(c)) for c in AMOUNT_COLUMNS)
         self.identity_mask = _identity_masks(batch.column("identities"),
@@ -217,7 +249,8 @@ class PreparedClaims:
         self.disease = _disease_codes(batch.column("disease_code"))
 
         st = batch.column("settle_time")
-        self.settle_time = np.asarray(st.cast(pa.int64()).fill_null(0)) if n else np.zeros(0, np.int64)
+        st = st.cast(pa.int64())
+        self.settle_time = np.asarray(st.fill_null(0) if st.null_count else st) if n else np.zeros(0, np.int64)
         self.policy = self._policies(batch, compiled, scheme, self.settle_time)
 
     @staticmethod
@@ -276,14 +309,10 @@ class PreparedClaims:
 
 def _policy_index(region: np.ndarray, scheme: np.ndarray, settle_time: np.ndarray,
                   compiled: CompiledPolicies) -> np.ndarray:
-    n = len(settle_time)
-    policy = np.full(n, -1, dtype=np.int32)
-    years = np.empty(n, dtype=np.int32)
-    _kernel.calendar_years(settle_time, years)
+    policy = np.empty(len(settle_time), dtype=np.int32)
     names = compiled.names
-    table, y0, y1 = names.policy_table, names.first_year, names.last_year
-    ok = (region >= 0) & (scheme >= 0) & (years >= y0) & (years <= y1)
-    policy[ok] = table[region[ok], scheme[ok], years[ok] - y0]
+    _kernel.policy_rows(region.astype(np.int32, copy=False), scheme.astype(np.int32, copy=False), settle_time,
+                        names.policy_table, names.first_year, policy)
     return policy
 
 
@@ -324,22 +353,41 @@ def _disease_code(value) -> int:
     return encode_category(code) if len(code) >= 3 else -1
 
 
-def _derived(prep: PreparedClaims, out: dict) -> dict:
-    """The result values computed from the kernel's outputs, shared by both result builders."""
-    status = out["status"]
-    ok = status == 0
-    fund_total = out["fund_pay"].sum(axis=0)
-    compliant = out["compliant"]
-    return {
-        "ok": ok,
-        "policy": np.where(ok, prep.policy, -1),
-        "fund_total": fund_total,
-        "personal": np.where(ok, prep.total - fund_total, 0),
-        "compliant_personal": np.where(ok, compliant - fund_total, 0),
-        "effective": np.where(ok & (out["effective"] >= 0), out["effective"], -1),
-        "delta_admissions": ((prep.visit == 0) & ok).astype(np.int64),
-        "delta_compliant_total": np.where(ok, compliant, 0),
-    }
+def _derived(prep: PreparedClaims, out: dict, compiled: CompiledPolicies) -> dict:
+    """The result values computed from the kernel's outputs, shared by both result builders:
+    policy (-1 on error rows), fund_total, personal, compliant_personal, and the list
+    offsets [n + 1] of layer_pays with its entries (global layer index, amount)."""
+    n = prep.n
+    layer_pay = out["layer_pay"]
+    d = {"policy": _empty(n, np.int32), "fund_total": _empty(n, np.int64), "personal": _empty(n, np.int64),
+         "compliant_personal": _empty(n, np.int64), "layer_offsets": _empty(n + 1, np.int32)}
+    entries = _kernel.result_columns(out["status"], prep.policy, prep.total, out["fund_pay"], out["compliant"],
+                                     layer_pay, d["policy"], d["fund_total"], d["personal"],
+                                     d["compliant_personal"], d["layer_offsets"])
+    d["layer"], d["pay"] = _empty(entries, np.int32), _empty(entries, np.int64)
+    _kernel.layer_entries(layer_pay, d["policy"], compiled.policies, d["layer"], d["pay"])
+    return d
+
+
+def _delta_heads(prep: PreparedClaims, out: dict) -> tuple[np.ndarray, np.ndarray]:
+    """delta_admissions and delta_compliant_total of each row (0 on error rows)."""
+    ok = out["status"] == 0
+    return ((prep.visit == 0) & ok).astype(np.int64), np.where(ok, out["compliant"], 0)
+
+
+def _empty(shape, dtype) -> np.ndarray:
+    """An output array from Arrow's memory pool, which the results then wrap zero-copy.
+
+    The pool keeps freed memory, so chunk after chunk reuses warm pages
+    instead of faulting in fresh ones (page clearing was a third of the
+    kernel's time with numpy's allocator).
+    """
+    dtype = np.dtype(dtype)
+    count = shape if isinstance(shape, int) else shape[0] * shape[1]
+    if count < 4096:  # a few claims: the pool's bookkeeping costs more than it saves
+        return np.empty(shape, dtype=dtype)
+    buf = pa.allocate_buffer(max(count * dtype.itemsize, 1))
+    return np.frombuffer(buf, dtype=dtype, count=count).reshape(shape)
 
 
 NAME_COLUMNS = ("status", "policy_id", "identity")
@@ -377,32 +425,23 @@ def build_results(prep: PreparedClaims, compiled: CompiledPolicies, out: dict, d
     policy set's names: the same values, without copying a string per row,
     which a Parquet writer then stores as its dictionary pages directly.
     """
-    n = prep.n
-    d = _derived(prep, out)
+    status, fund_pay = out["status"], out["fund_pay"]
+    d = _derived(prep, out, compiled)
     policy = d["policy"]
-    fund_pay = out["fund_pay"]
     names = compiled.names
     schema = results_schema(deltas, dictionary)
-
-    # layer_pays: the layers that paid more than 0, in order
-    layer_pay = out["layer_pay"]
-    paid = layer_pay > 0
-    rows, cols = np.nonzero(paid)
-    counts = paid.sum(axis=1)
-    offsets = np.zeros(n + 1, dtype=np.int32)
-    np.cumsum(counts, out=offsets[1:])
-    layer_start = compiled.policies["layer_start"][np.maximum(policy[rows], 0)] if len(rows) else rows
     layer_pays_type = schema.field("layer_pays").type
-    entries = pa.StructArray.from_arrays([_named(layer_start + cols, names.layers, dictionary),
-                                          pa.array(layer_pay[rows, cols], pa.int64())],
-                                         fields=list(layer_pays_type.value_type))
-    layer_pays = pa.ListArray.from_arrays(pa.array(offsets), entries, type=layer_pays_type)
+    layer_pays = pa.ListArray.from_arrays(
+        pa.array(d["layer_offsets"]),
+        pa.StructArray.from_arrays([_named(d["layer"], names.layers, dictionary), pa.array(d["pay"])],
+                                   fields=list(layer_pays_type.value_type)),
+        type=layer_pays_type)
 
     columns = [
         prep.batch.column("claim_id"),
-        _named(out["status"], _STATUS_NAMES, dictionary),
+        _named(status, _STATUS_NAMES, dictionary),
         _named(policy, names.policy_ids, dictionary),
-        _named(d["effective"], names.identities, dictionary),
+        _named(out["effective"], names.identities, dictionary),
         pa.array(out["deductible_applied"]),
         *[pa.array(fund_pay[j]) for j in range(len(FUNDS))],
         pa.array(d["fund_total"]),
@@ -412,8 +451,7 @@ def build_results(prep: PreparedClaims, compiled: CompiledPolicies, out: dict, d
         pa.array(out["cap_hit"].view(np.bool_)),
     ]
     if deltas:
-        columns += [pa.array(d["delta_admissions"]), pa.array(d["delta_compliant_total"]),
-                    _delta_layers(out["deltas"], policy, compiled)]
+        columns += [*map(pa.array, _delta_heads(prep, out)), _delta_layers(out["deltas"], policy, compiled)]
     return pa.RecordBatch.from_arrays(columns, schema=schema)
 
 
@@ -422,27 +460,25 @@ def result_rows(prep: PreparedClaims, compiled: CompiledPolicies, out: dict, del
 
     For callers that settle a few claims at a time (the server's groups), where
     building and reading back a dozen Arrow arrays costs more than the claims."""
-    d = _derived(prep, out)
+    d = _derived(prep, out, compiled)
     c = compiled
     claim_ids = prep.claim_ids()
     status = out["status"].tolist()
     policy = d["policy"].tolist()
-    effective = d["effective"].tolist()
+    effective = out["effective"].tolist()
     ded = out["deductible_applied"].tolist()
     fund_pay = out["fund_pay"].T.tolist()
     fund_total, personal, compliant_personal = (d[k].tolist() for k in ("fund_total", "personal",
                                                                         "compliant_personal"))
-    layer_pay = out["layer_pay"].tolist()
+    layer_offsets, layer, pay = d["layer_offsets"].tolist(), d["layer"].tolist(), d["pay"].tolist()
     cap_hit = out["cap_hit"].view(np.bool_).tolist()
-    layer_start = c.policies["layer_start"].tolist()
     policy_ids, identity_names, layer_names = c.policy_ids, c.identity_names, c.layer_names
     if deltas:
-        d_adm, d_ct = d["delta_admissions"].tolist(), d["delta_compliant_total"].tolist()
+        d_adm, d_ct = (v.tolist() for v in _delta_heads(prep, out))
         values = out["deltas"]
     rows = []
     for i in range(prep.n):
         p = policy[i]
-        start = layer_start[p] if p >= 0 else 0
         row = {
             "claim_id": claim_ids[i],
             "status": STATUSES[status[i]],
@@ -453,7 +489,8 @@ def result_rows(prep: PreparedClaims, compiled: CompiledPolicies, out: dict, del
             "fund_pay_total": fund_total[i],
             "personal_pay": personal[i],
             "compliant_personal_pay": compliant_personal[i],
-            "layer_pays": [{"layer": layer_names[start + j], "pay": v} for j, v in enumerate(layer_pay[i]) if v > 0],
+            "layer_pays": [{"layer": layer_names[layer[k]], "pay": pay[k]}
+                           for k in range(layer_offsets[i], layer_offsets[i + 1])],
             "cap_hit": cap_hit[i],
         }
         if deltas:

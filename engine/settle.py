@@ -20,6 +20,7 @@ from .arrow_io import (
     ACCUMULATORS_SCHEMA,
     CLAIMS_SCHEMA,
     PreparedClaims,
+    _empty,
     accumulators_table,
     build_results,
     check_schema,
@@ -349,21 +350,6 @@ def _state_table(rows: int, width: int) -> np.ndarray:
     except OSError:
         pass  # the kernel may not offer it; 4 KiB pages then
     return np.frombuffer(m, dtype=np.int64, count=rows * width).reshape(rows, width)
-
-
-def _empty(shape, dtype) -> np.ndarray:
-    """An output array from Arrow's memory pool, which the results then wrap zero-copy.
-
-    The pool keeps freed memory, so chunk after chunk reuses warm pages
-    instead of faulting in fresh ones (page clearing was a third of the
-    kernel's time with numpy's allocator).
-    """
-    dtype = np.dtype(dtype)
-    count = shape if isinstance(shape, int) else shape[0] * shape[1]
-    if count < 4096:  # a few claims: the pool's bookkeeping costs more than it saves
-        return np.empty(shape, dtype=dtype)
-    buf = pa.allocate_buffer(max(count * dtype.itemsize, 1))
-    return np.frombuffer(buf, dtype=dtype, count=count).reshape(shape)
 
 
 def _one_batch(table: pa.Table) -> pa.RecordBatch:

@@ -109,6 +109,27 @@ def test_rows_prepare_as_arrow_does(edge_claims):
     assert rows.claim_ids() == arrow.claim_ids()
 
 
+@pytest.mark.parametrize("start", [1, 3, 2501, 4997])
+def test_a_sliced_batch_prepares_as_its_copy(edge_claims, start):
+    """Slices start mid-byte of the validity and boolean bitmaps, which preparation reads directly."""
+    from engine.arrow_io import PreparedClaims
+    from engine.settle import compiled
+
+    ps, table = edge_claims
+    c = compiled(ps)
+    batch = table.combine_chunks().to_batches()[0]
+    sliced = batch.slice(start)
+    copied = pa.RecordBatch.from_pylist(sliced.to_pylist(), schema=batch.schema)
+    assert sliced.column("age").offset == start
+    a, b = PreparedClaims(sliced, c), PreparedClaims(copied, c)
+    assert a.missing.any() and (a.age == -1).any()
+    for name in PREPARED_ARRAYS:
+        if name.endswith(("_offsets", "_data")):
+            continue
+        assert (getattr(a, name) == getattr(b, name)).all(), name
+    assert engine.Settler(ps).settle_batch(sliced).equals(engine.Settler(ps).settle_batch(copied))
+
+
 @pytest.mark.parametrize("deltas", [False, True])
 def test_settle_rows_equals_settle_batch(edge_claims, deltas):
     ps, table = edge_claims
