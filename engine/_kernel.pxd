@@ -134,6 +134,10 @@ cdef class Interner:
     cdef TableSlot* table       # open addressing, linear probing, load <= 1/2
     cdef int64_t table_mask
     cdef uint8_t* inline        # NULL, or INLINE_BYTES per table slot: min(length, 255), first key bytes
+    cdef uint64_t* hashes       # scratch: the hashes of a chunk's keys, kept from chunk to chunk
+    cdef int64_t hashes_cap
+
+    cdef uint64_t* hash_scratch(self, int64_t n) noexcept nogil
 
     cdef int64_t intern(self, const uint8_t* key, int64_t length, uint64_t h, bint* is_new) noexcept nogil
     cdef void prefetch(self, uint64_t h) noexcept nogil

@@ -187,10 +187,13 @@ cdef class Interner:
         self.arena_len = 0
         self.count = 0
         self.starts[0] = 0
+        self.hashes = NULL
+        self.hashes_cap = 0
 
     def __dealloc__(self):
         free(self.arena)
         free(self.starts)
+        free(self.hashes)
         if self.table != NULL:
             free_table(self.table, (self.table_mask + 1) * sizeof(TableSlot))
         if self.inline != NULL:
@@ -226,6 +229,21 @@ cdef class Interner:
         self.table = t
         self.table_mask = mask
         return 0
+
+    cdef uint64_t* hash_scratch(self, int64_t n) noexcept nogil:
+        """Room for n hashes, reused by every chunk (NULL if memory ran out).
+
+        A fresh array per chunk would be fresh pages per chunk: faulting them
+        in cost more than hashing the keys.
+        """
+        cdef void* p
+        if n > self.hashes_cap:
+            p = realloc(self.hashes, n * sizeof(uint64_t))
+            if p == NULL:
+                return NULL
+            self.hashes = <uint64_t*> p
+            self.hashes_cap = n
+        return self.hashes
 
     cdef void prefetch(self, uint64_t h) noexcept nogil:
         cdef int64_t j = <int64_t>(h & <uint64_t>self.table_mask)
@@ -351,14 +369,13 @@ cdef int _intern_keys(Interner keys, const int32_t[::1] offsets, const uint8_t[:
     cdef Py_ssize_t i
     cdef int64_t start, length, cap = 256
     cdef uint8_t* buf = <uint8_t*> malloc(cap)
-    cdef uint64_t* h = <uint64_t*> malloc((n + 1) * sizeof(uint64_t))
+    cdef uint64_t* h = keys.hash_scratch(n + 1)
     cdef void* p
     cdef bint is_new
     cdef int32_t pol
     cdef int err = 0
     if buf == NULL or h == NULL:
         free(buf)
-        free(h)
         return -1
     for i in range(n):
         pol = policy[i]
@@ -388,7 +405,6 @@ cdef int _intern_keys(Interner keys, const int32_t[::1] offsets, const uint8_t[:
             err = -1
             break
     free(buf)
-    free(h)
     return err
 
 
@@ -413,7 +429,7 @@ def check_rows(const int32_t[::1] claim_offsets, const uint8_t[::1] claim_data,
     cdef int64_t start
     cdef bint is_new, bad_neg, bad_range
     cdef int8_t s
-    cdef uint64_t* h = <uint64_t*> malloc((n + 1) * sizeof(uint64_t))
+    cdef uint64_t* h = claim_ids.hash_scratch(n + 1)
     if h == NULL:
         raise MemoryError()
     with nogil:
@@ -454,7 +470,6 @@ def check_rows(const int32_t[::1] claim_offsets, const uint8_t[::1] claim_data,
             status[i] = s
         if err == 0:
             err = _intern_keys(keys, person_offsets, person_data, policy, &status[0] if n else NULL, slot, n)
-    free(h)
     if err:
         raise MemoryError("claim id or key table")
 
