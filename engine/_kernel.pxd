@@ -4,7 +4,7 @@
 # the same field order (engine/compile.py builds them from *_FIELDS there) is
 # read here through a typed memoryview, with no Python object per row.
 
-from libc.stdint cimport int8_t, int32_t, int64_t, uint8_t, uint64_t
+from libc.stdint cimport int8_t, int32_t, int64_t, uint8_t, uint32_t, uint64_t
 
 
 cdef uint64_t hash_bytes(const uint8_t* p, int64_t n) noexcept nogil
@@ -116,29 +116,31 @@ cdef enum:
 
 
 cdef enum:
-    INLINE_BYTES = 32
+    KEY_INLINE = 19             # key bytes kept in an accumulator-key slot
 
-ctypedef struct TableSlot:
+ctypedef struct KeySlot:        # 32 bytes, two to a cache line
     uint64_t hash
-    int64_t entry               # entry id + 1; 0 = empty
+    uint32_t entry              # entry id + 1; 0 = empty
+    uint8_t length              # min(length, 255)
+    uint8_t key[KEY_INLINE]     # the key's first bytes, zero-padded
 
 
 cdef class Interner:
     """Byte strings to dense ids, exactly (no hash is trusted without a compare)."""
+    cdef bint policy_keys       # accumulator keys (KeySlot table), or claim ids (packed table)
     cdef uint8_t* arena
     cdef int64_t arena_len
     cdef int64_t arena_cap
     cdef int64_t* starts        # entry -> offset in arena; starts[count] = arena_len
     cdef int64_t count
     cdef int64_t entries_cap
-    cdef TableSlot* table       # open addressing, linear probing, load <= 1/2
-    cdef int64_t table_mask
-    cdef uint8_t* inline        # NULL, or INLINE_BYTES per table slot: min(length, 255), first key bytes
+    cdef uint64_t* ids          # claim ids: (hash >> 32) << 32 | (entry id + 1); 0 = empty
+    cdef KeySlot* keys          # accumulator keys
+    cdef int64_t table_mask     # open addressing, linear probing, load <= 3/4
     cdef uint64_t* hashes       # scratch: the hashes of a chunk's keys, kept from chunk to chunk
     cdef int64_t hashes_cap
-
-    cdef uint64_t* hash_scratch(self, int64_t n) noexcept nogil
 
     cdef int64_t intern(self, const uint8_t* key, int64_t length, uint64_t h, bint* is_new) noexcept nogil
     cdef void prefetch(self, uint64_t h) noexcept nogil
     cdef int grow_table(self, int64_t new_size) noexcept nogil
+    cdef uint64_t* hash_scratch(self, int64_t n) noexcept nogil

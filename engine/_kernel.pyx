@@ -24,12 +24,14 @@ cdef extern from *:
     #define MEDSETTLE_MAX_COMPLIANT_TOTAL 100000000000000LL
     #define MEDSETTLE_MAX_AGE_ANY (1LL << 62)
     #define MEDSETTLE_ANY_HOLDS ((int64_t)(1ULL << 63))
+    #define MEDSETTLE_MAX_ENTRIES 0xFFFFFFFELL
     """
     const int64_t BP "MEDSETTLE_BP"
     const int64_t MAX_AMOUNT "MEDSETTLE_MAX_AMOUNT"                # 10^12 fen per claim amount
     const int64_t MAX_COMPLIANT_TOTAL "MEDSETTLE_MAX_COMPLIANT_TOTAL"  # 10^14 fen per key
     const int64_t MAX_AGE_ANY_C "MEDSETTLE_MAX_AGE_ANY"    # engine/compile.py MAX_AGE_ANY
     const int64_t ANY_HOLDS_C "MEDSETTLE_ANY_HOLDS"        # engine/compile.py ANY_HOLDS
+    const int64_t MAX_ENTRIES "MEDSETTLE_MAX_ENTRIES"      # ids of an Interner: slots keep id + 1 in 32 bits
 
 cdef enum:
     ACC_FIELDS_C = 3  # position, paid, deductible_charged per accumulator column
@@ -160,73 +162,82 @@ cdef uint64_t hash_bytes(const uint8_t* p, int64_t n) noexcept nogil:
 
 
 cdef class Interner:
-    """Byte strings to dense ids 0, 1, 2, ... in first-seen order.
+    """Byte strings to dense ids 0, 1, 2, ... in first-seen order (at most 2^32 - 2).
 
     Claim ids (DUPLICATE_CLAIM over a whole call) and accumulator keys (one
-    slot per person and policy) are both interned here, across chunks. The
-    table keeps each entry's hash beside its id, so a probe that is not a
-    match costs one cache line and a new key costs no compare.
+    slot per person and policy) are both interned here, across chunks, in
+    tables shaped for how each is looked up. Claim ids mostly miss: their
+    slot is 8 bytes, half the hash beside the id, so a probe reads one word
+    and a new id costs no compare. Accumulator keys mostly hit: their slot
+    is 32 bytes with the key's first bytes in it, so confirming a hit on a
+    short key reads one cache line and no arena.
     """
 
-    def __cinit__(self, bint inline_keys=False):
-        """`inline_keys` keeps each key's length and first bytes beside its slot, in a
-        parallel array, so that confirming a hit on a short key reads no arena:
-        worth it where most lookups hit (accumulator keys), not where most miss
-        (claim ids)."""
+    def __cinit__(self, bint policy_keys=False):
+        """`policy_keys`: keys are 4 bytes of policy index, then a person id (see
+        `_intern_keys`); otherwise claim ids, hashed with hash_bytes."""
+        self.policy_keys = policy_keys
         self.arena_cap = 1 << 16
         self.arena = <uint8_t*> malloc(self.arena_cap)
         self.entries_cap = 1 << 12
         self.starts = <int64_t*> malloc((self.entries_cap + 1) * sizeof(int64_t))
         self.table_mask = (1 << 13) - 1
-        self.table = <TableSlot*> zeroed_table((self.table_mask + 1) * sizeof(TableSlot))
-        self.inline = NULL
-        if inline_keys:
-            self.inline = <uint8_t*> zeroed_table((self.table_mask + 1) * INLINE_BYTES)
-        if not (self.arena and self.starts and self.table and (self.inline or not inline_keys)):
+        self.ids = NULL
+        self.keys = NULL
+        if policy_keys:
+            self.keys = <KeySlot*> zeroed_table((self.table_mask + 1) * sizeof(KeySlot))
+        else:
+            self.ids = <uint64_t*> zeroed_table((self.table_mask + 1) * sizeof(uint64_t))
+        self.hashes = NULL
+        self.hashes_cap = 0
+        if not (self.arena and self.starts and (self.ids or self.keys)):
             raise MemoryError()
         self.arena_len = 0
         self.count = 0
         self.starts[0] = 0
-        self.hashes = NULL
-        self.hashes_cap = 0
 
     def __dealloc__(self):
         free(self.arena)
         free(self.starts)
         free(self.hashes)
-        if self.table != NULL:
-            free_table(self.table, (self.table_mask + 1) * sizeof(TableSlot))
-        if self.inline != NULL:
-            free_table(self.inline, (self.table_mask + 1) * INLINE_BYTES)
+        free_table(self.ids, (self.table_mask + 1) * sizeof(uint64_t))
+        free_table(self.keys, (self.table_mask + 1) * sizeof(KeySlot))
 
     def __len__(self):
         return self.count
 
     cdef int grow_table(self, int64_t new_size) noexcept nogil:
-        cdef TableSlot* t = <TableSlot*> zeroed_table(new_size * sizeof(TableSlot))
-        cdef uint8_t* inl = NULL
-        cdef int64_t i, j, mask = new_size - 1
-        if t == NULL:
-            return -1
-        if self.inline != NULL:
-            inl = <uint8_t*> zeroed_table(new_size * INLINE_BYTES)
-            if inl == NULL:
-                free_table(t, new_size * sizeof(TableSlot))
+        """Rehash into a table of new_size slots: key slots by the hash they keep,
+        claim ids by hashing them again from the arena (their slot keeps half of it)."""
+        cdef int64_t i, j, e, mask = new_size - 1
+        cdef uint64_t h
+        cdef uint64_t* ids
+        cdef KeySlot* keys
+        if self.policy_keys:
+            keys = <KeySlot*> zeroed_table(new_size * sizeof(KeySlot))
+            if keys == NULL:
                 return -1
-        for i in range(self.table_mask + 1):
-            if self.table[i].entry == 0:
-                continue
-            j = <int64_t>(self.table[i].hash & <uint64_t>mask)
-            while t[j].entry != 0:
-                j = (j + 1) & mask
-            t[j] = self.table[i]
-            if inl != NULL:
-                memcpy(inl + j * INLINE_BYTES, self.inline + i * INLINE_BYTES, INLINE_BYTES)
-        free_table(self.table, (self.table_mask + 1) * sizeof(TableSlot))
-        if inl != NULL:
-            free_table(self.inline, (self.table_mask + 1) * INLINE_BYTES)
-            self.inline = inl
-        self.table = t
+            for i in range(self.table_mask + 1):
+                if self.keys[i].entry == 0:
+                    continue
+                j = <int64_t>(self.keys[i].hash & <uint64_t>mask)
+                while keys[j].entry != 0:
+                    j = (j + 1) & mask
+                keys[j] = self.keys[i]
+            free_table(self.keys, (self.table_mask + 1) * sizeof(KeySlot))
+            self.keys = keys
+        else:
+            ids = <uint64_t*> zeroed_table(new_size * sizeof(uint64_t))
+            if ids == NULL:
+                return -1
+            for e in range(self.count):
+                h = hash_bytes(self.arena + self.starts[e], self.starts[e + 1] - self.starts[e])
+                j = <int64_t>(h & <uint64_t>mask)
+                while ids[j] != 0:
+                    j = (j + 1) & mask
+                ids[j] = ((h >> 32) << 32) | <uint64_t>(e + 1)
+            free_table(self.ids, (self.table_mask + 1) * sizeof(uint64_t))
+            self.ids = ids
         self.table_mask = mask
         return 0
 
@@ -247,37 +258,48 @@ cdef class Interner:
 
     cdef void prefetch(self, uint64_t h) noexcept nogil:
         cdef int64_t j = <int64_t>(h & <uint64_t>self.table_mask)
-        prefetch_address(&self.table[j])
-        if self.inline != NULL:
-            prefetch_address(self.inline + j * INLINE_BYTES)
+        if self.policy_keys:
+            prefetch_address(&self.keys[j])
+        else:
+            prefetch_address(&self.ids[j])
 
     cdef int64_t intern(self, const uint8_t* key, int64_t length, uint64_t h, bint* is_new) noexcept nogil:
-        """The id of `key` (whose hash_bytes is h), adding it if new; -1 if memory ran out."""
+        """The id of `key` (whose hash is h), adding it if new; -1 if memory or ids ran out."""
         cdef int64_t j = <int64_t>(h & <uint64_t>self.table_mask)
         cdef int64_t e, s
-        cdef uint8_t* rec
+        cdef uint64_t v, tag = h >> 32
+        cdef uint8_t padded[KEY_INLINE]
+        cdef uint8_t short_length = <uint8_t>i64min(length, 255)
+        cdef KeySlot* slot = NULL
         cdef void* p
-        while True:
-            e = self.table[j].entry
-            if e == 0:
-                break
-            if self.table[j].hash == h:
-                e -= 1
-                if self.inline != NULL:
-                    rec = self.inline + j * INLINE_BYTES
-                    if (rec[0] == i64min(length, 255)
-                            and memcmp(rec + 1, key, i64min(length, INLINE_BYTES - 1)) == 0
-                            and (length < INLINE_BYTES
-                                 or (self.starts[e + 1] - self.starts[e] == length
-                                     and memcmp(self.arena + self.starts[e], key, length) == 0))):
+        if self.policy_keys:
+            memset(padded, 0, KEY_INLINE)
+            memcpy(padded, key, i64min(length, KEY_INLINE))
+            while True:
+                slot = &self.keys[j]
+                if slot.entry == 0:
+                    break
+                if slot.hash == h and slot.length == short_length and memcmp(slot.key, padded, KEY_INLINE) == 0:
+                    e = <int64_t>slot.entry - 1
+                    if length <= KEY_INLINE or (self.starts[e + 1] - self.starts[e] == length
+                                                and memcmp(self.arena + self.starts[e], key, length) == 0):
                         is_new[0] = False
                         return e
-                else:
+                j = (j + 1) & self.table_mask
+        else:
+            while True:
+                v = self.ids[j]
+                if v == 0:
+                    break
+                if (v >> 32) == tag:
+                    e = <int64_t>(v & 0xFFFFFFFFULL) - 1
                     s = self.starts[e]
                     if self.starts[e + 1] - s == length and memcmp(self.arena + s, key, length) == 0:
                         is_new[0] = False
                         return e
-            j = (j + 1) & self.table_mask
+                j = (j + 1) & self.table_mask
+        if self.count >= MAX_ENTRIES:
+            return -1
         if self.count + 1 > self.entries_cap:
             p = realloc(self.starts, (self.entries_cap * 2 + 1) * sizeof(int64_t))
             if p == NULL:
@@ -296,12 +318,13 @@ cdef class Interner:
         e = self.count
         self.count += 1
         self.starts[self.count] = self.arena_len
-        self.table[j].hash = h
-        self.table[j].entry = e + 1
-        if self.inline != NULL:
-            rec = self.inline + j * INLINE_BYTES
-            rec[0] = <uint8_t>i64min(length, 255)
-            memcpy(rec + 1, key, i64min(length, INLINE_BYTES - 1))
+        if self.policy_keys:
+            slot.hash = h
+            slot.entry = <uint32_t>(e + 1)
+            slot.length = short_length
+            memcpy(slot.key, padded, KEY_INLINE)
+        else:
+            self.ids[j] = (tag << 32) | <uint64_t>(e + 1)
         is_new[0] = True
         if self.count * 4 > (self.table_mask + 1) * 3:
             if self.grow_table((self.table_mask + 1) * 2) != 0:
@@ -352,10 +375,32 @@ cdef class Interner:
         """Intern (policy, person_id) keys for rows with policy >= 0; others get -1."""
         cdef Py_ssize_t n = out_slot.shape[0]
         cdef int ok
+        if not self.policy_keys:
+            raise ValueError("intern_keys needs an Interner(policy_keys=True)")
         with nogil:
             ok = _intern_keys(self, offsets, data, policy, NULL, out_slot, n)
         if ok != 0:
             raise MemoryError("accumulator key table")
+
+    def intern_ids(self, const int32_t[::1] offsets, const uint8_t[::1] data, int64_t[::1] out):
+        """Intern plain byte strings (claim ids) and write their ids; as check_rows does."""
+        cdef Py_ssize_t n = out.shape[0], i
+        cdef bint is_new
+        cdef uint64_t* h
+        if self.policy_keys:
+            raise ValueError("intern_ids needs an Interner(policy_keys=False)")
+        h = self.hash_scratch(n + 1)
+        if h == NULL:
+            raise MemoryError()
+        with nogil:
+            for i in range(n):
+                h[i] = hash_bytes(&data[0] + offsets[i], offsets[i + 1] - offsets[i])
+            for i in range(n):
+                out[i] = self.intern(&data[0] + offsets[i], offsets[i + 1] - offsets[i], h[i], &is_new)
+                if out[i] < 0:
+                    break
+        if n and out[n - 1] < 0:
+            raise MemoryError("claim id table")
 
 
 cdef int _intern_keys(Interner keys, const int32_t[::1] offsets, const uint8_t[::1] data,
@@ -429,7 +474,10 @@ def check_rows(const int32_t[::1] claim_offsets, const uint8_t[::1] claim_data,
     cdef int64_t start
     cdef bint is_new, bad_neg, bad_range
     cdef int8_t s
-    cdef uint64_t* h = claim_ids.hash_scratch(n + 1)
+    cdef uint64_t* h
+    if claim_ids.policy_keys or not keys.policy_keys:
+        raise ValueError("check_rows needs an Interner() of claim ids and an Interner(policy_keys=True)")
+    h = claim_ids.hash_scratch(n + 1)
     if h == NULL:
         raise MemoryError()
     with nogil:

@@ -84,7 +84,7 @@ class Settler:
         self._claim_ids = _kernel.Interner()
         if expected_claims > 0:
             self._claim_ids.reserve(expected_claims, 0)
-        self._keys = _kernel.Interner(inline_keys=True)
+        self._keys = _kernel.Interner(policy_keys=True)
         self._width = self.compiled.acc_width
         # one row per accumulator key: admissions, compliant_total, then (position, paid,
         # deductible_charged) per accumulator column of its policy

@@ -6,8 +6,10 @@ import pytest
 from engine import _kernel
 from engine.arrow_io import string_buffers
 
-# around the inline record (1 length byte + 31 key bytes) and the 255 cap of its length byte
-LENGTHS = [0, 1, 2, 7, 8, 9, 15, 16, 27, 30, 31, 32, 33, 63, 64, 200, 254, 255, 256, 257, 300, 1000]
+# around the key bytes kept in a slot (19, with the 4 bytes of policy: 15 of the id), the
+# hash's 8-byte words, and the 255 cap of a slot's length byte
+LENGTHS = [0, 1, 2, 7, 8, 9, 14, 15, 16, 18, 19, 20, 27, 31, 32, 33, 63, 64, 200, 250, 251, 252, 254, 255, 256,
+           257, 300, 1000]
 
 
 def _keys() -> list[str]:
@@ -21,49 +23,62 @@ def _keys() -> list[str]:
     return list(dict.fromkeys(keys))
 
 
-def _intern(interner, keys, policy=None):
+def _intern(interner, keys, policy=None, claim_ids=False):
+    """Claim ids through intern_ids, or accumulator keys (policy, key) through intern_keys."""
     arr = pa.array(keys, pa.string())
     offsets, data, _ = string_buffers(arr)
-    pol = np.zeros(len(keys), np.int32) if policy is None else np.asarray(policy, np.int32)
     out = np.empty(len(keys), np.int64)
-    interner.intern_keys(offsets, data, pol, out)
+    if claim_ids:
+        interner.intern_ids(offsets, data, out)
+    else:
+        pol = np.zeros(len(keys), np.int32) if policy is None else np.asarray(policy, np.int32)
+        interner.intern_keys(offsets, data, pol, out)
     return out
 
 
-@pytest.mark.parametrize("inline", [False, True])
-def test_distinct_keys_get_dense_ids_in_first_seen_order(inline):
+@pytest.mark.parametrize("policy_keys", [False, True])
+def test_distinct_keys_get_dense_ids_in_first_seen_order(policy_keys):
     keys = _keys()
     assert len(set(keys)) == len(keys)
-    it = _kernel.Interner(inline_keys=inline)
-    ids = _intern(it, keys)
+    it = _kernel.Interner(policy_keys=policy_keys)
+    ids = _intern(it, keys, claim_ids=not policy_keys)
     assert ids.tolist() == list(range(len(keys)))
     assert len(it) == len(keys)
     # again, shuffled: every key finds its own id
     perm = np.random.default_rng(1).permutation(len(keys))
-    again = _intern(it, [keys[i] for i in perm])
+    again = _intern(it, [keys[i] for i in perm], claim_ids=not policy_keys)
     assert again.tolist() == perm.tolist()
     assert len(it) == len(keys)
 
 
-@pytest.mark.parametrize("inline", [False, True])
-def test_ids_survive_table_growth(inline):
+@pytest.mark.parametrize("policy_keys", [False, True])
+def test_ids_survive_table_growth(policy_keys):
+    """Growth rehashes claim ids from the arena and keys from their slots' hashes."""
     keys = [f"P{i:09d}" for i in range(50_000)] + [f"{'x' * 40}{i}" for i in range(5_000)]
-    it = _kernel.Interner(inline_keys=inline)
-    first = _intern(it, keys)
+    it = _kernel.Interner(policy_keys=policy_keys)
+    first = _intern(it, keys, claim_ids=not policy_keys)
     assert first.tolist() == list(range(len(keys)))
-    assert _intern(it, keys[::-1]).tolist() == list(range(len(keys)))[::-1]
+    assert _intern(it, keys[::-1], claim_ids=not policy_keys).tolist() == list(range(len(keys)))[::-1]
 
 
-@pytest.mark.parametrize("inline", [False, True])
-def test_policy_is_part_of_the_key(inline):
-    it = _kernel.Interner(inline_keys=inline)
+def test_policy_is_part_of_the_key():
+    it = _kernel.Interner(policy_keys=True)
     ids = _intern(it, ["p1", "p1", "p1", "p2"], policy=[0, 1, 0, -1])
     assert ids.tolist() == [0, 1, 0, -1]  # policy -1: no key
 
 
+def test_each_table_takes_only_its_kind_of_key():
+    with pytest.raises(ValueError, match="policy_keys=True"):
+        _kernel.Interner().intern_keys(np.zeros(1, np.int32), np.zeros(1, np.uint8), np.zeros(0, np.int32),
+                                       np.zeros(0, np.int64))
+    with pytest.raises(ValueError, match="policy_keys=False"):
+        _kernel.Interner(policy_keys=True).intern_ids(np.zeros(1, np.int32), np.zeros(1, np.uint8),
+                                                      np.zeros(0, np.int64))
+
+
 def test_reserve_then_intern_keeps_ids():
     """Reserving 600k keys moves the tables to huge-page-advised memory (> 8 MiB)."""
-    it = _kernel.Interner(inline_keys=True)
+    it = _kernel.Interner(policy_keys=True)
     a = _intern(it, ["a", "b", "c"])
     it.reserve(600_000, 1_000_000)
     b = _intern(it, ["c", "d", "a"])
