@@ -1,9 +1,10 @@
 """The `medsettle` command line.
 
     medsettle settle CLAIMS [--policies DIR] -o RESULTS [--accumulators-in A] [--accumulators-out B]
-                     [--batch-size N] [--progress]
+                     [--batch-size N] [--progress] [--compression lz4|snappy|zstd|none]
     medsettle generate -o CLAIMS --claims N --seed S [--invalid-rate R] [--policies DIR]
                        [--persons PERSONS.parquet] [--year Y] [--block N] [--label] [--progress]
+                       [--compression lz4|snappy|zstd|none]
     medsettle policies check [DIR]
     medsettle explain CLAIMS [--policies DIR] --claim-id ID [--accumulators-in A]
     medsettle serve ...            (the gRPC server: `server.app`)
@@ -189,8 +190,16 @@ def _dictionary_columns(schema: pa.Schema) -> list[str]:
             and name not in _PLAIN_STRINGS]
 
 
+# LZ4 by default (Arrow writes it as Parquet's LZ4_RAW codec): as small as Snappy on claims
+# and results, and faster to read back (3M generated claims: 0.14 s of CPU per million rows
+# instead of 0.19); readers from Arrow 9, Spark 3.4, DuckDB and polars on take it. `snappy`
+# is there for older readers.
+PARQUET_COMPRESSIONS = ("lz4", "snappy", "zstd", "none")
+PARQUET_COMPRESSION = "lz4"
+
+
 class _Writer:
-    def __init__(self, path: Path, schema: pa.Schema, row_group_size: int):
+    def __init__(self, path: Path, schema: pa.Schema, row_group_size: int, compression: str = PARQUET_COMPRESSION):
         self.path = Path(path)
         self.schema = schema
         self.fmt = file_format(self.path)
@@ -202,7 +211,7 @@ class _Writer:
             # taken as they are); without the stored Arrow schema, readers get plain strings back.
             has_dictionary = any(pa.types.is_dictionary(t) for _, t, _ in _leaves(schema))
             self._w = pq.ParquetWriter(str(self.path), schema, use_dictionary=_dictionary_columns(schema),
-                                       store_schema=not has_dictionary)
+                                       store_schema=not has_dictionary, compression=compression)
         elif self.fmt == "ipc":
             self._sink = pa.OSFile(str(self.path), "wb")
             self._w = pa.ipc.new_file(self._sink, schema)
@@ -229,10 +238,11 @@ class _Writer:
 
 
 @contextlib.contextmanager
-def open_table_writer(path, schema: pa.Schema, row_group_size: int = DEFAULT_BATCH):
-    """A writer with `.write(table_or_batch)` for Parquet / Arrow IPC / CSV by extension;
-    the file is removed if the block fails."""
-    w = _Writer(Path(path), schema, row_group_size)
+def open_table_writer(path, schema: pa.Schema, row_group_size: int = DEFAULT_BATCH,
+                      compression: str = PARQUET_COMPRESSION):
+    """A writer with `.write(table_or_batch)` for Parquet / Arrow IPC / CSV by extension
+    (`compression`: of Parquet files); the file is removed if the block fails."""
+    w = _Writer(Path(path), schema, row_group_size, compression)
     try:
         yield w
     except BaseException:
@@ -244,8 +254,9 @@ def open_table_writer(path, schema: pa.Schema, row_group_size: int = DEFAULT_BAT
     w.close()
 
 
-def write_table(table: pa.Table, path, row_group_size: int = DEFAULT_BATCH) -> None:
-    with open_table_writer(path, table.schema, row_group_size) as w:
+def write_table(table: pa.Table, path, row_group_size: int = DEFAULT_BATCH,
+                compression: str = PARQUET_COMPRESSION) -> None:
+    with open_table_writer(path, table.schema, row_group_size, compression) as w:
         w.write(table)
 
 
@@ -695,7 +706,8 @@ def _settle_file(args, ps, acc_in, claims: ClaimsFile, out_path: Path, streamed:
     # Parquet stores the name columns as dictionary pages, which it then takes as they come.
     dictionary = file_format(out_path) == "parquet"
     try:
-        with open_table_writer(out_path, engine.results_schema(dictionary=dictionary), claims.batch_size) as writer:
+        with open_table_writer(out_path, engine.results_schema(dictionary=dictionary), claims.batch_size,
+                               args.compression) as writer:
             background = BackgroundWriter(writer.write)
             try:
                 for res in settler.settle_batches(_in_order(batches), dictionary=dictionary):
@@ -743,7 +755,7 @@ def cmd_settle(args) -> int:
         result = _settle_file(args, ps, acc_in, claims, out_path, streamed=False)
     settler, summary = result
     if args.accumulators_out:
-        write_table(settler.accumulators(), args.accumulators_out)
+        write_table(settler.accumulators(), args.accumulators_out, compression=args.compression)
     elapsed = time.perf_counter() - t0
     print("\n".join(summary.lines(elapsed)), flush=True)
     return 0
@@ -765,14 +777,14 @@ def cmd_generate(args) -> int:
     progress = Progress(args.claims, "generate", _progress_enabled(args.progress, args.claims))
     try:
         n = write_claims(out, ps, args.claims, args.seed, args.invalid_rate, block=args.block, year=args.year,
-                         label=args.label, progress=progress.update)
+                         label=args.label, progress=progress.update, compression=args.compression)
     except ValueError as e:
         raise CliError(str(e)) from None
     finally:
         progress.close()
     msg = f"claims: {n} -> {out}"
     if args.persons:
-        persons = write_persons(args.persons, ps, args.claims, args.seed, args.year)
+        persons = write_persons(args.persons, ps, args.claims, args.seed, args.year, compression=args.compression)
         msg += f"\npersons: {persons} -> {args.persons}"
     print(msg + f"\nelapsed: {time.perf_counter() - t0:.3f} s", flush=True)
     return 0
@@ -927,6 +939,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch-size", type=_positive_int, default=SETTLE_BATCH, metavar="N",
                    help=f"rows per streamed batch and results row group (default {SETTLE_BATCH:,})")
     s.add_argument("--progress", action="store_true", help="progress bar on stderr even when it is not a tty")
+    s.add_argument("--compression", choices=PARQUET_COMPRESSIONS, default=PARQUET_COMPRESSION,
+                   help="of the Parquet files written (default: %(default)s)")
     s.set_defaults(func=cmd_settle)
 
     g = sub.add_parser("generate", help="generate synthetic claims",
@@ -944,6 +958,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--label", action="store_true",
                    help="add a column expected_status (the status each row should get; ignored by settle)")
     g.add_argument("--progress", action="store_true")
+    g.add_argument("--compression", choices=PARQUET_COMPRESSIONS, default=PARQUET_COMPRESSION,
+                   help="of the Parquet files written (default: %(default)s)")
     g.set_defaults(func=cmd_generate)
 
     pc_ = sub.add_parser("policies", help="policy folders", description="Policy folders.")

@@ -899,23 +899,24 @@ def generate_persons(policies: PolicySet, n: int, seed: int, year: Optional[int]
     return _persons_table(plan, _population(plan, n, seed))
 
 
-def write_persons(path, policies: PolicySet, n: int, seed: int, year: Optional[int] = None) -> int:
+def write_persons(path, policies: PolicySet, n: int, seed: int, year: Optional[int] = None, *,
+                  compression: Optional[str] = None) -> int:
     """Write the person registry to Parquet (or Arrow IPC by extension); returns the row count."""
-    from engine.cli import write_table
+    from engine.cli import PARQUET_COMPRESSION, write_table
 
     table = generate_persons(policies, n, seed, year)
-    write_table(table, path)
+    write_table(table, path, compression=compression or PARQUET_COMPRESSION)
     return table.num_rows
 
 
 def write_claims(path, policies: PolicySet, n: int, seed: int, invalid_rate: float = 0.0,
                  block: int = 1_000_000, year: Optional[int] = None, *, label: bool = False,
-                 progress=None) -> int:
+                 progress=None, compression: Optional[str] = None) -> int:
     """Stream `generate_claims(...)` into one file: Parquet (row groups of `block` rows), Arrow IPC
     (`.arrow/.feather/.ipc`, batches of `block` rows) or CSV, by extension. Returns the row count.
 
     `progress`, if given, is called with the number of rows written so far."""
-    from engine.cli import open_table_writer
+    from engine.cli import PARQUET_COMPRESSION, open_table_writer
 
     block = max(1, int(block))
     schema = _claims_schema()
@@ -960,7 +961,8 @@ def write_claims(path, policies: PolicySet, n: int, seed: int, invalid_rate: flo
         if pending_rows:
             yield pa.concat_tables(pending)
 
-    with open_table_writer(Path(path), schema, row_group_size=block) as writer:
+    with open_table_writer(Path(path), schema, row_group_size=block,
+                           compression=compression or PARQUET_COMPRESSION) as writer:
         thread = threading.Thread(target=drain, args=(writer,), name="write_claims", daemon=True)
         thread.start()
         try:

@@ -266,6 +266,29 @@ def test_generate_command(capsys, tmp_path, ps):
     assert "claims: 2500" in stdout and "persons: " in stdout
 
 
+def _codecs(path: Path) -> set[str]:
+    meta = pq.ParquetFile(path).metadata
+    return {meta.row_group(g).column(c).compression for g in range(meta.num_row_groups)
+            for c in range(meta.num_columns)}
+
+
+def test_parquet_compression(capsys, tmp_path, files, expected):
+    """LZ4 by default on every Parquet file written; --compression for readers that lack it."""
+    gen = tmp_path / "g.parquet"
+    assert run(capsys, "generate", "-o", gen, "--claims", 500, "--seed", 3)[0] == 0
+    assert _codecs(gen) == {"LZ4"}  # Arrow writes it as Parquet's LZ4_RAW codec
+    for codec, name in ((None, "LZ4"), ("snappy", "SNAPPY"), ("zstd", "ZSTD"), ("none", "UNCOMPRESSED")):
+        out, acc = tmp_path / f"r-{codec}.parquet", tmp_path / f"a-{codec}.parquet"
+        argv = ["settle", files["parquet"], "-o", out, "--accumulators-out", acc]
+        code, _, err = run(capsys, *argv, *(["--compression", codec] if codec else []))
+        assert code == 0, err
+        assert _codecs(out) == _codecs(acc) == {name}
+        assert pq.read_table(out).equals(expected.results)
+        assert pq.read_table(acc).equals(expected.accumulators)
+    code, _, err = run(capsys, "settle", files["parquet"], "-o", tmp_path / "x.parquet", "--compression", "gzip")
+    assert code == 2 and "argument --compression: invalid choice: 'gzip'" in err
+
+
 def test_generate_with_policy_folder_and_year(capsys, tmp_path):
     src = engine.default_policies_path()
     folder = tmp_path / "pol"
