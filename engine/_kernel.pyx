@@ -590,6 +590,28 @@ def order_rows(const int64_t[::1] settle_time, const int32_t[::1] claim_offsets,
     return order_arr
 
 
+def time_bounds(const int64_t[::1] settle_time, const uint8_t[::1] time_valid,
+                const int32_t[::1] claim_offsets, const uint8_t[::1] claim_data, const uint8_t[::1] claim_valid):
+    """Rows of the smallest and largest (settle_time, claim_id bytes) among the rows that
+    have both, as the spec orders them; (-1, -1) if none has."""
+    cdef Py_ssize_t n = settle_time.shape[0], i, lo = -1, hi = -1
+    with nogil:
+        for i in range(n):
+            if not (time_valid[i] and claim_valid[i]):
+                continue
+            if lo < 0:
+                lo = i
+                hi = i
+                continue
+            if settle_time[i] < settle_time[lo] or (settle_time[i] == settle_time[lo]
+                                                    and id_cmp(claim_offsets, claim_data, i, lo) < 0):
+                lo = i
+            if settle_time[i] > settle_time[hi] or (settle_time[i] == settle_time[hi]
+                                                    and id_cmp(claim_offsets, claim_data, i, hi) > 0):
+                hi = i
+    return lo, hi
+
+
 ctypedef struct Claim:
     int64_t visit
     int64_t level
@@ -939,20 +961,44 @@ cdef inline bint bit_at(const uint8_t* bits, int64_t i) noexcept nogil:
     return (bits[i >> 3] >> (i & 7)) & 1
 
 
+cdef inline int64_t year_start(int64_t y) noexcept nogil:
+    """Microseconds of 1 January of year y, 00:00 (days-from-civil, proleptic Gregorian)."""
+    cdef int64_t yy = y - 1  # January counts with the year before, in a March-based year
+    cdef int64_t era = (yy if yy >= 0 else yy - 399) // 400
+    cdef int64_t yoe = yy - era * 400
+    cdef int64_t doe = yoe * 365 + yoe // 4 - yoe // 100 + 306
+    return (era * 146097 + doe - 719468) * (86400 * <int64_t>1000000)
+
+
 def policy_rows(const int32_t[::1] region, const int32_t[::1] scheme, const int64_t[::1] micros,
                 const int32_t[:, :, ::1] table, int32_t first_year, int32_t[::1] out):
     """Policy index of each row from (region code, scheme code, calendar year); -1 none
-    (negative codes, or a year outside the table)."""
+    (negative codes, or a year outside the table).
+
+    Claims come mostly in time order, so the year of the row before is tried
+    first: two compares instead of the calendar arithmetic.
+    """
     cdef Py_ssize_t n = out.shape[0], i
-    cdef int32_t y, years = <int32_t>table.shape[2]
+    cdef int32_t y = 0, years = <int32_t>table.shape[2]
+    cdef int64_t lo = 1, hi = 0
     with nogil:
         for i in range(n):
             out[i] = -1
             if region[i] < 0 or scheme[i] < 0:
                 continue
-            y = civil_year(micros[i]) - first_year
-            if 0 <= y < years:
-                out[i] = table[region[i], scheme[i], y]
+            if not (lo <= micros[i] < hi):
+                y = civil_year(micros[i])
+                lo = year_start(y)
+                hi = year_start(y + 1)
+            if 0 <= y - first_year < years:
+                out[i] = table[region[i], scheme[i], y - first_year]
+
+
+def year_starts(const int64_t[::1] years, int64_t[::1] out):
+    """year_start of each year, for tests."""
+    cdef Py_ssize_t i
+    for i in range(years.shape[0]):
+        out[i] = year_start(years[i])
 
 
 def unpack_bits(const uint8_t[::1] bits, int64_t offset, uint8_t[::1] out):

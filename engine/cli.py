@@ -34,6 +34,7 @@ import time
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Optional
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -623,18 +624,18 @@ def batch_bounds(batch: pa.RecordBatch) -> Optional[tuple[tuple, tuple]]:
 
     Rows with a null in either are error rows, which take no part in the order.
     """
+    from engine import _kernel
+    from engine.arrow_io import string_buffers, valid_mask
+
     t = batch.column("settle_time").cast(pa.int64())
-    ids = batch.column("claim_id")
-    keep = pc.and_(pc.is_valid(t), pc.is_valid(ids))
-    if not pc.any(keep).as_py():
+    if len(t) == 0:
         return None
-    if keep.null_count or not pc.all(keep).as_py():
-        t, ids = t.filter(keep), ids.filter(keep)
-    mm = pc.min_max(t)
-    tmin, tmax = mm["min"].as_py(), mm["max"].as_py()
-    idmin = pc.min(ids.filter(pc.equal(t, tmin))).as_py()
-    idmax = pc.max(ids.filter(pc.equal(t, tmax))).as_py()
-    return (tmin, idmin.encode()), (tmax, idmax.encode())
+    times = np.frombuffer(t.buffers()[1], dtype=np.int64, count=t.offset + len(t))[t.offset:]
+    offsets, data, valid = string_buffers(batch.column("claim_id"))
+    lo, hi = _kernel.time_bounds(times, valid_mask(t), offsets, data, valid)
+    if lo < 0:
+        return None
+    return tuple((int(times[i]), bytes(data[offsets[i]:offsets[i + 1]])) for i in (lo, hi))
 
 
 def with_bounds(batches: Iterable[pa.RecordBatch]) -> Iterator[tuple[pa.RecordBatch, Optional[tuple]]]:

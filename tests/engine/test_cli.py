@@ -213,6 +213,21 @@ def test_late_disorder_restarts_whole_with_carry_in(capsys, tmp_path, ps):
     assert pq.read_table(acc_out).sort_by(key).equals(whole.accumulators.sort_by(key))
 
 
+def test_batch_bounds_follow_the_spec_order(claims):
+    """(settle_time, claim_id bytes) as the spec orders claims, rows with a null in either left out."""
+    from engine.cli import batch_bounds
+
+    batch = claims.combine_chunks().to_batches()[0]
+    ties = batch.slice(0, 50).set_column(4, "settle_time", pa.array([7] * 50, pa.int64()).cast(pa.timestamp("us")))
+    for b in (batch, batch.slice(3, 1001), ties, ties.slice(5)):
+        rows = [(r["settle_time"], r["claim_id"]) for r in b.select(["settle_time", "claim_id"]).to_pylist()]
+        keyed = [(int(pa.scalar(t, pa.timestamp("us")).cast(pa.int64()).as_py()), c.encode())
+                 for t, c in rows if t is not None and c is not None]
+        assert batch_bounds(b) == (min(keyed), max(keyed))
+    nulls = batch.slice(0, 3).set_column(0, "claim_id", pa.nulls(3, pa.string()))
+    assert batch_bounds(nulls) is None and batch_bounds(batch.slice(0, 0)) is None
+
+
 def test_order_within_a_batch_is_free(capsys, tmp_path, claims, ps):
     """Rows out of order inside one batch only: streamed, same results as one call."""
     idx = []

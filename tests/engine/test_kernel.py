@@ -113,3 +113,35 @@ def test_match_encodings_agree_with_compile():
     assert comp.ANY_HOLDS == _kernel.ANY_HOLDS == -(1 << 63)
     assert comp.UNDECLARED_IDENTITY_BIT == 63  # the bit ANY_HOLDS reuses
     assert 150 < comp.MAX_AGE_ANY  # above any real max_age
+
+
+def test_calendar_years_and_year_starts_match_the_calendar():
+    """The kernel's calendar arithmetic against Python's, around year ends and before 1970."""
+    import datetime as dt
+
+    epoch = dt.datetime(1970, 1, 1)
+    years = np.array([2, 4, 99, 100, 400, 1600, 1899, 1900, 1969, 1970, 1999, 2000, 2016, 2020, 2024, 2100, 9998],
+                     np.int64)
+    starts = np.empty(len(years), np.int64)
+    _kernel.year_starts(years, starts)
+    assert starts.tolist() == [(dt.datetime(int(y), 1, 1) - epoch) // dt.timedelta(microseconds=1) for y in years]
+    micros = np.concatenate([starts - 1, starts, starts + 1,
+                             np.random.default_rng(5).integers(starts[0], starts[-1], 20_000)])
+    got = np.empty(len(micros), np.int32)
+    _kernel.calendar_years(micros, got)
+    assert got.tolist() == [(epoch + dt.timedelta(microseconds=int(m))).year for m in micros]
+
+
+def test_policy_rows_take_each_row_year_whatever_the_order():
+    """The year of the row before is reused only while a row falls inside it."""
+    table = np.arange(2 * 3 * 4, dtype=np.int32).reshape(2, 3, 4)  # region x scheme x year (2019..2022)
+    starts = np.empty(6, np.int64)
+    _kernel.year_starts(np.arange(2018, 2024, dtype=np.int64), starts)
+    micros = np.array([starts[1], starts[2] - 1, starts[2], starts[0], starts[5], starts[4] + 5, starts[1] + 7,
+                       starts[3]], np.int64)
+    region = np.array([0, 1, 1, 0, 1, 0, -1, 1], np.int32)
+    scheme = np.array([0, 2, 1, 0, 0, 2, 0, -2], np.int32)
+    out = np.empty(len(micros), np.int32)
+    _kernel.policy_rows(region, scheme, micros, table, 2019, out)
+    expected = [table[0, 0, 0], table[1, 2, 0], table[1, 1, 1], -1, -1, table[0, 2, 3], -1, -1]
+    assert out.tolist() == expected
