@@ -1,5 +1,4 @@
 """engine/settle.py: a stream of chunks through `Settler.settle_batches` (kernel on a worker thread)."""
-import pyarrow as pa
 import pytest
 
 import engine

@@ -185,7 +185,6 @@ def test_sigterm_drains_in_flight_calls(tmp_path):
                                          extra=["--drain-seconds", "5"])
     acked: dict = {}
     stop = threading.Event()
-    errors = []
     try:
         threads = run_load(port, rows, acked, stop, workers=16)
         _wait_for_acks(acked, 200)

@@ -9,9 +9,9 @@ import pyarrow.parquet as pq
 import pytest
 
 import engine
-from srv_helpers import D, T, claim_row, engine_results, norm, pb, rpc_error, settle_request
+from srv_helpers import D, T, claim_row, pb, rpc_error, settle_request
 from server.app import import_registry
-from server.client import person_pb, result_dict
+from server.client import person_pb
 from server.registry import PERSONS_SCHEMA, Person, basis_at, persons_table, read_persons_parquet, date_to_days
 from server.store import Store
 

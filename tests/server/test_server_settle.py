@@ -7,7 +7,7 @@ import random
 import grpc
 import pytest
 
-from srv_helpers import (PERSONS, T, acc_fold, claim_row, engine_results, nonzero, norm, pb, result_dict,
+from srv_helpers import (PERSONS, T, claim_row, engine_results, nonzero, norm, pb, result_dict,
                          rpc_error, settle_request)
 from server.client import accumulators_dict
 from server.errors import error_from_rpc
