@@ -161,6 +161,15 @@ cdef uint64_t hash_bytes(const uint8_t* p, int64_t n) noexcept nogil:
     return hash_seeded(p, n, 0)
 
 
+cdef inline void hash_strings(const int32_t[::1] offsets, const uint8_t[::1] data, Py_ssize_t n,
+                              uint64_t* h) noexcept nogil:
+    """hash_bytes of each of n strings, in one pass before the probes, so that these can
+    prefetch the slots of the strings ahead."""
+    cdef Py_ssize_t i
+    for i in range(n):
+        h[i] = hash_bytes(&data[0] + offsets[i], offsets[i + 1] - offsets[i])
+
+
 cdef class Interner:
     """Byte strings to dense ids 0, 1, 2, ... in first-seen order (at most 2^32 - 2).
 
@@ -393,9 +402,10 @@ cdef class Interner:
         if h == NULL:
             raise MemoryError()
         with nogil:
+            hash_strings(offsets, data, n, h)
             for i in range(n):
-                h[i] = hash_bytes(&data[0] + offsets[i], offsets[i + 1] - offsets[i])
-            for i in range(n):
+                if i + PREFETCH_AHEAD < n:
+                    self.prefetch(h[i + PREFETCH_AHEAD])
                 out[i] = self.intern(&data[0] + offsets[i], offsets[i + 1] - offsets[i], h[i], &is_new)
                 if out[i] < 0:
                     break
@@ -481,8 +491,7 @@ def check_rows(const int32_t[::1] claim_offsets, const uint8_t[::1] claim_data,
     if h == NULL:
         raise MemoryError()
     with nogil:
-        for i in range(n):
-            h[i] = hash_bytes(&claim_data[0] + claim_offsets[i], claim_offsets[i + 1] - claim_offsets[i])
+        hash_strings(claim_offsets, claim_data, n, h)
         for i in range(n):
             if i + PREFETCH_AHEAD < n:
                 claim_ids.prefetch(h[i + PREFETCH_AHEAD])

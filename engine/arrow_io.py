@@ -359,12 +359,12 @@ def _derived(prep: PreparedClaims, out: dict, compiled: CompiledPolicies) -> dic
     offsets [n + 1] of layer_pays with its entries (global layer index, amount)."""
     n = prep.n
     layer_pay = out["layer_pay"]
-    d = {"policy": _empty(n, np.int32), "fund_total": _empty(n, np.int64), "personal": _empty(n, np.int64),
-         "compliant_personal": _empty(n, np.int64), "layer_offsets": _empty(n + 1, np.int32)}
+    d = {"policy": pool_array(n, np.int32), "fund_total": pool_array(n, np.int64), "personal": pool_array(n, np.int64),
+         "compliant_personal": pool_array(n, np.int64), "layer_offsets": pool_array(n + 1, np.int32)}
     entries = _kernel.result_columns(out["status"], prep.policy, prep.total, out["fund_pay"], out["compliant"],
                                      layer_pay, d["policy"], d["fund_total"], d["personal"],
                                      d["compliant_personal"], d["layer_offsets"])
-    d["layer"], d["pay"] = _empty(entries, np.int32), _empty(entries, np.int64)
+    d["layer"], d["pay"] = pool_array(entries, np.int32), pool_array(entries, np.int64)
     _kernel.layer_entries(layer_pay, d["policy"], compiled.policies, d["layer"], d["pay"])
     return d
 
@@ -375,7 +375,7 @@ def _delta_heads(prep: PreparedClaims, out: dict) -> tuple[np.ndarray, np.ndarra
     return ((prep.visit == 0) & ok).astype(np.int64), np.where(ok, out["compliant"], 0)
 
 
-def _empty(shape, dtype) -> np.ndarray:
+def pool_array(shape, dtype) -> np.ndarray:
     """An output array from Arrow's memory pool, which the results then wrap zero-copy.
 
     The pool keeps freed memory, so chunk after chunk reuses warm pages

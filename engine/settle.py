@@ -20,10 +20,10 @@ from .arrow_io import (
     ACCUMULATORS_SCHEMA,
     CLAIMS_SCHEMA,
     PreparedClaims,
-    _empty,
     accumulators_table,
     build_results,
     check_schema,
+    pool_array,
     result_rows,
     string_buffers,
 )
@@ -151,13 +151,13 @@ class Settler:
         """The per-claim loop (nogil) over a prepared chunk; updates the accumulators."""
         c, prep, n = self.compiled, chunk.prep, chunk.prep.n
         out = {  # the kernel writes every row of these
-            "status": _empty(n, np.int8),
-            "effective": _empty(n, np.int32),
-            "deductible_applied": _empty(n, np.int64),
-            "fund_pay": _empty((len(FUNDS), n), np.int64),
-            "layer_pay": _empty((n, c.max_layers), np.int64),
-            "cap_hit": _empty(n, np.uint8),
-            "compliant": _empty(n, np.int64),
+            "status": pool_array(n, np.int8),
+            "effective": pool_array(n, np.int32),
+            "deductible_applied": pool_array(n, np.int64),
+            "fund_pay": pool_array((len(FUNDS), n), np.int64),
+            "layer_pay": pool_array((n, c.max_layers), np.int64),
+            "cap_hit": pool_array(n, np.uint8),
+            "compliant": pool_array(n, np.int64),
             "deltas": np.zeros((n if self.deltas else 1, self._width, _kernel.ACC_FIELDS), dtype=np.int64),
             "trace": np.zeros((c.max_layers, _kernel.TRACE_NFIELDS), dtype=np.int64),
             "trace_acc": np.zeros((2, self._state.shape[1]), dtype=np.int64),
