@@ -97,6 +97,12 @@ def test_settle_formats_match_the_api(capsys, tmp_path, files, expected, fmt, ou
     got = _read_any(out)
     assert got.schema.equals(engine.RESULTS_SCHEMA)
     assert got.equals(expected.results)
+    if out_ext == "parquet":  # never-null columns are stored as required: no definition levels
+        columns = pq.ParquetFile(out).metadata.schema
+        levels = {columns.column(i).path: columns.column(i).max_definition_level for i in range(len(columns))}
+        assert levels["basic_pay"] == levels["status"] == levels["cap_hit"] == 0
+        assert levels["layer_pays.list.element.pay"] == 1  # the list may be empty
+        assert levels["claim_id"] == levels["policy_id"] == 1
 
 
 def test_csv_claims_round_trip(files, claims):
