@@ -32,7 +32,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Optional
+from typing import Callable, Iterable, Iterator, Optional, Union
 
 import numpy as np
 import pyarrow as pa
@@ -83,21 +83,48 @@ def _concat_batches(batches: list[pa.RecordBatch]) -> pa.RecordBatch:
     return t.to_batches()[0]
 
 
-def rebatch(batches: Iterable[pa.RecordBatch], size: int) -> Iterator[pa.RecordBatch]:
-    """The same rows in batches of exactly `size` rows (the last one shorter)."""
+def rebatch(batches: Iterable[pa.RecordBatch], size: Union[int, Iterable[int]]) -> Iterator[pa.RecordBatch]:
+    """The same rows in batches of exactly `size` rows (the last one shorter), or of the
+    successive sizes an iterable gives (the last size repeated if it runs out)."""
+    sizes = iter([size] if isinstance(size, int) else size)
+    want = next(sizes, 1)
     buf: list[pa.RecordBatch] = []
     rows = 0
     for b in batches:
         while b.num_rows:
-            take = min(size - rows, b.num_rows)
+            take = min(want - rows, b.num_rows)
             buf.append(b.slice(0, take))
             rows += take
             b = b.slice(take)
-            if rows == size:
+            if rows == want:
                 yield _concat_batches(buf)
                 buf, rows = [], 0
+                want = next(sizes, want)
     if rows:
         yield _concat_batches(buf)
+
+
+TAIL_MIN = 8192
+
+
+def tail_sizes(size: int, total: Optional[int]) -> Iterator[int]:
+    """Batch sizes for a stream of `total` rows (None: not known): `size`, the last
+    2 x size rows in halves down to size/8 (at least TAIL_MIN rows).
+
+    The writer is the last stage of the pipeline and the heaviest: whatever it
+    still has to write when the rest is done, it writes on one core. Small last
+    batches leave it little (1M claims: the last 0.1 s had only the writer busy).
+    """
+    floor = min(size, max(TAIL_MIN, size // 8))
+    done = 0
+    while total is None or done < total:
+        remaining = None if total is None else total - done
+        if remaining is not None and remaining <= 2 * size:
+            b = remaining if remaining <= floor else min(size, max(floor, (remaining + 1) // 2))
+        else:
+            b = size
+        yield b
+        done += b
 
 
 # --------------------------------------------------------------------------- CSV conversions
@@ -397,12 +424,12 @@ class ClaimsFile:
                     yield self._csv_batch(b).select(columns)
 
     def batches(self, columns: Optional[list[str]] = None) -> Iterator[pa.RecordBatch]:
-        """Batches of exactly `batch_size` rows (the last shorter) of the given columns."""
+        """Batches of `batch_size` rows of the given columns, the last ones smaller (`tail_sizes`)."""
         cols = [c for c in (columns or self.columns) if c in self.file_schema.names]
         raw = self._raw_batches(cols)
         if self.casts:
             raw = map(self._normalize, raw)
-        return rebatch(raw, self.batch_size)
+        return rebatch(raw, tail_sizes(self.batch_size, self.num_rows))
 
     def read_all(self, columns: Optional[list[str]] = None) -> pa.Table:
         cols = [c for c in (columns or self.columns) if c in self.file_schema.names]
@@ -940,7 +967,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--accumulators-in", metavar="A", help="carried-in accumulators (Parquet/Arrow)")
     s.add_argument("--accumulators-out", metavar="B", help="write the closing accumulators (Parquet/Arrow)")
     s.add_argument("--batch-size", type=_positive_int, default=SETTLE_BATCH, metavar="N",
-                   help=f"rows per streamed batch and results row group (default {SETTLE_BATCH:,})")
+                   help=f"rows per streamed batch and results row group, the last ones smaller "
+                        f"(default {SETTLE_BATCH:,})")
     s.add_argument("--progress", action="store_true", help="progress bar on stderr even when it is not a tty")
     s.add_argument("--compression", choices=PARQUET_COMPRESSIONS, default=PARQUET_COMPRESSION,
                    help="of the Parquet files written (default: %(default)s)")

@@ -136,6 +136,21 @@ def test_csv_identities_text(tmp_path, ps):
     assert ClaimsFile(path).read_all().column("identities").to_pylist() == t.column("identities").to_pylist()
 
 
+def test_tail_sizes_halve_the_last_rows():
+    from engine.cli import rebatch, tail_sizes
+
+    assert list(tail_sizes(125_000, 1_000_000)) == [125_000] * 7 + [62_500, 31_250, 15_625, 15_625]
+    assert list(tail_sizes(1000, 5000)) == [1000] * 5  # no batch under TAIL_MIN rows
+    assert list(tail_sizes(125_000, 10_000)) == [10_000] and list(tail_sizes(125_000, 0)) == []
+    for total in (1, 17, 40_000, 250_001, 1_000_003):
+        sizes = list(tail_sizes(50_000, total))
+        assert sum(sizes) == total and all(0 < s <= 50_000 for s in sizes)
+    unknown = tail_sizes(50_000, None)
+    assert [next(unknown) for _ in range(3)] == [50_000] * 3
+    batch = pa.RecordBatch.from_pydict({"x": list(range(10))})
+    assert [b.num_rows for b in rebatch([batch.slice(0, 3), batch.slice(3)], iter([4, 2]))] == [4, 2, 2, 2]
+
+
 def test_batch_size_does_not_change_results(capsys, tmp_path, files, expected):
     for bs in (7, 999, 100_000):
         out = tmp_path / f"r{bs}.parquet"
