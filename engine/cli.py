@@ -19,10 +19,11 @@ CSV results write `layer_pays` as `layer:pay;layer:pay`. Accumulators are
 Parquet or Arrow IPC only (nested columns).
 
 A claims file is one settlement call. It is streamed in batches of
-`--batch-size` rows, results written as they come, when its batches are in
-(settle_time, claim_id) order across their boundaries (checked first by
-reading those two columns only); otherwise it is settled whole, as one chunk,
-which is said on stderr. Errors are one line on stderr and exit code 2.
+`--batch-size` rows (the last ones smaller), results written as they come,
+while its batches are in (settle_time, claim_id) order across their
+boundaries (checked as they come); the first batch that is not stops the
+stream and the file is settled again whole, as one chunk, which is said on
+stderr. Errors are one line on stderr and exit code 2.
 """
 from __future__ import annotations
 
