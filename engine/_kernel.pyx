@@ -392,7 +392,8 @@ cdef class Interner:
             raise MemoryError("accumulator key table")
 
     def intern_ids(self, const int32_t[::1] offsets, const uint8_t[::1] data, int64_t[::1] out):
-        """Intern plain byte strings (claim ids) and write their ids; as check_rows does."""
+        """Intern plain byte strings (claim ids) and write their ids, as check_rows does between
+        its status checks (which is why that loop is not this one): for tests of the table."""
         cdef Py_ssize_t n = out.shape[0], i
         cdef bint is_new
         cdef uint64_t* h
@@ -954,7 +955,8 @@ cdef inline int32_t civil_year(int64_t micros) noexcept nogil:
 
 
 def calendar_years(const int64_t[::1] micros, int32_t[::1] out):
-    """Calendar year of each timestamp[us]."""
+    """Calendar year of each timestamp[us]: civil_year over an array, so that tests can check
+    the arithmetic policy_rows uses against Python's calendar."""
     cdef Py_ssize_t n = out.shape[0], i
     with nogil:
         for i in range(n):
@@ -1004,7 +1006,7 @@ def policy_rows(const int32_t[::1] region, const int32_t[::1] scheme, const int6
 
 
 def year_starts(const int64_t[::1] years, int64_t[::1] out):
-    """year_start of each year, for tests."""
+    """year_start of each year: for tests, as calendar_years."""
     cdef Py_ssize_t i
     for i in range(years.shape[0]):
         out[i] = year_start(years[i])
