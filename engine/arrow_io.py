@@ -436,7 +436,8 @@ def build_results(prep: PreparedClaims, compiled: CompiledPolicies, out: dict, d
     layer_pays_type = schema.field("layer_pays").type
     layer_pays = pa.ListArray.from_arrays(
         pa.array(d["layer_offsets"]),
-        pa.StructArray.from_arrays([_named(d["layer"], names.layers, dictionary), pa.array(d["pay"])],
+        pa.StructArray.from_arrays([_named(names.layer_codes[d["layer"]], names.layers, dictionary),
+                                    pa.array(d["pay"])],
                                    fields=list(layer_pays_type.value_type)),
         type=layer_pays_type)
 

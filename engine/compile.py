@@ -131,7 +131,11 @@ class OutputNames:
         ps = c.policy_set.policies
         self.policy_ids = pa.array(list(c.policy_ids), pa.string())
         self.identities = pa.array(list(c.identity_names), pa.string())
-        self.layers = pa.array(c.layer_names, pa.string())
+        # layer names once each, and the code of each global layer among them: a dictionary
+        # with a value twice is not one a Parquet writer can store as its dictionary page
+        distinct = sorted(set(c.layer_names))
+        self.layers = pa.array(distinct, pa.string())
+        self.layer_codes = np.array([distinct.index(name) for name in c.layer_names] or [0], dtype=np.int32)
         width = c.acc_width
         # accumulator column j of policy p is at p * width + j
         self.acc_layers = pa.array([cols[j][0] if j < len(cols) else None

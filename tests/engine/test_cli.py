@@ -103,6 +103,13 @@ def test_settle_formats_match_the_api(capsys, tmp_path, files, expected, fmt, ou
         assert levels["basic_pay"] == levels["status"] == levels["cap_hit"] == 0
         assert levels["layer_pays.list.element.pay"] == 1  # the list may be empty
         assert levels["claim_id"] == levels["policy_id"] == 1
+        # integers delta-packed, low-cardinality names dictionary-encoded, ids plain
+        meta = pq.ParquetFile(out).metadata.row_group(0)
+        encodings = {meta.column(i).path_in_schema: set(meta.column(i).encodings) for i in range(meta.num_columns)}
+        assert "DELTA_BINARY_PACKED" in encodings["basic_pay"]
+        assert "DELTA_BINARY_PACKED" in encodings["layer_pays.list.element.pay"]
+        assert "RLE_DICTIONARY" in encodings["policy_id"] and "RLE_DICTIONARY" in encodings["layer_pays.list.element.layer"]
+        assert "RLE_DICTIONARY" not in encodings["claim_id"]
 
 
 def test_csv_claims_round_trip(files, claims):
