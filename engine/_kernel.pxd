@@ -42,6 +42,9 @@ ctypedef struct RuleRow:
     int64_t ratio_a             # class ratios, bp
     int64_t ratio_b
     int64_t amount              # fixed_amount fen, or max_personal_share bp
+    int64_t position_at         # where its column's fields sit in a state row (compile._state_layout);
+    int64_t paid_at             # -1 for a field no rule of the policy writes
+    int64_t charged_at
 
 ctypedef struct SegmentRow:
     int64_t upto                # fen; -1 for the last, open segment

@@ -691,7 +691,7 @@ def settle(const int64_t[::1] order, const int8_t[::1] status_in,
            const int64_t[::1] repeat_factors, const int64_t[::1] identity_rank,
            const int64_t[:, :, ::1] rule_candidates, const int64_t[::1] candidate_rules,
            const int64_t[:, :, ::1] adjustment_candidates, const int64_t[::1] candidate_adjustments,
-           int64_t[:, ::1] state,
+           int64_t[:, ::1] state, const int64_t[:, ::1] state_lines,
            int8_t[::1] status, int32_t[::1] effective, int64_t[::1] deductible_applied,
            int64_t[:, ::1] fund_pay, int64_t[:, ::1] layer_pay, uint8_t[::1] cap_hit,
            int64_t[::1] compliant,
@@ -703,8 +703,10 @@ def settle(const int64_t[::1] order, const int8_t[::1] status_in,
     `fund_pay` [5, n], `layer_pay` [n, max layers]; `deltas` [n, width, 3]
     (when `want_deltas`) must come zeroed.
     `state` holds one row per accumulator key (slot), kept together so that a
-    claim touches one place: admissions, compliant_total, then position,
-    paid, deductible_charged of each (layer, cap group or none) column.
+    claim touches one place: admissions, compliant_total, then the fields of
+    each (layer, cap group or none) column where the rules' `*_at` say;
+    `state_lines` [policies, profiles] are the row's cache lines a claim of
+    that profile may touch, which the loop prefetches.
     `trace_row` (-1 for none) records the steps of one row into `trace`
     [max layers, TRACE_NFIELDS] and its key's state row before and after into
     `trace_acc` [2, state width].
@@ -714,7 +716,7 @@ def settle(const int64_t[::1] order, const int8_t[::1] status_in,
     cdef int64_t p, sl, j, l, r, a, f, li, nl
     cdef int64_t in_scope, class_b, K, base, paid_sum, raw, pay, room, x, start, end
     cdef int64_t Dr, D, g, rr, ra, factor, rep_idx, elig_a, elig_b, class_a, rest
-    cdef int64_t dedc_inc, col, keep, profile, q, q_end
+    cdef int64_t dedc_inc, keep, profile, q, q_end, lines
     cdef const PolicyRow* pol
     cdef const LayerRow* lay
     cdef const RuleRow* rule
@@ -735,11 +737,16 @@ def settle(const int64_t[::1] order, const int8_t[::1] status_in,
     fp = &fund_pay[0, 0]  # fund f of row i at fp[f * n + i]
     with nogil:
         for k in range(n):
-            if k + ROW_PREFETCH_AHEAD < n and slot[order[k + ROW_PREFETCH_AHEAD]] >= 0:
-                row = &state[0, 0] + slot[order[k + ROW_PREFETCH_AHEAD]] * width
-                for f in range(0, width, 8):
-                    prefetch_address(row + f)
-                prefetch_address(row + width - 1)  # a row not aligned to a line ends in one more
+            if k + ROW_PREFETCH_AHEAD < n:
+                i = order[k + ROW_PREFETCH_AHEAD]
+                if slot[i] >= 0 and status_in[i] == OK:
+                    # only the lines of the row this claim's profile may touch (compile._state_layout)
+                    row = &state[0, 0] + slot[i] * width
+                    lines = state_lines[policy[i],
+                                        (visit[i] * PROFILE_LEVELS + level[i]) * PROFILE_LOCALITIES + locality[i]]
+                    for f in range(0, width, 8):
+                        if (lines >> i64min(f >> 3, 63)) & 1:
+                            prefetch_address(row + f)
             i = order[k]
             status[i] = status_in[i]
             effective[i] = -1
@@ -817,7 +824,6 @@ def settle(const int64_t[::1] order, const int8_t[::1] status_in,
                 if r < 0:
                     continue
                 rule = &rules[r]
-                col = STATE_HEAD_C + ACC_FIELDS_C * rule.acc  # position, paid, deductible_charged
                 dedc_inc = 0
                 if rule.kind == RULE_FIXED_AMOUNT:
                     raw = i64min(rule.amount, base)
@@ -860,7 +866,7 @@ def settle(const int64_t[::1] order, const int8_t[::1] status_in,
                         end = x
                     else:
                         x = base
-                        start = row[col] if rule.axis == 1 else 0
+                        start = row[rule.position_at] if rule.axis == 1 else 0
                         end = start + x
                         raw = round_div(integral(segments, rule.segment_start, rule.segment_count,
                                                  rr, ra, D, rule.above_deductible, end), BP)
@@ -869,10 +875,10 @@ def settle(const int64_t[::1] order, const int8_t[::1] status_in,
                                                       rr, ra, D, rule.above_deductible, start), BP)
                         dedc_inc = i64max(0, i64min(end, D) - start)
                         if rule.axis == 1:
-                            row[col] = end
+                            row[rule.position_at] = end
                             if want_deltas:
                                 dl[ACC_FIELDS_C * rule.acc] += x
-                    row[col + 2] += dedc_inc
+                    row[rule.charged_at] += dedc_inc
                     if want_deltas:
                         dl[ACC_FIELDS_C * rule.acc + 2] += dedc_inc
                     if tracing:
@@ -886,7 +892,7 @@ def settle(const int64_t[::1] order, const int8_t[::1] status_in,
                         trace[li, TR_RATIO_ADD] = ra
                         trace[li, TR_DEDUCTIBLE_CHARGED] = dedc_inc
                 if rule.cap >= 0:
-                    room = i64max(0, rule.cap - row[col + 1])
+                    room = i64max(0, rule.cap - row[rule.paid_at])
                     pay = i64min(raw, room)
                 else:
                     pay = raw
@@ -895,9 +901,9 @@ def settle(const int64_t[::1] order, const int8_t[::1] status_in,
                 if tracing:
                     trace[li, TR_RAW] = raw
                     trace[li, TR_CAP] = rule.cap
-                    trace[li, TR_PAID_BEFORE] = row[col + 1]
+                    trace[li, TR_PAID_BEFORE] = row[rule.paid_at]
                     trace[li, TR_PAY] = pay
-                row[col + 1] += pay
+                row[rule.paid_at] += pay
                 if want_deltas:
                     dl[ACC_FIELDS_C * rule.acc + 1] += pay
                 fp[lay.fund * n + i] += pay

@@ -531,8 +531,10 @@ def _delta_layers(deltas: np.ndarray, policy: np.ndarray, compiled: CompiledPoli
 
 
 def accumulators_table(keys_starts: np.ndarray, keys_arena: np.ndarray, compiled: CompiledPolicies,
-                       state: np.ndarray) -> pa.Table:
-    """Closing accumulators (spec section 4), one row per key that holds anything."""
+                       state: np.ndarray, aside: dict | None = None) -> pa.Table:
+    """Closing accumulators (spec section 4), one row per key that holds anything.
+
+    `aside`: (slot, column, field) -> value of carried-in fields the state rows do not keep."""
     count = len(keys_starts) - 1
     if count == 0:
         return ACCUMULATORS_SCHEMA.empty_table()
@@ -541,7 +543,9 @@ def accumulators_table(keys_starts: np.ndarray, keys_arena: np.ndarray, compiled
     policy = np.frombuffer(
         np.ascontiguousarray(keys_arena[(starts[:, None] + np.arange(4)).ravel()]).tobytes(), dtype=np.int32)
     adm, ct = state[:count, 0], state[:count, 1]
-    acc = state[:count, 2:].reshape(count, compiled.acc_width, 3)
+    acc = compiled.acc_values(state[:count], policy)
+    for (slot, col, field), value in (aside or {}).items():
+        acc[slot, col, field] = value
     held = (adm != 0) | (ct != 0) | (acc != 0).any(axis=(1, 2))
     keep = np.nonzero(held)[0]
     # person_id strings straight from the arena: offsets skip each key's 4-byte prefix

@@ -31,7 +31,8 @@ POLICY_FIELDS = ("layer_start", "layer_count", "includes_class_b_copay", "repeat
                  "acc_width")
 LAYER_FIELDS = ("fund", "rule_start", "rule_count", "adjustment_start", "adjustment_count")
 RULE_FIELDS = ("kind", "match", "deductible", "axis", "above_deductible", "repeat_admission",
-               "acc", "cap", "segment_start", "segment_count", "ratio_a", "ratio_b", "amount")
+               "acc", "cap", "segment_start", "segment_count", "ratio_a", "ratio_b", "amount",
+               "position_at", "paid_at", "charged_at")
 SEGMENT_FIELDS = ("upto", "ratio")
 ADJUSTMENT_FIELDS = ("match", "deductible_factor", "ratio", "ratio_add")
 MATCH_FIELDS = ("visit_mask", "level_mask", "locality_mask", "referred_mask", "effective_mask",
@@ -100,6 +101,12 @@ class CompiledPolicies:
     max_layers: int
     acc_width: int
     acc_columns: tuple[tuple[tuple[str, str | None], ...], ...]  # per policy: column -> (layer, cap group)
+    # The accumulator state row of a key (see _state_layout): its width in int64, where each
+    # (column, field) of a policy sits in it [policies, acc_width * ACC_FIELDS] (-1: not kept),
+    # and per (policy, claim profile) the bit mask of the row's cache lines a claim may touch.
+    state_width: int
+    state_index: np.ndarray
+    state_lines: np.ndarray
     lookup: dict[tuple[str, str, int], int]  # (region, scheme, year) -> policy index
 
     @property
@@ -115,6 +122,14 @@ class CompiledPolicies:
     def acc_column_index(self) -> list[dict]:
         """Per policy: (layer, cap_group) -> accumulator column."""
         return [{col: j for j, col in enumerate(cols)} for cols in self.acc_columns]
+
+    def acc_values(self, state: np.ndarray, policy: np.ndarray) -> np.ndarray:
+        """[rows, acc_width, ACC_FIELDS]: the accumulator columns of state rows of keys of
+        `policy`, out of their compact layout (a field the row does not keep is 0)."""
+        index = self.state_index[policy]
+        values = np.take_along_axis(state, np.maximum(index, 0), axis=1)
+        values[index < 0] = 0
+        return values.reshape(len(policy), self.acc_width, ACC_FIELDS)
 
     @cached_property
     def names(self) -> "OutputNames":
@@ -157,6 +172,10 @@ class OutputNames:
 
 PROFILES = len(VISIT_TYPES) * len(FACILITY_LEVELS) * len(LOCALITIES)
 
+STATE_HEAD = 2  # admissions, compliant_total: the first fields of every state row
+ACC_FIELDS = 3  # position, paid, deductible_charged of an accumulator column
+LINE_FIELDS = 8  # int64 per 64-byte cache line
+
 
 def profile_code(visit: int, level: int, locality: int) -> int:
     """The claim profile index the kernel computes: visit x level x locality."""
@@ -166,7 +185,8 @@ def profile_code(visit: int, level: int, locality: int) -> int:
 def _check_kernel_profile() -> None:
     from . import _kernel
 
-    if _kernel.PROFILE_SHAPE != (len(FACILITY_LEVELS), len(LOCALITIES)):
+    if (_kernel.PROFILE_SHAPE != (len(FACILITY_LEVELS), len(LOCALITIES))
+            or (_kernel.STATE_HEAD, _kernel.ACC_FIELDS) != (STATE_HEAD, ACC_FIELDS)):
         raise ImportError("engine._kernel was built for other enums: rebuild it (pip install -e .)")
 
 
@@ -197,6 +217,70 @@ def _candidates(layers: list[dict], key_start: str, key_count: str, items: list[
                                 break
                     index[li, prof, 1] = len(flat) - index[li, prof, 0]
     return index, np.asarray(flat or [0], dtype=np.int64)
+
+
+def _state_layout(policies: list[dict], layers: list[dict], rules: list[dict], rule_candidates: np.ndarray,
+                  candidate_rules: np.ndarray, acc_width: int) -> tuple[int, np.ndarray, np.ndarray]:
+    """Where each accumulator field of a key sits in its state row; sets the rules' `*_at`.
+
+    The loop reads one state row per claim, at random over hundreds of MB, so
+    a row keeps only the fields some rule of its policy writes (a position for
+    year-axis segments, a deductible charged for segments and class ratios, a
+    paid for every rule) and starts on a cache line. Columns are placed so
+    that the claim profiles that touch few columns (ordinary outpatient visits,
+    say) find them all in the row's first line next to the head; `state_lines`
+    says which lines each profile may touch, for the loop's prefetch.
+    Returns (width, index [policies, acc_width * ACC_FIELDS], lines [policies, profiles]).
+    """
+    index = np.full((max(len(policies), 1), acc_width * ACC_FIELDS), -1, dtype=np.int64)
+    profile_columns: list[list[set[int]]] = []
+    used = 0
+    for pi, pol in enumerate(policies):
+        own = range(pol["layer_start"], pol["layer_start"] + pol["layer_count"])
+        own_rules = [rules[j] for li in own for j in range(layers[li]["rule_start"],
+                                                             layers[li]["rule_start"] + layers[li]["rule_count"])]
+        needs = [[False, False, False] for _ in range(pol["acc_width"])]
+        for r in own_rules:
+            year_segments = r["kind"] == RULE_KIND_CODES[KIND_SEGMENTS] and r["axis"] == 1
+            charges = r["kind"] in (RULE_KIND_CODES[KIND_SEGMENTS], RULE_KIND_CODES[KIND_CLASS_RATIO])
+            needs[r["acc"]][0] |= year_segments
+            needs[r["acc"]][1] = True
+            needs[r["acc"]][2] |= charges
+        per_profile = []
+        for prof in range(PROFILES):
+            cols = set()
+            for li in own:
+                start, count = rule_candidates[li, prof]
+                cols.update(rules[int(j)]["acc"] for j in candidate_rules[start:start + count])
+            per_profile.append(cols)
+        profile_columns.append(per_profile)
+        # columns of the profiles needing fewest first, in the order those profiles name them
+        order: list[int] = []
+        for cols in sorted(per_profile, key=len):
+            order.extend(sorted(c for c in cols if c not in order))
+        order.extend(c for c in range(pol["acc_width"]) if c not in order)
+        at = STATE_HEAD
+        for col in order:
+            for f in range(ACC_FIELDS):
+                if needs[col][f]:
+                    index[pi, col * ACC_FIELDS + f] = at
+                    at += 1
+        used = max(used, at)
+        for r in own_rules:
+            r["position_at"], r["paid_at"], r["charged_at"] = (
+                int(index[pi, r["acc"] * ACC_FIELDS + f]) for f in range(ACC_FIELDS))
+    # rows never straddle a line more than they must: a power of two below a line, whole lines above
+    width = 1 << (used - 1).bit_length() if used <= LINE_FIELDS else -(-used // LINE_FIELDS) * LINE_FIELDS
+    lines = np.zeros((max(len(policies), 1), PROFILES), dtype=np.int64)
+    for pi, per_profile in enumerate(profile_columns):
+        for prof, cols in enumerate(per_profile):
+            mask = 1  # the head
+            for col in cols:
+                for f in range(ACC_FIELDS):
+                    if index[pi, col * ACC_FIELDS + f] >= 0:
+                        mask |= 1 << min(int(index[pi, col * ACC_FIELDS + f]) // LINE_FIELDS, 63)
+            lines[pi, prof] = _int64(mask)  # bit 63: that line and every one after it
+    return width, index, lines
 
 
 def compile_policies(policy_set: PolicySet) -> CompiledPolicies:
@@ -275,6 +359,7 @@ def compile_policies(policy_set: PolicySet) -> CompiledPolicies:
                     "cap": layer.cap_groups[rule.cap_group] if rule.cap_group is not None else -1,
                     "segment_start": len(segments), "segment_count": len(rule.segments),
                     "ratio_a": ratio_a, "ratio_b": ratio_b, "amount": amount,
+                    "position_at": -1, "paid_at": -1, "charged_at": -1,  # set by _state_layout
                 })
                 segments.extend({"upto": -1 if s.upto is None else s.upto, "ratio": s.ratio}
                                 for s in rule.segments)
@@ -292,6 +377,9 @@ def compile_policies(policy_set: PolicySet) -> CompiledPolicies:
     rule_candidates, candidate_rules = _candidates(layers, "rule_start", "rule_count", rules, matches, True)
     adjustment_candidates, candidate_adjustments = _candidates(
         layers, "adjustment_start", "adjustment_count", adjustments, matches, False)
+    acc_width = max((len(c) for c in acc_columns), default=1) or 1
+    state_width, state_index, state_lines = _state_layout(policies, layers, rules, rule_candidates, candidate_rules,
+                                                             acc_width)
     return CompiledPolicies(
         rule_candidates=rule_candidates,
         candidate_rules=candidate_rules,
@@ -310,7 +398,10 @@ def compile_policies(policy_set: PolicySet) -> CompiledPolicies:
         identity_names=tuple(identity_names),
         layer_names=tuple(layer_names),
         max_layers=max((len(p.layers) for p in policy_set.policies), default=1),
-        acc_width=max((len(c) for c in acc_columns), default=1) or 1,
+        acc_width=acc_width,
         acc_columns=tuple(acc_columns),
+        state_width=state_width,
+        state_index=state_index,
+        state_lines=state_lines,
         lookup=lookup,
     )

@@ -32,10 +32,11 @@ def _pct(bp: int) -> str:
     return f"{bp / 100:g}%"
 
 
-def _accumulators(row: np.ndarray, columns) -> dict:
+def _accumulators(row: np.ndarray, values: np.ndarray, columns) -> dict:
+    """A key's accumulators from its state row (head) and its columns' [acc_width, 3] values."""
     out = {"admissions": int(row[0]), "compliant_total": int(row[1]), "layers": []}
     for j, (layer, cap_group) in enumerate(columns):
-        pos, paid, dedc = (int(v) for v in row[2 + 3 * j: 5 + 3 * j])
+        pos, paid, dedc = (int(v) for v in values[j])
         out["layers"].append({"layer": layer, "cap_group": cap_group, "position": pos, "paid": paid,
                               "deductible_charged": dedc})
     return out
@@ -80,8 +81,9 @@ def explain(claims, policies, claim_id: str, accumulators: pa.Table | None = Non
     out["policy_id"] = policy.id
     out["compliant_amount"] = result["compliant_personal_pay"] + result["fund_pay_total"]
     columns = c.acc_columns[p]
-    out["accumulators_before"] = _accumulators(trace_acc[0], columns)
-    out["accumulators_after"] = _accumulators(trace_acc[1], columns)
+    values = settler.key_values(trace_acc, p, int(chunk.slot[row]))
+    out["accumulators_before"] = _accumulators(trace_acc[0], values[0], columns)
+    out["accumulators_after"] = _accumulators(trace_acc[1], values[1], columns)
     for li, layer in enumerate(policy.layers):
         step = {k: int(trace[li, i]) for k, i in T.items()}
         entry = {"layer": layer.name, "fund": layer.fund, "base": step["base"]}

@@ -86,10 +86,13 @@ class Settler:
             self._claim_ids.reserve(expected_claims, 0)
         self._keys = _kernel.Interner(policy_keys=True)
         self._width = self.compiled.acc_width
-        # one row per accumulator key: admissions, compliant_total, then (position, paid,
-        # deductible_charged) per accumulator column of its policy
-        width = _kernel.STATE_HEAD + self._width * _kernel.ACC_FIELDS
+        # one row per accumulator key: admissions, compliant_total, then the fields of its
+        # policy's accumulator columns that its rules write (compile._state_layout)
+        width = self.compiled.state_width
         self._state = _state_table(min(max(expected_claims, 0), STATE_RESERVE_BYTES // (8 * width)), width)
+        # carried-in values of fields the policy's rules never write, so not in its rows:
+        # (slot, column, field) -> value, given back unchanged with the closing accumulators
+        self._carried_aside: dict[tuple[int, int, int], int] = {}
         if accumulators is not None:
             self._carry_in(accumulators)
 
@@ -168,7 +171,7 @@ class Settler:
                        c.policies, c.layers, c.rules, c.segments, c.adjustments, c.matches, c.ranges,
                        c.repeat_factors, c.identity_rank,
                        c.rule_candidates, c.candidate_rules, c.adjustment_candidates, c.candidate_adjustments,
-                       self._state,
+                       self._state, c.state_lines,
                        out["status"], out["effective"], out["deductible_applied"], out["fund_pay"],
                        out["layer_pay"], out["cap_hit"], out["compliant"],
                        self.deltas, out["deltas"], trace_row, out["trace"], out["trace_acc"])
@@ -204,9 +207,18 @@ class Settler:
         chunk = self.check(prep)
         return chunk, self.run_kernel(chunk)
 
+    def key_values(self, rows: np.ndarray, policy: int, slot: int) -> np.ndarray:
+        """[len(rows), acc_width, ACC_FIELDS]: the accumulator columns of state rows of the key
+        in `slot` (e.g. its row before and after a claim), carried-in values kept aside included."""
+        values = self.compiled.acc_values(rows, np.full(len(rows), policy))
+        for (s, col, field), value in self._carried_aside.items():
+            if s == slot:
+                values[:, col, field] = value
+        return values
+
     def accumulators(self) -> pa.Table:
         starts, arena = self._keys.export()
-        return accumulators_table(starts, arena, self.compiled, self._state)
+        return accumulators_table(starts, arena, self.compiled, self._state, self._carried_aside)
 
     def _carry_in(self, table: pa.Table) -> None:
         """Load carried-in accumulators (spec section 4); any bad key fails the whole call."""
@@ -323,8 +335,13 @@ class Settler:
                 e = sorted(set(range(len(pairs))) - set(first.tolist()))[0]
                 raise AccumulatorError(f"accumulators: key {key_name(int(parents[e]))}: layer "
                                        f"'{layer_names[e]}' with cap group {cap_names[e]!r} appears twice")
+            rows = slots[parents]
             for f in range(_kernel.ACC_FIELDS):
-                self._state[slots[parents], _kernel.STATE_HEAD + col_index * _kernel.ACC_FIELDS + f] = values[:, f]
+                at = c.state_index[policy[parents], col_index * _kernel.ACC_FIELDS + f]
+                kept = at >= 0
+                self._state[rows[kept], at[kept]] = values[kept, f]
+                for e in np.nonzero(~kept & (values[:, f] != 0))[0].tolist():
+                    self._carried_aside[(int(rows[e]), int(col_index[e]), f)] = int(values[e, f])
 
 
 HUGE_PAGE = 2 << 20
@@ -341,7 +358,10 @@ def _state_table(rows: int, width: int) -> np.ndarray:
     """
     nbytes = rows * width * 8
     if nbytes < 4 * HUGE_PAGE or not hasattr(mmap, "MADV_HUGEPAGE"):
-        return np.zeros((rows, width), dtype=np.int64)
+        # rows start on a cache line, as the layout assumes (numpy aligns to 16 bytes only)
+        buf = np.zeros(rows * width + 8, dtype=np.int64)
+        skip = (-buf.ctypes.data % 64) // 8
+        return buf[skip:skip + rows * width].reshape(rows, width)
     # private anonymous: zero pages, faulted in on first touch (a shared mapping, mmap's
     # default, is shmem, which gets no transparent huge pages)
     m = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)

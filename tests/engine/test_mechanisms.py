@@ -12,6 +12,7 @@ import pytest
 
 import engine
 import reference as ref
+from engine.compile import compile_policies
 from conftest import (Y, adj, acc_from_table, acc_to_table, by_id, claims_table, layer, policy,
                       policy_set, rule, run_both)
 
@@ -761,6 +762,37 @@ def test_carry_in_paid_admissions_position_and_charged():
     assert acc[key] == {"admissions": 3, "compliant_total": 7500 * Y,
                         "layers": {("basic", "g"): [0, 1000 * Y, 250 * Y],
                                    ("basic", None): [1300 * Y, 300 * Y, 1000 * Y]}}
+
+
+def test_carried_fields_no_rule_writes_come_back_unchanged():
+    """A state row keeps only the fields its policy's rules write (compile._state_layout);
+    a carried-in value of another field (a position on a claim-axis column, a deductible
+    charged on a fixed amount's column: say, from a policy since changed) is kept aside and
+    returned as it came, in the closing accumulators and in `explain`."""
+    ps = policy_set(policy([
+        layer("basic", "basic", [rule({"visit_type": ["maternity"]}, fixed_amount=300 * Y, cap_group="birth"),
+                                 rule({}, ratio=5000, deductible=100 * Y)],
+              cap_groups={"birth": 10**6 * Y}),
+    ]))
+    key = ("p1", "000001", "resident", 2024)
+    carry = {key: {"admissions": 0, "compliant_total": 100 * Y,
+                   "layers": {("basic", "birth"): [0, 300 * Y, 70 * Y], ("basic", None): [40 * Y, 0, 100 * Y]}}}
+    res, acc = run_both(ps, [dict(claim_id="m", visit_type="maternity", in_scope_amount=500 * Y),
+                             dict(claim_id="o", settle_time=day(1), visit_type="outpatient",
+                                  in_scope_amount=300 * Y)], carry)
+    # maternity: the fixed 300 yuan; outpatient: claim axis, (300 - 100) x 50 % = 100 yuan.
+    assert pays(res) == [300 * Y, 100 * Y]
+    assert acc[key]["layers"] == {("basic", "birth"): [0, 600 * Y, 70 * Y],
+                                  ("basic", None): [40 * Y, 100 * Y, 200 * Y]}
+    index = compile_policies(ps).state_index[0].reshape(-1, 3)
+    assert index[0, 2] < 0 and index[1, 0] < 0  # the two carried fields are not in the rows
+    shown = engine.explain(claims_table([dict(claim_id="o", settle_time=day(1), visit_type="outpatient",
+                                              in_scope_amount=300 * Y)]), ps, "o", acc_to_table(carry))
+    before = {(e["layer"], e["cap_group"]): e for e in shown["accumulators_before"]["layers"]}
+    after = {(e["layer"], e["cap_group"]): e for e in shown["accumulators_after"]["layers"]}
+    assert before[("basic", None)]["position"] == after[("basic", None)]["position"] == 40 * Y
+    assert before[("basic", "birth")]["deductible_charged"] == after[("basic", "birth")]["deductible_charged"] == 70 * Y
+    assert after[("basic", None)]["paid"] == 100 * Y
 
 
 def test_carry_round_trip_equals_one_call():
