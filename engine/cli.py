@@ -228,6 +228,13 @@ def _delta_columns(schema: pa.Schema) -> dict[str, str]:
             if pa.types.is_integer(t) or pa.types.is_timestamp(t)}
 
 
+def _statistics_columns(schema: pa.Schema) -> list[str]:
+    """Leaves given min/max statistics: all but the dictionary-typed names (status, policy,
+    identity, layer), where every row group holds nearly every value, so they prune nothing,
+    and computing them cost an eighth of the writer's time (0.03 s per million results)."""
+    return [path for path, t, _ in _leaves(schema) if not pa.types.is_dictionary(t)]
+
+
 # LZ4 by default (Arrow writes it as Parquet's LZ4_RAW codec): as small as Snappy on claims
 # and results, and faster to read back (3M generated claims: 0.14 s of CPU per million rows
 # instead of 0.19); readers from Arrow 9, Spark 3.4, DuckDB and polars on take it. `snappy`
@@ -250,6 +257,7 @@ class _Writer:
             has_dictionary = any(pa.types.is_dictionary(t) for _, t, _ in _leaves(schema))
             self._w = pq.ParquetWriter(str(self.path), schema, use_dictionary=_dictionary_columns(schema),
                                        column_encoding=_delta_columns(schema),
+                                       write_statistics=_statistics_columns(schema),
                                        store_schema=not has_dictionary, compression=compression)
         elif self.fmt == "ipc":
             self._sink = pa.OSFile(str(self.path), "wb")
