@@ -7,8 +7,17 @@ import pytest
 
 import engine
 from engine import _kernel
-from engine.compile import (ACC_FIELDS, FACILITY_LEVELS, LINE_FIELDS, LOCALITIES, PROFILES, STATE_HEAD,
-                            VISIT_TYPES, compile_policies, profile_code)
+from engine.compile import (
+    ACC_FIELDS,
+    FACILITY_LEVELS,
+    LINE_FIELDS,
+    LOCALITIES,
+    PROFILES,
+    STATE_HEAD,
+    VISIT_TYPES,
+    compile_policies,
+    profile_code,
+)
 
 SEGMENTS, CLASS_RATIO = 0, 1
 
@@ -74,4 +83,4 @@ def test_profiles_touching_few_columns_find_them_in_the_first_line(seeds):
     inpatient = profile_code(VISIT_TYPES.index("inpatient"), FACILITY_LEVELS.index("secondary"),
                              LOCALITIES.index("county"))
     assert c.state_lines[p, outpatient] == 1
-    assert bin(int(c.state_lines[p, inpatient])).count("1") == c.state_width // LINE_FIELDS > 1
+    assert int(c.state_lines[p, inpatient]).bit_count() == c.state_width // LINE_FIELDS > 1
