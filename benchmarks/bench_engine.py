@@ -13,7 +13,10 @@ to it) into a temporary folder as Parquet (LZ4). Measured, per size:
 * `settler`: `engine.Settler(...).settle_batch` over 1M-row batches (the streaming path);
 * `cli`: `medsettle settle` Parquet to Parquet through `engine.cli.main`, default batch size,
   from an LZ4 claims file (what `medsettle generate` writes) and from a Snappy one;
-* `cli_peak_memory`: the same in a child process, its peak RSS (`os.wait4`) in extra_info;
+* `cli_peak_memory`: the same in a child process, closing accumulators written too, its
+  peak RSS (`os.wait4`) in extra_info;
+* `accumulators`: the closing accumulators of the settled claims (`Settler.accumulators`),
+  next to a plain numpy version of the same table;
 
 and on `MEDSETTLE_BENCH_REF_SIZE` claims (default 100,000) the plain-Python
 reference (`tests/reference.py`), the kernel on the same claims, and a
@@ -263,7 +266,8 @@ def run_cli_child(argv: list[str]) -> tuple[int, int, float]:
 def test_cli_peak_memory(benchmark, data, policy_dir, bench_dir, n):
     src = data.path(n)
     out = bench_dir / f"results_mem_{_label(n)}.parquet"
-    argv = ["settle", str(src), "-o", str(out), "--policies", str(policy_dir)]
+    argv = ["settle", str(src), "-o", str(out), "--policies", str(policy_dir),
+            "--accumulators-out", str(bench_dir / f"accumulators_mem_{_label(n)}.parquet")]
     result = {}
 
     def run():
@@ -272,6 +276,73 @@ def test_cli_peak_memory(benchmark, data, policy_dir, bench_dir, n):
     benchmark.pedantic(run, rounds=1, iterations=1)
     _record(benchmark, n, peak_rss_mb=round(result["rss"] / 2**20, 1), batch=SETTLE_BATCH,
             note="child process wall time, interpreter start and imports included")
+
+
+# --------------------------------------------------------------------------- closing accumulators
+
+
+@pytest.fixture(scope="session")
+def settled(data, ps):
+    """A Settler that has settled n claims, one size at a time (a 10M one holds 1.2 GB)."""
+    held: dict = {}
+
+    def get(n: int) -> engine.Settler:
+        if n not in held:
+            held.clear()
+            s = engine.Settler(ps, expected_claims=n)
+            for _ in s.settle_batches(data.table(n).to_batches(max_chunksize=SETTLE_BATCH)):
+                pass
+            held[n] = s
+        return held[n]
+
+    return get
+
+
+def _numpy_accumulators(settler: engine.Settler) -> pa.Table:
+    """The simplest vectorized version of `Settler.accumulators()` (no carried values aside):
+    every key's columns gathered out of the compact rows, then masks and fancy indexing."""
+    from engine.arrow_io import ACCUMULATORS_SCHEMA, LAYER_ENTRY
+
+    c = settler.compiled
+    starts, arena = settler._keys.export()
+    count = len(starts) - 1
+    state = settler._state[:count]
+    policy = np.ascontiguousarray(arena[(starts[:-1, None] + np.arange(4)).ravel()]).view(np.int32)
+    acc = c.acc_values(state, policy)
+    keep = np.nonzero((state[:, 0] != 0) | (state[:, 1] != 0) | (acc != 0).any(axis=(1, 2)))[0]
+    lengths = (starts[1:] - starts[:-1] - 4)[keep]
+    offsets = np.zeros(len(keep) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    data = arena[np.repeat(starts[keep] + 4 - offsets[:-1], lengths) + np.arange(offsets[-1])]
+    person = pa.LargeStringArray.from_buffers(len(keep), pa.py_buffer(offsets), pa.py_buffer(data))
+    values, pol = acc[keep], policy[keep]
+    nonzero = (values != 0).any(axis=2)
+    rows, cols = np.nonzero(nonzero)
+    entry_offsets = np.zeros(len(keep) + 1, dtype=np.int32)
+    np.cumsum(nonzero.sum(axis=1), out=entry_offsets[1:])
+    code = pa.array(pol[rows].astype(np.int64) * c.acc_width + cols)
+    entries = pa.StructArray.from_arrays(
+        [c.names.acc_layers.take(code), c.names.acc_cap_groups.take(code),
+         *(pa.array(values[rows, cols, f]) for f in range(3))], fields=list(LAYER_ENTRY))
+    pol_arr = pa.array(pol)
+    return pa.table([person.cast(pa.string()), c.names.regions.take(pol_arr), c.names.schemes.take(pol_arr),
+                     pa.array(c.names.years[pol]), pa.array(state[keep, 0]), pa.array(state[keep, 1]),
+                     pa.ListArray.from_arrays(pa.array(entry_offsets), entries, type=pa.list_(LAYER_ENTRY))],
+                    schema=ACCUMULATORS_SCHEMA)
+
+
+@big
+@pytest.mark.parametrize("impl", ["kernel", "numpy"])
+def test_accumulators(benchmark, settled, n, impl):
+    """The closing accumulators of n settled claims (what `--accumulators-out` writes and a
+    year-end clearing carries into the next call): `Settler.accumulators()`, two Cython
+    passes over the state rows, next to the simplest numpy version of the same table."""
+    settler = settled(n)
+    fn = settler.accumulators if impl == "kernel" else (lambda: _numpy_accumulators(settler))
+    table = benchmark.pedantic(fn, rounds=BIG_ROUNDS, iterations=1)
+    if impl == "numpy":
+        assert table.equals(settler.accumulators())
+    _record(benchmark, n, keys=table.num_rows, implementation=impl)
 
 
 # --------------------------------------------------------------------------- reference and baseline

@@ -1095,3 +1095,98 @@ def layer_entries(const int64_t[:, ::1] layer_pay, const int32_t[::1] policy_out
                     layer[k] = <int32_t>(policies[policy_out[i]].layer_start + j)
                     pay[k] = layer_pay[i, j]
                     k += 1
+
+
+cdef inline void column_values(const int64_t* row, const int64_t* index, int64_t j,
+                               const int64_t[:, ::1] aside, int64_t a, int64_t b, int64_t* v) noexcept nogil:
+    """position, paid, deductible_charged of accumulator column j of a state row, with the
+    carried values kept aside for its key (aside rows a..b: column, field, value)."""
+    cdef int64_t f, q, at
+    for f in range(ACC_FIELDS_C):
+        at = index[j * ACC_FIELDS_C + f]
+        v[f] = row[at] if at >= 0 else 0
+    for q in range(a, b):
+        if aside[q, 0] == j:
+            v[aside[q, 1]] = aside[q, 2]
+
+
+def accumulator_counts(const int64_t[::1] starts, const uint8_t[::1] arena, const int64_t[:, ::1] state,
+                       const int64_t[:, ::1] state_index, const PolicyRow[::1] policies,
+                       const int64_t[::1] aside_slot, const int64_t[:, ::1] aside,
+                       int32_t[::1] policy_out, int32_t[::1] entries_out):
+    """Per key (slot): its policy (the key's 4-byte prefix) and how many layer entries it
+    holds (columns with any field not 0), or -1 when it holds nothing at all (left out of
+    the closing accumulators). `aside_slot` / `aside` ([k, 3]: column, field, value) are
+    the carried values the rows do not keep, sorted by slot. Returns the keys held."""
+    cdef Py_ssize_t count = policy_out.shape[0], i
+    cdef int64_t a = 0, b, j, n, held = 0, width = state.shape[1]
+    cdef int32_t p
+    cdef int64_t v[ACC_FIELDS_C]
+    cdef const int64_t* row
+    with nogil:
+        for i in range(count):
+            memcpy(&p, &arena[0] + starts[i], 4)
+            policy_out[i] = p
+            while a < aside_slot.shape[0] and aside_slot[a] < i:
+                a += 1
+            b = a
+            while b < aside_slot.shape[0] and aside_slot[b] == i:
+                b += 1
+            row = &state[0, 0] + i * width
+            n = 0
+            for j in range(policies[p].acc_width):
+                column_values(row, &state_index[p, 0], j, aside, a, b, v)
+                if v[0] != 0 or v[1] != 0 or v[2] != 0:
+                    n += 1
+            if n == 0 and row[0] == 0 and row[1] == 0:
+                entries_out[i] = -1
+            else:
+                entries_out[i] = <int32_t>n
+                held += 1
+    return held
+
+
+def accumulator_fill(const int64_t[::1] starts, const uint8_t[::1] arena, const int64_t[:, ::1] state,
+                     const int64_t[:, ::1] state_index, const PolicyRow[::1] policies,
+                     const int64_t[::1] aside_slot, const int64_t[:, ::1] aside,
+                     const int32_t[::1] policy, const int32_t[::1] entries, int64_t acc_width,
+                     int64_t[::1] person_offsets, uint8_t[::1] person_data,
+                     int64_t[::1] admissions, int64_t[::1] compliant_total, int32_t[::1] entry_offsets,
+                     int64_t[::1] column, int64_t[::1] position, int64_t[::1] paid, int64_t[::1] charged):
+    """The closing accumulators' columns for the keys accumulator_counts held, in slot order:
+    person_id bytes (the key after its 4-byte prefix), the head, and per entry its column
+    code (policy * acc_width + column, into the policy set's column names) and values."""
+    cdef Py_ssize_t count = policy.shape[0], i
+    cdef int64_t a = 0, b, j, k = 0, e = 0, length, width = state.shape[1]
+    cdef int32_t p
+    cdef int64_t v[ACC_FIELDS_C]
+    cdef const int64_t* row
+    with nogil:
+        person_offsets[0] = 0
+        entry_offsets[0] = 0
+        for i in range(count):
+            if entries[i] < 0:
+                continue
+            p = policy[i]
+            while a < aside_slot.shape[0] and aside_slot[a] < i:
+                a += 1
+            b = a
+            while b < aside_slot.shape[0] and aside_slot[b] == i:
+                b += 1
+            length = starts[i + 1] - starts[i] - 4
+            if length > 0:
+                memcpy(&person_data[0] + person_offsets[k], &arena[0] + starts[i] + 4, length)
+            person_offsets[k + 1] = person_offsets[k] + length
+            row = &state[0, 0] + i * width
+            admissions[k] = row[0]
+            compliant_total[k] = row[1]
+            for j in range(policies[p].acc_width):
+                column_values(row, &state_index[p, 0], j, aside, a, b, v)
+                if v[0] != 0 or v[1] != 0 or v[2] != 0:
+                    column[e] = p * acc_width + j
+                    position[e] = v[0]
+                    paid[e] = v[1]
+                    charged[e] = v[2]
+                    e += 1
+            k += 1
+            entry_offsets[k] = <int32_t>e

@@ -534,33 +534,40 @@ def accumulators_table(keys_starts: np.ndarray, keys_arena: np.ndarray, compiled
                        state: np.ndarray, aside: dict | None = None) -> pa.Table:
     """Closing accumulators (spec section 4), one row per key that holds anything.
 
+    Two Cython passes over the state rows (count, then fill), so that a year's
+    millions of keys cost no temporary the size of the table.
     `aside`: (slot, column, field) -> value of carried-in fields the state rows do not keep."""
     count = len(keys_starts) - 1
     if count == 0:
         return ACCUMULATORS_SCHEMA.empty_table()
-    # key bytes: 4 bytes of policy index, then person_id
-    starts = keys_starts[:-1]
-    policy = np.frombuffer(
-        np.ascontiguousarray(keys_arena[(starts[:, None] + np.arange(4)).ravel()]).tobytes(), dtype=np.int32)
-    adm, ct = state[:count, 0], state[:count, 1]
-    acc = compiled.acc_values(state[:count], policy)
-    for (slot, col, field), value in (aside or {}).items():
-        acc[slot, col, field] = value
-    held = (adm != 0) | (ct != 0) | (acc != 0).any(axis=(1, 2))
-    keep = np.nonzero(held)[0]
-    # person_id strings straight from the arena: offsets skip each key's 4-byte prefix
-    lengths = (keys_starts[1:] - starts - 4)[keep]
-    offsets = np.zeros(len(keep) + 1, dtype=np.int64)
-    np.cumsum(lengths, out=offsets[1:])
-    take = (np.repeat(starts[keep] + 4 - offsets[:-1], lengths) + np.arange(offsets[-1])) if len(keep) else \
-        np.zeros(0, np.int64)
-    data = keys_arena[take] if len(take) else np.zeros(0, np.uint8)
-    person = pa.LargeStringArray.from_buffers(len(keep), pa.py_buffer(offsets.tobytes()),
-                                              pa.py_buffer(data.tobytes())).cast(pa.string())
-    pol = policy[keep]
-    regions, schemes, years = compiled.names.regions, compiled.names.schemes, compiled.names.years
-    pol_arr = pa.array(pol.astype(np.int32))
+    c = compiled
+    items = sorted((aside or {}).items())
+    aside_slot = np.array([k[0] for k, _ in items], dtype=np.int64)
+    aside_rows = np.array([(k[1], k[2], v) for k, v in items], dtype=np.int64).reshape(len(items), 3)
+    policy = np.empty(count, dtype=np.int32)
+    entries = np.empty(count, dtype=np.int32)
+    args = (keys_starts, keys_arena if len(keys_arena) else np.zeros(1, np.uint8), state, c.state_index,
+            c.policies, aside_slot, aside_rows)
+    held = _kernel.accumulator_counts(*args, policy, entries)
+    n_entries = int(entries[entries > 0].sum())
+    kept = entries >= 0
+    person_bytes = int((keys_starts[1:] - keys_starts[:-1] - 4)[kept].sum())
+    person_offsets = np.empty(held + 1, dtype=np.int64)
+    person_data = np.empty(max(person_bytes, 1), dtype=np.uint8)
+    adm, ct = np.empty(held, dtype=np.int64), np.empty(held, dtype=np.int64)
+    entry_offsets = np.empty(held + 1, dtype=np.int32)
+    column, position, paid, charged = (np.empty(n_entries, dtype=np.int64) for _ in range(4))
+    _kernel.accumulator_fill(*args, policy, entries, c.acc_width, person_offsets, person_data, adm, ct,
+                             entry_offsets, column, position, paid, charged)
+    person = pa.LargeStringArray.from_buffers(held, pa.py_buffer(person_offsets), pa.py_buffer(person_data))
+    pol = pa.array(policy[kept])
+    names = c.names
+    code = pa.array(column)
+    entries_arr = pa.StructArray.from_arrays(
+        [names.acc_layers.take(code), names.acc_cap_groups.take(code), pa.array(position), pa.array(paid),
+         pa.array(charged)], fields=list(LAYER_ENTRY))
     return pa.table([
-        person, regions.take(pol_arr), schemes.take(pol_arr), pa.array(years[pol]),
-        pa.array(adm[keep]), pa.array(ct[keep]), _layer_entries(acc[keep], pol, compiled),
+        person.cast(pa.string()), names.regions.take(pol), names.schemes.take(pol),
+        pa.array(names.years[policy[kept]]), pa.array(adm), pa.array(ct),
+        pa.ListArray.from_arrays(pa.array(entry_offsets), entries_arr, type=pa.list_(LAYER_ENTRY)),
     ], schema=ACCUMULATORS_SCHEMA)
