@@ -9,6 +9,7 @@ from .arrow_io import (
     RESULTS_SCHEMA,
     STATUSES,
     ClaimsSchemaError,
+    accumulators_schema,
     results_schema,
 )
 from .explain import explain, format_explanation
@@ -19,5 +20,5 @@ from .settle import AccumulatorError, Settlement, Settler, settle
 __all__ = [
     "ACCUMULATORS_SCHEMA", "CLAIMS_SCHEMA", "RESULTS_SCHEMA", "STATUSES",
     "AccumulatorError", "ClaimsSchemaError", "PolicyError", "PolicySet", "Settlement", "Settler",
-    "default_policies_path", "explain", "format_explanation", "load_policies", "parse_policy", "results_schema", "settle",
+    "accumulators_schema", "default_policies_path", "explain", "format_explanation", "load_policies", "parse_policy", "results_schema", "settle",
 ]

@@ -530,16 +530,33 @@ def _delta_layers(deltas: np.ndarray, policy: np.ndarray, compiled: CompiledPoli
     return _layer_entries(deltas, np.maximum(policy, 0), compiled)
 
 
+def accumulators_schema(dictionary: bool = False) -> pa.Schema:
+    """ACCUMULATORS_SCHEMA; with `dictionary`, region, scheme and the layer entries' layer and
+    cap_group as dictionary<int32, string> (the same strings, as results_schema does)."""
+    if not dictionary:
+        return ACCUMULATORS_SCHEMA
+    dict_type = pa.dictionary(pa.int32(), pa.string())
+    schema = ACCUMULATORS_SCHEMA
+    for name in ("region", "scheme"):
+        i = schema.get_field_index(name)
+        schema = schema.set(i, schema.field(i).with_type(dict_type))
+    entry = pa.struct([f.with_type(dict_type) if f.name in ("layer", "cap_group") else f for f in LAYER_ENTRY])
+    i = schema.get_field_index("layers")
+    return schema.set(i, schema.field(i).with_type(pa.list_(entry)))
+
+
 def accumulators_table(keys_starts: np.ndarray, keys_arena: np.ndarray, compiled: CompiledPolicies,
-                       state: np.ndarray, aside: dict | None = None) -> pa.Table:
+                       state: np.ndarray, aside: dict | None = None, dictionary: bool = False) -> pa.Table:
     """Closing accumulators (spec section 4), one row per key that holds anything.
 
     Two Cython passes over the state rows (count, then fill), so that a year's
     millions of keys cost no temporary the size of the table.
-    `aside`: (slot, column, field) -> value of carried-in fields the state rows do not keep."""
+    `aside`: (slot, column, field) -> value of carried-in fields the state rows do not keep.
+    `dictionary`: names as dictionary arrays (`accumulators_schema(dictionary=True)`)."""
     count = len(keys_starts) - 1
+    schema = accumulators_schema(dictionary)
     if count == 0:
-        return ACCUMULATORS_SCHEMA.empty_table()
+        return schema.empty_table()
     c = compiled
     items = sorted((aside or {}).items())
     aside_slot = np.array([k[0] for k, _ in items], dtype=np.int64)
@@ -560,14 +577,16 @@ def accumulators_table(keys_starts: np.ndarray, keys_arena: np.ndarray, compiled
     _kernel.accumulator_fill(*args, policy, entries, c.acc_width, person_offsets, person_data, adm, ct,
                              entry_offsets, column, position, paid, charged)
     person = pa.LargeStringArray.from_buffers(held, pa.py_buffer(person_offsets), pa.py_buffer(person_data))
-    pol = pa.array(policy[kept])
+    pol = policy[kept]
     names = c.names
-    code = pa.array(column)
+    layers_type = schema.field("layers").type
     entries_arr = pa.StructArray.from_arrays(
-        [names.acc_layers.take(code), names.acc_cap_groups.take(code), pa.array(position), pa.array(paid),
-         pa.array(charged)], fields=list(LAYER_ENTRY))
+        [_named(names.acc_layer_codes[column], names.acc_layer_names, dictionary),
+         _named(names.acc_cap_codes[column], names.acc_cap_names, dictionary),
+         pa.array(position), pa.array(paid), pa.array(charged)], fields=list(layers_type.value_type))
     return pa.table([
-        person.cast(pa.string()), names.regions.take(pol), names.schemes.take(pol),
-        pa.array(names.years[policy[kept]]), pa.array(adm), pa.array(ct),
-        pa.ListArray.from_arrays(pa.array(entry_offsets), entries_arr, type=pa.list_(LAYER_ENTRY)),
-    ], schema=ACCUMULATORS_SCHEMA)
+        person.cast(pa.string()), _named(names.region_codes[pol], names.region_dictionary, dictionary),
+        _named(names.scheme_codes[pol], names.scheme_dictionary, dictionary),
+        pa.array(names.years[pol]), pa.array(adm), pa.array(ct),
+        pa.ListArray.from_arrays(pa.array(entry_offsets), entries_arr, type=layers_type),
+    ], schema=schema)

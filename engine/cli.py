@@ -802,7 +802,8 @@ def cmd_settle(args) -> int:
         result = _settle_file(args, ps, acc_in, claims, out_path, streamed=False)
     settler, summary = result
     if args.accumulators_out:
-        write_table(settler.accumulators(), args.accumulators_out, compression=args.compression)
+        write_table(settler.accumulators(dictionary=file_format(Path(args.accumulators_out)) == "parquet"),
+                    args.accumulators_out, compression=args.compression)
     elapsed = time.perf_counter() - t0
     print("\n".join(summary.lines(elapsed)), flush=True)
     return 0

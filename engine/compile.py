@@ -137,6 +137,15 @@ class CompiledPolicies:
         return OutputNames(self)
 
 
+def _distinct(values: list) -> tuple:
+    """(the distinct non-null values as a string array, each value's code among them, -1 for None)."""
+    import pyarrow as pa
+
+    names = sorted({v for v in values if v is not None})
+    codes = np.array([names.index(v) if v is not None else -1 for v in values] or [-1], dtype=np.int32)
+    return pa.array(names, pa.string()), codes
+
+
 class OutputNames:
     """Name arrays for the result and accumulator columns, indexed by the kernel's codes."""
 
@@ -157,8 +166,13 @@ class OutputNames:
                                     for cols in c.acc_columns for j in range(width)], pa.string())
         self.acc_cap_groups = pa.array([cols[j][1] if j < len(cols) else None
                                         for cols in c.acc_columns for j in range(width)], pa.string())
+        # the same as codes into distinct names (-1: null), for dictionary arrays
+        self.acc_layer_names, self.acc_layer_codes = _distinct(self.acc_layers.to_pylist())
+        self.acc_cap_names, self.acc_cap_codes = _distinct(self.acc_cap_groups.to_pylist())
         self.regions = pa.array([p.region for p in ps], pa.string())
         self.schemes = pa.array([p.scheme for p in ps], pa.string())
+        self.region_dictionary, self.region_codes = _distinct([p.region for p in ps])
+        self.scheme_dictionary, self.scheme_codes = _distinct([p.scheme for p in ps])
         self.years = np.array([p.year for p in ps], dtype=np.int32)
         # policy lookup by (region code, scheme code, year - first year)
         self.region_names = sorted({region for region, _, _ in c.lookup})

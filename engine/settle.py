@@ -216,9 +216,11 @@ class Settler:
                 values[:, col, field] = value
         return values
 
-    def accumulators(self) -> pa.Table:
+    def accumulators(self, dictionary: bool = False) -> pa.Table:
+        """The closing accumulators (spec section 4); with `dictionary`, the name columns as
+        dictionary arrays (`accumulators_schema(dictionary=True)`), as a Parquet writer takes them."""
         starts, arena = self._keys.export()
-        return accumulators_table(starts, arena, self.compiled, self._state, self._carried_aside)
+        return accumulators_table(starts, arena, self.compiled, self._state, self._carried_aside, dictionary)
 
     def _carry_in(self, table: pa.Table) -> None:
         """Load carried-in accumulators (spec section 4); any bad key fails the whole call."""

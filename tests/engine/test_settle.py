@@ -31,6 +31,35 @@ def test_stream_with_dictionary_results(claims):
     assert [b.to_pylist() for b in encoded] == [b.to_pylist() for b in plain]
 
 
+def test_accumulators_as_dictionary_arrays(claims, tmp_path):
+    """`accumulators(dictionary=True)`: the same table with region, scheme, layer and cap group
+    as dictionaries of distinct names, which Parquet stores as dictionary pages and reads back
+    as the plain strings of spec section 4."""
+    import pyarrow.parquet as pq
+
+    from engine.cli import write_table
+
+    ps, batches = claims
+    s = engine.Settler(ps)
+    for b in batches:
+        s.settle_batch(b)
+    plain, encoded = s.accumulators(), s.accumulators(dictionary=True)
+    assert encoded.schema.equals(engine.accumulators_schema(dictionary=True))
+    assert encoded.cast(engine.ACCUMULATORS_SCHEMA).equals(plain)
+    layers = encoded.column("layers").combine_chunks().values
+    for name in ("layer", "cap_group"):
+        values = layers.field(name).dictionary.to_pylist()
+        assert len(values) == len(set(values)) and None not in values
+    assert layers.field("cap_group").null_count > 0  # columns without a cap group
+    path = tmp_path / "acc.parquet"
+    write_table(encoded, path)
+    assert pq.read_table(path).equals(plain)
+    meta = pq.ParquetFile(path).metadata.row_group(0)
+    encodings = {meta.column(i).path_in_schema: meta.column(i).encodings for i in range(meta.num_columns)}
+    assert "RLE_DICTIONARY" in encodings["layers.list.element.layer"]
+    assert "RLE_DICTIONARY" in encodings["region"]
+
+
 def test_abandoned_stream_has_settled_one_chunk_ahead(claims):
     """Read-ahead: the chunk after the last result taken is already settled."""
     ps, batches = claims
