@@ -320,9 +320,10 @@ def _numpy_accumulators(settler: engine.Settler) -> pa.Table:
     rows, cols = np.nonzero(nonzero)
     entry_offsets = np.zeros(len(keep) + 1, dtype=np.int32)
     np.cumsum(nonzero.sum(axis=1), out=entry_offsets[1:])
-    code = pa.array(pol[rows].astype(np.int64) * c.acc_width + cols)
+    code = pol[rows].astype(np.int64) * c.acc_width + cols
+    layer, cap = c.names.acc_layer_codes[code], c.names.acc_cap_codes[code]
     entries = pa.StructArray.from_arrays(
-        [c.names.acc_layers.take(code), c.names.acc_cap_groups.take(code),
+        [c.names.acc_layer_names.take(pa.array(layer)), c.names.acc_cap_names.take(pa.array(cap, mask=cap < 0)),
          *(pa.array(values[rows, cols, f]) for f in range(3))], fields=list(LAYER_ENTRY))
     pol_arr = pa.array(pol)
     return pa.table([person.cast(pa.string()), c.names.regions.take(pol_arr), c.names.schemes.take(pol_arr),

@@ -1110,6 +1110,13 @@ cdef inline void column_values(const int64_t* row, const int64_t* index, int64_t
             v[aside[q, 1]] = aside[q, 2]
 
 
+cdef inline int64_t aside_start(const int64_t[::1] aside_slot, int64_t a, int64_t slot) noexcept nogil:
+    """The first aside row from `a` on whose slot is not below `slot` (the rows are sorted by slot)."""
+    while a < aside_slot.shape[0] and aside_slot[a] < slot:
+        a += 1
+    return a
+
+
 def accumulator_counts(const int64_t[::1] starts, const uint8_t[::1] arena, const int64_t[:, ::1] state,
                        const int64_t[:, ::1] state_index, const PolicyRow[::1] policies,
                        const int64_t[::1] aside_slot, const int64_t[:, ::1] aside,
@@ -1127,11 +1134,8 @@ def accumulator_counts(const int64_t[::1] starts, const uint8_t[::1] arena, cons
         for i in range(count):
             memcpy(&p, &arena[0] + starts[i], 4)
             policy_out[i] = p
-            while a < aside_slot.shape[0] and aside_slot[a] < i:
-                a += 1
-            b = a
-            while b < aside_slot.shape[0] and aside_slot[b] == i:
-                b += 1
+            a = aside_start(aside_slot, a, i)
+            b = aside_start(aside_slot, a, i + 1)
             row = &state[0, 0] + i * width
             n = 0
             for j in range(policies[p].acc_width):
@@ -1168,11 +1172,8 @@ def accumulator_fill(const int64_t[::1] starts, const uint8_t[::1] arena, const 
             if entries[i] < 0:
                 continue
             p = policy[i]
-            while a < aside_slot.shape[0] and aside_slot[a] < i:
-                a += 1
-            b = a
-            while b < aside_slot.shape[0] and aside_slot[b] == i:
-                b += 1
+            a = aside_start(aside_slot, a, i)
+            b = aside_start(aside_slot, a, i + 1)
             length = starts[i + 1] - starts[i] - 4
             if length > 0:
                 memcpy(&person_data[0] + person_offsets[k], &arena[0] + starts[i] + 4, length)

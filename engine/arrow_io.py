@@ -517,9 +517,10 @@ def _layer_entries(values: np.ndarray, policy: np.ndarray, compiled: CompiledPol
     offsets = np.zeros(n + 1, dtype=np.int32)
     np.cumsum(nonzero.sum(axis=1), out=offsets[1:])
     width = values.shape[1]
-    key = pa.array(policy[rows].astype(np.int64) * width + cols)
-    layer_col = compiled.names.acc_layers.take(key)
-    cap_col = compiled.names.acc_cap_groups.take(key)
+    key = policy[rows].astype(np.int64) * width + cols
+    names = compiled.names
+    layer_col = _named(names.acc_layer_codes[key], names.acc_layer_names, False)
+    cap_col = _named(names.acc_cap_codes[key], names.acc_cap_names, False)
     entries = pa.StructArray.from_arrays(
         [layer_col, cap_col, pa.array(values[rows, cols, 0]), pa.array(values[rows, cols, 1]),
          pa.array(values[rows, cols, 2])], fields=list(LAYER_ENTRY))

@@ -162,13 +162,11 @@ class OutputNames:
         self.layer_codes = np.array([distinct.index(name) for name in c.layer_names] or [0], dtype=np.int32)
         width = c.acc_width
         # accumulator column j of policy p is at p * width + j
-        self.acc_layers = pa.array([cols[j][0] if j < len(cols) else None
-                                    for cols in c.acc_columns for j in range(width)], pa.string())
-        self.acc_cap_groups = pa.array([cols[j][1] if j < len(cols) else None
-                                        for cols in c.acc_columns for j in range(width)], pa.string())
-        # the same as codes into distinct names (-1: null), for dictionary arrays
-        self.acc_layer_names, self.acc_layer_codes = _distinct(self.acc_layers.to_pylist())
-        self.acc_cap_names, self.acc_cap_codes = _distinct(self.acc_cap_groups.to_pylist())
+        # as codes into distinct names (-1: null), for plain and dictionary arrays alike
+        self.acc_layer_names, self.acc_layer_codes = _distinct(
+            [cols[j][0] if j < len(cols) else None for cols in c.acc_columns for j in range(width)])
+        self.acc_cap_names, self.acc_cap_codes = _distinct(
+            [cols[j][1] if j < len(cols) else None for cols in c.acc_columns for j in range(width)])
         self.regions = pa.array([p.region for p in ps], pa.string())
         self.schemes = pa.array([p.scheme for p in ps], pa.string())
         self.region_dictionary, self.region_codes = _distinct([p.region for p in ps])
