@@ -14,82 +14,17 @@ import pyarrow.compute as pc
 
 from . import _kernel
 from .compile import UNDECLARED_IDENTITY_BIT, CompiledPolicies, encode_category
-from .model import FACILITY_LEVELS, FUNDS, LOCALITIES, SCHEMES, VISIT_TYPES
+from .schema import FACILITY_LEVELS, FUNDS, LOCALITIES, SCHEMES, VISIT_TYPES
 
-STATUSES = ("ok", "MISSING_FIELD", "INVALID_VALUE", "INVALID_AMOUNT", "AMOUNT_OUT_OF_RANGE",
-            "AMOUNT_MISMATCH", "UNKNOWN_POLICY", "UNKNOWN_IDENTITY", "DUPLICATE_CLAIM",
-            "NO_BENEFIT_RULE")
-
-AMOUNT_COLUMNS = ("total_amount", "self_funded_amount", "over_limit_amount", "class_b_copay_amount",
-                  "in_scope_amount", "in_scope_class_b_amount")
-
-CLAIMS_SCHEMA = pa.schema([
-    ("claim_id", pa.string()),
-    ("person_id", pa.string()),
-    ("region", pa.string()),
-    ("scheme", pa.string()),
-    ("settle_time", pa.timestamp("us")),
-    ("visit_type", pa.string()),
-    ("facility_level", pa.string()),
-    ("locality", pa.string()),
-    ("referred", pa.bool_()),
-    ("disease_code", pa.string()),
-    ("age", pa.int16()),
-    ("identities", pa.list_(pa.string())),
-    *[(c, pa.int64()) for c in AMOUNT_COLUMNS],
-])
-
-# Null in these is MISSING_FIELD; the others have a meaning when null (spec section 2).
-REQUIRED_COLUMNS = ("claim_id", "person_id", "region", "scheme", "settle_time", "visit_type",
-                    "facility_level", "locality", *AMOUNT_COLUMNS[:5])
-
-LAYER_ENTRY = pa.struct([("layer", pa.string()), ("cap_group", pa.string()), ("position", pa.int64()),
-                         ("paid", pa.int64()), ("deductible_charged", pa.int64())])
-
-def _layer_pays_type(layer_type: pa.DataType) -> pa.DataType:
-    entry = pa.struct([pa.field("layer", layer_type, nullable=False), pa.field("pay", pa.int64(), nullable=False)])
-    return pa.list_(pa.field("item", entry, nullable=False))
-
-
-# Status, amounts, layer_pays and cap_hit are never null (spec section 3: an error row has
-# every amount 0), and the schema says so: Parquet stores them as required columns, with
-# no definition levels to write or read (a tenth of the results writer's time).
-RESULTS_SCHEMA = pa.schema([
-    ("claim_id", pa.string()),
-    pa.field("status", pa.string(), nullable=False),
-    ("policy_id", pa.string()),
-    ("identity", pa.string()),
-    *[pa.field(name, pa.int64(), nullable=False) for name in (
-        "deductible_applied", "basic_pay", "supplementary_pay", "critical_illness_pay", "medical_aid_pay",
-        "guarantee_pay", "fund_pay_total", "personal_pay", "compliant_personal_pay")],
-    pa.field("layer_pays", _layer_pays_type(pa.string()), nullable=False),
-    pa.field("cap_hit", pa.bool_(), nullable=False),
-])
-FUND_COLUMNS = tuple(f"{f}_pay" for f in FUNDS)
+from .schema import (ACCUMULATORS_SCHEMA, AMOUNT_COLUMNS, CLAIMS_SCHEMA, DELTA_FIELDS,  # noqa: F401  (re-exported)
+                     DICTIONARY_COLUMNS, FUND_COLUMNS, LAYER_ENTRY, REQUIRED_COLUMNS, RESULTS_SCHEMA, STATUSES,
+                     layer_pays_type as _layer_pays_type)
 
 _STATUS_NAMES = pa.array(STATUSES, pa.string())
-
-DELTA_FIELDS = [("delta_admissions", pa.int64()), ("delta_compliant_total", pa.int64()),
-                ("delta_layers", pa.list_(LAYER_ENTRY))]
-
-ACCUMULATORS_SCHEMA = pa.schema([
-    ("person_id", pa.string()),
-    ("region", pa.string()),
-    ("scheme", pa.string()),
-    ("year", pa.int32()),
-    ("admissions", pa.int64()),
-    ("compliant_total", pa.int64()),
-    ("layers", pa.list_(LAYER_ENTRY)),
-])
 
 
 class ClaimsSchemaError(ValueError):
     """The claims table lacks a column or has one of another type; nothing was settled."""
-
-
-# Low-cardinality string columns may also come dictionary-encoded, as Parquet readers give
-# them with `read_dictionary`: the same strings, without materializing them per row.
-DICTIONARY_COLUMNS = ("region", "scheme", "visit_type", "facility_level", "locality", "disease_code")
 
 
 def _is_string_dictionary(t: pa.DataType) -> bool:

@@ -39,6 +39,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from engine.schema import format_yuan
+
 PROG = "medsettle"
 DEFAULT_BATCH = 1_000_000
 # Streamed settlement: small enough that reading, settling and writing overlap even
@@ -584,11 +586,8 @@ class BackgroundWriter:
 
 
 def yuan(fen: int) -> str:
-    """Integer fen as yuan with two decimals, no float."""
-    fen = int(fen)
-    sign = "-" if fen < 0 else ""
-    fen = abs(fen)
-    return f"{sign}{fen // 100}.{fen % 100:02d}"
+    """Integer fen as yuan with two decimals, no float (the summary's machine-friendly form)."""
+    return format_yuan(fen, thousands=False)
 
 
 class Progress:

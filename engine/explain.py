@@ -14,18 +14,13 @@ from . import _kernel
 from .arrow_io import build_results
 from .compile import CompiledPolicies
 from .model import BP, KIND_CLASS_RATIO, KIND_FIXED_AMOUNT, KIND_MAX_PERSONAL_SHARE, Rule
+from .schema import format_yuan as _yuan
 from .settle import Settler, _one_batch
 
 T = {name: i for i, name in enumerate(
     ("rule", "base", "deductible_rule", "factor_g", "deductible", "start", "end", "ratio_replace", "ratio_add",
      "raw", "cap", "paid_before", "pay", "deductible_charged", "repeat_factor"))}
 assert len(T) == _kernel.TRACE_NFIELDS
-
-
-def _yuan(fen: int) -> str:
-    sign = "-" if fen < 0 else ""
-    fen = abs(int(fen))
-    return f"{sign}{fen // 100:,}.{fen % 100:02d}"
 
 
 def _pct(bp: int) -> str:

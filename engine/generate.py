@@ -52,7 +52,9 @@ from typing import Iterator, Optional
 import numpy as np
 import pyarrow as pa
 
-from engine.model import FACILITY_LEVELS, LOCALITIES, SCHEMES, VISIT_TYPES, Match, Policy, PolicySet
+from engine.model import Match, Policy, PolicySet
+from engine.schema import (FACILITY_LEVELS, LOCALITIES, MAX_AMOUNT, PERSONS_SCHEMA, REQUIRED_COLUMNS,
+                           SCHEMES, VISIT_TYPES)
 
 __all__ = [
     "INVALID_KINDS", "PERSONS_SCHEMA", "generate_claims", "generate_persons", "iter_claims",
@@ -63,28 +65,9 @@ __all__ = [
 INVALID_KINDS = ("MISSING_FIELD", "INVALID_VALUE", "INVALID_AMOUNT", "AMOUNT_OUT_OF_RANGE",
                  "AMOUNT_MISMATCH", "UNKNOWN_POLICY", "UNKNOWN_IDENTITY", "DUPLICATE_CLAIM")
 
-#: The person registry (one row per person). `identities` holds the identity spells;
-#: `valid_from` and `valid_to` are both inclusive.
-PERSONS_SCHEMA = pa.schema([
-    pa.field("person_id", pa.string()),
-    pa.field("region", pa.string()),
-    pa.field("scheme", pa.string()),
-    pa.field("birth_date", pa.date32()),
-    pa.field("identities", pa.list_(pa.struct([
-        pa.field("identity", pa.string()),
-        pa.field("valid_from", pa.date32()),
-        pa.field("valid_to", pa.date32()),
-    ]))),
-])
-
-REQUIRED_COLUMNS = ("claim_id", "person_id", "region", "scheme", "settle_time", "visit_type",
-                    "facility_level", "locality", "total_amount", "self_funded_amount",
-                    "over_limit_amount", "class_b_copay_amount", "in_scope_amount")
-
 CLAIMS_PER_PERSON_YEAR = 4.0
 UNIT_ROWS = 1 << 18  # rows generated per internal unit (whole days), independent of the write block
 MAX_TOTAL_FEN = 10**9  # 10 million yuan: the long tail stops here
-MAX_AMOUNT = 10**12  # spec section 1
 
 _VT = {v: i for i, v in enumerate(VISIT_TYPES)}
 _FAC = {v: i for i, v in enumerate(FACILITY_LEVELS)}

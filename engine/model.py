@@ -9,14 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-BP = 10_000
-FEN_PER_YUAN = 100
+from .schema import BP, FACILITY_LEVELS, FEN_PER_YUAN, FUNDS, LOCALITIES, SCHEMES, VISIT_TYPES  # noqa: F401
 
-VISIT_TYPES = ("inpatient", "outpatient", "chronic", "maternity")
-FACILITY_LEVELS = ("primary", "secondary", "tertiary")
-LOCALITIES = ("county", "region", "province", "national")
-SCHEMES = ("employee", "resident")
-FUNDS = ("basic", "supplementary", "critical_illness", "medical_aid", "guarantee")
 AXES = ("claim", "year")
 BOUNDS = ("absolute", "above_deductible")
 

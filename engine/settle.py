@@ -28,9 +28,9 @@ from .arrow_io import (
     string_buffers,
 )
 from .compile import CompiledPolicies, compile_policies
-from .model import FUNDS, PolicySet
+from .model import PolicySet
+from .schema import FUNDS, MAX_CARRIED
 
-MAX_CARRIED = 10**14
 
 ClaimsInput = Union[pa.Table, pa.RecordBatch, pa.RecordBatchReader, Iterable[pa.RecordBatch]]
 

@@ -17,6 +17,7 @@ import grpc
 import pyarrow as pa
 
 import engine
+from engine.schema import MAX_AMOUNT
 
 from ._proto import settlement_pb2 as pb
 from .errors import ADVICE, CallError
@@ -33,7 +34,6 @@ LOCALITY = {pb.LOCALITY_COUNTY: "county", pb.LOCALITY_REGION: "region", pb.LOCAL
 ENUM_FIELDS = (("visit_type", VISIT), ("facility_level", LEVEL), ("locality", LOCALITY))
 AMOUNT_FIELDS = ("total_amount", "self_funded_amount", "over_limit_amount", "class_b_copay_amount",
                  "in_scope_amount", "in_scope_class_b_amount")
-MAX_AMOUNT = 10**12
 MAX_ID_LEN = 128
 MAX_CODE_LEN = 64
 

@@ -23,21 +23,13 @@ from typing import Iterable, Iterator, NamedTuple, Optional
 
 import pyarrow as pa
 
+from engine.schema import PERSONS_SCHEMA, SCHEMES, SPELL_TYPE  # noqa: F401  (re-exported)
+
 from ._proto import settlement_pb2 as pb
 from .errors import CallError
 
 E = pb.ErrorCode
 
-SPELL_TYPE = pa.struct([("identity", pa.string()), ("valid_from", pa.date32()), ("valid_to", pa.date32())])
-PERSONS_SCHEMA = pa.schema([
-    ("person_id", pa.string()),
-    ("region", pa.string()),
-    ("scheme", pa.string()),
-    ("birth_date", pa.date32()),
-    ("identities", pa.list_(SPELL_TYPE)),
-])
-
-SCHEMES = ("employee", "resident")
 SCHEME_TO_PB = {"employee": pb.SCHEME_EMPLOYEE, "resident": pb.SCHEME_RESIDENT}
 SCHEME_FROM_PB = {v: k for k, v in SCHEME_TO_PB.items()}
 

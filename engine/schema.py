@@ -1,0 +1,124 @@
+"""One home for the contract's schemas, enums and limits (spec sections 1-4, 7).
+
+Everything that the engine, the generator, the server and the tools must agree
+on is defined here once and imported from here: the claims, results,
+accumulators and persons schemas, the enum vocabularies, the status codes, the
+fund names and the bounds on amounts. Nothing here computes anything, so every
+module may import it.
+"""
+from __future__ import annotations
+
+import pyarrow as pa
+
+# Units (spec section 1): money in integer fen, ratios in integer basis points.
+BP = 10_000
+FEN_PER_YUAN = 100
+
+#: A claim amount is in [0, MAX_AMOUNT] fen (else AMOUNT_OUT_OF_RANGE).
+MAX_AMOUNT = 10**12
+#: A carried accumulator value, and a key's compliant_total, is at most this (spec 1 and 4).
+MAX_CARRIED = 10**14
+
+# Enums of spec section 2 and 6.2, in the order their codes take.
+VISIT_TYPES = ("inpatient", "outpatient", "chronic", "maternity")
+FACILITY_LEVELS = ("primary", "secondary", "tertiary")
+LOCALITIES = ("county", "region", "province", "national")
+SCHEMES = ("employee", "resident")
+FUNDS = ("basic", "supplementary", "critical_illness", "medical_aid", "guarantee")
+#: The result column of each fund, in FUNDS order.
+FUND_COLUMNS = tuple(f"{f}_pay" for f in FUNDS)
+
+#: Result statuses (spec section 7), in precedence order; the index is the kernel's code.
+STATUSES = ("ok", "MISSING_FIELD", "INVALID_VALUE", "INVALID_AMOUNT", "AMOUNT_OUT_OF_RANGE",
+            "AMOUNT_MISMATCH", "UNKNOWN_POLICY", "UNKNOWN_IDENTITY", "DUPLICATE_CLAIM",
+            "NO_BENEFIT_RULE")
+
+AMOUNT_COLUMNS = ("total_amount", "self_funded_amount", "over_limit_amount", "class_b_copay_amount",
+                  "in_scope_amount", "in_scope_class_b_amount")
+
+CLAIMS_SCHEMA = pa.schema([
+    ("claim_id", pa.string()),
+    ("person_id", pa.string()),
+    ("region", pa.string()),
+    ("scheme", pa.string()),
+    ("settle_time", pa.timestamp("us")),
+    ("visit_type", pa.string()),
+    ("facility_level", pa.string()),
+    ("locality", pa.string()),
+    ("referred", pa.bool_()),
+    ("disease_code", pa.string()),
+    ("age", pa.int16()),
+    ("identities", pa.list_(pa.string())),
+    *[(c, pa.int64()) for c in AMOUNT_COLUMNS],
+])
+
+#: Null in these is MISSING_FIELD; the others have a meaning when null (spec section 2).
+REQUIRED_COLUMNS = ("claim_id", "person_id", "region", "scheme", "settle_time", "visit_type",
+                    "facility_level", "locality", *AMOUNT_COLUMNS[:5])
+
+#: Low-cardinality string columns that may also come dictionary-encoded, as Parquet readers
+#: give them with `read_dictionary`: the same strings, without materializing them per row.
+DICTIONARY_COLUMNS = ("region", "scheme", "visit_type", "facility_level", "locality", "disease_code")
+
+LAYER_ENTRY = pa.struct([("layer", pa.string()), ("cap_group", pa.string()), ("position", pa.int64()),
+                         ("paid", pa.int64()), ("deductible_charged", pa.int64())])
+
+
+def layer_pays_type(layer_type: pa.DataType) -> pa.DataType:
+    """`layer_pays` with its layer names of `layer_type` (string, or a dictionary of strings)."""
+    entry = pa.struct([pa.field("layer", layer_type, nullable=False), pa.field("pay", pa.int64(), nullable=False)])
+    return pa.list_(pa.field("item", entry, nullable=False))
+
+
+#: Result amount columns, in schema order.
+RESULT_AMOUNT_COLUMNS = ("deductible_applied", *FUND_COLUMNS, "fund_pay_total", "personal_pay",
+                         "compliant_personal_pay")
+
+# Status, amounts, layer_pays and cap_hit are never null (spec section 3: an error row has
+# every amount 0), and the schema says so: Parquet stores them as required columns, with
+# no definition levels to write or read (a tenth of the results writer's time).
+RESULTS_SCHEMA = pa.schema([
+    ("claim_id", pa.string()),
+    pa.field("status", pa.string(), nullable=False),
+    ("policy_id", pa.string()),
+    ("identity", pa.string()),
+    *[pa.field(name, pa.int64(), nullable=False) for name in RESULT_AMOUNT_COLUMNS],
+    pa.field("layer_pays", layer_pays_type(pa.string()), nullable=False),
+    pa.field("cap_hit", pa.bool_(), nullable=False),
+])
+
+#: What each claim added to its key's accumulators (`settle(..., deltas=True)`).
+DELTA_FIELDS = [("delta_admissions", pa.int64()), ("delta_compliant_total", pa.int64()),
+                ("delta_layers", pa.list_(LAYER_ENTRY))]
+
+ACCUMULATORS_SCHEMA = pa.schema([
+    ("person_id", pa.string()),
+    ("region", pa.string()),
+    ("scheme", pa.string()),
+    ("year", pa.int32()),
+    ("admissions", pa.int64()),
+    ("compliant_total", pa.int64()),
+    ("layers", pa.list_(LAYER_ENTRY)),
+])
+
+#: One identity spell of a person; `valid_from` and `valid_to` are both inclusive, null = open.
+SPELL_TYPE = pa.struct([("identity", pa.string()), ("valid_from", pa.date32()), ("valid_to", pa.date32())])
+
+#: The person registry (one row per person): the facts the server and year-end clearing take
+#: from the registry rather than from the caller.
+PERSONS_SCHEMA = pa.schema([
+    ("person_id", pa.string()),
+    ("region", pa.string()),
+    ("scheme", pa.string()),
+    ("birth_date", pa.date32()),
+    ("identities", pa.list_(SPELL_TYPE)),
+])
+
+
+def format_yuan(fen: int, thousands: bool = True) -> str:
+    """Integer fen as yuan with two decimals (and thousands separators), no float."""
+    fen = int(fen)
+    sign = "-" if fen < 0 else ""
+    fen = abs(fen)
+    whole = f"{fen // FEN_PER_YUAN:,}" if thousands else str(fen // FEN_PER_YUAN)
+    return f"{sign}{whole}.{fen % FEN_PER_YUAN:02d}"
