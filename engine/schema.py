@@ -122,3 +122,26 @@ def format_yuan(fen: int, thousands: bool = True) -> str:
     fen = abs(fen)
     whole = f"{fen // FEN_PER_YUAN:,}" if thousands else str(fen // FEN_PER_YUAN)
     return f"{sign}{whole}.{fen % FEN_PER_YUAN:02d}"
+
+
+#: The real-time ledger as exported for year-end clearing and audit (`medsettle ledger export`),
+#: one row per ledger entry in commit order. A `settle` row holds the claim as it was settled
+#: (the registry basis the server used in region, scheme, age and identities), its result and
+#: the accumulator deltas it made; a `reverse` row holds the reversed claim's id, its person key,
+#: the negated deltas and the reason, and null claim and result columns. Clearing matches the
+#: year's re-settlement to the `settle` rows of claims without a `reverse` row.
+LEDGER_SCHEMA = pa.schema([
+    pa.field("seq", pa.int64(), nullable=False),
+    pa.field("kind", pa.string(), nullable=False),  # "settle" | "reverse"
+    pa.field("recorded_at", pa.timestamp("us", tz="UTC"), nullable=False),
+    ("facility_id", pa.string()),
+    *CLAIMS_SCHEMA,
+    ("status", pa.string()),
+    ("policy_id", pa.string()),
+    ("identity", pa.string()),
+    *[(name, pa.int64()) for name in RESULT_AMOUNT_COLUMNS],
+    ("layer_pays", layer_pays_type(pa.string())),
+    ("cap_hit", pa.bool_()),
+    *DELTA_FIELDS,
+    ("reason", pa.string()),
+])
