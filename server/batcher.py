@@ -353,6 +353,7 @@ class GroupWriter:
                 keys.add(x["settle"].key if it.kind == REVERSE else x.key)
         accs = {k: Acc.from_blob(v) for k, v in g.accumulators(keys).items()} if keys else {}
 
+        g.reserve(sum(it.kind != PRESETTLE for rnd in rounds for it, _ in rnd))
         ledger_out: list = []
         changed: dict = {}  # key -> seq of its last change
         committing: list = []  # (item, bytes) answered only if the commit succeeds

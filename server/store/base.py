@@ -117,6 +117,9 @@ class WriteGroup(Protocol):
         """key -> state bytes of those stored; the keys are this group's until it ends
         (no other writer changes them before the commit)."""
 
+    def reserve(self, n: int) -> None:
+        """At most `n` entries will be numbered in this group (a hint)."""
+
     def next_seq(self) -> int:
         """The sequence number of the group's next ledger entry."""
 

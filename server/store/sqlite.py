@@ -204,6 +204,9 @@ class SQLiteGroup:
                     out[row[:4]] = row[4]
         return out
 
+    def reserve(self, n: int) -> None:
+        """Dense numbers are taken one by one: nothing to reserve."""
+
     def next_seq(self) -> int:
         self._seq += 1
         return self._seq

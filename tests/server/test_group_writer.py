@@ -13,7 +13,7 @@ from server.batcher import PRESETTLE, REVERSE, SETTLE, UPSERT, GroupWriter
 from server.core import Core
 from server.errors import CallError
 from server.registry import person_from_pb, person_to_row
-from server.store import PersonRow
+from server.store import PersonRow, SQLiteStore
 from server.writer import QueueInbox, ThreadWriter, decode, encode_upsert, run_group_loop
 
 E = pb.ErrorCode
@@ -61,7 +61,7 @@ def test_settle_equals_engine_and_accumulators_fold_the_ledger(gw, store, ps):
     assert norm(got) == norm(want)
     assert store.stored_accumulators() == want_acc == store.fold_ledger()
     seqs = [pb.SettleResponse.FromString(a).ledger_seq for a in answers]
-    assert sorted(seqs) == list(range(1, len(rows) + 1))
+    assert sorted(seqs) == list(range(1, len(rows) + 1))  # dense on both backends when no claim fails
 
 
 def test_retry_is_replayed_and_duplicate_is_refused(gw, store):
@@ -182,7 +182,8 @@ def test_a_failed_commit_answers_store_failure_and_stores_nothing(gw, store, mon
     assert (store.stored_accumulators(), store.max_seq()) == before
     monkeypatch.setattr(store, "group", group)
     ok = pb.SettleResponse.FromString(run(gw, settle(claim_row("f1", "p-plain", T(2024, 1, 2))))[0])
-    assert ok.ledger_seq == before[1] + 1
+    # SQLite numbers densely; PostgreSQL's sequence leaves the failed group's numbers as a gap
+    assert ok.ledger_seq == before[1] + 1 if isinstance(store, SQLiteStore) else ok.ledger_seq > before[1]
 
 
 # --------------------------------------------------------------------------- the paced loop

@@ -1,0 +1,483 @@
+"""The shared store: a PostgreSQL database that several server instances use at once.
+
+Same tables and guarantees as the SQLite store (server/store/sqlite.py), the
+same numbered migrations. What differs because several writers share it:
+
+* **Per-key serialisation.** A group locks every accumulator key it touches
+  before it reads their accumulators: one transaction-scoped advisory lock
+  per key (`pg_advisory_xact_lock` of a 64-bit hash of person, region,
+  scheme, year), taken in ascending order in one statement, so two groups
+  never deadlock and a key is never settled from a stale read; the lock also
+  covers keys that have no row yet (a row lock could not). A hash collision
+  only serialises two keys more than needed. Locks end with the transaction
+  (also when an instance dies: PostgreSQL rolls its transaction back).
+* **Idempotency across instances.** The ledger keeps UNIQUE(claim_id, kind).
+  When another instance committed one of the group's claim ids first, the
+  insert fails, nothing of the group is stored, and the writer runs the
+  group again (`LedgerConflict`): the claim is then answered from the ledger
+  (a replay, `DUPLICATE_CLAIM`, or `already_reversed`).
+* **Sequence numbers** come from the sequence `ledger_seq`, taken after the
+  group's locks: unique, and increasing in commit order for any one key;
+  across keys and instances they are only roughly time-ordered and may have
+  gaps (numbers of a group that failed).
+* **Connections.** The writer holds one connection of its own (reopened
+  after a failure); reads use a psycopg_pool pool of `pool_size`
+  connections, checked before use. When the database cannot be reached, a
+  call fails with `StoreUnavailable` (UNAVAILABLE, retry) and the next one
+  reconnects: no restart needed.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import re
+import threading
+from typing import Iterable, Iterator, Optional, Sequence
+
+import psycopg
+from psycopg import errors as pg_errors
+from psycopg_pool import ConnectionPool
+
+from .base import (ACCUMULATOR_FIELDS, LEDGER_FIELDS, SCHEMA_VERSION, AccumulatorRow, Audit, LedgerConflict,
+                   LedgerEntry, Migration, PersonRow, StoreError, StoreUnavailable, now_us)
+
+log = logging.getLogger("medsettle.server")
+
+MIGRATIONS = (
+    Migration(1, "ledger, accumulators, persons, meta", (
+        """CREATE TABLE IF NOT EXISTS meta (
+            key   TEXT PRIMARY KEY,
+            value TEXT NOT NULL
+        )""",
+        """CREATE TABLE IF NOT EXISTS persons (
+            person_id  TEXT PRIMARY KEY,
+            region     TEXT NOT NULL,
+            scheme     TEXT NOT NULL,
+            birth_date INTEGER NOT NULL,
+            identities TEXT NOT NULL
+        )""",
+        "CREATE SEQUENCE IF NOT EXISTS ledger_seq",
+        """CREATE TABLE IF NOT EXISTS ledger (
+            seq                   BIGINT PRIMARY KEY,
+            kind                  TEXT NOT NULL CHECK (kind IN ('settle', 'reverse')),
+            claim_id              TEXT NOT NULL,
+            facility_id           TEXT NOT NULL,
+            person_id             TEXT NOT NULL,
+            region                TEXT NOT NULL,
+            scheme                TEXT NOT NULL,
+            year                  INTEGER NOT NULL,
+            delta_admissions      BIGINT NOT NULL,
+            delta_compliant_total BIGINT NOT NULL,
+            delta                 BYTEA NOT NULL,
+            claim                 BYTEA,
+            response              BYTEA,
+            reason                TEXT,
+            recorded_at_us        BIGINT NOT NULL,
+            UNIQUE (claim_id, kind)
+        )""",
+        "CREATE INDEX IF NOT EXISTS ledger_key ON ledger (person_id, year)",
+        """CREATE TABLE IF NOT EXISTS accumulators (
+            person_id       TEXT NOT NULL,
+            region          TEXT NOT NULL,
+            scheme          TEXT NOT NULL,
+            year            INTEGER NOT NULL,
+            admissions      BIGINT NOT NULL,
+            compliant_total BIGINT NOT NULL,
+            state           BYTEA NOT NULL,
+            last_seq        BIGINT NOT NULL,
+            PRIMARY KEY (person_id, region, scheme, year)
+        )""",
+    )),
+    Migration(2, "carried-in accumulators; ledger by year", (
+        """CREATE TABLE IF NOT EXISTS carried (
+            person_id       TEXT NOT NULL,
+            region          TEXT NOT NULL,
+            scheme          TEXT NOT NULL,
+            year            INTEGER NOT NULL,
+            admissions      BIGINT NOT NULL,
+            compliant_total BIGINT NOT NULL,
+            state           BYTEA NOT NULL,
+            last_seq        BIGINT NOT NULL,
+            PRIMARY KEY (person_id, region, scheme, year)
+        )""",
+        "CREATE INDEX IF NOT EXISTS ledger_year ON ledger (year, seq)",
+    )),
+)
+assert [m.version for m in MIGRATIONS] == list(range(1, SCHEMA_VERSION + 1))
+
+#: The advisory lock that serialises migrations of one database (any instance, any command).
+MIGRATION_LOCK = 0x6D65_6473_6D69_6772  # "medsmigr"
+
+INSERT_LEDGER = (f"INSERT INTO ledger ({', '.join(LEDGER_FIELDS)}) "
+                 f"VALUES ({', '.join(['%s'] * len(LEDGER_FIELDS))})")
+UPSERT_ACC = (f"INSERT INTO accumulators ({', '.join(ACCUMULATOR_FIELDS)}) "
+              f"VALUES ({', '.join(['%s'] * len(ACCUMULATOR_FIELDS))}) "
+              "ON CONFLICT (person_id, region, scheme, year) DO UPDATE SET admissions = EXCLUDED.admissions, "
+              "compliant_total = EXCLUDED.compliant_total, state = EXCLUDED.state, last_seq = EXCLUDED.last_seq")
+INSERT_CARRIED = (f"INSERT INTO carried ({', '.join(ACCUMULATOR_FIELDS)}) "
+                  f"VALUES ({', '.join(['%s'] * len(ACCUMULATOR_FIELDS))})")
+UPSERT_PERSON = ("INSERT INTO persons (person_id, region, scheme, birth_date, identities) VALUES (%s, %s, %s, %s, %s) "
+                 "ON CONFLICT (person_id) DO UPDATE SET region = EXCLUDED.region, scheme = EXCLUDED.scheme, "
+                 "birth_date = EXCLUDED.birth_date, identities = EXCLUDED.identities")
+SELECT_LEDGER = f"SELECT {', '.join(LEDGER_FIELDS)} FROM ledger"
+
+#: How long a group waits for another instance's lock on one of its keys before it is re-run.
+LOCK_TIMEOUT_MS = 5000
+#: Seconds to wait for a connection (the database down answers UNAVAILABLE after this).
+CONNECT_TIMEOUT_S = 3
+#: Sequence numbers taken at once by a group that did not say how many it needs (`reserve`);
+#: unused ones are left as gaps.
+SEQ_BLOCK = 64
+
+#: Errors after which a group is re-run (nothing was stored).
+RETRY_ERRORS = (pg_errors.UniqueViolation, pg_errors.DeadlockDetected, pg_errors.LockNotAvailable,
+                pg_errors.SerializationFailure)
+
+
+def redact(url: str) -> str:
+    """The URL without its password (for messages and logs)."""
+    return re.sub(r"(://[^:/@]*):[^@]*@", r"\1:***@", url)
+
+
+def key_lock(key: tuple) -> int:
+    """A signed 64-bit lock id for an accumulator key."""
+    h = hashlib.blake2b("\x1f".join(map(str, key)).encode(), digest_size=8).digest()
+    return int.from_bytes(h, "big", signed=True)
+
+
+def _entry(row) -> LedgerEntry:
+    return LedgerEntry(*row)
+
+
+def stored_version(conn: psycopg.Connection) -> int:
+    has = conn.execute("SELECT to_regclass('schema_migrations') IS NOT NULL").fetchone()[0]
+    if not has:
+        return 0
+    return conn.execute("SELECT COALESCE(MAX(version), 0) FROM schema_migrations").fetchone()[0]
+
+
+def migrate(conn: psycopg.Connection, location: str, upto: int = SCHEMA_VERSION) -> list:
+    """Applies the pending migrations up to `upto`, each in its own transaction, holding the
+    database's migration lock (other instances wait); returns the versions applied."""
+    conn.execute("SELECT pg_advisory_lock(%s)", (MIGRATION_LOCK,))
+    conn.commit()
+    try:
+        version = stored_version(conn)
+        conn.commit()
+        if version > SCHEMA_VERSION:
+            raise StoreError(f"{location}: store schema version {version} is newer than this server's "
+                             f"({SCHEMA_VERSION}); use a newer medsettle")
+        done = []
+        for m in MIGRATIONS:
+            if m.version <= version or m.version > upto:
+                continue
+            with conn.transaction():
+                conn.execute("CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, "
+                             "name TEXT NOT NULL, applied_at_us BIGINT NOT NULL)")
+                for stmt in m.statements:
+                    conn.execute(stmt)
+                conn.execute("INSERT INTO schema_migrations VALUES (%s, %s, %s)", (m.version, m.name, now_us()))
+                conn.execute("INSERT INTO meta (key, value) VALUES ('created_at_us', %s) ON CONFLICT DO NOTHING",
+                             (str(now_us()),))
+            done.append(m.version)
+        return done
+    finally:
+        conn.execute("SELECT pg_advisory_unlock(%s)", (MIGRATION_LOCK,))
+        conn.commit()
+
+
+class PostgresGroup:
+    """The writer's unit of work on PostgreSQL: one transaction from the first lookup to
+    the commit, the group's keys locked before their accumulators are read."""
+
+    def __init__(self, store: "PostgresStore", conn: psycopg.Connection):
+        self.store = store
+        self.conn = conn
+        self._seqs: list = []
+        self._block = SEQ_BLOCK
+
+    def reserve(self, n: int) -> None:
+        self._block = max(1, n)
+
+    def ledger(self, claim_ids) -> dict:
+        out: dict = {}
+        for row in self.conn.execute(f"{SELECT_LEDGER} WHERE claim_id = ANY(%s)", (list(set(claim_ids)),)):
+            e = _entry(row)
+            out.setdefault(e.claim_id, {})[e.kind] = e
+        return out
+
+    def persons(self, person_ids) -> dict:
+        return {r[0]: PersonRow(*r) for r in self.conn.execute(
+            "SELECT person_id, region, scheme, birth_date, identities FROM persons WHERE person_id = ANY(%s)",
+            (list(set(person_ids)),))}
+
+    def accumulators(self, keys) -> dict:
+        keys = set(keys)
+        if not keys:
+            return {}
+        locks = sorted({key_lock(k) for k in keys})
+        self.conn.execute("SELECT count(pg_advisory_xact_lock(k)) FROM unnest(%s::bigint[]) AS k", (locks,))
+        out = {}
+        for row in self.conn.execute("SELECT person_id, region, scheme, year, state FROM accumulators "
+                                     "WHERE person_id = ANY(%s)", (list({k[0] for k in keys}),)):
+            if row[:4] in keys:
+                out[row[:4]] = row[4]
+        return out
+
+    def next_seq(self) -> int:
+        if not self._seqs:
+            self._seqs = [r[0] for r in self.conn.execute(
+                "SELECT nextval('ledger_seq') FROM generate_series(1, %s)", (self._block,))]
+            self._seqs.sort(reverse=True)
+        return self._seqs.pop()
+
+    def commit(self, entries: Sequence[LedgerEntry], accumulators: Sequence[AccumulatorRow]) -> None:
+        try:
+            with self.conn.cursor() as cur:
+                if entries:
+                    cur.executemany(INSERT_LEDGER, entries)
+                if accumulators:
+                    cur.executemany(UPSERT_ACC, accumulators)
+            self.conn.commit()
+        except RETRY_ERRORS as e:  # another instance committed one of these claim ids first
+            _rollback(self.conn)
+            raise LedgerConflict(f"{self.store.location}: {_first_line(e)}") from None
+        except (psycopg.OperationalError, psycopg.InterfaceError) as e:
+            _rollback(self.conn)
+            raise StoreUnavailable(f"{self.store.location}: {_first_line(e)}; the outcome of the commit is "
+                                   "unknown: retry (a committed claim is then answered from the ledger)") from None
+
+
+class PostgresStore(Audit):
+    """A store in a PostgreSQL database (see the module doc)."""
+
+    def __init__(self, url: str, *, create: bool = True, migrate_to: Optional[int] = None, pool_size: int = 4):
+        self.url = url
+        self.location = redact(url)
+        self.pool_size = max(1, pool_size)
+        self._pool: Optional[ConnectionPool] = None
+        self._pool_lock = threading.Lock()
+        self._wconn: Optional[psycopg.Connection] = None
+        try:
+            conn = self._connect()
+        except StoreUnavailable:
+            raise
+        try:
+            version = stored_version(conn)
+            conn.commit()
+            if (version == 0 and create) or migrate_to is not None:
+                self.migrated = migrate(conn, self.location, migrate_to or SCHEMA_VERSION)
+            elif version > SCHEMA_VERSION:
+                raise StoreError(f"{self.location}: store schema version {version} is newer than this server's "
+                                 f"({SCHEMA_VERSION}); use a newer medsettle")
+            elif version < SCHEMA_VERSION:
+                raise StoreError(f"{self.location}: store schema version {version} is older than this server's "
+                                 f"({SCHEMA_VERSION}); run `medsettle store migrate --store URL` first")
+            else:
+                self.migrated = []
+        except BaseException:
+            conn.close()
+            raise
+        self._wconn = conn
+
+    # ------------------------------------------------------------------ connections
+
+    def _connect(self) -> psycopg.Connection:
+        try:
+            conn = psycopg.connect(self.url, connect_timeout=CONNECT_TIMEOUT_S, application_name="medsettle")
+        except psycopg.OperationalError as e:
+            raise StoreUnavailable(f"{self.location}: cannot connect ({_first_line(e)}); retry later") from None
+        except psycopg.ProgrammingError as e:  # a malformed URL
+            raise StoreError(f"{self.location}: {_first_line(e)}") from None
+        conn.execute(f"SET lock_timeout = {LOCK_TIMEOUT_MS}")
+        conn.commit()
+        return conn
+
+    def _writer(self) -> psycopg.Connection:
+        conn = self._wconn
+        if conn is None or conn.closed or conn.broken:
+            if conn is not None:
+                conn.close()
+            self._wconn = conn = self._connect()
+        return conn
+
+    def _readers(self) -> ConnectionPool:
+        with self._pool_lock:
+            if self._pool is None:
+                self._pool = ConnectionPool(self.url, min_size=1, max_size=self.pool_size, open=True,
+                                            timeout=CONNECT_TIMEOUT_S, check=ConnectionPool.check_connection,
+                                            reconnect_timeout=0,  # keep trying for ever (the database comes back)
+                                            kwargs={"autocommit": True, "connect_timeout": CONNECT_TIMEOUT_S,
+                                                    "application_name": "medsettle-read"},
+                                            name="medsettle-read")
+            return self._pool
+
+    @contextlib.contextmanager
+    def _read(self):
+        try:
+            with self._readers().connection() as conn:
+                yield conn
+        except (psycopg.OperationalError, psycopg.InterfaceError) as e:
+            raise StoreUnavailable(f"{self.location}: {_first_line(e)}; retry later") from None
+        except Exception as e:
+            if type(e).__name__ == "PoolTimeout":
+                raise StoreUnavailable(f"{self.location}: no connection to the database; retry later") from None
+            raise
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None
+        if self._wconn is not None:
+            self._wconn.close()
+            self._wconn = None
+
+    def start_background(self) -> None:
+        """Nothing runs beside the writer (PostgreSQL checkpoints itself)."""
+
+    def schema_version(self) -> int:
+        with self._read() as c:
+            return stored_version(c)
+
+    # ------------------------------------------------------------------ reads
+
+    def persons(self, person_ids: Iterable[str]) -> dict:
+        with self._read() as c:
+            return {r[0]: PersonRow(*r) for r in c.execute(
+                "SELECT person_id, region, scheme, birth_date, identities FROM persons WHERE person_id = ANY(%s)",
+                (list(set(person_ids)),))}
+
+    def ledger(self, claim_ids: Iterable[str]) -> dict:
+        out: dict = {}
+        with self._read() as c:
+            for row in c.execute(f"{SELECT_LEDGER} WHERE claim_id = ANY(%s)", (list(set(claim_ids)),)):
+                e = _entry(row)
+                out.setdefault(e.claim_id, {})[e.kind] = e
+        return out
+
+    def accumulators_of(self, person_id: str, year: Optional[int] = None) -> list:
+        with self._read() as c:
+            if year is None:
+                cur = c.execute("SELECT state FROM accumulators WHERE person_id = %s ORDER BY year, region, scheme",
+                                (person_id,))
+            else:
+                cur = c.execute("SELECT state FROM accumulators WHERE person_id = %s AND year = %s "
+                                "ORDER BY region, scheme", (person_id, year))
+            return [bytes(r[0]) for r in cur]
+
+    def get_meta(self, key: str) -> Optional[str]:
+        with self._read() as c:
+            row = c.execute("SELECT value FROM meta WHERE key = %s", (key,)).fetchone()
+        return row[0] if row else None
+
+    def max_seq(self) -> int:
+        with self._read() as c:
+            return c.execute("SELECT COALESCE(MAX(seq), 0) FROM ledger").fetchone()[0]
+
+    def iter_ledger(self, year: Optional[int] = None, batch: int = 10_000) -> Iterator[list]:
+        last = 0
+        where = "" if year is None else " AND year = %s"
+        while True:
+            with self._read() as c:
+                args = (last,) if year is None else (last, year)
+                rows = c.execute(f"{SELECT_LEDGER} WHERE seq > %s{where} ORDER BY seq LIMIT {int(batch)}",
+                                 args).fetchall()
+            if not rows:
+                return
+            yield [_entry(r) for r in rows]
+            last = rows[-1][0]
+
+    def _iter_acc(self, table: str) -> Iterator[AccumulatorRow]:
+        with self._read() as c:
+            rows = c.execute(f"SELECT {', '.join(ACCUMULATOR_FIELDS)} FROM {table}").fetchall()
+        for r in rows:
+            yield AccumulatorRow(*r)
+
+    def iter_accumulators(self) -> Iterator[AccumulatorRow]:
+        return self._iter_acc("accumulators")
+
+    def iter_carried(self) -> Iterator[AccumulatorRow]:
+        return self._iter_acc("carried")
+
+    # ------------------------------------------------------------------ writes
+
+    @contextlib.contextmanager
+    def group(self):
+        conn = self._writer()
+        try:
+            yield PostgresGroup(self, conn)
+            if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+                conn.rollback()  # nothing to commit (lookups only): end the transaction, release the locks
+        except RETRY_ERRORS as e:
+            _rollback(conn)
+            raise LedgerConflict(f"{self.location}: {_first_line(e)}") from None
+        except (psycopg.OperationalError, psycopg.InterfaceError) as e:
+            _rollback(conn)
+            raise StoreUnavailable(f"{self.location}: {_first_line(e)}; nothing was recorded, retry") from None
+        except BaseException:
+            _rollback(conn)
+            raise
+
+    def _write_tx(self, fn):
+        conn = self._writer()
+        try:
+            with conn.transaction():
+                return fn(conn)
+        except (psycopg.OperationalError, psycopg.InterfaceError) as e:
+            _rollback(conn)
+            raise StoreUnavailable(f"{self.location}: {_first_line(e)}; nothing was stored, retry") from None
+        finally:
+            if not conn.closed and conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+                _rollback(conn)
+
+    def upsert_persons(self, rows: Sequence[PersonRow]) -> None:
+        self.import_persons([rows], {})
+
+    def import_persons(self, parts: Iterable[Sequence[PersonRow]], meta: dict) -> int:
+        def tx(conn):
+            count = 0
+            with conn.cursor() as cur:
+                for rows in parts:
+                    if rows:
+                        cur.executemany(UPSERT_PERSON, rows)
+                    count += len(rows)
+                for k, v in meta.items():
+                    cur.execute("INSERT INTO meta (key, value) VALUES (%s, %s) "
+                                "ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value", (k, v))
+            return count
+
+        return self._write_tx(tx)
+
+    def import_carried(self, rows: Sequence[AccumulatorRow]) -> int:
+        rows = list(rows)
+
+        def tx(conn):
+            locks = sorted({key_lock(r.key) for r in rows})
+            conn.execute("SELECT count(pg_advisory_xact_lock(k)) FROM unnest(%s::bigint[]) AS k", (locks,))
+            keys = {r.key for r in rows}
+            for part in range(0, len(rows), 5000):
+                pids = list({r.person_id for r in rows[part:part + 5000]})
+                for hit in conn.execute("SELECT person_id, region, scheme, year FROM accumulators "
+                                        "WHERE person_id = ANY(%s)", (pids,)):
+                    if tuple(hit) in keys:
+                        raise StoreError(f"{self.location}: key {tuple(hit)} already has settlements or carried "
+                                         f"accumulators; nothing was imported")
+            with conn.cursor() as cur:
+                cur.executemany(INSERT_CARRIED, rows)
+                cur.executemany(UPSERT_ACC, rows)
+            return len(rows)
+
+        return self._write_tx(tx)
+
+
+def _rollback(conn: psycopg.Connection) -> None:
+    try:
+        if not conn.closed:
+            conn.rollback()
+    except psycopg.Error:
+        pass
+
+
+def _first_line(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
