@@ -157,9 +157,9 @@ class Store(Protocol):
     def upsert_persons(self, rows: Sequence[PersonRow]) -> None: ...
     def import_persons(self, chunks: Iterable[Sequence[PersonRow]], meta: dict) -> int:
         """All the chunks and the meta entries in one transaction; returns the persons stored."""
-    def import_carried(self, rows: Sequence[AccumulatorRow]) -> int:
-        """Carried-in accumulators (spec section 4) in one transaction; refuses (StoreError)
-        keys that already have ledger entries or stored accumulators."""
+    def import_carried(self, parts: Iterable[Sequence[AccumulatorRow]]) -> int:
+        """Carried-in accumulators (spec section 4), all parts in one transaction; refuses
+        (StoreError, nothing imported) keys that already have settlements or carried state."""
 
 
 # --------------------------------------------------------------------------- audit (any backend)

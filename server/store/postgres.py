@@ -449,24 +449,28 @@ class PostgresStore(Audit):
 
         return self._write_tx(tx)
 
-    def import_carried(self, rows: Sequence[AccumulatorRow]) -> int:
-        rows = list(rows)
-
+    def import_carried(self, parts: Iterable[Sequence[AccumulatorRow]]) -> int:
         def tx(conn):
-            locks = sorted({key_lock(r.key) for r in rows})
-            conn.execute("SELECT count(pg_advisory_xact_lock(k)) FROM unnest(%s::bigint[]) AS k", (locks,))
-            keys = {r.key for r in rows}
-            for part in range(0, len(rows), 5000):
-                pids = list({r.person_id for r in rows[part:part + 5000]})
+            count = 0
+            for rows in parts:
+                rows = list(rows)
+                locks = sorted({key_lock(r.key) for r in rows})
+                conn.execute("SELECT count(pg_advisory_xact_lock(k)) FROM unnest(%s::bigint[]) AS k", (locks,))
+                keys = {r.key for r in rows}
                 for hit in conn.execute("SELECT person_id, region, scheme, year FROM accumulators "
-                                        "WHERE person_id = ANY(%s)", (pids,)):
+                                        "WHERE person_id = ANY(%s)", (list({r.person_id for r in rows}),)):
                     if tuple(hit) in keys:
                         raise StoreError(f"{self.location}: key {tuple(hit)} already has settlements or carried "
                                          f"accumulators; nothing was imported")
-            with conn.cursor() as cur:
-                cur.executemany(INSERT_CARRIED, rows)
-                cur.executemany(UPSERT_ACC, rows)
-            return len(rows)
+                try:
+                    with conn.cursor() as cur:
+                        cur.executemany(INSERT_CARRIED, rows)
+                        cur.executemany(UPSERT_ACC, rows)
+                except pg_errors.UniqueViolation:
+                    raise StoreError(f"{self.location}: a key occurs twice in the carry table; nothing was "
+                                     f"imported") from None
+                count += len(rows)
+            return count
 
         return self._write_tx(tx)
 

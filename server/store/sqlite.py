@@ -394,24 +394,29 @@ class SQLiteStore(Audit):
             raise
         return count
 
-    def import_carried(self, rows: Sequence[AccumulatorRow]) -> int:
+    def import_carried(self, parts: Iterable[Sequence[AccumulatorRow]]) -> int:
         c = self.conn
+        count = 0
         c.execute("BEGIN IMMEDIATE")
         try:
-            for part in chunks(list(rows)):
-                for r in part:
-                    hit = c.execute("SELECT 1 FROM accumulators WHERE person_id = ? AND region = ? AND scheme = ? "
-                                    "AND year = ?", r.key).fetchone()
-                    if hit:
+            for rows in parts:
+                for r in rows:
+                    if c.execute("SELECT 1 FROM accumulators WHERE person_id = ? AND region = ? AND scheme = ? "
+                                 "AND year = ?", r.key).fetchone():
                         raise StoreError(f"{self.location}: key {r.key} already has settlements or carried "
                                          f"accumulators; nothing was imported")
-                c.executemany(INSERT_CARRIED, part)
-                c.executemany(UPSERT_ACC, part)
+                try:
+                    c.executemany(INSERT_CARRIED, rows)
+                except sqlite3.IntegrityError:
+                    raise StoreError(f"{self.location}: a key occurs twice in the carry table; nothing was "
+                                     f"imported") from None
+                c.executemany(UPSERT_ACC, rows)
+                count += len(rows)
             c.execute("COMMIT")
         except BaseException:
             c.execute("ROLLBACK")
             raise
-        return len(rows)
+        return count
 
     # ------------------------------------------------------------------ WAL checkpoints
 
