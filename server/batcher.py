@@ -50,7 +50,7 @@ from ._proto import settlement_pb2 as pb
 from .core import Acc, Core, Outcome, Work, delta_layers, precheck
 from .errors import CallError
 from .registry import basis_at, person_from_row
-from .store import AccumulatorRow, LedgerConflict, LedgerEntry, Store, now_us
+from .store import AccumulatorRow, LedgerConflict, LedgerEntry, Store, StoreUnavailable, now_us
 
 log = logging.getLogger("medsettle.server")
 E = pb.ErrorCode
@@ -170,6 +170,8 @@ class GroupWriter:
         self._person_cache = person_cache
         self.stats = {"groups": 0, "items": 0, "settled": 0, "reversed": 0, "commit_failures": 0,
                       "slow_commits": 0, "max_group": 0, "conflicts": 0}
+        self._unavailable = 0
+        self._last_unavailable_log = -1e9
 
     @property
     def has_deferred(self) -> bool:
@@ -194,7 +196,7 @@ class GroupWriter:
             if run:
                 answers.extend(self._group(run))
         except Exception as e:  # never let the writer die: fail what is unanswered, keep serving
-            log.exception("writer: group failed")
+            self._log_failure("group failed", e)
             self._persons.clear()
             done = {id(it) for it, _ in answers}
             err = CallError(E.STORE_FAILURE, f"the settlement could not be recorded ({type(e).__name__}: {e}); "
@@ -202,6 +204,19 @@ class GroupWriter:
             answers.extend((it, err) for it in items if id(it) not in done)
             self.deferred = []
         return answers
+
+    def _log_failure(self, what: str, e: Exception) -> None:
+        """A store that cannot be reached is logged in one line, at most once a second (calls
+        keep failing fast until it is back); anything else with its traceback."""
+        if isinstance(e, StoreUnavailable):
+            now = time.monotonic()
+            self._unavailable += 1
+            if now - self._last_unavailable_log >= 1.0:
+                log.error("writer: %s (%d times since the last message): %s", what, self._unavailable, e)
+                self._last_unavailable_log = now
+                self._unavailable = 0
+        else:
+            log.exception("writer: %s", what)
 
     def _upsert(self, it: Pending):
         rows = it.payload
@@ -411,7 +426,7 @@ class GroupWriter:
                 raise
             except Exception as e:
                 st["commit_failures"] += 1
-                log.exception("writer: commit failed")
+                self._log_failure("commit failed", e)
                 self._persons.clear()
                 err = CallError(E.STORE_FAILURE, f"the settlement could not be recorded ({type(e).__name__}: {e}); "
                                 "nothing was recorded, retry")
