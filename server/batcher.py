@@ -230,20 +230,22 @@ class GroupWriter:
             self._persons.pop(r[0], None)
         return (it, len(rows))
 
-    def _load_persons(self, g, ids) -> dict:
+    def _lookup(self, g, claim_ids: list, person_ids: set) -> tuple:
+        """(ledger entries of the claim ids, Person or None per person id): the persons come from
+        the cache where it has them; what is missing is read with the ledger entries in one go."""
         cache = self._persons
         if not self._person_cache:
-            found = g.persons(ids)
-            return {pid: (person_from_row(found[pid]) if pid in found else None) for pid in ids}
-        missing = [pid for pid in ids if pid not in cache]
+            ledger, found = g.lookup(claim_ids, person_ids)
+            return ledger, {pid: (person_from_row(found[pid]) if pid in found else None) for pid in person_ids}
+        missing = [pid for pid in person_ids if pid not in cache]
+        ledger, found = g.lookup(claim_ids, missing)
         if missing:
             if len(cache) + len(missing) > self._person_cache:
                 cache.clear()
-            found = g.persons(missing)
             for pid in missing:
                 row = found.get(pid)
                 cache[pid] = person_from_row(row) if row is not None else None
-        return {pid: cache[pid] for pid in ids}
+        return ledger, {pid: cache[pid] for pid in person_ids}
 
     def _group(self, items: list) -> list:
         for attempt in range(CONFLICT_RETRIES + 1):
@@ -269,9 +271,8 @@ class GroupWriter:
         answers: list = []
         deferred: list = []
         claim_ids = [it.payload.claim_id for it in items if it.payload.claim_id]
-        ledger = g.ledger(claim_ids) if claim_ids else {}
-        persons = self._load_persons(g, {it.payload.person_id for it in items
-                                         if it.kind != REVERSE and it.payload.person_id})
+        ledger, persons = self._lookup(g, claim_ids, {it.payload.person_id for it in items
+                                                      if it.kind != REVERSE and it.payload.person_id})
 
         seen: dict = {}  # claim_id -> person_id, for the group so far
         blocked: set = set()  # persons with a deferred request
@@ -366,9 +367,9 @@ class GroupWriter:
         for rnd in rounds:
             for it, x in rnd:
                 keys.add(x["settle"].key if it.kind == REVERSE else x.key)
+        g.reserve(sum(it.kind != PRESETTLE for rnd in rounds for it, _ in rnd))
         accs = {k: Acc.from_blob(v) for k, v in g.accumulators(keys).items()} if keys else {}
 
-        g.reserve(sum(it.kind != PRESETTLE for rnd in rounds for it, _ in rnd))
         ledger_out: list = []
         changed: dict = {}  # key -> seq of its last change
         committing: list = []  # (item, bytes) answered only if the commit succeeds

@@ -113,12 +113,15 @@ class WriteGroup(Protocol):
     def persons(self, person_ids: Iterable[str]) -> dict:
         """person_id -> PersonRow for those registered."""
 
+    def lookup(self, claim_ids: Sequence[str], person_ids: Iterable[str]) -> tuple:
+        """(ledger(claim_ids), persons(person_ids)) at once (either may be empty)."""
+
     def accumulators(self, keys: Iterable[Key]) -> dict:
         """key -> state bytes of those stored; the keys are this group's until it ends
         (no other writer changes them before the commit)."""
 
     def reserve(self, n: int) -> None:
-        """At most `n` entries will be numbered in this group (a hint)."""
+        """At most `n` entries will be numbered in this group (a hint, given before `accumulators`)."""
 
     def next_seq(self) -> int:
         """The sequence number of the group's next ledger entry."""

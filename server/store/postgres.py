@@ -121,6 +121,17 @@ UPSERT_PERSON = ("INSERT INTO persons (person_id, region, scheme, birth_date, id
                  "ON CONFLICT (person_id) DO UPDATE SET region = EXCLUDED.region, scheme = EXCLUDED.scheme, "
                  "birth_date = EXCLUDED.birth_date, identities = EXCLUDED.identities")
 SELECT_LEDGER = f"SELECT {', '.join(LEDGER_FIELDS)} FROM ledger"
+# a group's rows as one statement each (column arrays through unnest): parsed and planned once,
+# not once per row as executemany's statements are
+LEDGER_TYPES = ("bigint", "text", "text", "text", "text", "text", "text", "integer", "bigint", "bigint", "bytea",
+                "bytea", "bytea", "text", "bigint")
+ACC_TYPES = ("text", "text", "text", "integer", "bigint", "bigint", "bytea", "bigint")
+INSERT_LEDGER_ARRAYS = (f"INSERT INTO ledger ({', '.join(LEDGER_FIELDS)}) SELECT * FROM unnest("
+                        + ", ".join(f"%s::{t}[]" for t in LEDGER_TYPES) + ")")
+UPSERT_ACC_ARRAYS = (f"INSERT INTO accumulators ({', '.join(ACCUMULATOR_FIELDS)}) SELECT * FROM unnest("
+                     + ", ".join(f"%s::{t}[]" for t in ACC_TYPES) + ") "
+                     "ON CONFLICT (person_id, region, scheme, year) DO UPDATE SET admissions = EXCLUDED.admissions, "
+                     "compliant_total = EXCLUDED.compliant_total, state = EXCLUDED.state, last_seq = EXCLUDED.last_seq")
 
 #: How long a group waits for another instance's lock on one of its keys before it is re-run.
 LOCK_TIMEOUT_MS = 5000
@@ -189,7 +200,8 @@ def migrate(conn: psycopg.Connection, location: str, upto: int = SCHEMA_VERSION)
 
 class PostgresGroup:
     """The writer's unit of work on PostgreSQL: one transaction from the first lookup to
-    the commit, the group's keys locked before their accumulators are read."""
+    the commit, the group's keys locked before their accumulators are read. Statements that
+    do not depend on each other go in one round trip (pipeline mode)."""
 
     def __init__(self, store: "PostgresStore", conn: psycopg.Connection):
         self.store = store
@@ -201,28 +213,42 @@ class PostgresGroup:
         self._block = max(1, n)
 
     def ledger(self, claim_ids) -> dict:
-        out: dict = {}
-        for row in self.conn.execute(f"{SELECT_LEDGER} WHERE claim_id = ANY(%s)", (list(set(claim_ids)),)):
-            e = _entry(row)
-            out.setdefault(e.claim_id, {})[e.kind] = e
-        return out
+        return self.lookup(claim_ids, ())[0]
 
     def persons(self, person_ids) -> dict:
-        return {r[0]: PersonRow(*r) for r in self.conn.execute(
-            "SELECT person_id, region, scheme, birth_date, identities FROM persons WHERE person_id = ANY(%s)",
-            (list(set(person_ids)),))}
+        return self.lookup((), person_ids)[1]
+
+    def lookup(self, claim_ids, person_ids) -> tuple:
+        claim_ids, person_ids = list(set(claim_ids)), list(set(person_ids))
+        with self.conn.pipeline():
+            lc = self.conn.execute(f"{SELECT_LEDGER} WHERE claim_id = ANY(%s)", (claim_ids,)) if claim_ids else None
+            pc = self.conn.execute("SELECT person_id, region, scheme, birth_date, identities FROM persons "
+                                   "WHERE person_id = ANY(%s)", (person_ids,)) if person_ids else None
+        ledger: dict = {}
+        for row in (lc.fetchall() if lc is not None else ()):
+            e = _entry(row)
+            ledger.setdefault(e.claim_id, {})[e.kind] = e
+        persons = {r[0]: PersonRow(*r) for r in (pc.fetchall() if pc is not None else ())}
+        return ledger, persons
 
     def accumulators(self, keys) -> dict:
         keys = set(keys)
         if not keys:
             return {}
-        locks = sorted({key_lock(k) for k in keys})
-        self.conn.execute("SELECT count(pg_advisory_xact_lock(k)) FROM unnest(%s::bigint[]) AS k", (locks,))
+        if self.store.isolation == "locks":
+            # its own statement: a READ COMMITTED statement reads as of its start, so the rows
+            # must be read by a statement that starts once the locks are held
+            locks = sorted({key_lock(k) for k in keys})
+            self.conn.execute("SELECT count(pg_advisory_xact_lock(k)) FROM unnest(%s::bigint[]) AS k", (locks,))
+        with self.conn.pipeline():
+            ac = self.conn.execute("SELECT person_id, region, scheme, year, state FROM accumulators "
+                                   "WHERE person_id = ANY(%s)", (list({k[0] for k in keys}),))
+            sc = self.conn.execute("SELECT nextval('ledger_seq') FROM generate_series(1, %s)", (self._block,))
         out = {}
-        for row in self.conn.execute("SELECT person_id, region, scheme, year, state FROM accumulators "
-                                     "WHERE person_id = ANY(%s)", (list({k[0] for k in keys}),)):
+        for row in ac.fetchall():
             if row[:4] in keys:
                 out[row[:4]] = row[4]
+        self._seqs = sorted((r[0] for r in sc.fetchall()), reverse=True)
         return out
 
     def next_seq(self) -> int:
@@ -234,12 +260,12 @@ class PostgresGroup:
 
     def commit(self, entries: Sequence[LedgerEntry], accumulators: Sequence[AccumulatorRow]) -> None:
         try:
-            with self.conn.cursor() as cur:
+            with self.conn.pipeline():
                 if entries:
-                    cur.executemany(INSERT_LEDGER, entries)
+                    self.conn.execute(INSERT_LEDGER_ARRAYS, [list(c) for c in zip(*entries)])
                 if accumulators:
-                    cur.executemany(UPSERT_ACC, accumulators)
-            self.conn.commit()
+                    self.conn.execute(UPSERT_ACC_ARRAYS, [list(c) for c in zip(*accumulators)])
+                self.conn.commit()
         except RETRY_ERRORS as e:  # another instance committed one of these claim ids first
             _rollback(self.conn)
             raise LedgerConflict(f"{self.store.location}: {_first_line(e)}") from None
@@ -252,7 +278,14 @@ class PostgresGroup:
 class PostgresStore(Audit):
     """A store in a PostgreSQL database (see the module doc)."""
 
-    def __init__(self, url: str, *, create: bool = True, migrate_to: Optional[int] = None, pool_size: int = 4):
+    def __init__(self, url: str, *, create: bool = True, migrate_to: Optional[int] = None, pool_size: int = 4,
+                 isolation: str = "locks"):
+        if isolation not in ("locks", "serializable"):
+            raise ValueError(f"isolation must be 'locks' or 'serializable', not {isolation!r}")
+        #: "locks": READ COMMITTED groups with per-key advisory locks (the server's mode);
+        #: "serializable": SERIALIZABLE groups without locks, re-run on a serialization failure
+        #: (kept to measure the alternative: benchmarks/bench_pg_locking.py)
+        self.isolation = isolation
         self.url = url
         self.location = redact(url)
         self.pool_size = max(1, pool_size)
@@ -300,6 +333,8 @@ class PostgresStore(Audit):
             if conn is not None:
                 conn.close()
             self._wconn = conn = self._connect()
+        if self.isolation == "serializable" and conn.isolation_level != psycopg.IsolationLevel.SERIALIZABLE:
+            conn.isolation_level = psycopg.IsolationLevel.SERIALIZABLE
         return conn
 
     def _readers(self) -> ConnectionPool:

@@ -194,6 +194,10 @@ class SQLiteGroup:
     def persons(self, person_ids) -> dict:
         return _persons(self.conn, person_ids)
 
+    def lookup(self, claim_ids, person_ids) -> tuple:
+        return (_ledger(self.conn, claim_ids) if claim_ids else {},
+                _persons(self.conn, person_ids) if person_ids else {})
+
     def accumulators(self, keys) -> dict:
         keys = set(keys)
         out = {}
