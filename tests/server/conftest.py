@@ -39,11 +39,15 @@ def ps():
     return policy_set()
 
 
-@pytest.fixture(params=["process", "thread"])
+@pytest.fixture(params=["process", "thread",
+                        pytest.param("postgres", marks=[pytest.mark.service, pytest.mark.postgres])])
 def srv(ps, tmp_path, request):
     """A server with the test persons registered; every test runs with the writer in its own
-    process (the default) and as a thread."""
-    s = ThreadedServer(ps, tmp_path / "store.db", verify=True, writer=request.param)
+    process (the default) and as a thread on an SQLite file, and on PostgreSQL (writer process)."""
+    if request.param == "postgres":
+        s = ThreadedServer(ps, request.getfixturevalue("pg_url"), verify=True, writer="process")
+    else:
+        s = ThreadedServer(ps, tmp_path / "store.db", verify=True, writer=request.param)
     s.registry.UpsertPersons(iter(persons_pb()), timeout=30)
     yield s
     s.stop()
