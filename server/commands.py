@@ -92,11 +92,11 @@ def register_accumulators(subparsers) -> None:
     i.set_defaults(func=run_import)
 
 
-def _open(prog: str, target: str):
-    """(store, None) or (None, exit code) with the reason printed."""
+def _open(prog: str, target: str, exclusive: bool):
+    """(store, None) or (None, exit code) with the reason printed. `exclusive`: refuse an SQLite
+    store that a running server holds (a write beside its writer would race it)."""
     try:
-        # a running SQLite server holds the file's lock: an import beside it would race its writer
-        return open_store(target, exclusive=True, create=False, pool_size=1), None
+        return open_store(target, exclusive=exclusive, create=False, pool_size=1), None
     except StoreUnavailable as e:
         print(f"{prog}: {e}", file=sys.stderr)
         return None, EXIT_FAILURE
@@ -114,7 +114,7 @@ def run_export(args) -> int:
     if os.path.isdir(args.output):
         print(f"{prog}: {args.output} is a folder; give a file name", file=sys.stderr)
         return EXIT_USAGE
-    store, code = _open(prog, args.store)
+    store, code = _open(prog, args.store, exclusive=False)  # reads only: also beside a running server
     if store is None:
         return code
     try:
@@ -133,7 +133,7 @@ def run_import(args) -> int:
     if not os.path.isfile(args.accumulators):
         print(f"{prog}: {args.accumulators}: no such file", file=sys.stderr)
         return EXIT_USAGE
-    store, code = _open(prog, args.store)
+    store, code = _open(prog, args.store, exclusive=True)
     if store is None:
         return code
     try:

@@ -298,7 +298,12 @@ class SQLiteStore(Audit):
                 self._readers.append(conn)
         return conn
 
-    def close(self, checkpoint: bool = True) -> None:
+    def close(self, checkpoint: Optional[bool] = None) -> None:
+        """Closes the connections; `checkpoint` (default: when this process holds the store's
+        lock, i.e. is its server) truncates the WAL first: a reader beside a running server
+        must not hold off its writer for that."""
+        if checkpoint is None:
+            checkpoint = self._lock_file is not None
         if self._checkpointer is not None:
             t, stop = self._checkpointer
             stop.set()

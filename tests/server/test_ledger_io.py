@@ -152,3 +152,23 @@ def test_import_is_refused_whole(store, store_factory, ps, tmp_path, gw):
     pq.write_table(others, tmp_path / "ok.parquet")
     assert cli("accumulators", "import", "--store", store_factory.target, str(tmp_path / "ok.parquet")) == 0
     assert len(list(store.iter_carried())) == others.num_rows
+
+
+def test_export_beside_a_running_server_import_refused(tmp_path, ps):
+    """An SQLite store held by a server (its exclusive lock) can be exported, not imported into."""
+    from server.store import SQLiteStore
+
+    path = str(tmp_path / "s.db")
+    live = SQLiteStore(path, exclusive=True)
+    live.upsert_persons(person_rows())
+    run(GroupWriter(live, Core(ps)), settle(claim_row("e1", "p-plain", T(2024, 3, 3))))
+    try:
+        assert cli("ledger", "export", "--store", path, "-o", str(tmp_path / "l.parquet")) == 0
+        assert pq.read_table(tmp_path / "l.parquet").column("claim_id").to_pylist() == ["e1"]
+        pq.write_table(engine.settle(engine_table(year_claims(months=[1])), ps).accumulators, tmp_path / "a.parquet")
+        assert cli("accumulators", "import", "--store", path, str(tmp_path / "a.parquet")) == 2
+        assert list(live.iter_carried()) == []
+    finally:
+        live.close()
+    assert cli("ledger", "export", "--store", str(tmp_path / "none.db"), "-o", str(tmp_path / "x.parquet")) == 2
+    assert not (tmp_path / "none.db").exists() and not (tmp_path / "x.parquet").exists()
