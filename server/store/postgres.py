@@ -342,7 +342,9 @@ class PostgresStore(Audit):
             if self._pool is None:
                 self._pool = ConnectionPool(self.url, min_size=1, max_size=self.pool_size, open=True,
                                             timeout=CONNECT_TIMEOUT_S, check=ConnectionPool.check_connection,
-                                            reconnect_timeout=0,  # keep trying for ever (the database comes back)
+                                            # a lost connection is re-made in the background for up to 30 s;
+                                            # after that the next read that finds the pool short opens one
+                                            reconnect_timeout=30,
                                             kwargs={"autocommit": True, "connect_timeout": CONNECT_TIMEOUT_S,
                                                     "application_name": "medsettle-read"},
                                             name="medsettle-read")
