@@ -271,8 +271,11 @@ class GroupWriter:
         answers: list = []
         deferred: list = []
         claim_ids = [it.payload.claim_id for it in items if it.payload.claim_id]
-        ledger, persons = self._lookup(g, claim_ids, {it.payload.person_id for it in items
-                                                      if it.kind != REVERSE and it.payload.person_id})
+        settle_persons = {it.payload.person_id for it in items if it.kind != REVERSE and it.payload.person_id}
+        # the persons whose keys the group will touch (those of reversals come from the ledger) and
+        # how many entries it may number at most: a store may lock and read ahead with the lookups
+        g.prepare(settle_persons, sum(it.kind != PRESETTLE for it in items))
+        ledger, persons = self._lookup(g, claim_ids, settle_persons)
 
         seen: dict = {}  # claim_id -> person_id, for the group so far
         blocked: set = set()  # persons with a deferred request
@@ -367,7 +370,6 @@ class GroupWriter:
         for rnd in rounds:
             for it, x in rnd:
                 keys.add(x["settle"].key if it.kind == REVERSE else x.key)
-        g.reserve(sum(it.kind != PRESETTLE for rnd in rounds for it, _ in rnd))
         accs = {k: Acc.from_blob(v) for k, v in g.accumulators(keys).items()} if keys else {}
 
         ledger_out: list = []

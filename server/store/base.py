@@ -120,8 +120,9 @@ class WriteGroup(Protocol):
         """key -> state bytes of those stored; the keys are this group's until it ends
         (no other writer changes them before the commit)."""
 
-    def reserve(self, n: int) -> None:
-        """At most `n` entries will be numbered in this group (a hint, given before `accumulators`)."""
+    def prepare(self, person_ids: Iterable[str], entries: int) -> None:
+        """A hint given first: the persons whose keys the group will touch (more may follow in
+        `accumulators`, e.g. those of reversals) and at most how many entries it will number."""
 
     def next_seq(self) -> int:
         """The sequence number of the group's next ledger entry."""

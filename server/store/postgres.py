@@ -3,14 +3,18 @@
 Same tables and guarantees as the SQLite store (server/store/sqlite.py), the
 same numbered migrations. What differs because several writers share it:
 
-* **Per-key serialisation.** A group locks every accumulator key it touches
-  before it reads their accumulators: one transaction-scoped advisory lock
-  per key (`pg_advisory_xact_lock` of a 64-bit hash of person, region,
-  scheme, year), taken in ascending order in one statement, so two groups
-  never deadlock and a key is never settled from a stale read; the lock also
-  covers keys that have no row yet (a row lock could not). A hash collision
-  only serialises two keys more than needed. Locks end with the transaction
-  (also when an instance dies: PostgreSQL rolls its transaction back).
+* **Per-person serialisation.** A group locks every person whose keys it
+  touches before it reads their accumulators: one transaction-scoped
+  advisory lock per person (`pg_advisory_xact_lock` of a 64-bit hash of the
+  person id; all of a person's keys at once), the group's settling persons
+  in ascending order in one statement, so two groups never deadlock on them
+  and a key is never settled from a stale read; the lock also covers keys
+  that have no row yet (a row lock could not). A hash collision only
+  serialises two persons more than needed. Persons named only by the
+  ledger (reversals) are locked afterwards; a deadlock that this may cause
+  with another instance is detected by PostgreSQL and the group re-run.
+  Locks end with the transaction (also when an instance dies: PostgreSQL
+  rolls its transaction back).
 * **Idempotency across instances.** The ledger keeps UNIQUE(claim_id, kind).
   When another instance committed one of the group's claim ids first, the
   insert fails, nothing of the group is stored, and the writer runs the
@@ -137,7 +141,7 @@ UPSERT_ACC_ARRAYS = (f"INSERT INTO accumulators ({', '.join(ACCUMULATOR_FIELDS)}
 LOCK_TIMEOUT_MS = 5000
 #: Seconds to wait for a connection (the database down answers UNAVAILABLE after this).
 CONNECT_TIMEOUT_S = 3
-#: Sequence numbers taken at once by a group that did not say how many it needs (`reserve`);
+#: Sequence numbers taken at once by a group that did not say how many it needs (`prepare`);
 #: unused ones are left as gaps.
 SEQ_BLOCK = 64
 
@@ -151,9 +155,9 @@ def redact(url: str) -> str:
     return re.sub(r"(://[^:/@]*):[^@]*@", r"\1:***@", url)
 
 
-def key_lock(key: tuple) -> int:
-    """A signed 64-bit lock id for an accumulator key."""
-    h = hashlib.blake2b("\x1f".join(map(str, key)).encode(), digest_size=8).digest()
+def person_lock(person_id: str) -> int:
+    """A signed 64-bit advisory-lock id for a person (all their accumulator keys)."""
+    h = hashlib.blake2b(person_id.encode(), digest_size=8).digest()
     return int.from_bytes(h, "big", signed=True)
 
 
@@ -199,18 +203,25 @@ def migrate(conn: psycopg.Connection, location: str, upto: int = SCHEMA_VERSION)
 
 
 class PostgresGroup:
-    """The writer's unit of work on PostgreSQL: one transaction from the first lookup to
-    the commit, the group's keys locked before their accumulators are read. Statements that
-    do not depend on each other go in one round trip (pipeline mode)."""
+    """The writer's unit of work on PostgreSQL: one transaction from the first lookup to the
+    commit. The persons the group settles are locked, and their accumulators read, in the
+    same round trip as the ledger and registry lookups (a pipeline runs its statements in
+    order, so the accumulators are read by a statement that starts once the locks are held);
+    persons that only the ledger names (reversals) are locked and read in a second one. The
+    rows and the COMMIT go in one more."""
 
     def __init__(self, store: "PostgresStore", conn: psycopg.Connection):
         self.store = store
         self.conn = conn
         self._seqs: list = []
         self._block = SEQ_BLOCK
+        self._prepared: list = []
+        self._locked: set = set()
+        self._acc_rows: dict = {}
 
-    def reserve(self, n: int) -> None:
-        self._block = max(1, n)
+    def prepare(self, person_ids, entries: int) -> None:
+        self._prepared = sorted(set(person_ids))
+        self._block = max(1, entries)
 
     def ledger(self, claim_ids) -> dict:
         return self.lookup(claim_ids, ())[0]
@@ -218,38 +229,45 @@ class PostgresGroup:
     def persons(self, person_ids) -> dict:
         return self.lookup((), person_ids)[1]
 
+    def _lock_and_read(self, person_ids: list) -> tuple:
+        """Statements (in the open pipeline) that lock `person_ids` and then read their rows."""
+        if self.store.isolation == "locks":
+            self.conn.execute("SELECT count(pg_advisory_xact_lock(k)) FROM unnest(%s::bigint[]) AS k",
+                              (sorted({person_lock(p) for p in person_ids}),))
+        self._locked.update(person_ids)
+        return self.conn.execute("SELECT person_id, region, scheme, year, state FROM accumulators "
+                                 "WHERE person_id = ANY(%s)", (person_ids,))
+
     def lookup(self, claim_ids, person_ids) -> tuple:
         claim_ids, person_ids = list(set(claim_ids)), list(set(person_ids))
+        prepared, self._prepared = self._prepared, []
         with self.conn.pipeline():
             lc = self.conn.execute(f"{SELECT_LEDGER} WHERE claim_id = ANY(%s)", (claim_ids,)) if claim_ids else None
             pc = self.conn.execute("SELECT person_id, region, scheme, birth_date, identities FROM persons "
                                    "WHERE person_id = ANY(%s)", (person_ids,)) if person_ids else None
+            ac = self._lock_and_read(prepared) if prepared else None
+            sc = (self.conn.execute("SELECT nextval('ledger_seq') FROM generate_series(1, %s)", (self._block,))
+                  if prepared else None)
         ledger: dict = {}
         for row in (lc.fetchall() if lc is not None else ()):
             e = _entry(row)
             ledger.setdefault(e.claim_id, {})[e.kind] = e
         persons = {r[0]: PersonRow(*r) for r in (pc.fetchall() if pc is not None else ())}
+        for row in (ac.fetchall() if ac is not None else ()):
+            self._acc_rows[row[:4]] = row[4]
+        if sc is not None:
+            self._seqs = sorted((r[0] for r in sc.fetchall()), reverse=True)
         return ledger, persons
 
     def accumulators(self, keys) -> dict:
         keys = set(keys)
-        if not keys:
-            return {}
-        if self.store.isolation == "locks":
-            # its own statement: a READ COMMITTED statement reads as of its start, so the rows
-            # must be read by a statement that starts once the locks are held
-            locks = sorted({key_lock(k) for k in keys})
-            self.conn.execute("SELECT count(pg_advisory_xact_lock(k)) FROM unnest(%s::bigint[]) AS k", (locks,))
-        with self.conn.pipeline():
-            ac = self.conn.execute("SELECT person_id, region, scheme, year, state FROM accumulators "
-                                   "WHERE person_id = ANY(%s)", (list({k[0] for k in keys}),))
-            sc = self.conn.execute("SELECT nextval('ledger_seq') FROM generate_series(1, %s)", (self._block,))
-        out = {}
-        for row in ac.fetchall():
-            if row[:4] in keys:
-                out[row[:4]] = row[4]
-        self._seqs = sorted((r[0] for r in sc.fetchall()), reverse=True)
-        return out
+        missing = sorted({k[0] for k in keys} - self._locked)
+        if missing:  # persons the ledger named (reversals): lock and read them now
+            with self.conn.pipeline():
+                ac = self._lock_and_read(missing)
+            for row in ac.fetchall():
+                self._acc_rows[row[:4]] = row[4]
+        return {k: v for k, v in self._acc_rows.items() if k in keys}
 
     def next_seq(self) -> int:
         if not self._seqs:
@@ -491,7 +509,7 @@ class PostgresStore(Audit):
             count = 0
             for rows in parts:
                 rows = list(rows)
-                locks = sorted({key_lock(r.key) for r in rows})
+                locks = sorted({person_lock(r.person_id) for r in rows})
                 conn.execute("SELECT count(pg_advisory_xact_lock(k)) FROM unnest(%s::bigint[]) AS k", (locks,))
                 keys = {r.key for r in rows}
                 for hit in conn.execute("SELECT person_id, region, scheme, year FROM accumulators "

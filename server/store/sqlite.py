@@ -208,8 +208,8 @@ class SQLiteGroup:
                     out[row[:4]] = row[4]
         return out
 
-    def reserve(self, n: int) -> None:
-        """Dense numbers are taken one by one: nothing to reserve."""
+    def prepare(self, person_ids, entries: int) -> None:
+        """The only writer needs no locks; dense numbers are taken one by one."""
 
     def next_seq(self) -> int:
         self._seq += 1

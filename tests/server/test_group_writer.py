@@ -8,7 +8,8 @@ import threading
 
 import pytest
 
-from srv_helpers import PERSONS, T, claim_row, engine_results, norm, pb, persons_pb, result_dict, settle_request
+from srv_helpers import (PERSONS, T, claim_row, engine_results, ledger_size, norm, pb, persons_pb, result_dict,
+                         settle_request)
 from server.batcher import PRESETTLE, REVERSE, SETTLE, UPSERT, GroupWriter
 from server.core import Core
 from server.errors import CallError
@@ -77,10 +78,10 @@ def test_retry_is_replayed_and_duplicate_is_refused(gw, store):
     dup = run(gw, settle(dict(row, in_scope_amount=row["in_scope_amount"] + 1,
                               total_amount=row["total_amount"] + 1)))[0]
     assert isinstance(dup, CallError) and dup.code == E.DUPLICATE_CLAIM and "in_scope_amount" in dup.message
-    assert store.max_seq() == 2
+    assert ledger_size(store) == 2
     # PreSettle changes nothing
     pre = run(gw, settle(claim_row("r3", "p-plain", T(2024, 5, 3)), kind=PRESETTLE))[0]
-    assert isinstance(pre, bytes) and store.max_seq() == 2 and not store.ledger(["r3"])
+    assert isinstance(pre, bytes) and ledger_size(store) == 2 and not store.ledger(["r3"])
 
 
 def test_reversal(gw, store, ps):
@@ -114,7 +115,7 @@ def test_unknown_person_and_malformed_requests_change_nothing(gw, store):
     out = run(gw, settle(claim_row("u1", "p-nobody", T(2024, 1, 2))),
               decode(SETTLE, b"\xff\xff\xff", None), decode(UPSERT, b"not json", None))
     assert [e.code for e in out] == [E.PERSON_NOT_FOUND, E.INVALID_VALUE, E.INVALID_VALUE]
-    assert store.max_seq() == 0 and store.stored_accumulators() == {}
+    assert ledger_size(store) == 0 and store.stored_accumulators() == {}
 
 
 def test_registry_upsert_through_the_writer(gw, store):
