@@ -186,7 +186,7 @@ def test_kernel_loop(benchmark, data, ps, n):
     warm.append(settler.run_kernel(chunk))
     del warm
     out = benchmark.pedantic(settler.run_kernel, setup=fresh_state, rounds=BIG_ROUNDS, iterations=1)
-    _record(benchmark, n, ok=int((out["status"] == 0).sum()), first_call_s=round(first, 3))
+    _record(benchmark, n, ok=int((out.status == 0).sum()), first_call_s=round(first, 3))
 
 
 @big

@@ -12,7 +12,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from . import _kernel
+from . import _columns, _kernel
 from .compile import UNDECLARED_IDENTITY_BIT, CompiledPolicies, encode_category
 from .schema import FACILITY_LEVELS, FUNDS, LOCALITIES, SCHEMES, VISIT_TYPES
 
@@ -70,7 +70,7 @@ def valid_mask(arr: pa.Array) -> np.ndarray:
     if bits is None:
         return np.ones(len(arr), dtype=np.uint8)
     out = np.empty(len(arr), dtype=np.uint8)
-    _kernel.unpack_bits(bits, arr.offset, out)
+    _columns.unpack_bits(bits, arr.offset, out)
     return out
 
 
@@ -79,7 +79,7 @@ def _booleans(arr: pa.Array) -> np.ndarray:
     out = np.empty(len(arr), dtype=np.uint8)
     if len(arr) == 0:
         return out
-    _kernel.unpack_bits(np.frombuffer(arr.buffers()[1], dtype=np.uint8), arr.offset, out)
+    _columns.unpack_bits(np.frombuffer(arr.buffers()[1], dtype=np.uint8), arr.offset, out)
     bits = _validity(arr)
     if bits is not None:
         out &= valid_mask(arr)
@@ -94,7 +94,7 @@ def _ages(arr: pa.Array) -> np.ndarray:
         return out
     values = np.frombuffer(arr.buffers()[1], dtype=np.int16, count=arr.offset + n)[arr.offset:]
     bits = _validity(arr)
-    _kernel.ages(values, np.zeros(0, np.uint8) if bits is None else bits, arr.offset, out)
+    _columns.ages(values, np.zeros(0, np.uint8) if bits is None else bits, arr.offset, out)
     return out
 
 
@@ -109,7 +109,7 @@ def _codes(arr: pa.Array, names) -> np.ndarray:
         return out
     offsets, data, valid = string_buffers(arr)
     name_offsets, name_data = _name_buffers(tuple(names))
-    _kernel.string_codes(offsets, data, valid, name_offsets, name_data, out)
+    _columns.string_codes(offsets, data, valid, name_offsets, name_data, out)
     return out
 
 
@@ -164,7 +164,7 @@ class PreparedClaims:
         for name in REQUIRED_COLUMNS:
             col = batch.column(name)
             if col.null_count:
-                _kernel.mark_nulls(_validity(col), col.offset, missing)
+                _columns.mark_nulls(_validity(col), col.offset, missing)
         self.missing = missing
 
         self.visit = _codes(batch.column("visit_type"), VISIT_TYPES).astype(np.int8)
@@ -189,6 +189,7 @@ class PreparedClaims:
         st = st.cast(pa.int64())
         self.settle_time = np.asarray(st.fill_null(0) if st.null_count else st) if n else np.zeros(0, np.int64)
         self.policy = self._policies(batch, compiled, scheme, self.settle_time)
+        self.columns = _kernel.ClaimColumns(self)
 
     @staticmethod
     def _policies(batch, compiled: CompiledPolicies, scheme: np.ndarray, settle_time: np.ndarray) -> np.ndarray:
@@ -237,6 +238,7 @@ class PreparedClaims:
             region_names = compiled.names.region_names
             self.policy = _policy_index(_value_codes(region, region_names), scheme_codes, self.settle_time,
                                         compiled)
+        self.columns = _kernel.ClaimColumns(self)
         return self
 
     def claim_ids(self) -> list:
@@ -248,7 +250,7 @@ def _policy_index(region: np.ndarray, scheme: np.ndarray, settle_time: np.ndarra
                   compiled: CompiledPolicies) -> np.ndarray:
     policy = np.empty(len(settle_time), dtype=np.int32)
     names = compiled.names
-    _kernel.policy_rows(region.astype(np.int32, copy=False), scheme.astype(np.int32, copy=False), settle_time,
+    _columns.policy_rows(region.astype(np.int32, copy=False), scheme.astype(np.int32, copy=False), settle_time,
                         names.policy_table, names.first_year, policy)
     return policy
 
@@ -290,26 +292,26 @@ def _disease_code(value) -> int:
     return encode_category(code) if len(code) >= 3 else -1
 
 
-def _derived(prep: PreparedClaims, out: dict, compiled: CompiledPolicies) -> dict:
+def _derived(prep: PreparedClaims, out: _kernel.KernelOutputs, compiled: CompiledPolicies) -> dict:
     """The result values computed from the kernel's outputs, shared by both result builders:
     policy (-1 on error rows), fund_total, personal, compliant_personal, and the list
     offsets [n + 1] of layer_pays with its entries (global layer index, amount)."""
     n = prep.n
-    layer_pay = out["layer_pay"]
+    layer_pay = out.layer_pay
     d = {"policy": pool_array(n, np.int32), "fund_total": pool_array(n, np.int64), "personal": pool_array(n, np.int64),
          "compliant_personal": pool_array(n, np.int64), "layer_offsets": pool_array(n + 1, np.int32)}
-    entries = _kernel.result_columns(out["status"], prep.policy, prep.total, out["fund_pay"], out["compliant"],
+    entries = _columns.result_columns(out.status, prep.policy, prep.total, out.fund_pay, out.compliant,
                                      layer_pay, d["policy"], d["fund_total"], d["personal"],
                                      d["compliant_personal"], d["layer_offsets"])
     d["layer"], d["pay"] = pool_array(entries, np.int32), pool_array(entries, np.int64)
-    _kernel.layer_entries(layer_pay, d["policy"], compiled.policies, d["layer"], d["pay"])
+    _columns.layer_entries(layer_pay, d["policy"], compiled.policies, d["layer"], d["pay"])
     return d
 
 
-def _delta_heads(prep: PreparedClaims, out: dict) -> tuple[np.ndarray, np.ndarray]:
+def _delta_heads(prep: PreparedClaims, out: _kernel.KernelOutputs) -> tuple[np.ndarray, np.ndarray]:
     """delta_admissions and delta_compliant_total of each row (0 on error rows)."""
-    ok = out["status"] == 0
-    return ((prep.visit == 0) & ok).astype(np.int64), np.where(ok, out["compliant"], 0)
+    ok = out.status == 0
+    return ((prep.visit == 0) & ok).astype(np.int64), np.where(ok, out.compliant, 0)
 
 
 def pool_array(shape, dtype) -> np.ndarray:
@@ -355,7 +357,7 @@ def _named(codes: np.ndarray, names: pa.Array, dictionary: bool) -> pa.Array:
     return names.take(pa.array(codes, mask=codes < 0))
 
 
-def build_results(prep: PreparedClaims, compiled: CompiledPolicies, out: dict, deltas: bool,
+def build_results(prep: PreparedClaims, compiled: CompiledPolicies, out: _kernel.KernelOutputs, deltas: bool,
                   dictionary: bool = False) -> pa.RecordBatch:
     """The results chunk (spec section 3) from the kernel's outputs, in input order.
 
@@ -363,7 +365,7 @@ def build_results(prep: PreparedClaims, compiled: CompiledPolicies, out: dict, d
     policy set's names: the same values, without copying a string per row,
     which a Parquet writer then stores as its dictionary pages directly.
     """
-    status, fund_pay = out["status"], out["fund_pay"]
+    status, fund_pay = out.status, out.fund_pay
     d = _derived(prep, out, compiled)
     policy = d["policy"]
     names = compiled.names
@@ -380,21 +382,21 @@ def build_results(prep: PreparedClaims, compiled: CompiledPolicies, out: dict, d
         prep.batch.column("claim_id"),
         _named(status, _STATUS_NAMES, dictionary),
         _named(policy, names.policy_ids, dictionary),
-        _named(out["effective"], names.identities, dictionary),
-        pa.array(out["deductible_applied"]),
+        _named(out.effective, names.identities, dictionary),
+        pa.array(out.deductible_applied),
         *[pa.array(fund_pay[j]) for j in range(len(FUNDS))],
         pa.array(d["fund_total"]),
         pa.array(d["personal"]),
         pa.array(d["compliant_personal"]),
         layer_pays,
-        pa.array(out["cap_hit"].view(np.bool_)),
+        pa.array(out.cap_hit.view(np.bool_)),
     ]
     if deltas:
-        columns += [*map(pa.array, _delta_heads(prep, out)), _delta_layers(out["deltas"], policy, compiled)]
+        columns += [*map(pa.array, _delta_heads(prep, out)), _delta_layers(out.deltas, policy, compiled)]
     return pa.RecordBatch.from_arrays(columns, schema=schema)
 
 
-def result_rows(prep: PreparedClaims, compiled: CompiledPolicies, out: dict, deltas: bool) -> list[dict]:
+def result_rows(prep: PreparedClaims, compiled: CompiledPolicies, out: _kernel.KernelOutputs, deltas: bool) -> list[dict]:
     """The rows `build_results(...).to_pylist()` gives, built without Arrow arrays.
 
     For callers that settle a few claims at a time (the server's groups), where
@@ -402,19 +404,19 @@ def result_rows(prep: PreparedClaims, compiled: CompiledPolicies, out: dict, del
     d = _derived(prep, out, compiled)
     c = compiled
     claim_ids = prep.claim_ids()
-    status = out["status"].tolist()
+    status = out.status.tolist()
     policy = d["policy"].tolist()
-    effective = out["effective"].tolist()
-    ded = out["deductible_applied"].tolist()
-    fund_pay = out["fund_pay"].T.tolist()
+    effective = out.effective.tolist()
+    ded = out.deductible_applied.tolist()
+    fund_pay = out.fund_pay.T.tolist()
     fund_total, personal, compliant_personal = (d[k].tolist() for k in ("fund_total", "personal",
                                                                         "compliant_personal"))
     layer_offsets, layer, pay = d["layer_offsets"].tolist(), d["layer"].tolist(), d["pay"].tolist()
-    cap_hit = out["cap_hit"].view(np.bool_).tolist()
+    cap_hit = out.cap_hit.view(np.bool_).tolist()
     policy_ids, identity_names, layer_names = c.policy_ids, c.identity_names, c.layer_names
     if deltas:
         d_adm, d_ct = (v.tolist() for v in _delta_heads(prep, out))
-        values = out["deltas"]
+        values = out.deltas
     rows = []
     for i in range(prep.n):
         p = policy[i]
@@ -497,23 +499,12 @@ def accumulators_table(keys_starts: np.ndarray, keys_arena: np.ndarray, compiled
     items = sorted((aside or {}).items())
     aside_slot = np.array([k[0] for k, _ in items], dtype=np.int64)
     aside_rows = np.array([(k[1], k[2], v) for k, v in items], dtype=np.int64).reshape(len(items), 3)
-    policy = np.empty(count, dtype=np.int32)
-    entries = np.empty(count, dtype=np.int32)
-    args = (keys_starts, keys_arena if len(keys_arena) else np.zeros(1, np.uint8), state, c.state_index,
-            c.policies, aside_slot, aside_rows)
-    held = _kernel.accumulator_counts(*args, policy, entries)
-    n_entries = int(entries[entries > 0].sum())
-    kept = entries >= 0
-    person_bytes = int((keys_starts[1:] - keys_starts[:-1] - 4)[kept].sum())
-    person_offsets = np.empty(held + 1, dtype=np.int64)
-    person_data = np.empty(max(person_bytes, 1), dtype=np.uint8)
-    adm, ct = np.empty(held, dtype=np.int64), np.empty(held, dtype=np.int64)
-    entry_offsets = np.empty(held + 1, dtype=np.int32)
-    column, position, paid, charged = (np.empty(n_entries, dtype=np.int64) for _ in range(4))
-    _kernel.accumulator_fill(*args, policy, entries, c.acc_width, person_offsets, person_data, adm, ct,
-                             entry_offsets, column, position, paid, charged)
-    person = pa.LargeStringArray.from_buffers(held, pa.py_buffer(person_offsets), pa.py_buffer(person_data))
-    pol = policy[kept]
+    acc = _columns.ClosingAccumulators(keys_starts, keys_arena if len(keys_arena) else np.zeros(1, np.uint8), state,
+                                       c.state_index, c.policies, c.acc_width, aside_slot, aside_rows)
+    held, column = acc.held, acc.column
+    position, paid, charged = acc.position, acc.paid, acc.deductible_charged
+    person = pa.LargeStringArray.from_buffers(held, pa.py_buffer(acc.person_offsets), pa.py_buffer(acc.person_data))
+    pol = acc.key_policy
     names = c.names
     layers_type = schema.field("layers").type
     entries_arr = pa.StructArray.from_arrays(
@@ -523,6 +514,6 @@ def accumulators_table(keys_starts: np.ndarray, keys_arena: np.ndarray, compiled
     return pa.table([
         person.cast(pa.string()), _named(names.region_codes[pol], names.region_dictionary, dictionary),
         _named(names.scheme_codes[pol], names.scheme_dictionary, dictionary),
-        pa.array(names.years[pol]), pa.array(adm), pa.array(ct),
-        pa.ListArray.from_arrays(pa.array(entry_offsets), entries_arr, type=layers_type),
+        pa.array(names.years[pol]), pa.array(acc.admissions), pa.array(acc.compliant_total),
+        pa.ListArray.from_arrays(pa.array(acc.entry_offsets), entries_arr, type=layers_type),
     ], schema=schema)

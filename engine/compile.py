@@ -1,7 +1,7 @@
 """Compile a PolicySet once into the numeric tables the kernel reads.
 
 Each table is a numpy structured array whose int64 fields mirror a struct of
-`_kernel.pxd` in the same order. Names (identities, disease groups, layers,
+`_tables.pxd` in the same order. Names (identities, disease groups, layers,
 cap groups) become small integer codes here; the kernel never sees a string.
 """
 from __future__ import annotations
@@ -11,6 +11,8 @@ from functools import cached_property
 
 import numpy as np
 
+from . import _kernel
+from ._tables import PolicyTables
 from .model import (
     BP,
     FACILITY_LEVELS,
@@ -29,7 +31,8 @@ from .model import (
 POLICY_FIELDS = ("layer_start", "layer_count", "includes_class_b_copay", "repeat_start",
                  "repeat_count", "repeat_floor", "identity_mask", "rank_start", "rank_count",
                  "acc_width")
-LAYER_FIELDS = ("fund", "rule_start", "rule_count", "adjustment_start", "adjustment_count")
+LAYER_FIELDS = ("fund", "rule_start", "rule_count", "adjustment_start", "adjustment_count", "base_kind", "required",
+                "repeat_applies", "reports_deductible")
 RULE_FIELDS = ("kind", "match", "deductible", "axis", "above_deductible", "repeat_admission",
                "acc", "cap", "segment_start", "segment_count", "ratio_a", "ratio_b", "amount",
                "position_at", "paid_at", "charged_at")
@@ -108,6 +111,7 @@ class CompiledPolicies:
     state_index: np.ndarray
     state_lines: np.ndarray
     lookup: dict[tuple[str, str, int], int]  # (region, scheme, year) -> policy index
+    tables: PolicyTables  # the arrays above bound once for the kernel
 
     @property
     def policy_ids(self) -> tuple[str, ...]:
@@ -195,8 +199,6 @@ def profile_code(visit: int, level: int, locality: int) -> int:
 
 
 def _check_kernel_profile() -> None:
-    from . import _kernel
-
     if (_kernel.PROFILE_SHAPE != (len(FACILITY_LEVELS), len(LOCALITIES))
             or (_kernel.STATE_HEAD, _kernel.ACC_FIELDS) != (STATE_HEAD, ACC_FIELDS)):
         raise ImportError("engine._kernel was built for other enums: rebuild it (pip install -e .)")
@@ -351,10 +353,16 @@ def compile_policies(policy_set: PolicySet) -> CompiledPolicies:
         })
         repeat_factors.extend(p.repeat_factors)
         identity_rank.extend(ident_bit[x] for x in p.identities)
-        for layer in p.layers:
+        for li, layer in enumerate(p.layers):
+            first = li == 0
             layers.append({
                 "fund": FUNDS.index(layer.fund), "rule_start": len(rules), "rule_count": len(layer.rules),
                 "adjustment_start": len(adjustments), "adjustment_count": len(layer.adjustments),
+                # spec 5.2: the first layer is applied to the in-scope amount, must have a rule,
+                # is where repeat admissions lower deductibles and reports deductible_applied;
+                # each later one to what the layers before left of the compliant amount
+                "base_kind": _kernel.BASE_KINDS["in_scope" if first else "remaining"],
+                "required": int(first), "repeat_applies": int(first), "reports_deductible": int(first),
             })
             layer_names.append(layer.name)
             for rule in layer.rules:
@@ -392,12 +400,7 @@ def compile_policies(policy_set: PolicySet) -> CompiledPolicies:
     acc_width = max((len(c) for c in acc_columns), default=1) or 1
     state_width, state_index, state_lines = _state_layout(policies, layers, rules, rule_candidates, candidate_rules,
                                                              acc_width)
-    return CompiledPolicies(
-        rule_candidates=rule_candidates,
-        candidate_rules=candidate_rules,
-        adjustment_candidates=adjustment_candidates,
-        candidate_adjustments=candidate_adjustments,
-        policy_set=policy_set,
+    arrays = dict(
         policies=_table(POLICY_FIELDS, policies),
         layers=_table(LAYER_FIELDS, layers),
         rules=_table(RULE_FIELDS, rules),
@@ -407,6 +410,14 @@ def compile_policies(policy_set: PolicySet) -> CompiledPolicies:
         ranges=_table(RANGE_FIELDS, ranges),
         repeat_factors=np.asarray(repeat_factors or [BP], dtype=np.int64),
         identity_rank=np.asarray(identity_rank or [0], dtype=np.int64),
+        rule_candidates=rule_candidates,
+        candidate_rules=candidate_rules,
+        adjustment_candidates=adjustment_candidates,
+        candidate_adjustments=candidate_adjustments,
+    )
+    return CompiledPolicies(
+        policy_set=policy_set,
+        **arrays,
         identity_names=tuple(identity_names),
         layer_names=tuple(layer_names),
         max_layers=max((len(p.layers) for p in policy_set.policies), default=1),
@@ -416,4 +427,5 @@ def compile_policies(policy_set: PolicySet) -> CompiledPolicies:
         state_index=state_index,
         state_lines=state_lines,
         lookup=lookup,
+        tables=PolicyTables(**arrays, state_lines=state_lines),
     )

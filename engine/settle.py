@@ -7,7 +7,6 @@ it. The per-claim work is all in `_kernel`; this layer only moves arrays.
 from __future__ import annotations
 
 import contextlib
-import mmap
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Iterable, Iterator, NamedTuple, Optional, Union
 
@@ -16,6 +15,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from . import _kernel
+from ._hashing import AccumulatorKeys, ClaimIds
+from ._memory import zeroed_int64
 from .arrow_io import (
     ACCUMULATORS_SCHEMA,
     CLAIMS_SCHEMA,
@@ -81,10 +82,10 @@ class Settler:
         it is a hint, not a limit."""
         self.compiled = compiled(policies)
         self.deltas = deltas
-        self._claim_ids = _kernel.Interner()
+        self._claim_ids = ClaimIds()
         if expected_claims > 0:
             self._claim_ids.reserve(expected_claims, 0)
-        self._keys = _kernel.Interner(policy_keys=True)
+        self._keys = AccumulatorKeys()
         self._width = self.compiled.acc_width
         # one row per accumulator key: admissions, compliant_total, then the fields of its
         # policy's accumulator columns that its rules write (compile._state_layout)
@@ -123,15 +124,10 @@ class Settler:
 
     def check(self, prep: PreparedClaims) -> "Chunk":
         """Row statuses up to DUPLICATE_CLAIM, key slots and the order: the call's state, in chunk order."""
-        c = self.compiled
         status = np.zeros(prep.n, dtype=np.int8)
         slot = np.zeros(prep.n, dtype=np.int64)
         self._claim_ids.reserve(prep.n, int(prep.claim_offsets[-1] - prep.claim_offsets[0]))
-        _kernel.check_rows(prep.claim_offsets, prep.claim_data, prep.claim_valid,
-                           prep.person_offsets, prep.person_data, prep.missing, prep.invalid_enum,
-                           prep.total, prep.self_funded, prep.over_limit, prep.class_b_copay, prep.in_scope,
-                           prep.in_scope_class_b, prep.policy, prep.identity_mask, c.policies,
-                           self._claim_ids, self._keys, status, slot)
+        _kernel.check_rows(prep.columns, self.compiled.tables, self._claim_ids, self._keys, status, slot)
         self._reserve(len(self._keys))
         order = _kernel.order_rows(prep.settle_time, prep.claim_offsets, prep.claim_data)
         return Chunk(prep, status, slot, order)
@@ -146,35 +142,17 @@ class Settler:
         chunk = self.check(PreparedClaims.from_rows(rows, self.compiled))
         return result_rows(chunk.prep, self.compiled, self.run_kernel(chunk), self.deltas)
 
-    def results(self, chunk: "Chunk", out: dict, dictionary: bool = False) -> pa.RecordBatch:
+    def results(self, chunk: "Chunk", out: _kernel.KernelOutputs, dictionary: bool = False) -> pa.RecordBatch:
         """The results batch of a settled chunk; stateless, so it may run on another thread."""
         return build_results(chunk.prep, self.compiled, out, self.deltas, dictionary)
 
-    def run_kernel(self, chunk: "Chunk", trace_row: int = -1) -> dict:
+    def run_kernel(self, chunk: "Chunk", trace_row: int = -1) -> _kernel.KernelOutputs:
         """The per-claim loop (nogil) over a prepared chunk; updates the accumulators."""
-        c, prep, n = self.compiled, chunk.prep, chunk.prep.n
-        out = {  # the kernel writes every row of these
-            "status": pool_array(n, np.int8),
-            "effective": pool_array(n, np.int32),
-            "deductible_applied": pool_array(n, np.int64),
-            "fund_pay": pool_array((len(FUNDS), n), np.int64),
-            "layer_pay": pool_array((n, c.max_layers), np.int64),
-            "cap_hit": pool_array(n, np.uint8),
-            "compliant": pool_array(n, np.int64),
-            "deltas": np.zeros((n if self.deltas else 1, self._width, _kernel.ACC_FIELDS), dtype=np.int64),
-            "trace": np.zeros((c.max_layers, _kernel.TRACE_NFIELDS), dtype=np.int64),
-            "trace_acc": np.zeros((2, self._state.shape[1]), dtype=np.int64),
-        }
-        _kernel.settle(chunk.order, chunk.status, prep.policy, chunk.slot, prep.visit, prep.level, prep.locality,
-                       prep.referred, prep.age, prep.identity_mask, prep.disease,
-                       prep.class_b_copay, prep.in_scope, prep.in_scope_class_b,
-                       c.policies, c.layers, c.rules, c.segments, c.adjustments, c.matches, c.ranges,
-                       c.repeat_factors, c.identity_rank,
-                       c.rule_candidates, c.candidate_rules, c.adjustment_candidates, c.candidate_adjustments,
-                       self._state, c.state_lines,
-                       out["status"], out["effective"], out["deductible_applied"], out["fund_pay"],
-                       out["layer_pay"], out["cap_hit"], out["compliant"],
-                       self.deltas, out["deltas"], trace_row, out["trace"], out["trace_acc"])
+        c = self.compiled
+        out = _kernel.KernelOutputs(chunk.prep.n, c.max_layers, self._width, self._state.shape[1], self.deltas,
+                                    pool_array)
+        _kernel.settle(c.tables, chunk.prep.columns, chunk.order, chunk.status, chunk.slot, self._state, out,
+                       trace_row)
         return out
 
     def settle_batches(self, batches: Iterable[pa.RecordBatch], dictionary: bool = False) -> Iterator[pa.RecordBatch]:
@@ -203,7 +181,7 @@ class Settler:
                     with contextlib.suppress(Exception):
                         pending.result()
 
-    def _check_and_run(self, prep: PreparedClaims) -> tuple["Chunk", dict]:
+    def _check_and_run(self, prep: PreparedClaims) -> tuple["Chunk", _kernel.KernelOutputs]:
         chunk = self.check(prep)
         return chunk, self.run_kernel(chunk)
 
@@ -346,32 +324,16 @@ class Settler:
                     self._carried_aside[(int(rows[e]), int(col_index[e]), f)] = int(values[e, f])
 
 
-HUGE_PAGE = 2 << 20
 # Most address space reserved up front for the accumulator table (rows cost memory only
 # once a key writes them); beyond it the table grows by doubling.
 STATE_RESERVE_BYTES = 4 << 30
 
 
 def _state_table(rows: int, width: int) -> np.ndarray:
-    """Zeroed int64 [rows, width], in memory advised to use 2 MiB pages when large.
-
-    The loop reads one state row per claim at random across hundreds of MB;
-    with 4 KiB pages nearly every read also misses the TLB.
-    """
-    nbytes = rows * width * 8
-    if nbytes < 4 * HUGE_PAGE or not hasattr(mmap, "MADV_HUGEPAGE"):
-        # rows start on a cache line, as the layout assumes (numpy aligns to 16 bytes only)
-        buf = np.zeros(rows * width + 8, dtype=np.int64)
-        skip = (-buf.ctypes.data % 64) // 8
-        return buf[skip:skip + rows * width].reshape(rows, width)
-    # private anonymous: zero pages, faulted in on first touch (a shared mapping, mmap's
-    # default, is shmem, which gets no transparent huge pages)
-    m = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    try:
-        m.madvise(mmap.MADV_HUGEPAGE)
-    except OSError:
-        pass  # the kernel may not offer it; 4 KiB pages then
-    return np.frombuffer(m, dtype=np.int64, count=rows * width).reshape(rows, width)
+    """Zeroed int64 [rows, width] whose rows start on a cache line, as the layout assumes, in
+    huge-page-advised memory when large (engine/_memory.pyx): the loop reads one state row
+    per claim at random across hundreds of MB."""
+    return zeroed_int64(rows, width)
 
 
 def _one_batch(table: pa.Table) -> pa.RecordBatch:

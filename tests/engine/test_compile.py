@@ -84,3 +84,17 @@ def test_profiles_touching_few_columns_find_them_in_the_first_line(seeds):
                              LOCALITIES.index("county"))
     assert c.state_lines[p, outpatient] == 1
     assert int(c.state_lines[p, inpatient]).bit_count() == c.state_width // LINE_FIELDS > 1
+
+
+def test_first_layer_behaviour_is_data_in_the_layer_table():
+    """What spec 5.2 says of the first layer is in its row, not in the loop's layer index."""
+    import engine
+    from engine.compile import compile_policies
+
+    c = compile_policies(engine.load_policies(None))
+    kinds = _kernel.BASE_KINDS
+    for p in c.policies:
+        rows = c.layers[p["layer_start"]:p["layer_start"] + p["layer_count"]]
+        assert rows["base_kind"].tolist() == [kinds["in_scope"]] + [kinds["remaining"]] * (len(rows) - 1)
+        for flag in ("required", "repeat_applies", "reports_deductible"):
+            assert rows[flag].tolist() == [1] + [0] * (len(rows) - 1)

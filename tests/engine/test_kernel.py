@@ -3,7 +3,8 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from engine import _kernel
+from engine import _columns, _kernel
+from engine._hashing import AccumulatorKeys, ClaimIds
 from engine.arrow_io import string_buffers
 
 # around the key bytes kept in a slot (19, with the 4 bytes of policy: 15 of the id), the
@@ -40,7 +41,7 @@ def _intern(interner, keys, policy=None, claim_ids=False):
 def test_distinct_keys_get_dense_ids_in_first_seen_order(policy_keys):
     keys = _keys()
     assert len(set(keys)) == len(keys)
-    it = _kernel.Interner(policy_keys=policy_keys)
+    it = (AccumulatorKeys() if policy_keys else ClaimIds())
     ids = _intern(it, keys, claim_ids=not policy_keys)
     assert ids.tolist() == list(range(len(keys)))
     assert len(it) == len(keys)
@@ -55,30 +56,46 @@ def test_distinct_keys_get_dense_ids_in_first_seen_order(policy_keys):
 def test_ids_survive_table_growth(policy_keys):
     """Growth rehashes claim ids from the arena and keys from their slots' hashes."""
     keys = [f"P{i:09d}" for i in range(50_000)] + [f"{'x' * 40}{i}" for i in range(5_000)]
-    it = _kernel.Interner(policy_keys=policy_keys)
+    it = (AccumulatorKeys() if policy_keys else ClaimIds())
     first = _intern(it, keys, claim_ids=not policy_keys)
     assert first.tolist() == list(range(len(keys)))
     assert _intern(it, keys[::-1], claim_ids=not policy_keys).tolist() == list(range(len(keys)))[::-1]
 
 
 def test_policy_is_part_of_the_key():
-    it = _kernel.Interner(policy_keys=True)
+    it = AccumulatorKeys()
     ids = _intern(it, ["p1", "p1", "p1", "p2"], policy=[0, 1, 0, -1])
     assert ids.tolist() == [0, 1, 0, -1]  # policy -1: no key
 
 
 def test_each_table_takes_only_its_kind_of_key():
-    with pytest.raises(ValueError, match="policy_keys=True"):
-        _kernel.Interner().intern_keys(np.zeros(1, np.int32), np.zeros(1, np.uint8), np.zeros(0, np.int32),
-                                       np.zeros(0, np.int64))
-    with pytest.raises(ValueError, match="policy_keys=False"):
-        _kernel.Interner(policy_keys=True).intern_ids(np.zeros(1, np.int32), np.zeros(1, np.uint8),
-                                                      np.zeros(0, np.int64))
+    """Two types over one arena: a claim-id table has no key interning and the reverse."""
+    assert not hasattr(ClaimIds(), "intern_keys")
+    assert not hasattr(AccumulatorKeys(), "intern_ids")
+    ids, keys = ClaimIds(), AccumulatorKeys()
+    _intern(ids, ["a", "b"], claim_ids=True)
+    _intern(keys, ["a"])
+    assert (len(ids), len(keys)) == (2, 1)
+    assert ids.export()[1].tobytes() == b"ab" and keys.export()[1].tobytes() == b"\0\0\0\0a"
+
+
+def test_check_rows_takes_the_two_tables_in_their_places():
+    import engine
+    from engine.arrow_io import PreparedClaims
+
+    from engine.compile import compile_policies
+
+    c = compile_policies(engine.load_policies(None))
+    prep = PreparedClaims.from_rows([], c)
+    status, slot = np.zeros(0, np.int8), np.zeros(0, np.int64)
+    _kernel.check_rows(prep.columns, c.tables, ClaimIds(), AccumulatorKeys(), status, slot)
+    with pytest.raises(TypeError):
+        _kernel.check_rows(prep.columns, c.tables, AccumulatorKeys(), ClaimIds(), status, slot)
 
 
 def test_reserve_then_intern_keeps_ids():
     """Reserving 600k keys moves the tables to huge-page-advised memory (> 8 MiB)."""
-    it = _kernel.Interner(policy_keys=True)
+    it = AccumulatorKeys()
     a = _intern(it, ["a", "b", "c"])
     it.reserve(600_000, 1_000_000)
     b = _intern(it, ["c", "d", "a"])
@@ -123,12 +140,12 @@ def test_calendar_years_and_year_starts_match_the_calendar():
     years = np.array([2, 4, 99, 100, 400, 1600, 1899, 1900, 1969, 1970, 1999, 2000, 2016, 2020, 2024, 2100, 9998],
                      np.int64)
     starts = np.empty(len(years), np.int64)
-    _kernel.year_starts(years, starts)
+    _columns.year_starts(years, starts)
     assert starts.tolist() == [(dt.datetime(int(y), 1, 1) - epoch) // dt.timedelta(microseconds=1) for y in years]
     micros = np.concatenate([starts - 1, starts, starts + 1,
                              np.random.default_rng(5).integers(starts[0], starts[-1], 20_000)])
     got = np.empty(len(micros), np.int32)
-    _kernel.calendar_years(micros, got)
+    _columns.calendar_years(micros, got)
     assert got.tolist() == [(epoch + dt.timedelta(microseconds=int(m))).year for m in micros]
 
 
@@ -136,12 +153,40 @@ def test_policy_rows_take_each_row_year_whatever_the_order():
     """The year of the row before is reused only while a row falls inside it."""
     table = np.arange(2 * 3 * 4, dtype=np.int32).reshape(2, 3, 4)  # region x scheme x year (2019..2022)
     starts = np.empty(6, np.int64)
-    _kernel.year_starts(np.arange(2018, 2024, dtype=np.int64), starts)
+    _columns.year_starts(np.arange(2018, 2024, dtype=np.int64), starts)
     micros = np.array([starts[1], starts[2] - 1, starts[2], starts[0], starts[5], starts[4] + 5, starts[1] + 7,
                        starts[3]], np.int64)
     region = np.array([0, 1, 1, 0, 1, 0, -1, 1], np.int32)
     scheme = np.array([0, 2, 1, 0, 0, 2, 0, -2], np.int32)
     out = np.empty(len(micros), np.int32)
-    _kernel.policy_rows(region, scheme, micros, table, 2019, out)
+    _columns.policy_rows(region, scheme, micros, table, 2019, out)
     expected = [table[0, 0, 0], table[1, 2, 0], table[1, 1, 1], -1, -1, table[0, 2, 3], -1, -1]
     assert out.tolist() == expected
+
+
+def test_policy_tables_are_bound_once_and_survive_pickling():
+    """compile builds the kernel's tables once; a process-pool worker gets them by pickle."""
+    import pickle
+
+    import engine
+    from engine.compile import compile_policies
+    from engine._tables import PolicyTables
+
+    c = compile_policies(engine.load_policies(None))
+    assert isinstance(c.tables, PolicyTables)
+    again = pickle.loads(pickle.dumps(c.tables))
+    assert all(np.array_equal(again.arrays[k], v) for k, v in c.tables.arrays.items())
+    with pytest.raises(ValueError, match="C-contiguous"):
+        PolicyTables(**{**c.tables.arrays, "candidate_rules": c.candidate_rules[::2]})
+
+
+def test_claim_columns_refuse_a_column_of_another_width():
+    import engine
+    from engine.arrow_io import PreparedClaims
+    from engine.compile import compile_policies
+
+    c = compile_policies(engine.load_policies(None))
+    prep = PreparedClaims.from_rows([], c)
+    prep.total = np.zeros(0, np.int32)
+    with pytest.raises(ValueError, match="'total'"):
+        _kernel.ClaimColumns(prep)

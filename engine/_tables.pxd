@@ -1,13 +1,13 @@
-# The kernel's tables and the interner other Cython modules may use.
+# The compiled policy tables as the kernel reads them, and the codes the kernel
+# modules share.
 #
 # Every table row is a struct of int64 so that a numpy structured array with
 # the same field order (engine/compile.py builds them from *_FIELDS there) is
 # read here through a typed memoryview, with no Python object per row.
+# `PolicyTables` binds them once per policy set (built by engine/compile.py), in
+# the manner of scikit-learn's Tree: the loop reads raw pointers out of it.
 
-from libc.stdint cimport int8_t, int32_t, int64_t, uint8_t, uint32_t, uint64_t
-
-
-cdef uint64_t hash_bytes(const uint8_t* p, int64_t n) noexcept nogil
+from libc.stdint cimport int64_t
 
 ctypedef struct PolicyRow:
     int64_t layer_start
@@ -27,6 +27,11 @@ ctypedef struct LayerRow:
     int64_t rule_count
     int64_t adjustment_start
     int64_t adjustment_count
+    # What the spec says of the first layer, as data (engine/compile.py sets them there):
+    int64_t base_kind           # BASE_* below: what the layer's rule is applied to
+    int64_t required            # 1: no matching rule is NO_BENEFIT_RULE, found before anything changes
+    int64_t repeat_applies      # 1: repeat-admission factors may lower its claim-axis deductibles
+    int64_t reports_deductible  # 1: what its rule charges is the claim's deductible_applied
 
 ctypedef struct RuleRow:
     int64_t kind                # RULE_* below
@@ -73,6 +78,32 @@ ctypedef struct RangeRow:
     int64_t low                 # encoded 3-character ICD-10 categories, inclusive
     int64_t high
 
+# Raw pointers into the arrays a PolicyTables holds, valid while it lives.
+ctypedef struct Tables:
+    const PolicyRow* policies
+    const LayerRow* layers
+    const RuleRow* rules
+    const SegmentRow* segments
+    const AdjustmentRow* adjustments
+    const MatchRow* matches
+    const RangeRow* ranges
+    const int64_t* repeat_factors
+    const int64_t* identity_rank
+    const int64_t* rule_candidates        # [layers, profiles, 2]: start, count into candidate_rules
+    const int64_t* candidate_rules
+    const int64_t* adjustment_candidates  # [layers, profiles, 2]
+    const int64_t* candidate_adjustments
+    const int64_t* state_lines            # [policies, profiles]: cache lines of a state row to prefetch
+    int64_t profiles
+    int64_t policy_count
+
+
+cdef class PolicyTables:
+    cdef Tables t
+    cdef readonly object arrays     # name -> numpy array, kept alive and for pickling
+    cdef const PolicyRow[::1] policies_view
+
+
 cdef enum:
     RULE_SEGMENTS = 0
     RULE_CLASS_RATIO = 1
@@ -80,12 +111,16 @@ cdef enum:
     RULE_MAX_PERSONAL_SHARE = 3
 
 cdef enum:
+    BASE_IN_SCOPE = 0           # the claim's in-scope amount (the first layer)
+    BASE_REMAINING = 1          # its compliant amount less what the layers before paid
+
+cdef enum:
     VISIT_INPATIENT = 0
     # a claim's profile is (visit * PROFILE_LEVELS + level) * PROFILE_LOCALITIES + locality
     PROFILE_LEVELS = 3
     PROFILE_LOCALITIES = 4
 
-# Status codes: index into engine.STATUSES.
+# Status codes: index into engine.schema.STATUSES.
 cdef enum:
     OK = 0
     MISSING_FIELD = 1
@@ -97,6 +132,10 @@ cdef enum:
     UNKNOWN_IDENTITY = 7
     DUPLICATE_CLAIM = 8
     NO_BENEFIT_RULE = 9
+
+cdef enum:
+    ACC_FIELDS_C = 3  # position, paid, deductible_charged per accumulator column
+    STATE_HEAD_C = 2  # admissions, compliant_total before the columns of a state row
 
 # Trace fields written per layer for `engine.explain`.
 cdef enum:
@@ -116,34 +155,3 @@ cdef enum:
     TR_DEDUCTIBLE_CHARGED = 13
     TR_REPEAT_FACTOR = 14
     TR_NFIELDS = 15
-
-
-cdef enum:
-    KEY_INLINE = 19             # key bytes kept in an accumulator-key slot
-
-ctypedef struct KeySlot:        # 32 bytes, two to a cache line
-    uint64_t hash
-    uint32_t entry              # entry id + 1; 0 = empty
-    uint8_t length              # min(length, 255)
-    uint8_t key[KEY_INLINE]     # the key's first bytes, zero-padded
-
-
-cdef class Interner:
-    """Byte strings to dense ids, exactly (no hash is trusted without a compare)."""
-    cdef bint policy_keys       # accumulator keys (KeySlot table), or claim ids (packed table)
-    cdef uint8_t* arena
-    cdef int64_t arena_len
-    cdef int64_t arena_cap
-    cdef int64_t* starts        # entry -> offset in arena; starts[count] = arena_len
-    cdef int64_t count
-    cdef int64_t entries_cap
-    cdef uint64_t* ids          # claim ids: (hash >> 32) << 32 | (entry id + 1); 0 = empty
-    cdef KeySlot* keys          # accumulator keys
-    cdef int64_t table_mask     # open addressing, linear probing, load <= 3/4
-    cdef uint64_t* hashes       # scratch: the hashes of a chunk's keys, kept from chunk to chunk
-    cdef int64_t hashes_cap
-
-    cdef int64_t intern(self, const uint8_t* key, int64_t length, uint64_t h, bint* is_new) noexcept nogil
-    cdef void prefetch(self, uint64_t h) noexcept nogil
-    cdef int grow_table(self, int64_t new_size) noexcept nogil
-    cdef uint64_t* hash_scratch(self, int64_t n) noexcept nogil
