@@ -77,28 +77,61 @@ cdef inline int64_t year_start(int64_t y) noexcept nogil:
     return (era * 146097 + doe - 719468) * (86400 * <int64_t>1000000)
 
 
-def policy_rows(const int32_t[::1] region, const int32_t[::1] scheme, const int64_t[::1] micros,
-                const int32_t[:, :, ::1] table, int32_t first_year, int32_t[::1] out):
-    """Policy index of each row from (region code, scheme code, calendar year); -1 none
-    (negative codes, or a year outside the table).
+cdef class PolicyLookup:
+    """The version in force per row (spec section 5), from (region code, scheme code,
+    settle_time): the year's group of versions from a table, then the latest version whose
+    effective_from (00:00 local) is on or before settle_time; -1 none."""
+    cdef const int32_t[:, :, ::1] table      # [regions, schemes, years]: the year's first version, -1 none
+    cdef int32_t first_year
+    cdef const int32_t[::1] version_start    # per policy: its year's versions in version_from / _policy
+    cdef const int32_t[::1] version_count
+    cdef const int64_t[::1] version_from     # micros of 00:00 of effective_from, ascending within a year
+    cdef const int32_t[::1] version_policy
 
-    Claims come mostly in time order, so the year of the row before is tried
-    first: two compares instead of the calendar arithmetic.
-    """
-    cdef Py_ssize_t n = out.shape[0], i
-    cdef int32_t y = 0, years = <int32_t>table.shape[2]
-    cdef int64_t lo = 1, hi = 0
-    with nogil:
-        for i in range(n):
-            out[i] = -1
-            if region[i] < 0 or scheme[i] < 0:
-                continue
-            if not (lo <= micros[i] < hi):
-                y = civil_year(micros[i])
-                lo = year_start(y)
-                hi = year_start(y + 1)
-            if 0 <= y - first_year < years:
-                out[i] = table[region[i], scheme[i], y - first_year]
+    def __init__(self, const int32_t[:, :, ::1] table, int32_t first_year, const int32_t[::1] version_start,
+                 const int32_t[::1] version_count, const int64_t[::1] version_from,
+                 const int32_t[::1] version_policy):
+        self.table, self.first_year = table, first_year
+        self.version_start, self.version_count = version_start, version_count
+        self.version_from, self.version_policy = version_from, version_policy
+
+    def rows(self, const int32_t[::1] region, const int32_t[::1] scheme, const int64_t[::1] micros,
+             int32_t[::1] policy, int32_t[::1] key_policy):
+        """`policy`: the version in force; `key_policy`: its year's first version, under which
+        the row's accumulator key is kept (-1 both when none: negative codes, a year outside
+        the table, or a date before the year's first version).
+
+        Claims come mostly in time order, so the year of the row before is tried
+        first: two compares instead of the calendar arithmetic.
+        """
+        cdef Py_ssize_t n = policy.shape[0], i
+        cdef int32_t y = 0, years = <int32_t>self.table.shape[2], first, v, k, end
+        cdef int64_t lo = 1, hi = 0, t
+        with nogil:
+            for i in range(n):
+                policy[i] = -1
+                key_policy[i] = -1
+                if region[i] < 0 or scheme[i] < 0:
+                    continue
+                t = micros[i]
+                if not (lo <= t < hi):
+                    y = civil_year(t)
+                    lo = year_start(y)
+                    hi = year_start(y + 1)
+                if not (0 <= y - self.first_year < years):
+                    continue
+                first = self.table[region[i], scheme[i], y - self.first_year]
+                if first < 0:
+                    continue
+                k = self.version_start[first]
+                end = k + self.version_count[first]
+                v = -1
+                while k < end and self.version_from[k] <= t:
+                    v = self.version_policy[k]
+                    k += 1
+                if v >= 0:
+                    policy[i] = v
+                    key_policy[i] = first
 
 
 def year_starts(const int64_t[::1] years, int64_t[::1] out):

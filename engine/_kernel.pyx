@@ -28,6 +28,7 @@ cdef extern from *:
     #define MEDSETTLE_MAX_COMPLIANT_TOTAL 100000000000000LL
     #define MEDSETTLE_MAX_AGE_ANY (1LL << 62)
     #define MEDSETTLE_ANY_HOLDS ((int64_t)(1ULL << 63))
+    #define MEDSETTLE_MAX_CAP_FACTOR 1000000LL
     #define medsettle_prefetch(p) __builtin_prefetch(p)
     """
     const int64_t BP "MEDSETTLE_BP"
@@ -35,6 +36,7 @@ cdef extern from *:
     const int64_t MAX_COMPLIANT_TOTAL "MEDSETTLE_MAX_COMPLIANT_TOTAL"  # engine/schema.py MAX_CARRIED, 10^14 fen per key
     const int64_t MAX_AGE_ANY_C "MEDSETTLE_MAX_AGE_ANY"    # engine/compile.py MAX_AGE_ANY
     const int64_t ANY_HOLDS_C "MEDSETTLE_ANY_HOLDS"        # engine/compile.py ANY_HOLDS
+    const int64_t MAX_CAP_FACTOR "MEDSETTLE_MAX_CAP_FACTOR"  # engine/model.py MAX_CAP_FACTOR_PRODUCT
     void prefetch_address "medsettle_prefetch"(const void* p) noexcept nogil
 
 ACC_FIELDS = ACC_FIELDS_C
@@ -44,6 +46,7 @@ TRACE_NFIELDS = TR_NFIELDS
 MAX_AGE_ANY = MAX_AGE_ANY_C
 ANY_HOLDS = ANY_HOLDS_C
 MAX_AMOUNT_FEN = MAX_AMOUNT
+MAX_CAP_FACTOR_PRODUCT = MAX_CAP_FACTOR
 BASE_KINDS = {"in_scope": BASE_IN_SCOPE, "remaining": BASE_REMAINING}
 
 # How many claims ahead the loop prefetches accumulator rows (several lines each, so fewer
@@ -101,7 +104,8 @@ ctypedef struct Columns:
     const int64_t* class_b_copay
     const int64_t* in_scope
     const int64_t* in_scope_class_b
-    const int32_t* policy
+    const int32_t* policy         # the version in force, -1 none
+    const int32_t* key_policy     # its year's first version (PolicyRow.key_policy), -1 none
     const int64_t* identity_mask
     const int8_t* visit
     const int8_t* level
@@ -116,7 +120,7 @@ _COLUMN_ITEMS = (
     ("claim_offsets", 4), ("claim_data", 1), ("claim_valid", 1), ("person_offsets", 4), ("person_data", 1),
     ("missing", 1), ("invalid_enum", 1), ("total", 8), ("self_funded", 8), ("over_limit", 8),
     ("class_b_copay", 8), ("in_scope", 8), ("in_scope_class_b", 8), ("policy", 4), ("identity_mask", 8),
-    ("visit", 1), ("level", 1), ("locality", 1), ("referred", 1), ("age", 4), ("disease", 8),
+    ("visit", 1), ("level", 1), ("locality", 1), ("referred", 1), ("age", 4), ("disease", 8), ("key_policy", 4),
 )
 
 
@@ -129,7 +133,7 @@ cdef class ClaimColumns:
     def __init__(self, prepared):
         """`prepared`: an object with the columns of `_COLUMN_ITEMS` as numpy arrays and `n`."""
         arrays = []
-        cdef const void* p[21]
+        cdef const void* p[22]
         cdef int k = 0
         for name, size in _COLUMN_ITEMS:
             a = getattr(prepared, name)
@@ -165,6 +169,7 @@ cdef class ClaimColumns:
         self.c.referred = <const uint8_t*>p[18]
         self.c.age = <const int32_t*>p[19]
         self.c.disease = <const int64_t*>p[20]
+        self.c.key_policy = <const int32_t*>p[21]
 
 
 ctypedef struct Outputs:
@@ -255,7 +260,8 @@ cdef inline int8_t row_status(const Columns* col, const Tables* t, Py_ssize_t i)
         return s
     if col.policy[i] < 0:
         return UNKNOWN_POLICY
-    if col.identity_mask[i] & ~t.policies[col.policy[i]].identity_mask:
+    # unknown only when no version of the year declares it (a null item is never declared)
+    if col.identity_mask[i] & ~t.policies[col.policy[i]].year_identity_mask:
         return UNKNOWN_IDENTITY
     return OK
 
@@ -297,7 +303,8 @@ def check_rows(ClaimColumns columns, PolicyTables tables, ClaimIds claim_ids, Ac
                     s = DUPLICATE_CLAIM
             status[i] = s
         if err == 0:
-            err = keys.intern_rows(col.person_offsets, col.person_data, col.policy, &status[0], &slot[0], n)
+            # keys by the year's first version: every version of a year shares the key's accumulators
+            err = keys.intern_rows(col.person_offsets, col.person_data, col.key_policy, &status[0], &slot[0], n)
     if err:
         raise MemoryError("claim id or key table")
 
@@ -429,6 +436,9 @@ ctypedef struct Step:
     int64_t pay
     int64_t deductible_charged
     int64_t repeat_factor
+    # not traced:
+    int64_t cap_factor          # product of the adjustments' cap factors, bp, at most MAX_CAP_FACTOR
+    bint uncapped               # an adjustment lifted the rule's caps
 
 
 cdef inline void load_claim(const Columns* col, const Tables* t, const PolicyRow* pol, Py_ssize_t i,
@@ -491,13 +501,17 @@ cdef inline int64_t find_rule(const Tables* t, int64_t l, const Claim* c) noexce
 
 cdef inline void apply_adjustments(const Tables* t, int64_t l, const Claim* c, Step* s) noexcept nogil:
     """Step 2: every matching adjustment of layer l in file order: deductible factors
-    multiplied (rounded after each), a ratio replaced, ratio additions summed."""
+    multiplied (rounded after each), a ratio replaced, ratio additions summed (these three
+    used by ratio and segments rules only), cap factors multiplied (rounded after each, at
+    most MAX_CAP_FACTOR) and `uncapped` (these two used by every kind of rule)."""
     cdef const int64_t* cand = t.adjustment_candidates + (l * t.profiles + c.profile) * 2
     cdef const AdjustmentRow* adj
     cdef int64_t q
     s.factor_g = BP
     s.ratio_replace = -1
     s.ratio_add = 0
+    s.cap_factor = BP
+    s.uncapped = False
     for q in range(cand[0], cand[0] + cand[1]):
         adj = &t.adjustments[t.candidate_adjustments[q]]
         if matches(&t.matches[adj.match], c, t.ranges):
@@ -506,6 +520,9 @@ cdef inline void apply_adjustments(const Tables* t, int64_t l, const Claim* c, S
                 s.ratio_replace = adj.ratio
                 s.ratio_add = 0
             s.ratio_add += adj.ratio_add
+            if adj.cap_factor != BP:
+                s.cap_factor = i64min(MAX_CAP_FACTOR, round_div(s.cap_factor * adj.cap_factor, BP))
+            s.uncapped |= adj.uncapped != 0
 
 
 cdef inline void find_deductible(const Tables* t, const PolicyRow* pol, const LayerRow* lay, const RuleRow* rule,
@@ -584,13 +601,25 @@ cdef inline int64_t pay_segments(const Tables* t, const RuleRow* rule, const int
     return round_div(integral(t, rule, s, s.end), BP)
 
 
-cdef inline int64_t cap_pay(const RuleRow* rule, const int64_t* row, Step* s) noexcept nogil:
-    """Step 7: the pay, limited to what the rule's cap group has left this year."""
-    s.cap = rule.cap
+cdef inline int64_t cap_pay(const Tables* t, const RuleRow* rule, const int64_t* row, Step* s) noexcept nogil:
+    """Step 7: the pay, limited by the least room any of the rule's cap groups has left this
+    year, each cap times the cap factor; the trace keeps the group that binds (the first on
+    a tie). No group, or `uncapped`: the raw amount (cap -1)."""
+    cdef int64_t k, cap, room, best = -1
+    cdef const CapRow* g
+    s.cap = -1
     s.paid_before = row[rule.paid_at]
-    if rule.cap >= 0:
-        return i64min(s.raw, i64max(0, rule.cap - s.paid_before))
-    return s.raw
+    if rule.cap_count == 0 or s.uncapped:
+        return s.raw
+    for k in range(rule.cap_start, rule.cap_start + rule.cap_count):
+        g = &t.caps[k]
+        cap = round_div(g.cap * s.cap_factor, BP) if s.cap_factor != BP else g.cap
+        room = i64max(0, cap - row[g.paid_at])
+        if best < 0 or room < best:
+            best = room
+            s.cap = cap
+            s.paid_before = row[g.paid_at]
+    return i64min(s.raw, best)
 
 
 cdef inline void settle_layer(const Tables* t, const PolicyRow* pol, int64_t l, const RuleRow* rule,
@@ -598,12 +627,13 @@ cdef inline void settle_layer(const Tables* t, const PolicyRow* pol, int64_t l, 
     """Steps 2-8 of one layer whose rule is chosen: s.base in, s.pay out, the key's state row
     (and the claim's deltas, when not NULL) moved by what the layer charged and paid."""
     cdef const LayerRow* lay = &t.layers[l]
+    cdef int64_t k
+    apply_adjustments(t, l, c, s)
     if rule.kind == RULE_FIXED_AMOUNT:
         s.raw = pay_fixed_amount(rule, s)
     elif rule.kind == RULE_MAX_PERSONAL_SHARE:
         s.raw = pay_guarantee(rule, c, s)
     else:
-        apply_adjustments(t, l, c, s)
         find_deductible(t, pol, lay, rule, c, row[0], s)
         if rule.kind == RULE_CLASS_RATIO:
             s.raw = pay_class_ratio(rule, c, s)
@@ -616,10 +646,15 @@ cdef inline void settle_layer(const Tables* t, const PolicyRow* pol, int64_t l, 
         row[rule.charged_at] += s.deductible_charged
         if delta != NULL:
             delta[ACC_FIELDS_C * rule.acc + 2] += s.deductible_charged
-    s.pay = cap_pay(rule, row, s)
-    row[rule.paid_at] += s.pay
-    if delta != NULL:
-        delta[ACC_FIELDS_C * rule.acc + 1] += s.pay
+    s.pay = cap_pay(t, rule, row, s)
+    if rule.cap_count == 0:  # the (layer, none) entry
+        row[rule.paid_at] += s.pay
+        if delta != NULL:
+            delta[ACC_FIELDS_C * rule.acc + 1] += s.pay
+    for k in range(rule.cap_start, rule.cap_start + rule.cap_count):  # every group grows, capped or not
+        row[t.caps[k].paid_at] += s.pay
+        if delta != NULL:
+            delta[ACC_FIELDS_C * t.caps[k].acc + 1] += s.pay
 
 
 cdef inline void record_step(int64_t* trace, const Step* s) noexcept nogil:

@@ -19,7 +19,9 @@ ctypedef struct PolicyRow:
     int64_t identity_mask       # bits of the global identity ids it declares
     int64_t rank_start          # into identity_rank: global ids, most favourable first
     int64_t rank_count
-    int64_t acc_width           # accumulator columns (layer, cap group or none)
+    int64_t acc_width           # accumulator columns (layer, cap group or none) of its year's versions
+    int64_t year_identity_mask  # bits of the names any version of its year declares
+    int64_t key_policy          # its year's first version: the policy its accumulator keys are under
 
 ctypedef struct LayerRow:
     int64_t fund
@@ -40,8 +42,9 @@ ctypedef struct RuleRow:
     int64_t axis                # 0 claim, 1 year
     int64_t above_deductible    # segment bounds measured from the deductible
     int64_t repeat_admission
-    int64_t acc                 # accumulator column within the policy's width
-    int64_t cap                 # fen; -1 uncapped
+    int64_t acc                 # accumulator column of its first cap group (or none) within the width
+    int64_t cap_start           # into caps: its cap groups in order; cap_count 0: uncapped
+    int64_t cap_count
     int64_t segment_start
     int64_t segment_count
     int64_t ratio_a             # class ratios, bp
@@ -50,6 +53,11 @@ ctypedef struct RuleRow:
     int64_t position_at         # where its column's fields sit in a state row (compile._state_layout);
     int64_t paid_at             # -1 for a field no rule of the policy writes
     int64_t charged_at
+
+ctypedef struct CapRow:         # one cap group of a rule (spec 5.2 step 7: nested caps)
+    int64_t acc                 # its accumulator column
+    int64_t paid_at             # where its paid sits in a state row
+    int64_t cap                 # fen, before the cap factor
 
 ctypedef struct SegmentRow:
     int64_t upto                # fen; -1 for the last, open segment
@@ -60,6 +68,8 @@ ctypedef struct AdjustmentRow:
     int64_t deductible_factor   # bp; 10000 when absent
     int64_t ratio               # bp; -1 when absent
     int64_t ratio_add           # bp, signed; 0 when absent
+    int64_t cap_factor          # bp; 10000 when absent
+    int64_t uncapped            # 1: lifts every cap of the rule
 
 ctypedef struct MatchRow:
     int64_t visit_mask          # bit per enum code; all bits when absent
@@ -83,6 +93,7 @@ ctypedef struct Tables:
     const PolicyRow* policies
     const LayerRow* layers
     const RuleRow* rules
+    const CapRow* caps
     const SegmentRow* segments
     const AdjustmentRow* adjustments
     const MatchRow* matches

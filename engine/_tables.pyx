@@ -11,10 +11,10 @@ cdef class PolicyTables:
     fields mirror the structs); they are kept here so the pointers stay valid.
     """
 
-    def __init__(self, *, policies, layers, rules, segments, adjustments, matches, ranges, repeat_factors,
+    def __init__(self, *, policies, layers, rules, caps, segments, adjustments, matches, ranges, repeat_factors,
                  identity_rank, rule_candidates, candidate_rules, adjustment_candidates, candidate_adjustments,
                  state_lines):
-        arrays = dict(policies=policies, layers=layers, rules=rules, segments=segments, adjustments=adjustments,
+        arrays = dict(policies=policies, layers=layers, rules=rules, caps=caps, segments=segments, adjustments=adjustments,
                       matches=matches, ranges=ranges, repeat_factors=repeat_factors, identity_rank=identity_rank,
                       rule_candidates=rule_candidates, candidate_rules=candidate_rules,
                       adjustment_candidates=adjustment_candidates, candidate_adjustments=candidate_adjustments,
@@ -31,6 +31,7 @@ cdef class PolicyTables:
         cdef const PolicyRow[::1] pv = policies
         cdef const LayerRow[::1] lv = layers
         cdef const RuleRow[::1] rv = rules
+        cdef const CapRow[::1] cv = caps
         cdef const SegmentRow[::1] sv = segments
         cdef const AdjustmentRow[::1] av = adjustments
         cdef const MatchRow[::1] mv = matches
@@ -48,6 +49,7 @@ cdef class PolicyTables:
         self.t.policies = &pv[0] if pv.shape[0] else NULL
         self.t.layers = &lv[0] if lv.shape[0] else NULL
         self.t.rules = &rv[0] if rv.shape[0] else NULL
+        self.t.caps = &cv[0] if cv.shape[0] else NULL
         self.t.segments = &sv[0] if sv.shape[0] else NULL
         self.t.adjustments = &av[0] if av.shape[0] else NULL
         self.t.matches = &mv[0] if mv.shape[0] else NULL

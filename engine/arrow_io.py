@@ -128,13 +128,14 @@ def _identity_masks(arr: pa.ListArray, bits: dict[str, int]) -> np.ndarray:
     masks = np.zeros(n, dtype=np.int64)
     if n == 0:
         return masks
-    flat = arr.flatten()  # respects the array's offset; nulls inside lists are skipped below
+    flat = arr.flatten()  # respects the array's offset; a null list has no items here
     if len(flat) == 0:
         return masks
     enc = flat.dictionary_encode()
     undeclared = np.int64(np.uint64(1 << UNDECLARED_IDENTITY_BIT).view(np.int64))
     dict_bits = np.array([np.int64(1 << bits[v]) if v in bits else undeclared
-                          for v in enc.dictionary.to_pylist()] + [0], dtype=np.int64)
+                          for v in enc.dictionary.to_pylist()] + [undeclared], dtype=np.int64)
+    # a null item inside a list: an identity lost in transit, declared by no policy (section 2)
     idx = np.asarray(enc.indices.fill_null(len(enc.dictionary)))
     values = dict_bits[idx]
     parents = np.asarray(pc.list_parent_indices(arr))
@@ -188,14 +189,16 @@ class PreparedClaims:
         st = batch.column("settle_time")
         st = st.cast(pa.int64())
         self.settle_time = np.asarray(st.fill_null(0) if st.null_count else st) if n else np.zeros(0, np.int64)
-        self.policy = self._policies(batch, compiled, scheme, self.settle_time)
+        self.policy, self.key_policy = self._policies(batch, compiled, scheme, self.settle_time)
         self.columns = _kernel.ClaimColumns(self)
 
     @staticmethod
-    def _policies(batch, compiled: CompiledPolicies, scheme: np.ndarray, settle_time: np.ndarray) -> np.ndarray:
-        """Policy index per row from (region, scheme, calendar year of settle_time); -1 none."""
+    def _policies(batch, compiled: CompiledPolicies, scheme: np.ndarray,
+                  settle_time: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(the version in force, its year's first version) per row from (region, scheme,
+        settle_time); -1 none."""
         if batch.num_rows == 0 or not compiled.lookup:
-            return np.full(batch.num_rows, -1, dtype=np.int32)
+            return np.full(batch.num_rows, -1, dtype=np.int32), np.full(batch.num_rows, -1, dtype=np.int32)
         return _policy_index(_codes(batch.column("region"), compiled.names.region_names), scheme, settle_time,
                              compiled)
 
@@ -229,14 +232,15 @@ class PreparedClaims:
          self.in_scope_class_b) = (np.array([v or 0 for v in col], dtype=np.int64) for col in amounts)
         bits = compiled.identity_bits
         undeclared = _undeclared_bit()
-        self.identity_mask = np.array([0 if ids is None else _or(bits.get(v, undeclared) for v in ids if v is not None)
+        # a null item (None) is no declared name: UNKNOWN_IDENTITY (section 2)
+        self.identity_mask = np.array([0 if ids is None else _or(bits.get(v, undeclared) for v in ids)
                                        for ids in identities], dtype=np.int64)
         self.disease = np.array([_disease_code(v) for v in disease], dtype=np.int64)
         self.settle_time = np.array([v or 0 for v in settle_time], dtype=np.int64)
-        self.policy = np.full(n, -1, dtype=np.int32)
+        self.policy = self.key_policy = np.full(n, -1, dtype=np.int32)
         if n and compiled.lookup:
             region_names = compiled.names.region_names
-            self.policy = _policy_index(_value_codes(region, region_names), scheme_codes, self.settle_time,
+            self.policy, self.key_policy = _policy_index(_value_codes(region, region_names), scheme_codes, self.settle_time,
                                         compiled)
         self.columns = _kernel.ClaimColumns(self)
         return self
@@ -247,12 +251,13 @@ class PreparedClaims:
 
 
 def _policy_index(region: np.ndarray, scheme: np.ndarray, settle_time: np.ndarray,
-                  compiled: CompiledPolicies) -> np.ndarray:
+                  compiled: CompiledPolicies) -> tuple[np.ndarray, np.ndarray]:
+    """(the version in force, its year's first version) per row; -1 none."""
     policy = np.empty(len(settle_time), dtype=np.int32)
-    names = compiled.names
-    _columns.policy_rows(region.astype(np.int32, copy=False), scheme.astype(np.int32, copy=False), settle_time,
-                        names.policy_table, names.first_year, policy)
-    return policy
+    key_policy = np.empty(len(settle_time), dtype=np.int32)
+    compiled.names.policy_lookup.rows(region.astype(np.int32, copy=False), scheme.astype(np.int32, copy=False),
+                                      settle_time, policy, key_policy)
+    return policy, key_policy
 
 
 def _string_arrays(values) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -158,10 +158,36 @@ def test_policy_rows_take_each_row_year_whatever_the_order():
                        starts[3]], np.int64)
     region = np.array([0, 1, 1, 0, 1, 0, -1, 1], np.int32)
     scheme = np.array([0, 2, 1, 0, 0, 2, 0, -2], np.int32)
-    out = np.empty(len(micros), np.int32)
-    _columns.policy_rows(region, scheme, micros, table, 2019, out)
+    out, key = np.empty(len(micros), np.int32), np.empty(len(micros), np.int32)
+    one = np.arange(24, dtype=np.int32)  # each year one version, in force from before the year
+    lookup = _columns.PolicyLookup(table, 2019, one, np.ones(24, np.int32), np.full(24, -(1 << 62), np.int64), one)
+    lookup.rows(region, scheme, micros, out, key)
     expected = [table[0, 0, 0], table[1, 2, 0], table[1, 1, 1], -1, -1, table[0, 2, 3], -1, -1]
-    assert out.tolist() == expected
+    assert out.tolist() == expected and key.tolist() == expected
+
+
+def test_policy_rows_take_the_version_in_force_on_the_settle_date():
+    """Versions 5 (from Jan 1), 7 (from Mar 21) and 6 (from Mar 30) of one year, keyed under 5;
+    a year whose only version starts in June: UNKNOWN_POLICY before it."""
+    import datetime as dt
+
+    def micros(*ymd_hm):
+        return (dt.datetime(*ymd_hm) - dt.datetime(1970, 1, 1)) // dt.timedelta(microseconds=1)
+
+    table = np.array([[[5, 8]]], np.int32)  # one region, one scheme, 2019 and 2020
+    start = np.zeros(9, np.int32)
+    count = np.zeros(9, np.int32)
+    start[[5, 6, 7]], count[[5, 6, 7]] = 0, 3
+    start[8], count[8] = 3, 1
+    froms = np.array([micros(2019, 1, 1), micros(2019, 3, 21), micros(2019, 3, 30), micros(2020, 6, 1)], np.int64)
+    lookup = _columns.PolicyLookup(table, 2019, start, count, froms, np.array([5, 7, 6, 8], np.int32))
+    when = np.array([micros(2019, 3, 20, 23, 59), micros(2019, 3, 21), micros(2019, 3, 29, 12), micros(2019, 3, 30),
+                     micros(2019, 12, 31, 23, 59), micros(2020, 5, 31, 23, 59), micros(2020, 6, 1), micros(2019, 1, 1)],
+                    np.int64)
+    out, key = np.empty(len(when), np.int32), np.empty(len(when), np.int32)
+    lookup.rows(np.zeros(len(when), np.int32), np.zeros(len(when), np.int32), when, out, key)
+    assert out.tolist() == [5, 7, 7, 6, 6, -1, 8, 5]
+    assert key.tolist() == [5, 5, 5, 5, 5, -1, 8, 5]
 
 
 def test_policy_tables_are_bound_once_and_survive_pickling():
