@@ -40,7 +40,7 @@ EXPECTED = {
 
 # The identity vocabulary shared by all files (README.md).
 IDENTITY_NAMES = {"extreme_poverty", "low_income", "registered_poor", "poverty_returned",
-                  "poverty_risk", "monitored"}
+                  "poverty_risk", "monitored", "farmer_herder"}
 
 REGION = {"xinjiang": "650000", "tibet": "540000", "shuozhou": "140600", "tianjin": "120000",
           "nanchong": "511300"}
@@ -353,18 +353,28 @@ def test_nanchong_outpatient_only_at_primary_level(ps):
 
 @pytest.mark.parametrize("year", [2019, 2020])
 def test_tibet_maternity_100_percent(ps, year):
-    # 住院分娩, in scope 6,000, self-funded 500: 100% of the in-scope amount, no deductible
-    r = one(ps, claim("tibet", year, visit="maternity", in_scope=6000, self_funded=500))
+    # 农牧民 住院分娩, in scope 6,000, self-funded 500: 100% of the in-scope amount, no deductible
+    # (in April: the 2019 plan is in force from March 21)
+    r = one(ps, claim("tibet", year, visit="maternity", in_scope=6000, self_funded=500, ids=["farmer_herder"],
+                      month=4))
     assert r["basic_pay"] == y(6000)
     assert r["deductible_applied"] == 0
     assert r["compliant_personal_pay"] == 0
     assert r["personal_pay"] == y(500)
+    assert r["identity"] == "farmer_herder"
+    # another resident's delivery is paid as an admission at a 县级 (secondary) hospital:
+    # 85% x (6,000 - 300) = 4,845
+    r = one(ps, claim("tibet", year, visit="maternity", in_scope=6000, self_funded=500, month=4))
+    assert r["basic_pay"] == y(4845) and r["deductible_applied"] == y(300)
 
 
 def test_tibet_newborn_rescue_100_percent(ps):
-    # age 0, P07.3 (preterm), tertiary, in scope 30,000 -> 30,000
-    r = one(ps, claim("tibet", 2020, level="tertiary", age=0, code="P07.3", in_scope=30000))
+    # age 0, P07.3 (preterm), a farmer's or herder's child, tertiary, in scope 30,000 -> 30,000
+    r = one(ps, claim("tibet", 2020, level="tertiary", age=0, code="P07.3", in_scope=30000, ids=["farmer_herder"]))
     assert r["basic_pay"] == y(30000) and r["compliant_personal_pay"] == 0
+    # another newborn: an admission, 75% x (30,000 - 800) = 21,900
+    r = one(ps, claim("tibet", 2020, level="tertiary", age=0, code="P07.3", in_scope=30000))
+    assert r["basic_pay"] == y(21900)
 
 
 @pytest.mark.parametrize("year", [2019, 2020])
@@ -431,15 +441,15 @@ def test_shuozhou_outpatient_class_ratios_and_yearly_limit(ps, year, limit):
 
 
 def test_shuozhou_hypertension_diabetes_outpatient_drugs_without_deductible(ps):
-    # I10 outpatient, in scope 100: 50%, no deductible -> 50
-    # then E11 outpatient, in scope 600: 50% = 300 -> 300 - 50 = 250 left of the 300 limit
+    # I10 outpatient, in scope 100: 60%, no deductible -> 60 (never below the general rule's 55% / 45%)
+    # then E11 outpatient, in scope 600: 60% = 360 -> 300 - 60 = 240 left of the 300 limit
     a, b = settle(ps,
                   claim("shuozhou", 2022, visit="outpatient", level="primary", code="I10", in_scope=100,
                         person="sz-2d", month=2),
                   claim("shuozhou", 2022, visit="outpatient", level="primary", code="E11.9", in_scope=600,
                         person="sz-2d", month=4))
-    assert a["deductible_applied"] == 0 and a["basic_pay"] == y(50)
-    assert b["basic_pay"] == y(250) and b["cap_hit"]
+    assert a["deductible_applied"] == 0 and a["basic_pay"] == y(60)
+    assert b["basic_pay"] == y(240) and b["cap_hit"]
 
 
 def test_shuozhou_in_county_inpatient_75_percent(ps):
@@ -487,20 +497,20 @@ def test_shuozhou_monitored_2023_threshold(ps):
 
 
 def test_shuozhou_assistance_limit_60000_shared_by_outpatient_and_inpatient(ps):
-    # monitored, referred to a provincial tertiary hospital, in scope 500,000:
+    # monitored, referred to a tertiary hospital in the city outside the county, in scope 500,000:
     # basic: 1,000 deductible, 19,000 x 60% = 11,400 + 480,000 x 65% = 312,000 = 323,400
     #   -> pool cap 200,000
     # critical illness: base 300,000: 35,000 x 60% = 21,000 + 50,000 x 70% = 35,000
     #   + 200,000 x 80% = 160,000 -> 216,000
     # assistance: base 84,000: (84,000 - 2,742.60) x 70% = 56,880.18
-    # tilted assistance (referred, in province): base 27,119.82, (27,119.82 - 5,000) x 60%
+    # tilted assistance (referred, in the city): base 27,119.82, (27,119.82 - 5,000) x 60%
     #   = 13,271.892 -> 13,271.89
     # then a 门诊慢特病 claim of 30,000 (secondary):
     #   basic: pool exhausted -> 0 (cap hit); critical illness [300,000, 330,000) x 80% = 24,000
     #   assistance on the shared axis [84,000, 90,000) x 70% = 4,200 -> only
     #   60,000 - 56,880.18 = 3,119.82 of the shared limit is left
     a, b = settle(ps,
-                  claim("shuozhou", 2022, level="tertiary", locality="province", referred=True,
+                  claim("shuozhou", 2022, level="tertiary", locality="region", referred=True,
                         in_scope=500000, ids=["monitored"], person="sz-mon", month=3),
                   claim("shuozhou", 2022, visit="chronic", in_scope=30000, ids=["monitored"],
                         person="sz-mon", month=8))
