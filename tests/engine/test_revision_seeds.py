@@ -7,6 +7,8 @@ in test_revision_engine.py.
 """
 from __future__ import annotations
 
+import datetime as dt
+
 import pytest
 
 import engine
@@ -171,6 +173,88 @@ def shuozhou_two_diseases_never_below_the_general_outpatient_rule():
                     cid="two"),
               claim("shuozhou", 2022, visit="outpatient", level="primary", in_scope=100, class_b=40, cid="general")]
     return Case(bundled(), claims, {"two": dict(basic_pay=y(60)), "general": dict(basic_pay=y(51))})
+
+
+# ============================================================== new format: versions and cap adjustments
+
+
+@case
+def shuozhou_low_income_from_june_keeps_one_critical_illness_position():
+    # tertiary, county, in scope 100,000, in March (no identity) and July (low income from June):
+    # basic each time: 60% x 19,000 = 11,400 + 65% x 80,000 = 52,000 -> 63,400; CI base 36,600
+    # March: critical illness [0, 36,600), deductible 15,000: 60% x 21,600 = 12,960
+    # July: one rule, one position: [36,600, 73,200); the halved deductible 7,500 lies below it;
+    #   +5 points: 65% x 13,400 = 8,710 + 75% x 23,200 = 17,400 -> 26,110, uncapped
+    #   (revision 1's second rule on its own position charged 7,500 again: 18,915)
+    #   assistance (low income, in the city) 70% x 10,490 = 7,343; tilted: 3,147 < 5,000 -> 0
+    # extreme_poverty, in scope 2,000,000: basic capped at 200,000; critical illness base
+    #   1,800,000, deductible 7,500: 65% x 42,500 = 27,625 + 75% x 50,000 = 37,500
+    #   + 85% x 1,700,000 = 1,445,000 -> 1,510,125, above the 400,000 cap: no cap for the poor
+    mk = lambda cid, person, month, ids, amount: claim("shuozhou", 2022, level="tertiary", in_scope=amount,  # noqa
+                                                       person=person, month=month, ids=ids, cid=cid)
+    claims = [mk("march", "sz", 3, None, 100000), mk("july", "sz", 7, ["low_income"], 100000),
+              mk("poor", "sz-poor", 5, ["extreme_poverty"], 2000000)]
+    expect = {"march": dict(basic_pay=y(63400), critical_illness_pay=y(12960), medical_aid_pay=0, cap_hit=False),
+              "july": dict(identity="low_income", basic_pay=y(63400), critical_illness_pay=y(26110),
+                           medical_aid_pay=y(7343), guarantee_pay=0, compliant_personal_pay=y(3147),
+                           cap_hit=False),
+              "poor": dict(basic_pay=y(200000), critical_illness_pay=y(1510125), cap_hit=True)}
+    key = ("sz", "140600", "resident", 2022)
+    acc = {key: (2, y(200000), {("basic", "pool"): (0, y(126800), y(2000)),
+                                ("critical_illness", "year"): (y(73200), y(39070), y(15000)),
+                                ("assistance", "year"): (y(10490), y(7343), 0),
+                                ("tilted_assistance", "year"): (y(3147), 0, y(3147))})}
+    return Case(bundled(), claims, expect, acc)
+
+
+@case
+def tibet_2019_versions_by_settle_date():
+    # registered_poor, county (secondary), in scope 10,000, on each side of March 21 and 30:
+    # basic (85% + 5) x 9,700 = 8,730; critical illness 1,270 < 4,000 -> 0;
+    # assistance 70% x 1,270 = 889; major-illness assistance 381 < 5,000 -> 0
+    # before March 30 the full guarantee (全兜底) pays the last 381; from March 30 nothing does.
+    mk = lambda cid, when: claim("tibet", 2019, in_scope=10000, ids=["registered_poor"], cid=cid)  # noqa: E731
+    rows = []
+    for cid, when in (("mar20", dt.datetime(2019, 3, 20, 23, 59, 59)), ("mar21", dt.datetime(2019, 3, 21)),
+                      ("mar29", dt.datetime(2019, 3, 29, 18)), ("mar30", dt.datetime(2019, 3, 30)),
+                      ("dec31", dt.datetime(2019, 12, 31, 23))):
+        row = mk(cid, when)
+        row["settle_time"] = when
+        rows.append(row)
+    common = dict(basic_pay=y(8730), critical_illness_pay=0, medical_aid_pay=y(889))
+    guaranteed = dict(common, guarantee_pay=y(381), compliant_personal_pay=0)
+    plan = dict(common, guarantee_pay=0, compliant_personal_pay=y(381))
+    expect = {"mar20": dict(guaranteed, policy_id="tibet-resident-2019"),
+              "mar21": dict(guaranteed, policy_id="tibet-resident-2019-03-21"),
+              "mar29": dict(guaranteed, policy_id="tibet-resident-2019-03-21"),
+              "mar30": dict(plan, policy_id="tibet-resident-2019-03-30"),
+              "dec31": dict(plan, policy_id="tibet-resident-2019-03-30")}
+    return Case(bundled(), rows, expect)
+
+
+@case
+def tibet_2019_old_assistance_limits_then_the_raised_ones():
+    # extreme_poverty, tertiary, national, in scope 1,000,000 on February 1 (before the plan):
+    #   basic capped at 150,000; critical illness capped at 300,000;
+    #   assistance 70% x 550,000 = 385,000 -> old limit 60,000;
+    #   major-illness assistance 70% x (490,000 - 5,000) = 339,500 -> old limit 150,000;
+    #   全兜底: the last 340,000
+    # the same person on April 10 (the plan), in scope 100,000: basic and critical illness
+    #   capped (0); assistance [550,000, 650,000) x 70% = 70,000 -> the raised limit 100,000
+    #   leaves 40,000; major-illness [490,000, 550,000) x 70% = 42,000 (200,000 - 150,000 left);
+    #   no full guarantee: 18,000 left on the patient
+    feb = claim("tibet", 2019, level="tertiary", locality="national", in_scope=1000000, ids=["extreme_poverty"],
+                person="tb", month=2, cid="feb")
+    apr = claim("tibet", 2019, level="tertiary", locality="national", in_scope=100000, ids=["extreme_poverty"],
+                person="tb", month=4, day=10, cid="apr")
+    expect = {"feb": dict(policy_id="tibet-resident-2019", basic_pay=y(150000), critical_illness_pay=y(300000),
+                          layer_pays=[("basic", y(150000)), ("critical_illness", y(300000)),
+                                      ("assistance", y(60000)), ("major_illness_assistance", y(150000)),
+                                      ("full_guarantee", y(340000))], compliant_personal_pay=0),
+              "apr": dict(policy_id="tibet-resident-2019-03-30", basic_pay=0, critical_illness_pay=0,
+                          layer_pays=[("assistance", y(40000)), ("major_illness_assistance", y(42000))],
+                          guarantee_pay=0, compliant_personal_pay=y(18000), cap_hit=True)}
+    return Case(bundled(), [feb, apr], expect)
 
 
 @pytest.mark.parametrize("name", sorted(SEED_CASES))

@@ -29,6 +29,8 @@ EXPECTED = {
     # id: (region, scheme, year, seed file)
     "xinjiang-resident-2017": ("650000", "resident", 2017, "000_0a82b02c342d1275.txt"),
     "tibet-resident-2019": ("540000", "resident", 2019, "001_892e8363ca291314.txt"),
+    "tibet-resident-2019-03-21": ("540000", "resident", 2019, "001_892e8363ca291314.txt"),
+    "tibet-resident-2019-03-30": ("540000", "resident", 2019, "001_892e8363ca291314.txt"),
     "tibet-resident-2020": ("540000", "resident", 2020, "001_892e8363ca291314.txt"),
     "shuozhou-resident-2022": ("140600", "resident", 2022, "002_0f2c2e4dd98a157b.txt"),
     "shuozhou-resident-2023": ("140600", "resident", 2023, "002_0f2c2e4dd98a157b.txt"),
@@ -121,7 +123,7 @@ def pays(r: dict) -> dict:
 # --------------------------------------------------------------------------- the files themselves
 
 
-def test_bundled_folder_holds_the_nine_seed_policies(ps):
+def test_bundled_folder_holds_the_seed_policies(ps):
     files = sorted(f.name for f in POLICY_DIR.glob("*.yaml"))
     assert files == sorted(f"{pid}.yaml" for pid in EXPECTED)
     assert sorted(p.id for p in ps.policies) == sorted(EXPECTED)
@@ -380,12 +382,13 @@ def test_tibet_newborn_rescue_100_percent(ps):
 @pytest.mark.parametrize("year", [2019, 2020])
 def test_tibet_poor_plus_5_points_and_assistance_70_percent(ps, year):
     # secondary admission, in scope 10,000, deductible 300:
+    # (in April 2019: the plan without 全兜底 is in force from March 30)
     # registered_poor: (85% + 5) x 9,700 = 8,730; critical illness base 1,270 < 4,000 -> 0;
     #   assistance 70% x 1,270 = 889; major-illness assistance: 381 < 5,000 -> 0
     #   compliant personal 10,000 - 8,730 - 889 = 381
     # no identity: 85% x 9,700 = 8,245
-    poor, other = settle(ps, claim("tibet", year, in_scope=10000, ids=["registered_poor"]),
-                         claim("tibet", year, in_scope=10000))
+    poor, other = settle(ps, claim("tibet", year, in_scope=10000, ids=["registered_poor"], month=4),
+                         claim("tibet", year, in_scope=10000, month=4))
     assert poor["basic_pay"] == y(8730)
     assert poor["critical_illness_pay"] == 0
     assert poor["medical_aid_pay"] == y(889)
@@ -396,8 +399,8 @@ def test_tibet_poor_plus_5_points_and_assistance_70_percent(ps, year):
 
 @pytest.mark.parametrize("year", [2019, 2020])
 def test_tibet_assistance_limits_100000_and_200000(ps, year):
-    # extreme_poverty, tertiary, in scope 1,000,000 (the plan of 2019-03-21 raised the limits
-    # for 2019 and 2020 alike):
+    # extreme_poverty, tertiary, in scope 1,000,000, in April (the plan of 2019-03-21 raised the
+    # limits for 2019 and 2020 alike):
     # basic raw (75% + 5) x 999,200 = 799,360 -> pool cap 150,000
     # critical illness: base 850,000, deductible 8,000 x 0.5 = 4,000, ratios + 5:
     #   46,000 x 65% = 29,900 + 50,000 x 75% = 37,500 + 750,000 x 85% = 637,500 = 704,900
@@ -406,7 +409,7 @@ def test_tibet_assistance_limits_100000_and_200000(ps, year):
     # major-illness assistance: 70% x (450,000 - 5,000) = 311,500 -> limit 200,000
     # compliant personal 1,000,000 - 150,000 - 300,000 - 300,000 = 250,000
     r = one(ps, claim("tibet", year, level="tertiary", locality="national", in_scope=1000000,
-                      ids=["extreme_poverty"]))
+                      ids=["extreme_poverty"], month=4))
     assert r["identity"] == "extreme_poverty"
     assert pays(r) == {"basic": y(150000), "critical_illness": y(300000), "assistance": y(100000),
                        "major_illness_assistance": y(200000)}
@@ -415,11 +418,19 @@ def test_tibet_assistance_limits_100000_and_200000(ps, year):
     assert r["compliant_personal_pay"] == y(250000)
 
 
-def test_tibet_no_full_guarantee_layer(ps):
-    # seed 001 warns against 全兜底: no Tibet layer takes the patient's share to 0
-    for pid in ("tibet-resident-2019", "tibet-resident-2020"):
+def test_tibet_no_full_guarantee_layer_from_2019_03_30(ps):
+    # seed 001 orders 全兜底 ended by 2019-03-30: from then no Tibet layer takes the patient's
+    # share to 0; the versions before it have the full-guarantee layer (a test in
+    # test_revision_seeds.py settles a claim on each side)
+    for pid in ("tibet-resident-2019-03-30", "tibet-resident-2020"):
         p = ps.by_id(pid)
         assert all(r.kind != "max_personal_share" for L in p.layers for r in L.rules)
+    for pid in ("tibet-resident-2019", "tibet-resident-2019-03-21"):
+        assert ps.by_id(pid).layers[-1].name == "full_guarantee"
+    assert [p.id for p in ps.versions("540000", "resident", 2019)] == [
+        "tibet-resident-2019", "tibet-resident-2019-03-21", "tibet-resident-2019-03-30"]
+    assert [str(p.effective_from) for p in ps.versions("540000", "resident", 2019)] == [
+        "2019-01-01", "2019-03-21", "2019-03-30"]
 
 
 # --------------------------------------------------------------------------- Shuozhou (seed 002)
