@@ -41,6 +41,7 @@ class Case:
     expect: dict
     acc: dict = field(default_factory=dict)
     carry: Optional[dict] = None
+    entries: dict = field(default_factory=dict)  # key -> {(layer, cap_group): (position, paid, charged)}, some only
 
 
 CASES: dict[str, Callable[[], Case]] = {}
@@ -61,6 +62,9 @@ def check(c: Case, results: list[dict], acc: dict) -> None:
     norm = ref.normalize_accumulators(acc)
     for k, want in c.acc.items():
         assert norm.get(k) == want, f"accumulators {k}: got {norm.get(k)}, expected {want}"
+    for k, want in c.entries.items():
+        got_entries = norm[k][2]
+        assert {e: got_entries.get(e) for e in want} == want, f"accumulators {k}: {got_entries}"
 
 
 def reference_rows(c: Case) -> list[dict]:

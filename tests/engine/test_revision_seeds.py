@@ -257,6 +257,30 @@ def tibet_2019_old_assistance_limits_then_the_raised_ones():
     return Case(bundled(), [feb, apr], expect)
 
 
+@case
+def shuozhou_chronic_limit_inside_the_pool_limit():
+    # nested caps: 门诊慢特病 (chronic) pays under its own 20,000 and under the 200,000 pool
+    # person a: a tertiary admission of 300,000 in March: 60% x 19,000 = 11,400 + 65% x 280,000
+    #   = 182,000 -> 193,400 of the pool; then chronic care of 40,000 in June: year axis, deductible
+    #   600, 65% x 39,400 = 25,610 -> min(20,000, 200,000 - 193,400 = 6,600) = 6,600
+    # person b: chronic 40,000: 25,610 -> the chronic limit 20,000; then 1,000 more: 650 -> 0
+    claims = [claim("shuozhou", 2022, level="tertiary", in_scope=300000, person="a", month=3, cid="a1"),
+              claim("shuozhou", 2022, visit="chronic", in_scope=40000, person="a", month=6, cid="a2"),
+              claim("shuozhou", 2022, visit="chronic", in_scope=40000, person="b", month=6, cid="b1"),
+              claim("shuozhou", 2022, visit="chronic", in_scope=1000, person="b", month=7, cid="b2")]
+    expect = {"a1": dict(basic_pay=y(193400), cap_hit=False),
+              "a2": dict(basic_pay=y(6600), deductible_applied=y(600), cap_hit=True),
+              "b1": dict(basic_pay=y(20000), deductible_applied=y(600), cap_hit=True),
+              "b2": dict(basic_pay=0, cap_hit=True)}
+    # every pay grows both groups' paid; the position and deductible are the chronic entry's
+    key = lambda p: (p, "140600", "resident", 2022)  # noqa: E731
+    entries = {key("a"): {("basic", "chronic"): (y(40000), y(6600), y(600)),
+                          ("basic", "pool"): (0, y(200000), y(1000))},
+               key("b"): {("basic", "chronic"): (y(41000), y(20000), y(600)),
+                          ("basic", "pool"): (0, y(20000), 0)}}
+    return Case(bundled(), claims, expect, entries=entries)
+
+
 @pytest.mark.parametrize("name", sorted(SEED_CASES))
 def test_reference_seed_case(name):
     c = SEED_CASES[name]()
