@@ -418,6 +418,28 @@ def repeat_admission_has_no_effect_on_the_year_axis():
     return Case(ps, claims, expect)
 
 
+@case
+def a_guarantee_in_the_first_layer_works_on_in_scope():
+    ps = policy_set(policy([layer("basic", "basic", [rule({}, max_personal_share=1000)])],
+                           compliant_includes_class_b_copay=True))
+    claims = [dict(claim_id="g", in_scope_amount=1000 * Y, class_b_copay_amount=200 * Y)]
+    # K = 1000 + 200 = 1200; the base is in_scope: 1000 - round(10% x 1200) = 880;
+    # the patient keeps 120 and the copay besides: compliant personal 1200 - 880 = 320
+    return Case(ps, claims, {"g": dict(basic_pay=880 * Y, deductible_applied=0, compliant_personal_pay=320 * Y,
+                                       personal_pay=320 * Y)})
+
+
+@case
+def a_null_claim_id_takes_no_id():
+    ps = policy_set(policy([layer("basic", "basic", [rule({}, ratio=5000)])]))
+    claims = [dict(claim_id=None, person_id="a", in_scope_amount=100 * Y),
+              dict(claim_id="x", person_id="b", in_scope_amount=100 * Y),
+              dict(claim_id="x", person_id="c", in_scope_amount=100 * Y)]
+    # the null id is MISSING_FIELD and changes nothing; "x" is settled once, then a duplicate
+    return Case(ps, claims, {None: dict(status="MISSING_FIELD")},
+                {key("a"): None, key("b"): (1, 100 * Y, {("basic", None): (0, 50 * Y, 0)}), key("c"): None})
+
+
 # ============================================================== the reference on every case
 
 
