@@ -299,9 +299,13 @@ def _state_layout(policies: list[dict], layers: list[dict], rules: list[dict], c
                 per_profile.append(cols)
             profile_columns[pi] = per_profile
             every_profile.extend(per_profile)
-        # columns of the profiles needing fewest first, in the order those profiles name them
+        # columns of the profiles needing fewest first, in the order those profiles name them;
+        # among as few, ordinary outpatient visits first (most claims are)
+        outpatient = VISIT_TYPES.index("outpatient")
         order: list[int] = []
-        for cols in sorted(every_profile, key=len):
+        ranked = sorted(range(len(every_profile)), key=lambda k: (
+            len(every_profile[k]), (k % PROFILES) // (PROFILES // len(VISIT_TYPES)) != outpatient, k))
+        for cols in (every_profile[k] for k in ranked):
             order.extend(sorted(c for c in cols if c not in order))
         order.extend(c for c in range(len(needs)) if c not in order)
         at = STATE_HEAD
