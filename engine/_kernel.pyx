@@ -601,21 +601,27 @@ cdef inline int64_t pay_segments(const Tables* t, const RuleRow* rule, const int
     return round_div(integral(t, rule, s, s.end), BP)
 
 
+cdef inline int64_t scaled_cap(int64_t cap, const Step* s) noexcept nogil:
+    return round_div(cap * s.cap_factor, BP) if s.cap_factor != BP else cap
+
+
 cdef inline int64_t cap_pay(const Tables* t, const RuleRow* rule, const int64_t* row, Step* s) noexcept nogil:
     """Step 7: the pay, limited by the least room any of the rule's cap groups has left this
     year, each cap times the cap factor; the trace keeps the group that binds (the first on
     a tie). No group, or `uncapped`: the raw amount (cap -1)."""
-    cdef int64_t k, cap, room, best = -1
+    cdef int64_t k, cap, room, best
     cdef const CapRow* g
     s.cap = -1
     s.paid_before = row[rule.paid_at]
-    if rule.cap_count == 0 or s.uncapped:
+    if rule.cap < 0 or s.uncapped:
         return s.raw
+    s.cap = scaled_cap(rule.cap, s)
+    best = i64max(0, s.cap - s.paid_before)
     for k in range(rule.cap_start, rule.cap_start + rule.cap_count):
         g = &t.caps[k]
-        cap = round_div(g.cap * s.cap_factor, BP) if s.cap_factor != BP else g.cap
+        cap = scaled_cap(g.cap, s)
         room = i64max(0, cap - row[g.paid_at])
-        if best < 0 or room < best:
+        if room < best:
             best = room
             s.cap = cap
             s.paid_before = row[g.paid_at]
@@ -647,10 +653,9 @@ cdef inline void settle_layer(const Tables* t, const PolicyRow* pol, int64_t l, 
         if delta != NULL:
             delta[ACC_FIELDS_C * rule.acc + 2] += s.deductible_charged
     s.pay = cap_pay(t, rule, row, s)
-    if rule.cap_count == 0:  # the (layer, none) entry
-        row[rule.paid_at] += s.pay
-        if delta != NULL:
-            delta[ACC_FIELDS_C * rule.acc + 1] += s.pay
+    row[rule.paid_at] += s.pay  # the first group's entry, or the (layer, none) one
+    if delta != NULL:
+        delta[ACC_FIELDS_C * rule.acc + 1] += s.pay
     for k in range(rule.cap_start, rule.cap_start + rule.cap_count):  # every group grows, capped or not
         row[t.caps[k].paid_at] += s.pay
         if delta != NULL:

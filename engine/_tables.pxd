@@ -43,7 +43,8 @@ ctypedef struct RuleRow:
     int64_t above_deductible    # segment bounds measured from the deductible
     int64_t repeat_admission
     int64_t acc                 # accumulator column of its first cap group (or none) within the width
-    int64_t cap_start           # into caps: its cap groups in order; cap_count 0: uncapped
+    int64_t cap                 # fen, its first cap group's cap before the cap factor; -1 uncapped
+    int64_t cap_start           # into caps: its other cap groups (nested caps), in order
     int64_t cap_count
     int64_t segment_start
     int64_t segment_count
@@ -54,7 +55,7 @@ ctypedef struct RuleRow:
     int64_t paid_at             # -1 for a field no rule of the policy writes
     int64_t charged_at
 
-ctypedef struct CapRow:         # one cap group of a rule (spec 5.2 step 7: nested caps)
+ctypedef struct CapRow:         # a rule's cap group after its first (spec 5.2 step 7: nested caps)
     int64_t acc                 # its accumulator column
     int64_t paid_at             # where its paid sits in a state row
     int64_t cap                 # fen, before the cap factor

@@ -36,7 +36,7 @@ POLICY_FIELDS = ("layer_start", "layer_count", "includes_class_b_copay", "repeat
 LAYER_FIELDS = ("fund", "rule_start", "rule_count", "adjustment_start", "adjustment_count", "base_kind", "required",
                 "repeat_applies", "reports_deductible")
 RULE_FIELDS = ("kind", "match", "deductible", "axis", "above_deductible", "repeat_admission",
-               "acc", "cap_start", "cap_count", "segment_start", "segment_count", "ratio_a", "ratio_b", "amount",
+               "acc", "cap", "cap_start", "cap_count", "segment_start", "segment_count", "ratio_a", "ratio_b", "amount",
                "position_at", "paid_at", "charged_at")
 CAP_FIELDS = ("acc", "paid_at", "cap")
 SEGMENT_FIELDS = ("upto", "ratio")
@@ -90,7 +90,7 @@ class CompiledPolicies:
     policies: np.ndarray
     layers: np.ndarray
     rules: np.ndarray
-    caps: np.ndarray  # per rule, its cap groups in order: (accumulator column, paid_at, cap fen)
+    caps: np.ndarray  # per rule, its cap groups after the first: (accumulator column, paid_at, cap fen)
     segments: np.ndarray
     adjustments: np.ndarray
     matches: np.ndarray
@@ -448,13 +448,15 @@ def compile_policies(policy_set: PolicySet) -> CompiledPolicies:
                     "repeat_admission": int(rule.repeat_admission),
                     # the first group's entry (or the none entry) holds position and deductible_charged
                     "acc": columns.index((layer.name, rule.cap_group)),
-                    "cap_start": len(caps), "cap_count": len(rule.cap_groups),
+                    "cap": layer.cap_groups[rule.cap_group] if rule.cap_groups else -1,
+                    # the other groups of nested caps (the first is `acc` and `cap`)
+                    "cap_start": len(caps), "cap_count": max(len(rule.cap_groups) - 1, 0),
                     "segment_start": len(segments), "segment_count": len(rule.segments),
                     "ratio_a": ratio_a, "ratio_b": ratio_b, "amount": amount,
                     "position_at": -1, "paid_at": -1, "charged_at": -1,  # set by _state_layout
                 })
                 caps.extend({"acc": columns.index((layer.name, g)), "paid_at": -1, "cap": layer.cap_groups[g]}
-                            for g in rule.cap_groups)
+                            for g in rule.cap_groups[1:])
                 segments.extend({"upto": -1 if s.upto is None else s.upto, "ratio": s.ratio}
                                 for s in rule.segments)
             for adj in layer.adjustments:
