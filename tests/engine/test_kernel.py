@@ -216,3 +216,12 @@ def test_claim_columns_refuse_a_column_of_another_width():
     prep.total = np.zeros(0, np.int32)
     with pytest.raises(ValueError, match="'total'"):
         _kernel.ClaimColumns(prep)
+
+
+def test_kernel_limits_are_the_schema_and_model_ones():
+    """The C constants of the loop (engine/_kernel.pyx) against their one home in Python."""
+    from engine import model, schema
+
+    assert _kernel.MAX_AMOUNT_FEN == schema.MAX_AMOUNT
+    assert _kernel.MAX_COMPLIANT_TOTAL_FEN == schema.MAX_CARRIED
+    assert _kernel.MAX_CAP_FACTOR_PRODUCT == model.MAX_CAP_FACTOR_PRODUCT
