@@ -14,8 +14,9 @@ cdef class PolicyTables:
     def __init__(self, *, policies, layers, rules, caps, segments, adjustments, matches, ranges, repeat_factors,
                  identity_rank, rule_candidates, candidate_rules, adjustment_candidates, candidate_adjustments,
                  state_lines):
-        arrays = dict(policies=policies, layers=layers, rules=rules, caps=caps, segments=segments, adjustments=adjustments,
-                      matches=matches, ranges=ranges, repeat_factors=repeat_factors, identity_rank=identity_rank,
+        arrays = dict(policies=policies, layers=layers, rules=rules, caps=caps, segments=segments,
+                      adjustments=adjustments, matches=matches, ranges=ranges, repeat_factors=repeat_factors,
+                      identity_rank=identity_rank,
                       rule_candidates=rule_candidates, candidate_rules=candidate_rules,
                       adjustment_candidates=adjustment_candidates, candidate_adjustments=candidate_adjustments,
                       state_lines=state_lines)

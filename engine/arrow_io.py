@@ -240,8 +240,8 @@ class PreparedClaims:
         self.policy = self.key_policy = np.full(n, -1, dtype=np.int32)
         if n and compiled.lookup:
             region_names = compiled.names.region_names
-            self.policy, self.key_policy = _policy_index(_value_codes(region, region_names), scheme_codes, self.settle_time,
-                                        compiled)
+            self.policy, self.key_policy = _policy_index(_value_codes(region, region_names), scheme_codes,
+                                                         self.settle_time, compiled)
         self.columns = _kernel.ClaimColumns(self)
         return self
 
@@ -401,7 +401,8 @@ def build_results(prep: PreparedClaims, compiled: CompiledPolicies, out: _kernel
     return pa.RecordBatch.from_arrays(columns, schema=schema)
 
 
-def result_rows(prep: PreparedClaims, compiled: CompiledPolicies, out: _kernel.KernelOutputs, deltas: bool) -> list[dict]:
+def result_rows(prep: PreparedClaims, compiled: CompiledPolicies, out: _kernel.KernelOutputs,
+                deltas: bool) -> list[dict]:
     """The rows `build_results(...).to_pylist()` gives, built without Arrow arrays.
 
     For callers that settle a few claims at a time (the server's groups), where

@@ -104,9 +104,6 @@ def test_profiles_touching_few_columns_find_them_in_the_first_line(seeds):
 
 def test_first_layer_behaviour_is_data_in_the_layer_table():
     """What spec 5.2 says of the first layer is in its row, not in the loop's layer index."""
-    import engine
-    from engine.compile import compile_policies
-
     c = compile_policies(engine.load_policies(None))
     kinds = _kernel.BASE_KINDS
     for p in c.policies:

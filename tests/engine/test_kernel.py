@@ -1,11 +1,20 @@
-"""The kernel's interner: exact ids for byte strings, whatever their length or shared prefix."""
+"""The kernel's modules: the interner (exact ids for byte strings, whatever their length or
+shared prefix), the bound tables and columns, the calendar and version lookup, the limits."""
+import datetime as dt
+import pickle
+
 import numpy as np
 import pyarrow as pa
 import pytest
 
-from engine import _columns, _kernel
+import engine
+from engine import _columns, _kernel, model, schema
+from engine import compile as comp
 from engine._hashing import AccumulatorKeys, ClaimIds
-from engine.arrow_io import string_buffers
+from engine._tables import PolicyTables
+from engine.arrow_io import PreparedClaims, string_buffers
+from engine.compile import compile_policies
+from engine.settle import Settler, _state_table
 
 # around the key bytes kept in a slot (19, with the 4 bytes of policy: 15 of the id), the
 # hash's 8-byte words, and the 255 cap of a slot's length byte
@@ -80,10 +89,7 @@ def test_each_table_takes_only_its_kind_of_key():
 
 
 def test_check_rows_takes_the_two_tables_in_their_places():
-    import engine
-    from engine.arrow_io import PreparedClaims
 
-    from engine.compile import compile_policies
 
     c = compile_policies(engine.load_policies(None))
     prep = PreparedClaims.from_rows([], c)
@@ -106,8 +112,6 @@ def test_reserve_then_intern_keeps_ids():
 
 
 def test_large_state_table_is_zeroed_and_keeps_rows_when_grown():
-    from engine.settle import Settler, _state_table
-    import engine
 
     t = _state_table(100_000, 26)  # 20.8 MB: the huge-page-advised path
     assert t.shape == (100_000, 26) and t.dtype == np.int64 and not t.any()
@@ -124,7 +128,6 @@ def test_large_state_table_is_zeroed_and_keeps_rows_when_grown():
 def test_match_encodings_agree_with_compile():
     """compile.py encodes absent match conditions so that the kernel's tests pass them;
     the two sides must use the same sentinels."""
-    from engine import compile as comp
 
     assert comp.MAX_AGE_ANY == _kernel.MAX_AGE_ANY
     assert comp.ANY_HOLDS == _kernel.ANY_HOLDS == -(1 << 63)
@@ -134,7 +137,6 @@ def test_match_encodings_agree_with_compile():
 
 def test_calendar_years_and_year_starts_match_the_calendar():
     """The kernel's calendar arithmetic against Python's, around year ends and before 1970."""
-    import datetime as dt
 
     epoch = dt.datetime(1970, 1, 1)
     years = np.array([2, 4, 99, 100, 400, 1600, 1899, 1900, 1969, 1970, 1999, 2000, 2016, 2020, 2024, 2100, 9998],
@@ -169,7 +171,6 @@ def test_policy_rows_take_each_row_year_whatever_the_order():
 def test_policy_rows_take_the_version_in_force_on_the_settle_date():
     """Versions 5 (from Jan 1), 7 (from Mar 21) and 6 (from Mar 30) of one year, keyed under 5;
     a year whose only version starts in June: UNKNOWN_POLICY before it."""
-    import datetime as dt
 
     def micros(*ymd_hm):
         return (dt.datetime(*ymd_hm) - dt.datetime(1970, 1, 1)) // dt.timedelta(microseconds=1)
@@ -192,11 +193,7 @@ def test_policy_rows_take_the_version_in_force_on_the_settle_date():
 
 def test_policy_tables_are_bound_once_and_survive_pickling():
     """compile builds the kernel's tables once; a process-pool worker gets them by pickle."""
-    import pickle
 
-    import engine
-    from engine.compile import compile_policies
-    from engine._tables import PolicyTables
 
     c = compile_policies(engine.load_policies(None))
     assert isinstance(c.tables, PolicyTables)
@@ -207,9 +204,6 @@ def test_policy_tables_are_bound_once_and_survive_pickling():
 
 
 def test_claim_columns_refuse_a_column_of_another_width():
-    import engine
-    from engine.arrow_io import PreparedClaims
-    from engine.compile import compile_policies
 
     c = compile_policies(engine.load_policies(None))
     prep = PreparedClaims.from_rows([], c)
@@ -220,7 +214,6 @@ def test_claim_columns_refuse_a_column_of_another_width():
 
 def test_kernel_limits_are_the_schema_and_model_ones():
     """The C constants of the loop (engine/_kernel.pyx) against their one home in Python."""
-    from engine import model, schema
 
     assert _kernel.MAX_AMOUNT_FEN == schema.MAX_AMOUNT
     assert _kernel.MAX_COMPLIANT_TOTAL_FEN == schema.MAX_CARRIED

@@ -926,8 +926,10 @@ def test_a_null_identity_item_is_unknown_identity_and_moves_nothing(identities):
     assert [r["status"] for r in res] == ["UNKNOWN_IDENTITY", "ok"]
     assert pays(res) == [0, 400 * Y]  # the deductible is charged to the second claim: nothing moved before
     # the rows path (the server's) agrees
-    got = engine.Settler(ps).settle_rows([tuple(r[f.name] if f.name != "settle_time" else
-                                                int((r[f.name] - dt.datetime(1970, 1, 1)) / dt.timedelta(microseconds=1))
+    def micros(t):
+        return (t - dt.datetime(1970, 1, 1)) // dt.timedelta(microseconds=1)
+
+    got = engine.Settler(ps).settle_rows([tuple(micros(r[f.name]) if f.name == "settle_time" else r[f.name]
                                                 for f in engine.CLAIMS_SCHEMA)
                                           for r in claims_table(rows).to_pylist()])
     assert [r["status"] for r in got] == ["UNKNOWN_IDENTITY", "ok"] and got[1]["basic_pay"] == 400 * Y
