@@ -20,7 +20,7 @@ MODULES = (
 # The loop is small inline functions (one per step of spec 5.2) that must melt into one
 # body: with gcc's default growth limits the largest was left a call (instructions +25 %).
 INLINING = ["--param=large-function-growth=1000", "--param=max-inline-insns-single=2000",
-            "--param=inline-unit-growth=200"]
+            "--param=inline-unit-growth=200", "--param=sra-max-scalarization-size-Ospeed=1024"]
 
 extensions = [
     Extension(
