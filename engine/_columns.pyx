@@ -241,6 +241,35 @@ cdef inline int64_t aside_start(const int64_t[::1] aside_slot, int64_t a, int64_
     return a
 
 
+cdef inline int64_t foreign_entries(const int64_t[:, ::1] aside, int64_t a, int64_t b, int64_t width,
+                                    int64_t code_base, int64_t* column, int64_t* position, int64_t* paid,
+                                    int64_t* charged) noexcept nogil:
+    """The carried-in entries of one key (aside rows a..b, sorted by column then field) whose
+    column is past the compiled ones (width + k: no version of the year names them); returns
+    how many, and when `column` is not NULL writes each one's code (code_base + k) and fields."""
+    cdef int64_t q, f, count = 0, last = -1
+    for q in range(a, b):
+        if aside[q, 0] < width:
+            continue
+        if aside[q, 0] != last:
+            last = aside[q, 0]
+            count += 1
+            if column != NULL:
+                column[count - 1] = code_base + last - width
+                position[count - 1] = 0
+                paid[count - 1] = 0
+                charged[count - 1] = 0
+        if column != NULL:
+            f = aside[q, 1]
+            if f == 0:
+                position[count - 1] = aside[q, 2]
+            elif f == 1:
+                paid[count - 1] = aside[q, 2]
+            else:
+                charged[count - 1] = aside[q, 2]
+    return count
+
+
 cdef class ClosingAccumulators:
     """The closing accumulators' columns (spec section 4) of a call's keys, in slot order.
 
@@ -306,6 +335,7 @@ cdef class ClosingAccumulators:
                     column_values(row, &self.state_index[p, 0], j, self.aside, a, b, v)
                     if v[0] != 0 or v[1] != 0 or v[2] != 0:
                         n += 1
+                n += foreign_entries(self.aside, a, b, self.acc_width, 0, NULL, NULL, NULL, NULL)
                 if n == 0 and row[0] == 0 and row[1] == 0:
                     self.entries_of[i] = -1
                 else:
@@ -324,6 +354,11 @@ cdef class ClosingAccumulators:
         cdef int32_t p
         cdef int64_t v[ACC_FIELDS_C]
         cdef const int64_t* row
+        cdef bint any_entries = column.shape[0] > 0
+        cdef int64_t* col_p = &column[0] if any_entries else NULL
+        cdef int64_t* pos_p = &position[0] if any_entries else NULL
+        cdef int64_t* paid_p = &paid[0] if any_entries else NULL
+        cdef int64_t* charged_p = &charged[0] if any_entries else NULL
         with nogil:
             person_offsets[0] = 0
             entry_offsets[0] = 0
@@ -348,5 +383,8 @@ cdef class ClosingAccumulators:
                         paid[e] = v[1]
                         charged[e] = v[2]
                         e += 1
+                if b > a:
+                    e += foreign_entries(self.aside, a, b, self.acc_width, self.policies.shape[0] * self.acc_width,
+                                         col_p + e, pos_p + e, paid_p + e, charged_p + e)
                 k += 1
                 entry_offsets[k] = <int32_t>e

@@ -489,13 +489,26 @@ def accumulators_schema(dictionary: bool = False) -> pa.Schema:
     return schema.set(i, schema.field(i).with_type(pa.list_(entry)))
 
 
+def _with_names(names: pa.Array, codes: np.ndarray, more: list) -> tuple[pa.Array, np.ndarray]:
+    """(names, codes) with codes for `more` appended (None: -1), each name once in the names."""
+    listed = names.to_pylist()
+    extra = sorted({v for v in more if v is not None} - set(listed))
+    listed += extra
+    index = {v: k for k, v in enumerate(listed)}
+    more_codes = np.array([-1 if v is None else index[v] for v in more], dtype=codes.dtype)
+    return pa.array(listed, pa.string()), np.concatenate([codes, more_codes])
+
+
 def accumulators_table(keys_starts: np.ndarray, keys_arena: np.ndarray, compiled: CompiledPolicies,
-                       state: np.ndarray, aside: dict | None = None, dictionary: bool = False) -> pa.Table:
+                       state: np.ndarray, aside: dict | None = None, dictionary: bool = False,
+                       foreign: tuple = ()) -> pa.Table:
     """Closing accumulators (spec section 4), one row per key that holds anything.
 
     Two Cython passes over the state rows (count, then fill), so that a year's
     millions of keys cost no temporary the size of the table.
-    `aside`: (slot, column, field) -> value of carried-in fields the state rows do not keep.
+    `aside`: (slot, column, field) -> value of carried-in fields the state rows do not keep;
+    a column acc_width + k is the carried-in entry `foreign[k]` ((layer, cap group)) that no
+    version of its key's year names, returned as it came.
     `dictionary`: names as dictionary arrays (`accumulators_schema(dictionary=True)`)."""
     count = len(keys_starts) - 1
     schema = accumulators_schema(dictionary)
@@ -512,10 +525,15 @@ def accumulators_table(keys_starts: np.ndarray, keys_arena: np.ndarray, compiled
     person = pa.LargeStringArray.from_buffers(held, pa.py_buffer(acc.person_offsets), pa.py_buffer(acc.person_data))
     pol = acc.key_policy
     names = c.names
+    layer_names, layer_codes = names.acc_layer_names, names.acc_layer_codes
+    cap_names, cap_codes = names.acc_cap_names, names.acc_cap_codes
+    if foreign:  # entry codes from len(policies) * acc_width on: the foreign entries, in order
+        layer_names, layer_codes = _with_names(layer_names, layer_codes, [f[0] for f in foreign])
+        cap_names, cap_codes = _with_names(cap_names, cap_codes, [f[1] for f in foreign])
     layers_type = schema.field("layers").type
     entries_arr = pa.StructArray.from_arrays(
-        [_named(names.acc_layer_codes[column], names.acc_layer_names, dictionary),
-         _named(names.acc_cap_codes[column], names.acc_cap_names, dictionary),
+        [_named(layer_codes[column], layer_names, dictionary),
+         _named(cap_codes[column], cap_names, dictionary),
          pa.array(position), pa.array(paid), pa.array(charged)], fields=list(layers_type.value_type))
     return pa.table([
         person.cast(pa.string()), _named(names.region_codes[pol], names.region_dictionary, dictionary),

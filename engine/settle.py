@@ -94,6 +94,9 @@ class Settler:
         # carried-in values of fields the policy's rules never write, so not in its rows:
         # (slot, column, field) -> value, given back unchanged with the closing accumulators
         self._carried_aside: dict[tuple[int, int, int], int] = {}
+        # carried-in (layer, cap group) entries no version of the key's year names (spec section 4:
+        # kept unchanged and returned): each gets a column after the compiled ones, acc_width + index
+        self._foreign: dict[tuple[str, Optional[str]], int] = {}
         if accumulators is not None:
             self._carry_in(accumulators)
 
@@ -198,7 +201,8 @@ class Settler:
         """The closing accumulators (spec section 4); with `dictionary`, the name columns as
         dictionary arrays (`accumulators_schema(dictionary=True)`), as a Parquet writer takes them."""
         starts, arena = self._keys.export()
-        return accumulators_table(starts, arena, self.compiled, self._state, self._carried_aside, dictionary)
+        return accumulators_table(starts, arena, self.compiled, self._state, self._carried_aside, dictionary,
+                                  tuple(self._foreign))
 
     def _carry_in(self, table: pa.Table) -> None:
         """Load carried-in accumulators (spec section 4); any bad key fails the whole call."""
@@ -272,8 +276,9 @@ class Settler:
 
     def _load_carried(self, offsets, data, policy, adm, ct, parents, layer_names, cap_names, values,
                       key_name) -> None:
-        """Checks carried-in keys (policy, ranges, layers, no key or column twice) and writes them
-        into the state table; `key_name(i)` names key i in an error."""
+        """Checks carried-in keys (policy, ranges, no key or entry twice) and writes them into the
+        state table; `key_name(i)` names key i in an error. An entry whose (layer, cap group) no
+        version of the key's year names is kept aside and returned unchanged (spec section 4)."""
         c = self.compiled
         n = len(policy)
         if (policy < 0).any():
@@ -287,11 +292,9 @@ class Settler:
         col_index = np.full(len(parents), -1, dtype=np.int64)
         column_of = c.acc_column_index
         for e in range(len(parents)):
-            j = column_of[policy[parents[e]]].get((layer_names[e], cap_names[e]), -1)
-            if j < 0:
-                raise AccumulatorError(f"accumulators: key {key_name(int(parents[e]))}: no layer "
-                                       f"'{layer_names[e]}' with cap group {cap_names[e]!r} in its policy")
-            col_index[e] = j
+            name = (layer_names[e], cap_names[e])
+            j = column_of[policy[parents[e]]].get(name, -1)
+            col_index[e] = j if j >= 0 else self._width + self._foreign.setdefault(name, len(self._foreign))
         bad = ((values < 0) | (values > MAX_CARRIED)).any(axis=1)
         if bad.any():
             e = int(np.nonzero(bad)[0][0])
@@ -309,15 +312,17 @@ class Settler:
         self._state[slots, 0] = adm
         self._state[slots, 1] = ct
         if len(parents):
-            pairs = slots[parents] * self._width + col_index
+            pairs = slots[parents] * (self._width + len(self._foreign)) + col_index
             if len(np.unique(pairs)) != len(pairs):
                 _, first = np.unique(pairs, return_index=True)
                 e = sorted(set(range(len(pairs))) - set(first.tolist()))[0]
                 raise AccumulatorError(f"accumulators: key {key_name(int(parents[e]))}: layer "
                                        f"'{layer_names[e]}' with cap group {cap_names[e]!r} appears twice")
             rows = slots[parents]
+            known = col_index < self._width
             for f in range(_kernel.ACC_FIELDS):
-                at = c.state_index[policy[parents], col_index * _kernel.ACC_FIELDS + f]
+                at = np.full(len(parents), -1, dtype=np.int64)
+                at[known] = c.state_index[policy[parents[known]], col_index[known] * _kernel.ACC_FIELDS + f]
                 kept = at >= 0
                 self._state[rows[kept], at[kept]] = values[kept, f]
                 for e in np.nonzero(~kept & (values[:, f] != 0))[0].tolist():
