@@ -36,7 +36,7 @@ cdef extern from *:
     const int64_t MAX_COMPLIANT_TOTAL "MEDSETTLE_MAX_COMPLIANT_TOTAL"  # engine/schema.py MAX_CARRIED, 10^14 fen per key
     const int64_t MAX_AGE_ANY_C "MEDSETTLE_MAX_AGE_ANY"    # engine/compile.py MAX_AGE_ANY
     const int64_t ANY_HOLDS_C "MEDSETTLE_ANY_HOLDS"        # engine/compile.py ANY_HOLDS
-    const int64_t MAX_CAP_FACTOR "MEDSETTLE_MAX_CAP_FACTOR"  # engine/model.py MAX_CAP_FACTOR_PRODUCT
+    const int64_t MAX_CAP_FACTOR "MEDSETTLE_MAX_CAP_FACTOR"  # engine/schema.py MAX_COMBINED_CAP_FACTOR
     void prefetch_address "medsettle_prefetch"(const void* p) noexcept nogil
 
 ACC_FIELDS = ACC_FIELDS_C
@@ -47,7 +47,7 @@ MAX_AGE_ANY = MAX_AGE_ANY_C
 ANY_HOLDS = ANY_HOLDS_C
 MAX_AMOUNT_FEN = MAX_AMOUNT
 MAX_COMPLIANT_TOTAL_FEN = MAX_COMPLIANT_TOTAL
-MAX_CAP_FACTOR_PRODUCT = MAX_CAP_FACTOR
+MAX_COMBINED_CAP_FACTOR = MAX_CAP_FACTOR
 BASE_KINDS = {"in_scope": BASE_IN_SCOPE, "remaining": BASE_REMAINING}
 
 # How many claims ahead the loop prefetches accumulator rows (several lines each, so fewer

@@ -11,7 +11,8 @@ import datetime
 from dataclasses import dataclass, field
 from typing import Iterable, Optional, Union
 
-from .schema import BP, FACILITY_LEVELS, FEN_PER_YUAN, FUNDS, LOCALITIES, SCHEMES, VISIT_TYPES  # noqa: F401
+from .schema import (BP, FACILITY_LEVELS, FEN_PER_YUAN, FUNDS, LOCALITIES, MAX_CAP_FACTOR,  # noqa: F401
+                     MAX_COMBINED_CAP_FACTOR, SCHEMES, VISIT_TYPES)
 
 AXES = ("claim", "year")
 BOUNDS = ("absolute", "above_deductible")
@@ -90,9 +91,6 @@ def _rule_init_with_cap_group(self, *args, cap_group: Optional[str] = None, **kw
 
 _rule_init_with_cap_group.__doc__ = _rule_init.__doc__
 Rule.__init__ = _rule_init_with_cap_group  # type: ignore[method-assign]
-
-MAX_CAP_FACTOR = 10 * BP  # section 6.2: cap_factor in [0, 10]
-MAX_CAP_FACTOR_PRODUCT = 100 * BP  # section 5.2 step 2: c = min(10^6, ...)
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ BP = 10_000
 MAX_AMOUNT = 10**12
 MAX_COMPLIANT_TOTAL = 10**14
 MAX_CARRY = 10**14
-MAX_CAP_FACTOR = 10**6  # 5.2 step 2: c = min(10^6, ...)
+MAX_COMBINED_CAP_FACTOR = 10**6  # 5.2 step 2: c = min(10^6, ...)
 
 STATUSES = ("ok", "MISSING_FIELD", "INVALID_VALUE", "INVALID_AMOUNT", "AMOUNT_OUT_OF_RANGE",
             "AMOUNT_MISMATCH", "UNKNOWN_POLICY", "UNKNOWN_IDENTITY", "DUPLICATE_CLAIM", "NO_BENEFIT_RULE")
@@ -231,7 +231,7 @@ def settle_claim(c, P, acc, key):
                     if A.ratio_add is not None:
                         ratios = [r + A.ratio_add for r in ratios]
                 if A.cap_factor is not None:
-                    cf = min(MAX_CAP_FACTOR, rnd(cf * A.cap_factor))
+                    cf = min(MAX_COMBINED_CAP_FACTOR, rnd(cf * A.cap_factor))
                 if A.uncapped:
                     uncapped = True
             ratios = [min(BP, max(0, r)) for r in ratios]

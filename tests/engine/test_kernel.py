@@ -8,7 +8,7 @@ import pyarrow as pa
 import pytest
 
 import engine
-from engine import _columns, _kernel, model, schema
+from engine import _columns, _kernel, schema
 from engine import compile as comp
 from engine._hashing import AccumulatorKeys, ClaimIds
 from engine._tables import PolicyTables
@@ -217,4 +217,4 @@ def test_kernel_limits_are_the_schema_and_model_ones():
 
     assert _kernel.MAX_AMOUNT_FEN == schema.MAX_AMOUNT
     assert _kernel.MAX_COMPLIANT_TOTAL_FEN == schema.MAX_CARRIED
-    assert _kernel.MAX_CAP_FACTOR_PRODUCT == model.MAX_CAP_FACTOR_PRODUCT
+    assert _kernel.MAX_COMBINED_CAP_FACTOR == schema.MAX_COMBINED_CAP_FACTOR
