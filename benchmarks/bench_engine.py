@@ -9,6 +9,7 @@ rows) under the Shuozhou 2022 resident policy alone (the bundled set filtered
 to it) into a temporary folder as Parquet (LZ4). Measured, per size:
 
 * `kernel_loop`: the per-claim loop alone (`Settler.run_kernel` over a prepared chunk);
+* `policy_lookup`: the version in force per row, as the prepare pass finds it;
 * `kernel`: `engine.settle` on an in-memory table (one chunk);
 * `settler`: `engine.Settler(...).settle_batch` over 1M-row batches (the streaming path);
 * `cli`: `medsettle settle` Parquet to Parquet through `engine.cli.main`, default batch size,
@@ -186,7 +187,24 @@ def test_kernel_loop(benchmark, data, ps, n):
     warm.append(settler.run_kernel(chunk))
     del warm
     out = benchmark.pedantic(settler.run_kernel, setup=fresh_state, rounds=BIG_ROUNDS, iterations=1)
-    _record(benchmark, n, ok=int((out["status"] == 0).sum()), first_call_s=round(first, 3))
+    _record(benchmark, n, ok=int((out.status == 0).sum()), first_call_s=round(first, 3))
+
+
+@big
+def test_policy_lookup(benchmark, data, ps, n):
+    """The prepare pass's policy lookup alone: the version in force per row from (region,
+    scheme, settle_time), as `PreparedClaims` does it (issue 14: it must stay cheap)."""
+    from engine.arrow_io import _codes, _policy_index
+    from engine.schema import SCHEMES
+
+    table = data.table(n)
+    c = engine.Settler(ps).compiled
+    region = _codes(table.column("region").chunk(0), c.names.region_names)
+    scheme = _codes(table.column("scheme").chunk(0), SCHEMES)
+    micros = np.asarray(table.column("settle_time").chunk(0).cast(pa.int64()).fill_null(0))
+    policy, _ = benchmark.pedantic(_policy_index, args=(region, scheme, micros, c), rounds=BIG_ROUNDS * 3,
+                                   iterations=1)
+    _record(benchmark, n, unknown_policy=int((policy < 0).sum()))
 
 
 @big

@@ -1,19 +1,23 @@
 # cython: language_level=3, cdivision=True, nonecheck=False, embedsignature=True
 # boundscheck, wraparound and initializedcheck come from setup.py: off, or on with MEDSETTLE_BOUNDSCHECK=1.
-"""The settlement kernel: one pass over a chunk of claims, no Python object per claim.
+"""The settlement kernel: the passes of a call over a chunk of claims, no Python object per claim.
 
-Three entry points, each running without the GIL over typed memoryviews:
-`check_rows` (statuses up to DUPLICATE_CLAIM, claim-id dedup, accumulator
-slots), `order_rows` (the spec's (settle_time, claim_id) order) and `settle`
-(every layer of every claim, against per-slot accumulator arrays). The
-numeric tables come from engine/compile.py; the layout is in _kernel.pxd.
-Set MEDSETTLE_BOUNDSCHECK=1 when building to turn bounds checks back on.
+Three passes, each without the GIL: `check_rows` (statuses up to
+DUPLICATE_CLAIM, claim-id dedup, accumulator slots), `order_rows` (the spec's
+(settle_time, claim_id) order) and `settle` (every layer of every claim,
+against the accumulator state rows). They read a chunk's columns from
+`ClaimColumns`, the policy set from `_tables.PolicyTables` (built once by
+engine/compile.py) and write `KernelOutputs`. Each step of spec section 5.2 is
+one small inline function below; `settle` only strings them together.
 """
 import numpy as np
 cimport numpy as cnp
-from libc.stdlib cimport malloc, calloc, realloc, free
-from libc.string cimport memcpy, memcmp, memset
-from libc.stdint cimport INT64_MAX, int16_t, uint32_t
+from libc.stdlib cimport malloc, free
+from libc.string cimport memcpy, memcmp
+from libc.stdint cimport INT64_MAX, int8_t, int32_t, int64_t, uint8_t, uint64_t
+
+from ._hashing cimport ClaimIds, AccumulatorKeys, hash_strings, PREFETCH_AHEAD
+from ._tables cimport *
 
 cnp.import_array()
 
@@ -24,18 +28,16 @@ cdef extern from *:
     #define MEDSETTLE_MAX_COMPLIANT_TOTAL 100000000000000LL
     #define MEDSETTLE_MAX_AGE_ANY (1LL << 62)
     #define MEDSETTLE_ANY_HOLDS ((int64_t)(1ULL << 63))
-    #define MEDSETTLE_MAX_ENTRIES 0xFFFFFFFELL
+    #define MEDSETTLE_MAX_CAP_FACTOR 1000000LL
+    #define medsettle_prefetch(p) __builtin_prefetch(p)
     """
     const int64_t BP "MEDSETTLE_BP"
-    const int64_t MAX_AMOUNT "MEDSETTLE_MAX_AMOUNT"                # 10^12 fen per claim amount
-    const int64_t MAX_COMPLIANT_TOTAL "MEDSETTLE_MAX_COMPLIANT_TOTAL"  # 10^14 fen per key
+    const int64_t MAX_AMOUNT "MEDSETTLE_MAX_AMOUNT"                # engine/schema.py MAX_AMOUNT, 10^12 fen
+    const int64_t MAX_COMPLIANT_TOTAL "MEDSETTLE_MAX_COMPLIANT_TOTAL"  # engine/schema.py MAX_CARRIED, 10^14 fen per key
     const int64_t MAX_AGE_ANY_C "MEDSETTLE_MAX_AGE_ANY"    # engine/compile.py MAX_AGE_ANY
     const int64_t ANY_HOLDS_C "MEDSETTLE_ANY_HOLDS"        # engine/compile.py ANY_HOLDS
-    const int64_t MAX_ENTRIES "MEDSETTLE_MAX_ENTRIES"      # ids of an Interner: slots keep id + 1 in 32 bits
-
-cdef enum:
-    ACC_FIELDS_C = 3  # position, paid, deductible_charged per accumulator column
-    STATE_HEAD_C = 2  # admissions, compliant_total before the columns of a state row
+    const int64_t MAX_CAP_FACTOR "MEDSETTLE_MAX_CAP_FACTOR"  # engine/schema.py MAX_COMBINED_CAP_FACTOR
+    void prefetch_address "medsettle_prefetch"(const void* p) noexcept nogil
 
 ACC_FIELDS = ACC_FIELDS_C
 STATE_HEAD = STATE_HEAD_C
@@ -43,6 +45,16 @@ PROFILE_SHAPE = (PROFILE_LEVELS, PROFILE_LOCALITIES)
 TRACE_NFIELDS = TR_NFIELDS
 MAX_AGE_ANY = MAX_AGE_ANY_C
 ANY_HOLDS = ANY_HOLDS_C
+MAX_AMOUNT_FEN = MAX_AMOUNT
+MAX_COMPLIANT_TOTAL_FEN = MAX_COMPLIANT_TOTAL
+MAX_COMBINED_CAP_FACTOR = MAX_CAP_FACTOR
+BASE_KINDS = {"in_scope": BASE_IN_SCOPE, "remaining": BASE_REMAINING}
+
+# How many claims ahead the loop prefetches accumulator rows (several lines each, so fewer
+# rows in flight than hash slots: measured at 10M claims, 8 to 16 rows ahead settled in
+# 1.0-1.3 s where 64 took 1.4-1.9 s).
+cdef enum:
+    ROW_PREFETCH_AHEAD = 12
 
 
 cdef inline int64_t round_div(int64_t n, int64_t d) noexcept nogil:
@@ -66,471 +78,239 @@ cdef inline int64_t i64max(int64_t a, int64_t b) noexcept nogil:
     return a if a > b else b
 
 
-cdef extern from *:
-    """
-    #define medsettle_prefetch(p) __builtin_prefetch(p)
-    """
-    void prefetch_address "medsettle_prefetch"(const void* p) noexcept nogil
+# --------------------------------------------------------------------------- chunk columns and outputs
 
-# How many claims ahead the loops prefetch: hash-table slots (one line each), and
-# accumulator rows (several lines each, so fewer rows in flight: measured at 10M claims,
-# 8 to 16 rows ahead settled in 1.0-1.3 s where 64 took 1.4-1.9 s).
-cdef enum:
-    PREFETCH_AHEAD = 64
-    ROW_PREFETCH_AHEAD = 12
-
-
-cdef extern from "<sys/mman.h>" nogil:
-    void* mmap(void* addr, size_t length, int prot, int flags, int fd, long offset)
-    int munmap(void* addr, size_t length)
-    int madvise(void* addr, size_t length, int advice)
-    int PROT_READ, PROT_WRITE, MAP_PRIVATE, MAP_ANONYMOUS, MADV_HUGEPAGE
-    void* MAP_FAILED
-
-cdef enum:
-    HUGE_PAGE = 2 << 20
-    HUGE_MIN = 4 * HUGE_PAGE    # below this, plain calloc
-
-
-cdef void* zeroed_table(size_t nbytes) noexcept nogil:
-    """Zeroed memory for a large hash table, advised to use 2 MiB pages.
-
-    Lookups land at random across hundreds of MB; with 4 KiB pages nearly
-    every one also misses the TLB. Free with free_table(p, nbytes).
-    """
-    cdef void* p
-    if nbytes < HUGE_MIN:
-        return calloc(nbytes, 1)
-    p = mmap(NULL, nbytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)
-    if p == MAP_FAILED:
+cdef void* _data(object a, str name, Py_ssize_t itemsize) except? NULL:
+    """The data pointer of a C-contiguous array (NULL when empty), checked for its item size."""
+    if not a.flags.c_contiguous or a.itemsize != itemsize:
+        raise ValueError(f"claim columns: '{name}' must be C-contiguous with {itemsize}-byte items")
+    if a.size == 0:
         return NULL
-    madvise(p, nbytes, MADV_HUGEPAGE)  # advice only: 4 KiB pages if the kernel declines
-    return p
+    return cnp.PyArray_DATA(<cnp.ndarray?>a)
 
 
-cdef void free_table(void* p, size_t nbytes) noexcept nogil:
-    if p == NULL:
-        return
-    if nbytes < HUGE_MIN:
-        free(p)
-    else:
-        munmap(p, nbytes)
+# A chunk's columns as the passes read them (engine/arrow_io.py PreparedClaims).
+ctypedef struct Columns:
+    int64_t n
+    const int32_t* claim_offsets
+    const uint8_t* claim_data
+    const uint8_t* claim_valid
+    const int32_t* person_offsets
+    const uint8_t* person_data
+    const uint8_t* missing
+    const uint8_t* invalid_enum
+    const int64_t* total
+    const int64_t* self_funded
+    const int64_t* over_limit
+    const int64_t* class_b_copay
+    const int64_t* in_scope
+    const int64_t* in_scope_class_b
+    const int32_t* policy         # the version in force, -1 none
+    const int32_t* key_policy     # its year's first version (PolicyRow.key_policy), -1 none
+    const int64_t* identity_mask
+    const int8_t* visit
+    const int8_t* level
+    const int8_t* locality
+    const uint8_t* referred
+    const int32_t* age
+    const int64_t* disease
 
 
-cdef inline uint64_t load_word(const uint8_t* p, int64_t n) noexcept nogil:
-    """Up to 8 bytes as a little word, zero-padded (memcpy: no unaligned or overlong read)."""
-    cdef uint64_t w = 0
-    memcpy(&w, p, n)
-    return w
+# (attribute of PreparedClaims, item size)
+_COLUMN_ITEMS = (
+    ("claim_offsets", 4), ("claim_data", 1), ("claim_valid", 1), ("person_offsets", 4), ("person_data", 1),
+    ("missing", 1), ("invalid_enum", 1), ("total", 8), ("self_funded", 8), ("over_limit", 8),
+    ("class_b_copay", 8), ("in_scope", 8), ("in_scope_class_b", 8), ("policy", 4), ("identity_mask", 8),
+    ("visit", 1), ("level", 1), ("locality", 1), ("referred", 1), ("age", 4), ("disease", 8), ("key_policy", 4),
+)
 
 
-cdef inline uint64_t mix_finish(uint64_t h) noexcept nogil:
-    # murmur3's fmix64, so that the table's low bits are well mixed
-    h ^= h >> 33
-    h *= 0xff51afd7ed558ccdULL
-    h ^= h >> 33
-    h *= 0xc4ceb9fe1a85ec53ULL
-    h ^= h >> 33
-    return h
+cdef class ClaimColumns:
+    """The kernel's view of one prepared chunk: its numpy columns, bound once per chunk."""
+    cdef Columns c
+    cdef readonly object arrays     # the arrays the pointers point into, kept alive
+    cdef readonly Py_ssize_t n
+
+    def __init__(self, prepared):
+        """`prepared`: an object with the columns of `_COLUMN_ITEMS` as numpy arrays and `n`."""
+        arrays = []
+        cdef const void* p[22]
+        cdef int k = 0
+        for name, size in _COLUMN_ITEMS:
+            a = getattr(prepared, name)
+            arrays.append(a)
+            p[k] = _data(a, name, size)
+            k += 1
+        self.arrays = tuple(arrays)
+        self.n = prepared.n
+        self.c.n = self.n
+        for name, size in _COLUMN_ITEMS[7:]:
+            if len(getattr(prepared, name)) != self.n:
+                raise ValueError(f"claim columns: '{name}' has {len(getattr(prepared, name))} rows, not {self.n}")
+        if len(prepared.claim_offsets) != self.n + 1 or len(prepared.person_offsets) != self.n + 1:
+            raise ValueError("claim columns: string offsets must have n + 1 entries")
+        self.c.claim_offsets = <const int32_t*>p[0]
+        self.c.claim_data = <const uint8_t*>p[1]
+        self.c.claim_valid = <const uint8_t*>p[2]
+        self.c.person_offsets = <const int32_t*>p[3]
+        self.c.person_data = <const uint8_t*>p[4]
+        self.c.missing = <const uint8_t*>p[5]
+        self.c.invalid_enum = <const uint8_t*>p[6]
+        self.c.total = <const int64_t*>p[7]
+        self.c.self_funded = <const int64_t*>p[8]
+        self.c.over_limit = <const int64_t*>p[9]
+        self.c.class_b_copay = <const int64_t*>p[10]
+        self.c.in_scope = <const int64_t*>p[11]
+        self.c.in_scope_class_b = <const int64_t*>p[12]
+        self.c.policy = <const int32_t*>p[13]
+        self.c.identity_mask = <const int64_t*>p[14]
+        self.c.visit = <const int8_t*>p[15]
+        self.c.level = <const int8_t*>p[16]
+        self.c.locality = <const int8_t*>p[17]
+        self.c.referred = <const uint8_t*>p[18]
+        self.c.age = <const int32_t*>p[19]
+        self.c.disease = <const int64_t*>p[20]
+        self.c.key_policy = <const int32_t*>p[21]
 
 
-cdef inline uint64_t hash_seeded(const uint8_t* p, int64_t n, uint64_t seed) noexcept nogil:
-    """A word-at-a-time multiply-rotate hash: 8 bytes per step instead of FNV's one.
-
-    Speed matters (two hashes per claim); quality need only spread ids over
-    the table, because every hit is confirmed by comparing the bytes.
-    """
-    cdef uint64_t h = seed ^ (<uint64_t>n * 0x9e3779b97f4a7c15ULL)
-    cdef uint64_t w
-    while n >= 8:
-        w = load_word(p, 8) * 0x87c37b91114253d5ULL
-        w = (w << 31) | (w >> 33)
-        h ^= w * 0x4cf5ad432745937fULL
-        h = ((h << 27) | (h >> 37)) * 5 + 0x52dce729
-        p += 8
-        n -= 8
-    if n > 0:
-        w = load_word(p, n) * 0x87c37b91114253d5ULL
-        w = (w << 31) | (w >> 33)
-        h ^= w * 0x4cf5ad432745937fULL
-    return mix_finish(h)
+ctypedef struct Outputs:
+    int8_t* status
+    int32_t* effective
+    int64_t* deductible_applied
+    int64_t* fund_pay           # [FUNDS, n]: fund f of row i at f * n + i
+    int64_t* layer_pay          # [n, max_layers]
+    int64_t max_layers
+    uint8_t* cap_hit
+    int64_t* compliant
+    int64_t* deltas             # [n, acc_width, ACC_FIELDS] when wanted, else NULL
+    int64_t acc_width
+    int64_t* trace              # [max_layers, TR_NFIELDS]
+    int64_t* trace_acc          # [2, state width]
 
 
-cdef uint64_t hash_bytes(const uint8_t* p, int64_t n) noexcept nogil:
-    """The interner's hash of a byte string."""
-    return hash_seeded(p, n, 0)
+cdef enum:
+    FUNDS_C = 5
 
 
-cdef inline void hash_strings(const int32_t[::1] offsets, const uint8_t[::1] data, Py_ssize_t n,
-                              uint64_t* h) noexcept nogil:
-    """hash_bytes of each of n strings, in one pass before the probes, so that these can
-    prefetch the slots of the strings ahead."""
-    cdef Py_ssize_t i
-    for i in range(n):
-        h[i] = hash_bytes(&data[0] + offsets[i], offsets[i + 1] - offsets[i])
+cdef class KernelOutputs:
+    """What `settle` writes for a chunk: every row of each array, so they need not come zeroed
+    (except `deltas`). The arrays are numpy, read by engine/arrow_io.py to build results."""
+    cdef Outputs o
+    cdef readonly object status, effective, deductible_applied, fund_pay, layer_pay, cap_hit, compliant
+    cdef readonly object deltas, trace, trace_acc
+    cdef readonly bint want_deltas
+
+    def __init__(self, Py_ssize_t n, Py_ssize_t max_layers, Py_ssize_t acc_width, Py_ssize_t state_width,
+                 bint deltas=False, allocate=np.empty):
+        """`allocate(shape, dtype)` gives the arrays written in full (e.g. from a memory pool)."""
+        self.want_deltas = deltas
+        self.status = allocate(n, np.int8)
+        self.effective = allocate(n, np.int32)
+        self.deductible_applied = allocate(n, np.int64)
+        self.fund_pay = allocate((FUNDS_C, n), np.int64)
+        self.layer_pay = allocate((n, max_layers), np.int64)
+        self.cap_hit = allocate(n, np.uint8)
+        self.compliant = allocate(n, np.int64)
+        self.deltas = np.zeros((n if deltas else 1, acc_width, ACC_FIELDS_C), dtype=np.int64)
+        self.trace = np.zeros((max(max_layers, 1), TR_NFIELDS), dtype=np.int64)
+        self.trace_acc = np.zeros((2, state_width), dtype=np.int64)
+        self.o.status = <int8_t*>_data(self.status, "status", 1)
+        self.o.effective = <int32_t*>_data(self.effective, "effective", 4)
+        self.o.deductible_applied = <int64_t*>_data(self.deductible_applied, "deductible_applied", 8)
+        self.o.fund_pay = <int64_t*>_data(self.fund_pay, "fund_pay", 8)
+        self.o.layer_pay = <int64_t*>_data(self.layer_pay, "layer_pay", 8)
+        self.o.max_layers = max_layers
+        self.o.cap_hit = <uint8_t*>_data(self.cap_hit, "cap_hit", 1)
+        self.o.compliant = <int64_t*>_data(self.compliant, "compliant", 8)
+        self.o.deltas = <int64_t*>_data(self.deltas, "deltas", 8) if deltas else NULL
+        self.o.acc_width = acc_width
+        self.o.trace = <int64_t*>_data(self.trace, "trace", 8)
+        self.o.trace_acc = <int64_t*>_data(self.trace_acc, "trace_acc", 8)
+        for a in (self.status, self.effective, self.deductible_applied, self.fund_pay, self.layer_pay,
+                  self.cap_hit, self.compliant):
+            if not a.flags.writeable:
+                raise ValueError("kernel outputs must be writable")
 
 
-cdef class Interner:
-    """Byte strings to dense ids 0, 1, 2, ... in first-seen order (at most 2^32 - 2).
+# --------------------------------------------------------------------------- statuses and keys
 
-    Claim ids (DUPLICATE_CLAIM over a whole call) and accumulator keys (one
-    slot per person and policy) are both interned here, across chunks, in
-    tables shaped for how each is looked up. Claim ids mostly miss: their
-    slot is 8 bytes, half the hash beside the id, so a probe reads one word
-    and a new id costs no compare. Accumulator keys mostly hit: their slot
-    is 32 bytes with the key's first bytes in it, so confirming a hit on a
-    short key reads one cache line and no arena.
-    """
-
-    def __cinit__(self, bint policy_keys=False):
-        """`policy_keys`: keys are 4 bytes of policy index, then a person id (see
-        `_intern_keys`); otherwise claim ids, hashed with hash_bytes."""
-        self.policy_keys = policy_keys
-        self.arena_cap = 1 << 16
-        self.arena = <uint8_t*> malloc(self.arena_cap)
-        self.entries_cap = 1 << 12
-        self.starts = <int64_t*> malloc((self.entries_cap + 1) * sizeof(int64_t))
-        self.table_mask = (1 << 13) - 1
-        self.ids = NULL
-        self.keys = NULL
-        if policy_keys:
-            self.keys = <KeySlot*> zeroed_table((self.table_mask + 1) * sizeof(KeySlot))
-        else:
-            self.ids = <uint64_t*> zeroed_table((self.table_mask + 1) * sizeof(uint64_t))
-        self.hashes = NULL
-        self.hashes_cap = 0
-        if not (self.arena and self.starts and (self.ids or self.keys)):
-            raise MemoryError()
-        self.arena_len = 0
-        self.count = 0
-        self.starts[0] = 0
-
-    def __dealloc__(self):
-        free(self.arena)
-        free(self.starts)
-        free(self.hashes)
-        free_table(self.ids, (self.table_mask + 1) * sizeof(uint64_t))
-        free_table(self.keys, (self.table_mask + 1) * sizeof(KeySlot))
-
-    def __len__(self):
-        return self.count
-
-    cdef int grow_table(self, int64_t new_size) noexcept nogil:
-        """Rehash into a table of new_size slots: key slots by the hash they keep,
-        claim ids by hashing them again from the arena (their slot keeps half of it)."""
-        cdef int64_t i, j, e, mask = new_size - 1
-        cdef uint64_t h
-        cdef uint64_t* ids
-        cdef KeySlot* keys
-        if self.policy_keys:
-            keys = <KeySlot*> zeroed_table(new_size * sizeof(KeySlot))
-            if keys == NULL:
-                return -1
-            for i in range(self.table_mask + 1):
-                if self.keys[i].entry == 0:
-                    continue
-                j = <int64_t>(self.keys[i].hash & <uint64_t>mask)
-                while keys[j].entry != 0:
-                    j = (j + 1) & mask
-                keys[j] = self.keys[i]
-            free_table(self.keys, (self.table_mask + 1) * sizeof(KeySlot))
-            self.keys = keys
-        else:
-            ids = <uint64_t*> zeroed_table(new_size * sizeof(uint64_t))
-            if ids == NULL:
-                return -1
-            for e in range(self.count):
-                h = hash_bytes(self.arena + self.starts[e], self.starts[e + 1] - self.starts[e])
-                j = <int64_t>(h & <uint64_t>mask)
-                while ids[j] != 0:
-                    j = (j + 1) & mask
-                ids[j] = ((h >> 32) << 32) | <uint64_t>(e + 1)
-            free_table(self.ids, (self.table_mask + 1) * sizeof(uint64_t))
-            self.ids = ids
-        self.table_mask = mask
-        return 0
-
-    cdef uint64_t* hash_scratch(self, int64_t n) noexcept nogil:
-        """Room for n hashes, reused by every chunk (NULL if memory ran out).
-
-        A fresh array per chunk would be fresh pages per chunk: faulting them
-        in cost more than hashing the keys.
-        """
-        cdef void* p
-        if n > self.hashes_cap:
-            p = realloc(self.hashes, n * sizeof(uint64_t))
-            if p == NULL:
-                return NULL
-            self.hashes = <uint64_t*> p
-            self.hashes_cap = n
-        return self.hashes
-
-    cdef void prefetch(self, uint64_t h) noexcept nogil:
-        cdef int64_t j = <int64_t>(h & <uint64_t>self.table_mask)
-        if self.policy_keys:
-            prefetch_address(&self.keys[j])
-        else:
-            prefetch_address(&self.ids[j])
-
-    cdef int64_t intern(self, const uint8_t* key, int64_t length, uint64_t h, bint* is_new) noexcept nogil:
-        """The id of `key` (whose hash is h), adding it if new; -1 if memory or ids ran out."""
-        cdef int64_t j = <int64_t>(h & <uint64_t>self.table_mask)
-        cdef int64_t e, s
-        cdef uint64_t v, tag = h >> 32
-        cdef uint8_t padded[KEY_INLINE]
-        cdef uint8_t short_length = <uint8_t>i64min(length, 255)
-        cdef KeySlot* slot = NULL
-        cdef void* p
-        if self.policy_keys:
-            memset(padded, 0, KEY_INLINE)
-            memcpy(padded, key, i64min(length, KEY_INLINE))
-            while True:
-                slot = &self.keys[j]
-                if slot.entry == 0:
-                    break
-                if slot.hash == h and slot.length == short_length and memcmp(slot.key, padded, KEY_INLINE) == 0:
-                    e = <int64_t>slot.entry - 1
-                    if length <= KEY_INLINE or (self.starts[e + 1] - self.starts[e] == length
-                                                and memcmp(self.arena + self.starts[e], key, length) == 0):
-                        is_new[0] = False
-                        return e
-                j = (j + 1) & self.table_mask
-        else:
-            while True:
-                v = self.ids[j]
-                if v == 0:
-                    break
-                if (v >> 32) == tag:
-                    e = <int64_t>(v & 0xFFFFFFFFULL) - 1
-                    s = self.starts[e]
-                    if self.starts[e + 1] - s == length and memcmp(self.arena + s, key, length) == 0:
-                        is_new[0] = False
-                        return e
-                j = (j + 1) & self.table_mask
-        if self.count >= MAX_ENTRIES:
-            return -1
-        if self.count + 1 > self.entries_cap:
-            p = realloc(self.starts, (self.entries_cap * 2 + 1) * sizeof(int64_t))
-            if p == NULL:
-                return -1
-            self.starts = <int64_t*> p
-            self.entries_cap *= 2
-        if self.arena_len + length > self.arena_cap:
-            while self.arena_len + length > self.arena_cap:
-                self.arena_cap *= 2
-            p = realloc(self.arena, self.arena_cap)
-            if p == NULL:
-                return -1
-            self.arena = <uint8_t*> p
-        memcpy(self.arena + self.arena_len, key, length)
-        self.arena_len += length
-        e = self.count
-        self.count += 1
-        self.starts[self.count] = self.arena_len
-        if self.policy_keys:
-            slot.hash = h
-            slot.entry = <uint32_t>(e + 1)
-            slot.length = short_length
-            memcpy(slot.key, padded, KEY_INLINE)
-        else:
-            self.ids[j] = (tag << 32) | <uint64_t>(e + 1)
-        is_new[0] = True
-        if self.count * 4 > (self.table_mask + 1) * 3:
-            if self.grow_table((self.table_mask + 1) * 2) != 0:
-                return -1
-        return e
-
-    def reserve(self, int64_t entries, int64_t nbytes):
-        """Room for `entries` more keys of `nbytes` in all, so a chunk grows each table at most once.
-
-        Arrays grow at least by half, so a call fed chunk after chunk copies
-        its keys a bounded number of times; a caller that knows the call's
-        size (a file's row count) reserves it all up front and never rehashes.
-        """
-        cdef int64_t need = self.count + entries, size = self.table_mask + 1, cap
-        cdef void* p
-        while need * 4 > size * 3:
-            size *= 2
-        if size > self.table_mask + 1 and self.grow_table(size) != 0:
-            raise MemoryError()
-        if need > self.entries_cap:
-            cap = i64max(need, self.entries_cap + self.entries_cap // 2)
-            p = realloc(self.starts, (cap + 1) * sizeof(int64_t))
-            if p == NULL:
-                raise MemoryError()
-            self.starts = <int64_t*> p
-            self.entries_cap = cap
-        if self.arena_len + nbytes > self.arena_cap:
-            cap = i64max(self.arena_len + nbytes, self.arena_cap + self.arena_cap // 2)
-            p = realloc(self.arena, cap)
-            if p == NULL:
-                raise MemoryError()
-            self.arena = <uint8_t*> p
-            self.arena_cap = cap
-
-    def export(self):
-        """(starts int64[count + 1], arena uint8[...]) copies, for building output columns."""
-        starts = np.empty(self.count + 1, dtype=np.int64)
-        arena = np.empty(max(self.arena_len, 1), dtype=np.uint8)
-        cdef int64_t[::1] sv = starts
-        cdef uint8_t[::1] av = arena
-        memcpy(&sv[0], self.starts, (self.count + 1) * sizeof(int64_t))
-        if self.arena_len:
-            memcpy(&av[0], self.arena, self.arena_len)
-        return starts, arena[: self.arena_len]
-
-    def intern_keys(self, const int32_t[::1] offsets, const uint8_t[::1] data,
-                    const int32_t[::1] policy, int64_t[::1] out_slot):
-        """Intern (policy, person_id) keys for rows with policy >= 0; others get -1."""
-        cdef Py_ssize_t n = out_slot.shape[0]
-        cdef int ok
-        if not self.policy_keys:
-            raise ValueError("intern_keys needs an Interner(policy_keys=True)")
-        with nogil:
-            ok = _intern_keys(self, offsets, data, policy, NULL, out_slot, n)
-        if ok != 0:
-            raise MemoryError("accumulator key table")
-
-    def intern_ids(self, const int32_t[::1] offsets, const uint8_t[::1] data, int64_t[::1] out):
-        """Intern plain byte strings (claim ids) and write their ids, as check_rows does between
-        its status checks (which is why that loop is not this one): for tests of the table."""
-        cdef Py_ssize_t n = out.shape[0], i
-        cdef bint is_new
-        cdef uint64_t* h
-        if self.policy_keys:
-            raise ValueError("intern_ids needs an Interner(policy_keys=False)")
-        h = self.hash_scratch(n + 1)
-        if h == NULL:
-            raise MemoryError()
-        with nogil:
-            hash_strings(offsets, data, n, h)
-            for i in range(n):
-                if i + PREFETCH_AHEAD < n:
-                    self.prefetch(h[i + PREFETCH_AHEAD])
-                out[i] = self.intern(&data[0] + offsets[i], offsets[i + 1] - offsets[i], h[i], &is_new)
-                if out[i] < 0:
-                    break
-        if n and out[n - 1] < 0:
-            raise MemoryError("claim id table")
+cdef inline int8_t amount_status(const Columns* col, Py_ssize_t i) noexcept nogil:
+    """INVALID_AMOUNT, AMOUNT_OUT_OF_RANGE or AMOUNT_MISMATCH, in that order; OK if none."""
+    cdef int64_t total = col.total[i], self_funded = col.self_funded[i], over_limit = col.over_limit[i]
+    cdef int64_t class_b_copay = col.class_b_copay[i], in_scope = col.in_scope[i]
+    cdef int64_t in_scope_class_b = col.in_scope_class_b[i]
+    if (total | self_funded | over_limit | class_b_copay | in_scope | in_scope_class_b) < 0:
+        return INVALID_AMOUNT
+    if (total > MAX_AMOUNT or self_funded > MAX_AMOUNT or over_limit > MAX_AMOUNT
+            or class_b_copay > MAX_AMOUNT or in_scope > MAX_AMOUNT or in_scope_class_b > MAX_AMOUNT):
+        return AMOUNT_OUT_OF_RANGE
+    if total != self_funded + over_limit + class_b_copay + in_scope or in_scope_class_b > in_scope:
+        return AMOUNT_MISMATCH
+    return OK
 
 
-cdef int _intern_keys(Interner keys, const int32_t[::1] offsets, const uint8_t[::1] data,
-                      const int32_t[::1] policy, const int8_t* status,
-                      int64_t[::1] out_slot, Py_ssize_t n) noexcept nogil:
-    """Slot of each row's accumulator key: 4 bytes of policy index, then the person_id bytes.
-
-    Hashes are computed first in one sequential pass so the probing pass can
-    prefetch the table slots of the rows ahead.
-    """
-    cdef Py_ssize_t i
-    cdef int64_t start, length, cap = 256
-    cdef uint8_t* buf = <uint8_t*> malloc(cap)
-    cdef uint64_t* h = keys.hash_scratch(n + 1)
-    cdef void* p
-    cdef bint is_new
-    cdef int32_t pol
-    cdef int err = 0
-    if buf == NULL or h == NULL:
-        free(buf)
-        return -1
-    for i in range(n):
-        pol = policy[i]
-        h[i] = hash_seeded(&data[0] + offsets[i], offsets[i + 1] - offsets[i],
-                           <uint64_t>(<uint32_t>pol) * 0xd6e8feb86659fd93ULL + 1)
-    for i in range(n):
-        if i + PREFETCH_AHEAD < n:
-            keys.prefetch(h[i + PREFETCH_AHEAD])
-        if policy[i] < 0 or (status != NULL and status[i] != OK):
-            out_slot[i] = -1
-            continue
-        start = offsets[i]
-        length = offsets[i + 1] - start
-        if length + 4 > cap:
-            cap = (length + 4) * 2
-            p = realloc(buf, cap)
-            if p == NULL:
-                err = -1
-                break
-            buf = <uint8_t*> p
-        pol = policy[i]
-        memcpy(buf, &pol, 4)
-        if length:
-            memcpy(buf + 4, &data[0] + start, length)
-        out_slot[i] = keys.intern(buf, length + 4, h[i], &is_new)
-        if out_slot[i] < 0:
-            err = -1
-            break
-    free(buf)
-    return err
+cdef inline int8_t row_status(const Columns* col, const Tables* t, Py_ssize_t i) noexcept nogil:
+    """The status of section 3's precedence up to UNKNOWN_IDENTITY (duplicates come after)."""
+    cdef int8_t s
+    if col.missing[i]:
+        return MISSING_FIELD
+    if col.invalid_enum[i]:
+        return INVALID_VALUE
+    s = amount_status(col, i)
+    if s != OK:
+        return s
+    if col.policy[i] < 0:
+        return UNKNOWN_POLICY
+    # unknown only when no version of the year declares it (a null item is never declared)
+    if col.identity_mask[i] & ~t.policies[col.policy[i]].year_identity_mask:
+        return UNKNOWN_IDENTITY
+    return OK
 
 
-def check_rows(const int32_t[::1] claim_offsets, const uint8_t[::1] claim_data,
-               const uint8_t[::1] claim_valid,
-               const int32_t[::1] person_offsets, const uint8_t[::1] person_data,
-               const uint8_t[::1] missing, const uint8_t[::1] invalid_enum,
-               const int64_t[::1] total, const int64_t[::1] self_funded, const int64_t[::1] over_limit,
-               const int64_t[::1] class_b_copay, const int64_t[::1] in_scope,
-               const int64_t[::1] in_scope_class_b,
-               const int32_t[::1] policy, const int64_t[::1] identity_mask,
-               const PolicyRow[::1] policies,
-               Interner claim_ids, Interner keys,
+def check_rows(ClaimColumns columns, PolicyTables tables, ClaimIds claim_ids, AccumulatorKeys keys,
                int8_t[::1] status, int64_t[::1] slot):
     """Statuses up to DUPLICATE_CLAIM, in the spec's order of precedence, and key slots.
 
     Every non-null claim id is interned in input order, so a
     first occurrence that is rejected still makes later ones duplicates.
     """
-    cdef Py_ssize_t n = status.shape[0], i
+    cdef const Columns* col = &columns.c
+    cdef const Tables* t = &tables.t
+    cdef Py_ssize_t n = col.n, i
     cdef int err = 0
     cdef int64_t start
-    cdef bint is_new, bad_neg, bad_range
+    cdef bint is_new
     cdef int8_t s
     cdef uint64_t* h
-    if claim_ids.policy_keys or not keys.policy_keys:
-        raise ValueError("check_rows needs an Interner() of claim ids and an Interner(policy_keys=True)")
+    if status.shape[0] != n or slot.shape[0] != n:
+        raise ValueError("check_rows: status and slot must have a row per claim")
+    if n == 0:
+        return
     h = claim_ids.hash_scratch(n + 1)
     if h == NULL:
         raise MemoryError()
     with nogil:
-        hash_strings(claim_offsets, claim_data, n, h)
+        hash_strings(col.claim_offsets, col.claim_data, n, h)
         for i in range(n):
             if i + PREFETCH_AHEAD < n:
                 claim_ids.prefetch(h[i + PREFETCH_AHEAD])
-            s = OK
-            if missing[i]:
-                s = MISSING_FIELD
-            elif invalid_enum[i]:
-                s = INVALID_VALUE
-            else:
-                bad_neg = ((total[i] | self_funded[i] | over_limit[i] | class_b_copay[i] | in_scope[i]
-                            | in_scope_class_b[i]) < 0)
-                bad_range = (total[i] > MAX_AMOUNT or self_funded[i] > MAX_AMOUNT or over_limit[i] > MAX_AMOUNT
-                             or class_b_copay[i] > MAX_AMOUNT or in_scope[i] > MAX_AMOUNT
-                             or in_scope_class_b[i] > MAX_AMOUNT)
-                if bad_neg:
-                    s = INVALID_AMOUNT
-                elif bad_range:
-                    s = AMOUNT_OUT_OF_RANGE
-                elif (total[i] != self_funded[i] + over_limit[i] + class_b_copay[i] + in_scope[i]
-                        or in_scope_class_b[i] > in_scope[i]):
-                    s = AMOUNT_MISMATCH
-                elif policy[i] < 0:
-                    s = UNKNOWN_POLICY
-                elif identity_mask[i] & ~policies[policy[i]].identity_mask:
-                    s = UNKNOWN_IDENTITY
-            if claim_valid[i]:
-                start = claim_offsets[i]
-                if claim_ids.intern(&claim_data[0] + start, claim_offsets[i + 1] - start, h[i], &is_new) < 0:
+            s = row_status(col, t, i)
+            if col.claim_valid[i]:
+                start = col.claim_offsets[i]
+                if claim_ids.intern(col.claim_data + start, col.claim_offsets[i + 1] - start, h[i], &is_new) < 0:
                     err = 1
                     break
                 if not is_new and s == OK:
                     s = DUPLICATE_CLAIM
             status[i] = s
         if err == 0:
-            err = _intern_keys(keys, person_offsets, person_data, policy, &status[0] if n else NULL, slot, n)
+            # keys by the year's first version: every version of a year shares the key's accumulators
+            err = keys.intern_rows(col.person_offsets, col.person_data, col.key_policy, &status[0], &slot[0], n)
     if err:
         raise MemoryError("claim id or key table")
 
+
+# --------------------------------------------------------------------------- order
 
 cdef inline int id_cmp(const int32_t[::1] off, const uint8_t[::1] data, int64_t a, int64_t b) noexcept nogil:
     cdef int64_t sa = off[a], la = off[a + 1] - off[a]
@@ -622,19 +402,71 @@ def time_bounds(const int64_t[::1] settle_time, const uint8_t[::1] time_valid,
     return lo, hi
 
 
+# --------------------------------------------------------------------------- the settlement loop
+
 ctypedef struct Claim:
     int64_t visit
     int64_t level
     int64_t locality
+    int64_t profile        # (visit * PROFILE_LEVELS + level) * PROFILE_LOCALITIES + locality
     int64_t referred       # 0 or 1 (null is 0)
     int64_t age_low        # age; -1 when null, so that any min_age fails
     int64_t age_high       # age; MAX_AGE_ANY when null, so that any max_age fails
     int64_t held           # identity bits, and ANY_HOLDS
     int64_t effective      # global identity id, -1 none
     int64_t disease        # encoded 3-character category, -1 none
+    int64_t in_scope       # fen
+    int64_t class_b        # in-scope class B, fen
+    int64_t compliant      # K of spec 5.1, fen
 
 
-cdef inline bint matches(const MatchRow* m, const Claim* c, const RangeRow[::1] ranges) noexcept nogil:
+ctypedef struct Step:
+    # One layer of one claim (spec 5.2), as `engine.explain` reads it from the trace (TR_*).
+    int64_t rule
+    int64_t base
+    int64_t deductible_rule     # the rule's deductible after the repeat-admission factor
+    int64_t factor_g            # product of the adjustments' deductible factors, bp
+    int64_t deductible          # D
+    int64_t start               # the slice [start, end) of the axis
+    int64_t end
+    int64_t ratio_replace       # -1 none
+    int64_t ratio_add
+    int64_t raw
+    int64_t cap                 # -1 uncapped
+    int64_t paid_before
+    int64_t pay
+    int64_t deductible_charged
+    int64_t repeat_factor
+    # not traced:
+    int64_t cap_factor          # product of the adjustments' cap factors, bp, at most MAX_CAP_FACTOR
+    bint uncapped               # an adjustment lifted the rule's caps
+
+
+cdef inline void load_claim(const Columns* col, const Tables* t, const PolicyRow* pol, Py_ssize_t i,
+                            Claim* c) noexcept nogil:
+    """Row i's fields as the rules test them, and its effective identity (section 5.1)."""
+    cdef int64_t j
+    c.visit = col.visit[i]
+    c.level = col.level[i]
+    c.locality = col.locality[i]
+    c.profile = (c.visit * PROFILE_LEVELS + c.level) * PROFILE_LOCALITIES + c.locality
+    c.referred = col.referred[i] != 0
+    c.age_low = col.age[i]
+    c.age_high = col.age[i] if col.age[i] >= 0 else MAX_AGE_ANY_C
+    c.held = col.identity_mask[i] | ANY_HOLDS_C
+    c.disease = col.disease[i]
+    c.effective = -1
+    if col.identity_mask[i] & pol.identity_mask:  # most claims hold no identity
+        for j in range(pol.rank_start, pol.rank_start + pol.rank_count):
+            if (c.held >> t.identity_rank[j]) & 1:
+                c.effective = t.identity_rank[j]
+                break
+    c.in_scope = col.in_scope[i]
+    c.class_b = col.in_scope_class_b[i]
+    c.compliant = c.in_scope + (col.class_b_copay[i] if pol.includes_class_b_copay else 0)
+
+
+cdef inline bint matches(const MatchRow* m, const Claim* c, const RangeRow* ranges) noexcept nogil:
     """The conjunction of section 6.3 as five bit and compare tests, absent conditions
     encoded by engine/compile.py so that they pass.
 
@@ -657,17 +489,98 @@ cdef inline bint matches(const MatchRow* m, const Claim* c, const RangeRow[::1] 
     return False
 
 
-cdef inline int64_t integral(const SegmentRow[::1] segments, int64_t seg_start, int64_t seg_count,
-                             int64_t ratio_replace, int64_t ratio_add, int64_t D,
-                             bint above_deductible, int64_t y) noexcept nogil:
+cdef inline int64_t find_rule(const Tables* t, int64_t l, const Claim* c) noexcept nogil:
+    """Step 1: the first rule of layer l that the claim matches, -1 none."""
+    cdef const int64_t* cand = t.rule_candidates + (l * t.profiles + c.profile) * 2
+    cdef int64_t q, j
+    for q in range(cand[0], cand[0] + cand[1]):
+        j = t.candidate_rules[q]
+        if matches(&t.matches[t.rules[j].match], c, t.ranges):
+            return j
+    return -1
+
+
+cdef inline void apply_adjustments(const Tables* t, int64_t l, const Claim* c, Step* s) noexcept nogil:
+    """Step 2: every matching adjustment of layer l in file order: deductible factors
+    multiplied (rounded after each), a ratio replaced, ratio additions summed (these three
+    used by ratio and segments rules only), cap factors multiplied (rounded after each, at
+    most MAX_CAP_FACTOR) and `uncapped` (these two used by every kind of rule)."""
+    cdef const int64_t* cand = t.adjustment_candidates + (l * t.profiles + c.profile) * 2
+    cdef const AdjustmentRow* adj
+    cdef int64_t q
+    s.factor_g = BP
+    s.ratio_replace = -1
+    s.ratio_add = 0
+    s.cap_factor = BP
+    s.uncapped = False
+    for q in range(cand[0], cand[0] + cand[1]):
+        adj = &t.adjustments[t.candidate_adjustments[q]]
+        if matches(&t.matches[adj.match], c, t.ranges):
+            s.factor_g = round_div(s.factor_g * adj.deductible_factor, BP)
+            if adj.ratio >= 0:
+                s.ratio_replace = adj.ratio
+                s.ratio_add = 0
+            s.ratio_add += adj.ratio_add
+            if adj.cap_factor != BP:
+                s.cap_factor = i64min(MAX_CAP_FACTOR, round_div(s.cap_factor * adj.cap_factor, BP))
+            s.uncapped |= adj.uncapped != 0
+
+
+cdef inline void find_deductible(const Tables* t, const PolicyRow* pol, const LayerRow* lay, const RuleRow* rule,
+                                 const Claim* c, int64_t admissions, Step* s) noexcept nogil:
+    """Steps 3-4: the rule's deductible, lowered for a repeat admission where the layer
+    allows it (claim axis, inpatient), then times the adjustments' factor."""
+    cdef int64_t index
+    s.deductible_rule = rule.deductible
+    s.repeat_factor = BP
+    if lay.repeat_applies and rule.repeat_admission and rule.axis == 0 and c.visit == VISIT_INPATIENT:
+        index = i64min(admissions, pol.repeat_count - 1)
+        s.repeat_factor = t.repeat_factors[pol.repeat_start + index]
+        s.deductible_rule = round_div(rule.deductible * s.repeat_factor, BP)
+        if s.repeat_factor < BP:
+            s.deductible_rule = i64max(s.deductible_rule, i64min(pol.repeat_floor, rule.deductible))
+    s.deductible = (round_div(s.deductible_rule * s.factor_g, BP) if s.factor_g != BP
+                    else s.deductible_rule)
+
+
+cdef inline int64_t ratio_of(int64_t ratio, const Step* s) noexcept nogil:
+    """A rule's ratio after the adjustments (replaced, then added to), clamped to [0, BP]."""
+    return clamp_ratio((s.ratio_replace if s.ratio_replace >= 0 else ratio) + s.ratio_add)
+
+
+cdef inline int64_t pay_fixed_amount(const RuleRow* rule, const Step* s) noexcept nogil:
+    return i64min(rule.amount, s.base)
+
+
+cdef inline int64_t pay_guarantee(const RuleRow* rule, const Claim* c, const Step* s) noexcept nogil:
+    """max_personal_share: the fund pays what leaves the person at most that share of K."""
+    return i64max(0, s.base - round_div(rule.amount * c.compliant, BP))
+
+
+cdef inline int64_t pay_class_ratio(const RuleRow* rule, const Claim* c, Step* s) noexcept nogil:
+    """Class ratios: the deductible taken from class A first, each class at its ratio."""
+    cdef int64_t D = s.deductible
+    cdef int64_t class_a = c.in_scope - c.class_b
+    cdef int64_t elig_a = i64max(0, class_a - D)
+    cdef int64_t elig_b = i64max(0, c.class_b - i64max(0, D - class_a))
+    s.start = 0
+    s.end = s.base
+    s.deductible_charged = i64min(s.base, D)
+    return round_div(elig_a * ratio_of(rule.ratio_a, s) + elig_b * ratio_of(rule.ratio_b, s), BP)
+
+
+cdef inline int64_t integral(const Tables* t, const RuleRow* rule, const Step* s, int64_t y) noexcept nogil:
     """F(y) in fen x bp: the exact integral of the ratio from 0 to y (spec 5.2 step 6)."""
-    cdef int64_t total = 0, lo = 0, hi, r, a, b, s
-    for s in range(seg_start, seg_start + seg_count):
-        if segments[s].upto < 0:
+    cdef int64_t total = 0, lo = 0, hi, r, a, b, k
+    cdef int64_t D = s.deductible
+    cdef const SegmentRow* seg
+    for k in range(rule.segment_start, rule.segment_start + rule.segment_count):
+        seg = &t.segments[k]
+        if seg.upto < 0:
             hi = INT64_MAX
         else:
-            hi = segments[s].upto + (D if above_deductible else 0)
-        r = clamp_ratio((ratio_replace if ratio_replace >= 0 else segments[s].ratio) + ratio_add)
+            hi = seg.upto + (D if rule.above_deductible else 0)
+        r = ratio_of(seg.ratio, s)
         a = i64max(lo, D)
         b = i64min(y, hi)
         if b > a:
@@ -678,516 +591,223 @@ cdef inline int64_t integral(const SegmentRow[::1] segments, int64_t seg_start, 
     return total
 
 
-def settle(const int64_t[::1] order, const int8_t[::1] status_in,
-           const int32_t[::1] policy, const int64_t[::1] slot,
-           const int8_t[::1] visit, const int8_t[::1] level, const int8_t[::1] locality,
-           const uint8_t[::1] referred, const int32_t[::1] age,
-           const int64_t[::1] identity_mask, const int64_t[::1] disease,
-           const int64_t[::1] class_b_copay, const int64_t[::1] in_scope_amount,
-           const int64_t[::1] in_scope_class_b,
-           const PolicyRow[::1] policies, const LayerRow[::1] layers, const RuleRow[::1] rules,
-           const SegmentRow[::1] segments, const AdjustmentRow[::1] adjustments,
-           const MatchRow[::1] match_rows, const RangeRow[::1] ranges,
-           const int64_t[::1] repeat_factors, const int64_t[::1] identity_rank,
-           const int64_t[:, :, ::1] rule_candidates, const int64_t[::1] candidate_rules,
-           const int64_t[:, :, ::1] adjustment_candidates, const int64_t[::1] candidate_adjustments,
-           int64_t[:, ::1] state, const int64_t[:, ::1] state_lines,
-           int8_t[::1] status, int32_t[::1] effective, int64_t[::1] deductible_applied,
-           int64_t[:, ::1] fund_pay, int64_t[:, ::1] layer_pay, uint8_t[::1] cap_hit,
-           int64_t[::1] compliant,
-           bint want_deltas, int64_t[:, :, ::1] deltas,
-           int64_t trace_row, int64_t[:, ::1] trace, int64_t[:, ::1] trace_acc):
+cdef inline int64_t pay_segments(const Tables* t, const RuleRow* rule, const int64_t* row, Step* s) noexcept nogil:
+    """Segments on the claim's axis or the year's (from the position the year has reached)."""
+    s.start = row[rule.position_at] if rule.axis == 1 else 0
+    s.end = s.start + s.base
+    s.deductible_charged = i64max(0, i64min(s.end, s.deductible) - s.start)
+    if s.start > 0:
+        return (round_div(integral(t, rule, s, s.end), BP)
+                - round_div(integral(t, rule, s, s.start), BP))
+    return round_div(integral(t, rule, s, s.end), BP)
+
+
+cdef inline int64_t scaled_cap(int64_t cap, const Step* s) noexcept nogil:
+    return round_div(cap * s.cap_factor, BP) if s.cap_factor != BP else cap
+
+
+cdef inline int64_t cap_pay(const Tables* t, const RuleRow* rule, const int64_t* row, Step* s) noexcept nogil:
+    """Step 7: the pay, limited by the least room any of the rule's cap groups has left this
+    year, each cap times the cap factor; the trace keeps the group that binds (the first on
+    a tie). No group, or `uncapped`: the raw amount (cap -1)."""
+    cdef int64_t k, cap, room, best
+    cdef const CapRow* g
+    s.cap = -1
+    s.paid_before = row[rule.paid_at]
+    if rule.cap < 0 or s.uncapped:
+        return s.raw
+    s.cap = scaled_cap(rule.cap, s)
+    best = i64max(0, s.cap - s.paid_before)
+    for k in range(rule.cap_start, rule.cap_start + rule.cap_count):
+        g = &t.caps[k]
+        cap = scaled_cap(g.cap, s)
+        room = i64max(0, cap - row[g.paid_at])
+        if room < best:
+            best = room
+            s.cap = cap
+            s.paid_before = row[g.paid_at]
+    return i64min(s.raw, best)
+
+
+cdef inline void settle_layer(const Tables* t, const PolicyRow* pol, int64_t l, const RuleRow* rule,
+                              const Claim* c, int64_t* row, int64_t* delta, Step* s) noexcept nogil:
+    """Steps 2-8 of one layer whose rule is chosen: s.base in, s.pay out, the key's state row
+    (and the claim's deltas, when not NULL) moved by what the layer charged and paid."""
+    cdef const LayerRow* lay = &t.layers[l]
+    cdef int64_t k
+    apply_adjustments(t, l, c, s)
+    if rule.kind == RULE_FIXED_AMOUNT:
+        s.raw = pay_fixed_amount(rule, s)
+    elif rule.kind == RULE_MAX_PERSONAL_SHARE:
+        s.raw = pay_guarantee(rule, c, s)
+    else:
+        find_deductible(t, pol, lay, rule, c, row[0], s)
+        if rule.kind == RULE_CLASS_RATIO:
+            s.raw = pay_class_ratio(rule, c, s)
+        else:
+            s.raw = pay_segments(t, rule, row, s)
+            if rule.axis == 1:
+                row[rule.position_at] = s.end
+                if delta != NULL:
+                    delta[ACC_FIELDS_C * rule.acc] += s.base
+        row[rule.charged_at] += s.deductible_charged
+        if delta != NULL:
+            delta[ACC_FIELDS_C * rule.acc + 2] += s.deductible_charged
+    s.pay = cap_pay(t, rule, row, s)
+    row[rule.paid_at] += s.pay  # the first group's entry, or the (layer, none) one
+    if delta != NULL:
+        delta[ACC_FIELDS_C * rule.acc + 1] += s.pay
+    for k in range(rule.cap_start, rule.cap_start + rule.cap_count):  # every group grows, capped or not
+        row[t.caps[k].paid_at] += s.pay
+        if delta != NULL:
+            delta[ACC_FIELDS_C * t.caps[k].acc + 1] += s.pay
+
+
+cdef inline void record_step(int64_t* trace, const Step* s) noexcept nogil:
+    trace[TR_RULE] = s.rule
+    trace[TR_BASE] = s.base
+    trace[TR_DEDUCTIBLE_RULE] = s.deductible_rule
+    trace[TR_FACTOR_G] = s.factor_g
+    trace[TR_DEDUCTIBLE] = s.deductible
+    trace[TR_START] = s.start
+    trace[TR_END] = s.end
+    trace[TR_RATIO_REPLACE] = s.ratio_replace
+    trace[TR_RATIO_ADD] = s.ratio_add
+    trace[TR_RAW] = s.raw
+    trace[TR_CAP] = s.cap
+    trace[TR_PAID_BEFORE] = s.paid_before
+    trace[TR_PAY] = s.pay
+    trace[TR_DEDUCTIBLE_CHARGED] = s.deductible_charged
+    trace[TR_REPEAT_FACTOR] = s.repeat_factor
+
+
+cdef inline void clear_row(Outputs* o, Py_ssize_t n, Py_ssize_t i, int8_t status) noexcept nogil:
+    cdef int64_t j
+    o.status[i] = status
+    o.effective[i] = -1
+    o.deductible_applied[i] = 0
+    o.cap_hit[i] = 0
+    o.compliant[i] = 0
+    for j in range(FUNDS_C):
+        o.fund_pay[j * n + i] = 0
+    for j in range(o.max_layers):
+        o.layer_pay[i * o.max_layers + j] = 0
+
+
+cdef inline void prefetch_row(const Tables* t, const Columns* col, const int64_t* state, int64_t width,
+                              const int8_t* status_in, const int64_t* slot, Py_ssize_t i) noexcept nogil:
+    """The lines of row i's state row that its claim profile may touch (compile._state_layout)."""
+    cdef int64_t f, lines
+    cdef const int64_t* row
+    if slot[i] < 0 or status_in[i] != OK:
+        return
+    row = state + slot[i] * width
+    lines = t.state_lines[col.policy[i] * t.profiles
+                          + (col.visit[i] * PROFILE_LEVELS + col.level[i]) * PROFILE_LOCALITIES + col.locality[i]]
+    for f in range(0, width, 8):
+        if (lines >> i64min(f >> 3, 63)) & 1:
+            prefetch_address(row + f)
+
+
+cdef inline int8_t settle_claim(const Tables* t, const Columns* col, Py_ssize_t i, int64_t* row, int64_t width,
+                                Outputs* o, Py_ssize_t n, bint want_deltas, int64_t* trace,
+                                int64_t* trace_acc) noexcept nogil:
+    """Every layer of claim i (spec 5.1-5.2) against its key's state row; returns its status.
+    `trace` / `trace_acc` are NULL unless this is the row being explained."""
+    cdef const PolicyRow* pol = &t.policies[col.policy[i]]
+    cdef int64_t* delta = o.deltas + i * o.acc_width * ACC_FIELDS_C if want_deltas else NULL
+    cdef int64_t l, end, j, paid_sum = 0
+    cdef Claim c
+    cdef Step s
+    load_claim(col, t, pol, i, &c)
+    if row[1] + c.compliant > MAX_COMPLIANT_TOTAL:
+        return AMOUNT_OUT_OF_RANGE
+    # The first layer's rule is found before anything changes: a required layer without one
+    # settles nothing. Every other layer's rule is found just before its turn.
+    l = pol.layer_start
+    end = l + pol.layer_count
+    s.rule = find_rule(t, l, &c) if l < end else -1
+    if l < end and s.rule < 0 and t.layers[l].required:
+        return NO_BENEFIT_RULE
+    if trace_acc != NULL:
+        for j in range(width):
+            trace_acc[j] = row[j]
+    o.effective[i] = <int32_t>c.effective
+    o.compliant[i] = c.compliant
+    while l < end:
+        s.base = c.in_scope if t.layers[l].base_kind == BASE_IN_SCOPE else c.compliant - paid_sum
+        s.deductible_charged = 0
+        if trace != NULL:  # what a layer's kind does not compute is recorded as 0
+            s.deductible_rule = s.factor_g = s.deductible = s.start = s.end = 0
+            s.ratio_replace = s.ratio_add = s.raw = s.cap = s.paid_before = s.pay = 0
+            s.repeat_factor = 0
+        if s.rule >= 0:
+            settle_layer(t, pol, l, &t.rules[s.rule], &c, row, delta, &s)
+            if s.pay < s.raw:
+                o.cap_hit[i] = 1
+            o.fund_pay[t.layers[l].fund * n + i] += s.pay
+            o.layer_pay[i * o.max_layers + (l - pol.layer_start)] = s.pay
+            paid_sum += s.pay
+            if t.layers[l].reports_deductible:
+                o.deductible_applied[i] = s.deductible_charged
+        if trace != NULL:
+            record_step(trace + (l - pol.layer_start) * TR_NFIELDS, &s)
+        l += 1
+        if l < end:
+            s.rule = find_rule(t, l, &c)
+    if c.visit == VISIT_INPATIENT:
+        row[0] += 1
+    row[1] += c.compliant
+    if trace_acc != NULL:
+        for j in range(width):
+            trace_acc[width + j] = row[j]
+    return OK
+
+
+def settle(PolicyTables tables, ClaimColumns columns, const int64_t[::1] order, const int8_t[::1] status_in,
+           const int64_t[::1] slot, int64_t[:, ::1] state, KernelOutputs out, int64_t trace_row=-1):
     """Settle every row whose status_in is OK, in `order`, updating the accumulators.
 
-    Outputs are preallocated by the caller and written here for every row:
-    `fund_pay` [5, n], `layer_pay` [n, max layers]; `deltas` [n, width, 3]
-    (when `want_deltas`) must come zeroed.
+    Every row of `out` is written (its `deltas`, when wanted, must come zeroed).
     `state` holds one row per accumulator key (slot), kept together so that a
     claim touches one place: admissions, compliant_total, then the fields of
-    each (layer, cap group or none) column where the rules' `*_at` say;
-    `state_lines` [policies, profiles] are the row's cache lines a claim of
-    that profile may touch, which the loop prefetches.
-    `trace_row` (-1 for none) records the steps of one row into `trace`
-    [max layers, TRACE_NFIELDS] and its key's state row before and after into
-    `trace_acc` [2, state width].
+    each (layer, cap group or none) column where the rules' `*_at` say.
+    `trace_row` (-1 for none) records the steps of one row into `out.trace`
+    and its key's state row before and after into `out.trace_acc`.
     """
-    cdef Py_ssize_t n = order.shape[0], k, i
+    # Local copies: stores through the output and state pointers cannot alias a local, so
+    # the compiler keeps the table pointers in registers instead of reloading them.
+    cdef Tables tl = tables.t
+    cdef Columns cl = columns.c
+    cdef Outputs ol = out.o
+    cdef const Tables* t = &tl
+    cdef const Columns* col = &cl
+    cdef Outputs* o = &ol
+    cdef Py_ssize_t n = col.n, k, i
     cdef int64_t width = state.shape[1]
-    cdef int64_t p, sl, j, l, r, a, f, li, nl
-    cdef int64_t in_scope, class_b, K, base, paid_sum, raw, pay, room, x, start, end
-    cdef int64_t Dr, D, g, rr, ra, factor, rep_idx, elig_a, elig_b, class_a, rest
-    cdef int64_t dedc_inc, keep, profile, q, q_end, lines
-    cdef const PolicyRow* pol
-    cdef const LayerRow* lay
-    cdef const RuleRow* rule
-    cdef const AdjustmentRow* adj
-    cdef Claim c
-    cdef bint tracing
-    # Raw pointers into the 2- and 3-d arrays (all C-contiguous): an index is then one
-    # multiply by a constant, not a stride read from the memoryview per access.
-    cdef int64_t nprof = rule_candidates.shape[1], nlay = layer_pay.shape[1]
-    cdef const int64_t* rc = &rule_candidates[0, 0, 0]
-    cdef const int64_t* ac = &adjustment_candidates[0, 0, 0]
-    cdef int64_t* fp
-    cdef int64_t* lp
-    cdef int64_t* row
-    cdef int64_t* dl
+    cdef bint want_deltas = o.deltas != NULL
+    cdef int64_t* rows
+    if order.shape[0] != n or status_in.shape[0] != n or slot.shape[0] != n or out.status.shape[0] != n:
+        raise ValueError("settle: order, statuses, slots and outputs must have a row per claim")
+    if out.trace_acc.shape[1] != width or out.deltas.shape[1] < tables.arrays["policies"]["acc_width"].max(initial=0):
+        raise ValueError("settle: outputs sized for another state table or policy set")
     if n == 0:
         return
-    fp = &fund_pay[0, 0]  # fund f of row i at fp[f * n + i]
+    rows = &state[0, 0]
     with nogil:
         for k in range(n):
             if k + ROW_PREFETCH_AHEAD < n:
-                i = order[k + ROW_PREFETCH_AHEAD]
-                if slot[i] >= 0 and status_in[i] == OK:
-                    # only the lines of the row this claim's profile may touch (compile._state_layout)
-                    row = &state[0, 0] + slot[i] * width
-                    lines = state_lines[policy[i],
-                                        (visit[i] * PROFILE_LEVELS + level[i]) * PROFILE_LOCALITIES + locality[i]]
-                    for f in range(0, width, 8):
-                        if (lines >> i64min(f >> 3, 63)) & 1:
-                            prefetch_address(row + f)
+                prefetch_row(t, col, rows, width, &status_in[0], &slot[0], order[k + ROW_PREFETCH_AHEAD])
             i = order[k]
-            status[i] = status_in[i]
-            effective[i] = -1
-            deductible_applied[i] = 0
-            cap_hit[i] = 0
-            compliant[i] = 0
-            for j in range(5):
-                fp[j * n + i] = 0
-            lp = &layer_pay[i, 0] if nlay else NULL
-            for j in range(nlay):
-                lp[j] = 0
+            clear_row(o, n, i, status_in[i])
             if status_in[i] != OK:
                 continue
-            p = policy[i]
-            pol = &policies[p]
-            sl = slot[i]
-            row = &state[0, 0] + sl * width
-            dl = &deltas[i, 0, 0] if want_deltas else NULL
-            c.visit = visit[i]
-            c.level = level[i]
-            c.locality = locality[i]
-            c.referred = referred[i] != 0
-            c.age_low = age[i]
-            c.age_high = age[i] if age[i] >= 0 else MAX_AGE_ANY_C
-            c.held = identity_mask[i] | ANY_HOLDS_C
-            c.disease = disease[i]
-            c.effective = -1
-            if identity_mask[i] & pol.identity_mask:  # most claims hold no identity
-                for j in range(pol.rank_start, pol.rank_start + pol.rank_count):
-                    if (c.held >> identity_rank[j]) & 1:
-                        c.effective = identity_rank[j]
-                        break
-            in_scope = in_scope_amount[i]
-            class_b = in_scope_class_b[i]
-            K = in_scope + (class_b_copay[i] if pol.includes_class_b_copay else 0)
-            if row[1] + K > MAX_COMPLIANT_TOTAL:
-                status[i] = AMOUNT_OUT_OF_RANGE
-                continue
-            # The first layer must have a rule; found before anything changes.
-            profile = (c.visit * PROFILE_LEVELS + c.level) * PROFILE_LOCALITIES + c.locality
-            l = pol.layer_start
-            r = -1
-            q_end = rc[(l * nprof + profile) * 2] + rc[(l * nprof + profile) * 2 + 1]
-            for q in range(rc[(l * nprof + profile) * 2], q_end):
-                j = candidate_rules[q]
-                if matches(&match_rows[rules[j].match], &c, ranges):
-                    r = j
-                    break
-            if r < 0:
-                status[i] = NO_BENEFIT_RULE
-                continue
-            tracing = i == trace_row
-            if tracing:
-                for j in range(width):
-                    trace_acc[0, j] = row[j]
-            effective[i] = <int32_t>c.effective
-            compliant[i] = K
-            paid_sum = 0
-            nl = pol.layer_count
-            for li in range(nl):
-                l = pol.layer_start + li
-                lay = &layers[l]
-                base = in_scope if li == 0 else K - paid_sum
-                if li > 0:
-                    r = -1
-                    q_end = rc[(l * nprof + profile) * 2] + rc[(l * nprof + profile) * 2 + 1]
-                    for q in range(rc[(l * nprof + profile) * 2], q_end):
-                        j = candidate_rules[q]
-                        if matches(&match_rows[rules[j].match], &c, ranges):
-                            r = j
-                            break
-                if tracing:
-                    trace[li, TR_RULE] = r
-                    trace[li, TR_BASE] = base
-                if r < 0:
-                    continue
-                rule = &rules[r]
-                dedc_inc = 0
-                if rule.kind == RULE_FIXED_AMOUNT:
-                    raw = i64min(rule.amount, base)
-                elif rule.kind == RULE_MAX_PERSONAL_SHARE:
-                    keep = round_div(rule.amount * K, BP)
-                    raw = i64max(0, base - keep)
-                else:
-                    Dr = rule.deductible
-                    factor = BP
-                    if li == 0 and rule.repeat_admission and rule.axis == 0 and c.visit == VISIT_INPATIENT:
-                        rep_idx = i64min(row[0], pol.repeat_count - 1)
-                        factor = repeat_factors[pol.repeat_start + rep_idx]
-                        Dr = round_div(rule.deductible * factor, BP)
-                        if factor < BP:
-                            Dr = i64max(Dr, i64min(pol.repeat_floor, rule.deductible))
-                    g = BP
-                    rr = -1
-                    ra = 0
-                    q_end = ac[(l * nprof + profile) * 2] + ac[(l * nprof + profile) * 2 + 1]
-                    for q in range(ac[(l * nprof + profile) * 2], q_end):
-                        adj = &adjustments[candidate_adjustments[q]]
-                        if matches(&match_rows[adj.match], &c, ranges):
-                            g = round_div(g * adj.deductible_factor, BP)
-                            if adj.ratio >= 0:
-                                rr = adj.ratio
-                                ra = 0
-                            ra += adj.ratio_add
-                    D = round_div(Dr * g, BP) if g != BP else Dr
-                    if rule.kind == RULE_CLASS_RATIO:
-                        x = base
-                        class_a = in_scope - class_b
-                        elig_a = i64max(0, class_a - D)
-                        rest = i64max(0, D - class_a)
-                        elig_b = i64max(0, class_b - rest)
-                        raw = round_div(
-                            elig_a * clamp_ratio((rr if rr >= 0 else rule.ratio_a) + ra)
-                            + elig_b * clamp_ratio((rr if rr >= 0 else rule.ratio_b) + ra), BP)
-                        dedc_inc = i64min(x, D)
-                        start = 0
-                        end = x
-                    else:
-                        x = base
-                        start = row[rule.position_at] if rule.axis == 1 else 0
-                        end = start + x
-                        raw = round_div(integral(segments, rule.segment_start, rule.segment_count,
-                                                 rr, ra, D, rule.above_deductible, end), BP)
-                        if start > 0:
-                            raw -= round_div(integral(segments, rule.segment_start, rule.segment_count,
-                                                      rr, ra, D, rule.above_deductible, start), BP)
-                        dedc_inc = i64max(0, i64min(end, D) - start)
-                        if rule.axis == 1:
-                            row[rule.position_at] = end
-                            if want_deltas:
-                                dl[ACC_FIELDS_C * rule.acc] += x
-                    row[rule.charged_at] += dedc_inc
-                    if want_deltas:
-                        dl[ACC_FIELDS_C * rule.acc + 2] += dedc_inc
-                    if tracing:
-                        trace[li, TR_DEDUCTIBLE_RULE] = Dr
-                        trace[li, TR_REPEAT_FACTOR] = factor
-                        trace[li, TR_FACTOR_G] = g
-                        trace[li, TR_DEDUCTIBLE] = D
-                        trace[li, TR_START] = start
-                        trace[li, TR_END] = end
-                        trace[li, TR_RATIO_REPLACE] = rr
-                        trace[li, TR_RATIO_ADD] = ra
-                        trace[li, TR_DEDUCTIBLE_CHARGED] = dedc_inc
-                if rule.cap >= 0:
-                    room = i64max(0, rule.cap - row[rule.paid_at])
-                    pay = i64min(raw, room)
-                else:
-                    pay = raw
-                if pay < raw:
-                    cap_hit[i] = 1
-                if tracing:
-                    trace[li, TR_RAW] = raw
-                    trace[li, TR_CAP] = rule.cap
-                    trace[li, TR_PAID_BEFORE] = row[rule.paid_at]
-                    trace[li, TR_PAY] = pay
-                row[rule.paid_at] += pay
-                if want_deltas:
-                    dl[ACC_FIELDS_C * rule.acc + 1] += pay
-                fp[lay.fund * n + i] += pay
-                lp[li] = pay
-                paid_sum += pay
-                if li == 0:
-                    deductible_applied[i] = dedc_inc
-                    if c.visit == VISIT_INPATIENT:
-                        row[0] += 1
-            row[1] += K
-            if tracing:
-                for j in range(width):
-                    trace_acc[1, j] = row[j]
-
-
-def string_codes(const int32_t[::1] offsets, const uint8_t[::1] data, const uint8_t[::1] valid,
-                 const int32_t[::1] name_offsets, const uint8_t[::1] name_data, int32_t[::1] out):
-    """Index of each string in a short list of names; -1 null, -2 none of them.
-
-    Enum columns and regions are matched here straight from the Arrow
-    buffers, which is several times faster than dictionary-encoding them.
-    """
-    cdef Py_ssize_t n = out.shape[0], i
-    cdef int64_t j, names = name_offsets.shape[0] - 1, length, start
-    with nogil:
-        for i in range(n):
-            if not valid[i]:
-                out[i] = -1
-                continue
-            start = offsets[i]
-            length = offsets[i + 1] - start
-            out[i] = -2
-            for j in range(names):
-                if (name_offsets[j + 1] - name_offsets[j] == length
-                        and memcmp(&data[0] + start, &name_data[0] + name_offsets[j], length) == 0):
-                    out[i] = <int32_t>j
-                    break
-
-
-cdef inline int32_t civil_year(int64_t micros) noexcept nogil:
-    """Calendar year of a timestamp[us] (days-from-civil inverse, proleptic Gregorian)."""
-    cdef int64_t day_us = 86400 * <int64_t>1000000
-    cdef int64_t days = micros // day_us, z, era, doe, yoe, y, doy, mp, m
-    if micros % day_us < 0:
-        days -= 1
-    z = days + 719468
-    era = (z if z >= 0 else z - 146096) // 146097
-    doe = z - era * 146097
-    yoe = (doe - doe // 1460 + doe // 36524 - doe // 146096) // 365
-    y = yoe + era * 400
-    doy = doe - (365 * yoe + yoe // 4 - yoe // 100)
-    mp = (5 * doy + 2) // 153
-    m = mp + 3 if mp < 10 else mp - 9
-    return <int32_t>(y + (1 if m <= 2 else 0))
-
-
-def calendar_years(const int64_t[::1] micros, int32_t[::1] out):
-    """Calendar year of each timestamp[us]: civil_year over an array, so that tests can check
-    the arithmetic policy_rows uses against Python's calendar."""
-    cdef Py_ssize_t n = out.shape[0], i
-    with nogil:
-        for i in range(n):
-            out[i] = civil_year(micros[i])
-
-
-# --------------------------------------------------------------------------- columns
-# One pass each over Arrow buffers, for the column preparation and the results of a
-# chunk: numpy would take several passes and temporaries per column.
-
-
-cdef inline bint bit_at(const uint8_t* bits, int64_t i) noexcept nogil:
-    return (bits[i >> 3] >> (i & 7)) & 1
-
-
-cdef inline int64_t year_start(int64_t y) noexcept nogil:
-    """Microseconds of 1 January of year y, 00:00 (days-from-civil, proleptic Gregorian)."""
-    cdef int64_t yy = y - 1  # January counts with the year before, in a March-based year
-    cdef int64_t era = (yy if yy >= 0 else yy - 399) // 400
-    cdef int64_t yoe = yy - era * 400
-    cdef int64_t doe = yoe * 365 + yoe // 4 - yoe // 100 + 306
-    return (era * 146097 + doe - 719468) * (86400 * <int64_t>1000000)
-
-
-def policy_rows(const int32_t[::1] region, const int32_t[::1] scheme, const int64_t[::1] micros,
-                const int32_t[:, :, ::1] table, int32_t first_year, int32_t[::1] out):
-    """Policy index of each row from (region code, scheme code, calendar year); -1 none
-    (negative codes, or a year outside the table).
-
-    Claims come mostly in time order, so the year of the row before is tried
-    first: two compares instead of the calendar arithmetic.
-    """
-    cdef Py_ssize_t n = out.shape[0], i
-    cdef int32_t y = 0, years = <int32_t>table.shape[2]
-    cdef int64_t lo = 1, hi = 0
-    with nogil:
-        for i in range(n):
-            out[i] = -1
-            if region[i] < 0 or scheme[i] < 0:
-                continue
-            if not (lo <= micros[i] < hi):
-                y = civil_year(micros[i])
-                lo = year_start(y)
-                hi = year_start(y + 1)
-            if 0 <= y - first_year < years:
-                out[i] = table[region[i], scheme[i], y - first_year]
-
-
-def year_starts(const int64_t[::1] years, int64_t[::1] out):
-    """year_start of each year: for tests, as calendar_years."""
-    cdef Py_ssize_t i
-    for i in range(years.shape[0]):
-        out[i] = year_start(years[i])
-
-
-def unpack_bits(const uint8_t[::1] bits, int64_t offset, uint8_t[::1] out):
-    """out[i] = bit offset + i of an Arrow bitmap (validity, or a boolean column's values)."""
-    cdef Py_ssize_t n = out.shape[0], i
-    with nogil:
-        for i in range(n):
-            out[i] = bit_at(&bits[0], offset + i)
-
-
-def mark_nulls(const uint8_t[::1] validity, int64_t offset, uint8_t[::1] missing):
-    """missing[i] = 1 where bit offset + i of an Arrow validity bitmap is 0."""
-    cdef Py_ssize_t n = missing.shape[0], i
-    with nogil:
-        for i in range(n):
-            if not bit_at(&validity[0], offset + i):
-                missing[i] = 1
-
-
-def ages(const int16_t[::1] values, const uint8_t[::1] validity, int64_t offset, int32_t[::1] out):
-    """Age of each row as int32, -1 where null (empty `validity`: none) or negative."""
-    cdef Py_ssize_t n = out.shape[0], i
-    cdef bint has_nulls = validity.shape[0] > 0
-    with nogil:
-        for i in range(n):
-            if (has_nulls and not bit_at(&validity[0], offset + i)) or values[i] < 0:
-                out[i] = -1
+            # constants where they can be: each inlined copy drops the code it cannot run
+            # (no trace, no deltas: 7 % fewer instructions than one copy testing them per layer)
+            if i == trace_row:
+                o.status[i] = settle_claim(t, col, i, rows + slot[i] * width, width, o, n, want_deltas,
+                                           o.trace, o.trace_acc)
+            elif want_deltas:
+                o.status[i] = settle_claim(t, col, i, rows + slot[i] * width, width, o, n, True, NULL, NULL)
             else:
-                out[i] = values[i]
-
-
-def result_columns(const int8_t[::1] status, const int32_t[::1] policy, const int64_t[::1] total,
-                   const int64_t[:, ::1] fund_pay, const int64_t[::1] compliant,
-                   const int64_t[:, ::1] layer_pay,
-                   int32_t[::1] policy_out, int64_t[::1] fund_total, int64_t[::1] personal,
-                   int64_t[::1] compliant_personal, int32_t[::1] layer_offsets):
-    """The derived columns of spec section 3 from the kernel's outputs; returns how
-    many layer_pays entries there are (layers that paid more than 0), with
-    `layer_offsets` [n + 1] their list offsets. Error rows: no policy, all 0."""
-    cdef Py_ssize_t n = status.shape[0], i, j
-    cdef int64_t nlay = layer_pay.shape[1], s, entries = 0
-    with nogil:
-        layer_offsets[0] = 0
-        for i in range(n):
-            if status[i] != OK:
-                policy_out[i] = -1
-                fund_total[i] = 0
-                personal[i] = 0
-                compliant_personal[i] = 0
-            else:
-                policy_out[i] = policy[i]
-                s = 0
-                for j in range(5):
-                    s += fund_pay[j, i]
-                fund_total[i] = s
-                personal[i] = total[i] - s
-                compliant_personal[i] = compliant[i] - s
-                for j in range(nlay):
-                    if layer_pay[i, j] > 0:
-                        entries += 1
-            layer_offsets[i + 1] = <int32_t>entries
-    return entries
-
-
-def layer_entries(const int64_t[:, ::1] layer_pay, const int32_t[::1] policy_out,
-                  const PolicyRow[::1] policies, int32_t[::1] layer, int64_t[::1] pay):
-    """The layer_pays entries counted by result_columns, in row order: the global
-    layer index (into the policy set's layer names) and the amount."""
-    cdef Py_ssize_t n = layer_pay.shape[0], i, j
-    cdef int64_t nlay = layer_pay.shape[1], k = 0
-    with nogil:
-        for i in range(n):
-            if policy_out[i] < 0:
-                continue
-            for j in range(nlay):
-                if layer_pay[i, j] > 0:
-                    layer[k] = <int32_t>(policies[policy_out[i]].layer_start + j)
-                    pay[k] = layer_pay[i, j]
-                    k += 1
-
-
-cdef inline void column_values(const int64_t* row, const int64_t* index, int64_t j,
-                               const int64_t[:, ::1] aside, int64_t a, int64_t b, int64_t* v) noexcept nogil:
-    """position, paid, deductible_charged of accumulator column j of a state row, with the
-    carried values kept aside for its key (aside rows a..b: column, field, value)."""
-    cdef int64_t f, q, at
-    for f in range(ACC_FIELDS_C):
-        at = index[j * ACC_FIELDS_C + f]
-        v[f] = row[at] if at >= 0 else 0
-    for q in range(a, b):
-        if aside[q, 0] == j:
-            v[aside[q, 1]] = aside[q, 2]
-
-
-cdef inline int64_t aside_start(const int64_t[::1] aside_slot, int64_t a, int64_t slot) noexcept nogil:
-    """The first aside row from `a` on whose slot is not below `slot` (the rows are sorted by slot)."""
-    while a < aside_slot.shape[0] and aside_slot[a] < slot:
-        a += 1
-    return a
-
-
-def accumulator_counts(const int64_t[::1] starts, const uint8_t[::1] arena, const int64_t[:, ::1] state,
-                       const int64_t[:, ::1] state_index, const PolicyRow[::1] policies,
-                       const int64_t[::1] aside_slot, const int64_t[:, ::1] aside,
-                       int32_t[::1] policy_out, int32_t[::1] entries_out):
-    """Per key (slot): its policy (the key's 4-byte prefix) and how many layer entries it
-    holds (columns with any field not 0), or -1 when it holds nothing at all (left out of
-    the closing accumulators). `aside_slot` / `aside` ([k, 3]: column, field, value) are
-    the carried values the rows do not keep, sorted by slot. Returns the keys held."""
-    cdef Py_ssize_t count = policy_out.shape[0], i
-    cdef int64_t a = 0, b, j, n, held = 0, width = state.shape[1]
-    cdef int32_t p
-    cdef int64_t v[ACC_FIELDS_C]
-    cdef const int64_t* row
-    with nogil:
-        for i in range(count):
-            memcpy(&p, &arena[0] + starts[i], 4)
-            policy_out[i] = p
-            a = aside_start(aside_slot, a, i)
-            b = aside_start(aside_slot, a, i + 1)
-            row = &state[0, 0] + i * width
-            n = 0
-            for j in range(policies[p].acc_width):
-                column_values(row, &state_index[p, 0], j, aside, a, b, v)
-                if v[0] != 0 or v[1] != 0 or v[2] != 0:
-                    n += 1
-            if n == 0 and row[0] == 0 and row[1] == 0:
-                entries_out[i] = -1
-            else:
-                entries_out[i] = <int32_t>n
-                held += 1
-    return held
-
-
-def accumulator_fill(const int64_t[::1] starts, const uint8_t[::1] arena, const int64_t[:, ::1] state,
-                     const int64_t[:, ::1] state_index, const PolicyRow[::1] policies,
-                     const int64_t[::1] aside_slot, const int64_t[:, ::1] aside,
-                     const int32_t[::1] policy, const int32_t[::1] entries, int64_t acc_width,
-                     int64_t[::1] person_offsets, uint8_t[::1] person_data,
-                     int64_t[::1] admissions, int64_t[::1] compliant_total, int32_t[::1] entry_offsets,
-                     int64_t[::1] column, int64_t[::1] position, int64_t[::1] paid, int64_t[::1] charged):
-    """The closing accumulators' columns for the keys accumulator_counts held, in slot order:
-    person_id bytes (the key after its 4-byte prefix), the head, and per entry its column
-    code (policy * acc_width + column, into the policy set's column names) and values."""
-    cdef Py_ssize_t count = policy.shape[0], i
-    cdef int64_t a = 0, b, j, k = 0, e = 0, length, width = state.shape[1]
-    cdef int32_t p
-    cdef int64_t v[ACC_FIELDS_C]
-    cdef const int64_t* row
-    with nogil:
-        person_offsets[0] = 0
-        entry_offsets[0] = 0
-        for i in range(count):
-            if entries[i] < 0:
-                continue
-            p = policy[i]
-            a = aside_start(aside_slot, a, i)
-            b = aside_start(aside_slot, a, i + 1)
-            length = starts[i + 1] - starts[i] - 4
-            if length > 0:
-                memcpy(&person_data[0] + person_offsets[k], &arena[0] + starts[i] + 4, length)
-            person_offsets[k + 1] = person_offsets[k] + length
-            row = &state[0, 0] + i * width
-            admissions[k] = row[0]
-            compliant_total[k] = row[1]
-            for j in range(policies[p].acc_width):
-                column_values(row, &state_index[p, 0], j, aside, a, b, v)
-                if v[0] != 0 or v[1] != 0 or v[2] != 0:
-                    column[e] = p * acc_width + j
-                    position[e] = v[0]
-                    paid[e] = v[1]
-                    charged[e] = v[2]
-                    e += 1
-            k += 1
-            entry_offsets[k] = <int32_t>e
+                o.status[i] = settle_claim(t, col, i, rows + slot[i] * width, width, o, n, False, NULL, NULL)

@@ -12,7 +12,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from . import _kernel
+from . import _columns, _kernel
 from .compile import UNDECLARED_IDENTITY_BIT, CompiledPolicies, encode_category
 from .schema import FACILITY_LEVELS, FUNDS, LOCALITIES, SCHEMES, VISIT_TYPES
 
@@ -70,7 +70,7 @@ def valid_mask(arr: pa.Array) -> np.ndarray:
     if bits is None:
         return np.ones(len(arr), dtype=np.uint8)
     out = np.empty(len(arr), dtype=np.uint8)
-    _kernel.unpack_bits(bits, arr.offset, out)
+    _columns.unpack_bits(bits, arr.offset, out)
     return out
 
 
@@ -79,7 +79,7 @@ def _booleans(arr: pa.Array) -> np.ndarray:
     out = np.empty(len(arr), dtype=np.uint8)
     if len(arr) == 0:
         return out
-    _kernel.unpack_bits(np.frombuffer(arr.buffers()[1], dtype=np.uint8), arr.offset, out)
+    _columns.unpack_bits(np.frombuffer(arr.buffers()[1], dtype=np.uint8), arr.offset, out)
     bits = _validity(arr)
     if bits is not None:
         out &= valid_mask(arr)
@@ -94,7 +94,7 @@ def _ages(arr: pa.Array) -> np.ndarray:
         return out
     values = np.frombuffer(arr.buffers()[1], dtype=np.int16, count=arr.offset + n)[arr.offset:]
     bits = _validity(arr)
-    _kernel.ages(values, np.zeros(0, np.uint8) if bits is None else bits, arr.offset, out)
+    _columns.ages(values, np.zeros(0, np.uint8) if bits is None else bits, arr.offset, out)
     return out
 
 
@@ -109,7 +109,7 @@ def _codes(arr: pa.Array, names) -> np.ndarray:
         return out
     offsets, data, valid = string_buffers(arr)
     name_offsets, name_data = _name_buffers(tuple(names))
-    _kernel.string_codes(offsets, data, valid, name_offsets, name_data, out)
+    _columns.string_codes(offsets, data, valid, name_offsets, name_data, out)
     return out
 
 
@@ -128,13 +128,14 @@ def _identity_masks(arr: pa.ListArray, bits: dict[str, int]) -> np.ndarray:
     masks = np.zeros(n, dtype=np.int64)
     if n == 0:
         return masks
-    flat = arr.flatten()  # respects the array's offset; nulls inside lists are skipped below
+    flat = arr.flatten()  # respects the array's offset; a null list has no items here
     if len(flat) == 0:
         return masks
     enc = flat.dictionary_encode()
     undeclared = np.int64(np.uint64(1 << UNDECLARED_IDENTITY_BIT).view(np.int64))
     dict_bits = np.array([np.int64(1 << bits[v]) if v in bits else undeclared
-                          for v in enc.dictionary.to_pylist()] + [0], dtype=np.int64)
+                          for v in enc.dictionary.to_pylist()] + [undeclared], dtype=np.int64)
+    # a null item inside a list: an identity lost in transit, declared by no policy (section 2)
     idx = np.asarray(enc.indices.fill_null(len(enc.dictionary)))
     values = dict_bits[idx]
     parents = np.asarray(pc.list_parent_indices(arr))
@@ -164,7 +165,7 @@ class PreparedClaims:
         for name in REQUIRED_COLUMNS:
             col = batch.column(name)
             if col.null_count:
-                _kernel.mark_nulls(_validity(col), col.offset, missing)
+                _columns.mark_nulls(_validity(col), col.offset, missing)
         self.missing = missing
 
         self.visit = _codes(batch.column("visit_type"), VISIT_TYPES).astype(np.int8)
@@ -188,13 +189,16 @@ class PreparedClaims:
         st = batch.column("settle_time")
         st = st.cast(pa.int64())
         self.settle_time = np.asarray(st.fill_null(0) if st.null_count else st) if n else np.zeros(0, np.int64)
-        self.policy = self._policies(batch, compiled, scheme, self.settle_time)
+        self.policy, self.key_policy = self._policies(batch, compiled, scheme, self.settle_time)
+        self.columns = _kernel.ClaimColumns(self)
 
     @staticmethod
-    def _policies(batch, compiled: CompiledPolicies, scheme: np.ndarray, settle_time: np.ndarray) -> np.ndarray:
-        """Policy index per row from (region, scheme, calendar year of settle_time); -1 none."""
+    def _policies(batch, compiled: CompiledPolicies, scheme: np.ndarray,
+                  settle_time: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(the version in force, its year's first version) per row from (region, scheme,
+        settle_time); -1 none."""
         if batch.num_rows == 0 or not compiled.lookup:
-            return np.full(batch.num_rows, -1, dtype=np.int32)
+            return np.full(batch.num_rows, -1, dtype=np.int32), np.full(batch.num_rows, -1, dtype=np.int32)
         return _policy_index(_codes(batch.column("region"), compiled.names.region_names), scheme, settle_time,
                              compiled)
 
@@ -228,15 +232,17 @@ class PreparedClaims:
          self.in_scope_class_b) = (np.array([v or 0 for v in col], dtype=np.int64) for col in amounts)
         bits = compiled.identity_bits
         undeclared = _undeclared_bit()
-        self.identity_mask = np.array([0 if ids is None else _or(bits.get(v, undeclared) for v in ids if v is not None)
+        # a null item (None) is no declared name: UNKNOWN_IDENTITY (section 2)
+        self.identity_mask = np.array([0 if ids is None else _or(bits.get(v, undeclared) for v in ids)
                                        for ids in identities], dtype=np.int64)
         self.disease = np.array([_disease_code(v) for v in disease], dtype=np.int64)
         self.settle_time = np.array([v or 0 for v in settle_time], dtype=np.int64)
-        self.policy = np.full(n, -1, dtype=np.int32)
+        self.policy = self.key_policy = np.full(n, -1, dtype=np.int32)
         if n and compiled.lookup:
             region_names = compiled.names.region_names
-            self.policy = _policy_index(_value_codes(region, region_names), scheme_codes, self.settle_time,
-                                        compiled)
+            self.policy, self.key_policy = _policy_index(_value_codes(region, region_names), scheme_codes,
+                                                         self.settle_time, compiled)
+        self.columns = _kernel.ClaimColumns(self)
         return self
 
     def claim_ids(self) -> list:
@@ -245,12 +251,13 @@ class PreparedClaims:
 
 
 def _policy_index(region: np.ndarray, scheme: np.ndarray, settle_time: np.ndarray,
-                  compiled: CompiledPolicies) -> np.ndarray:
+                  compiled: CompiledPolicies) -> tuple[np.ndarray, np.ndarray]:
+    """(the version in force, its year's first version) per row; -1 none."""
     policy = np.empty(len(settle_time), dtype=np.int32)
-    names = compiled.names
-    _kernel.policy_rows(region.astype(np.int32, copy=False), scheme.astype(np.int32, copy=False), settle_time,
-                        names.policy_table, names.first_year, policy)
-    return policy
+    key_policy = np.empty(len(settle_time), dtype=np.int32)
+    compiled.names.policy_lookup.rows(region.astype(np.int32, copy=False), scheme.astype(np.int32, copy=False),
+                                      settle_time, policy, key_policy)
+    return policy, key_policy
 
 
 def _string_arrays(values) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -290,26 +297,26 @@ def _disease_code(value) -> int:
     return encode_category(code) if len(code) >= 3 else -1
 
 
-def _derived(prep: PreparedClaims, out: dict, compiled: CompiledPolicies) -> dict:
+def _derived(prep: PreparedClaims, out: _kernel.KernelOutputs, compiled: CompiledPolicies) -> dict:
     """The result values computed from the kernel's outputs, shared by both result builders:
     policy (-1 on error rows), fund_total, personal, compliant_personal, and the list
     offsets [n + 1] of layer_pays with its entries (global layer index, amount)."""
     n = prep.n
-    layer_pay = out["layer_pay"]
+    layer_pay = out.layer_pay
     d = {"policy": pool_array(n, np.int32), "fund_total": pool_array(n, np.int64), "personal": pool_array(n, np.int64),
          "compliant_personal": pool_array(n, np.int64), "layer_offsets": pool_array(n + 1, np.int32)}
-    entries = _kernel.result_columns(out["status"], prep.policy, prep.total, out["fund_pay"], out["compliant"],
+    entries = _columns.result_columns(out.status, prep.policy, prep.total, out.fund_pay, out.compliant,
                                      layer_pay, d["policy"], d["fund_total"], d["personal"],
                                      d["compliant_personal"], d["layer_offsets"])
     d["layer"], d["pay"] = pool_array(entries, np.int32), pool_array(entries, np.int64)
-    _kernel.layer_entries(layer_pay, d["policy"], compiled.policies, d["layer"], d["pay"])
+    _columns.layer_entries(layer_pay, d["policy"], compiled.policies, d["layer"], d["pay"])
     return d
 
 
-def _delta_heads(prep: PreparedClaims, out: dict) -> tuple[np.ndarray, np.ndarray]:
+def _delta_heads(prep: PreparedClaims, out: _kernel.KernelOutputs) -> tuple[np.ndarray, np.ndarray]:
     """delta_admissions and delta_compliant_total of each row (0 on error rows)."""
-    ok = out["status"] == 0
-    return ((prep.visit == 0) & ok).astype(np.int64), np.where(ok, out["compliant"], 0)
+    ok = out.status == 0
+    return ((prep.visit == 0) & ok).astype(np.int64), np.where(ok, out.compliant, 0)
 
 
 def pool_array(shape, dtype) -> np.ndarray:
@@ -355,7 +362,7 @@ def _named(codes: np.ndarray, names: pa.Array, dictionary: bool) -> pa.Array:
     return names.take(pa.array(codes, mask=codes < 0))
 
 
-def build_results(prep: PreparedClaims, compiled: CompiledPolicies, out: dict, deltas: bool,
+def build_results(prep: PreparedClaims, compiled: CompiledPolicies, out: _kernel.KernelOutputs, deltas: bool,
                   dictionary: bool = False) -> pa.RecordBatch:
     """The results chunk (spec section 3) from the kernel's outputs, in input order.
 
@@ -363,7 +370,7 @@ def build_results(prep: PreparedClaims, compiled: CompiledPolicies, out: dict, d
     policy set's names: the same values, without copying a string per row,
     which a Parquet writer then stores as its dictionary pages directly.
     """
-    status, fund_pay = out["status"], out["fund_pay"]
+    status, fund_pay = out.status, out.fund_pay
     d = _derived(prep, out, compiled)
     policy = d["policy"]
     names = compiled.names
@@ -380,21 +387,22 @@ def build_results(prep: PreparedClaims, compiled: CompiledPolicies, out: dict, d
         prep.batch.column("claim_id"),
         _named(status, _STATUS_NAMES, dictionary),
         _named(policy, names.policy_ids, dictionary),
-        _named(out["effective"], names.identities, dictionary),
-        pa.array(out["deductible_applied"]),
+        _named(out.effective, names.identities, dictionary),
+        pa.array(out.deductible_applied),
         *[pa.array(fund_pay[j]) for j in range(len(FUNDS))],
         pa.array(d["fund_total"]),
         pa.array(d["personal"]),
         pa.array(d["compliant_personal"]),
         layer_pays,
-        pa.array(out["cap_hit"].view(np.bool_)),
+        pa.array(out.cap_hit.view(np.bool_)),
     ]
     if deltas:
-        columns += [*map(pa.array, _delta_heads(prep, out)), _delta_layers(out["deltas"], policy, compiled)]
+        columns += [*map(pa.array, _delta_heads(prep, out)), _delta_layers(out.deltas, policy, compiled)]
     return pa.RecordBatch.from_arrays(columns, schema=schema)
 
 
-def result_rows(prep: PreparedClaims, compiled: CompiledPolicies, out: dict, deltas: bool) -> list[dict]:
+def result_rows(prep: PreparedClaims, compiled: CompiledPolicies, out: _kernel.KernelOutputs,
+                deltas: bool) -> list[dict]:
     """The rows `build_results(...).to_pylist()` gives, built without Arrow arrays.
 
     For callers that settle a few claims at a time (the server's groups), where
@@ -402,19 +410,19 @@ def result_rows(prep: PreparedClaims, compiled: CompiledPolicies, out: dict, del
     d = _derived(prep, out, compiled)
     c = compiled
     claim_ids = prep.claim_ids()
-    status = out["status"].tolist()
+    status = out.status.tolist()
     policy = d["policy"].tolist()
-    effective = out["effective"].tolist()
-    ded = out["deductible_applied"].tolist()
-    fund_pay = out["fund_pay"].T.tolist()
+    effective = out.effective.tolist()
+    ded = out.deductible_applied.tolist()
+    fund_pay = out.fund_pay.T.tolist()
     fund_total, personal, compliant_personal = (d[k].tolist() for k in ("fund_total", "personal",
                                                                         "compliant_personal"))
     layer_offsets, layer, pay = d["layer_offsets"].tolist(), d["layer"].tolist(), d["pay"].tolist()
-    cap_hit = out["cap_hit"].view(np.bool_).tolist()
+    cap_hit = out.cap_hit.view(np.bool_).tolist()
     policy_ids, identity_names, layer_names = c.policy_ids, c.identity_names, c.layer_names
     if deltas:
         d_adm, d_ct = (v.tolist() for v in _delta_heads(prep, out))
-        values = out["deltas"]
+        values = out.deltas
     rows = []
     for i in range(prep.n):
         p = policy[i]
@@ -481,13 +489,26 @@ def accumulators_schema(dictionary: bool = False) -> pa.Schema:
     return schema.set(i, schema.field(i).with_type(pa.list_(entry)))
 
 
+def _with_names(names: pa.Array, codes: np.ndarray, more: list) -> tuple[pa.Array, np.ndarray]:
+    """(names, codes) with codes for `more` appended (None: -1), each name once in the names."""
+    listed = names.to_pylist()
+    extra = sorted({v for v in more if v is not None} - set(listed))
+    listed += extra
+    index = {v: k for k, v in enumerate(listed)}
+    more_codes = np.array([-1 if v is None else index[v] for v in more], dtype=codes.dtype)
+    return pa.array(listed, pa.string()), np.concatenate([codes, more_codes])
+
+
 def accumulators_table(keys_starts: np.ndarray, keys_arena: np.ndarray, compiled: CompiledPolicies,
-                       state: np.ndarray, aside: dict | None = None, dictionary: bool = False) -> pa.Table:
+                       state: np.ndarray, aside: dict | None = None, dictionary: bool = False,
+                       foreign: tuple = ()) -> pa.Table:
     """Closing accumulators (spec section 4), one row per key that holds anything.
 
     Two Cython passes over the state rows (count, then fill), so that a year's
     millions of keys cost no temporary the size of the table.
-    `aside`: (slot, column, field) -> value of carried-in fields the state rows do not keep.
+    `aside`: (slot, column, field) -> value of carried-in fields the state rows do not keep;
+    a column acc_width + k is the carried-in entry `foreign[k]` ((layer, cap group)) that no
+    version of its key's year names, returned as it came.
     `dictionary`: names as dictionary arrays (`accumulators_schema(dictionary=True)`)."""
     count = len(keys_starts) - 1
     schema = accumulators_schema(dictionary)
@@ -497,32 +518,26 @@ def accumulators_table(keys_starts: np.ndarray, keys_arena: np.ndarray, compiled
     items = sorted((aside or {}).items())
     aside_slot = np.array([k[0] for k, _ in items], dtype=np.int64)
     aside_rows = np.array([(k[1], k[2], v) for k, v in items], dtype=np.int64).reshape(len(items), 3)
-    policy = np.empty(count, dtype=np.int32)
-    entries = np.empty(count, dtype=np.int32)
-    args = (keys_starts, keys_arena if len(keys_arena) else np.zeros(1, np.uint8), state, c.state_index,
-            c.policies, aside_slot, aside_rows)
-    held = _kernel.accumulator_counts(*args, policy, entries)
-    n_entries = int(entries[entries > 0].sum())
-    kept = entries >= 0
-    person_bytes = int((keys_starts[1:] - keys_starts[:-1] - 4)[kept].sum())
-    person_offsets = np.empty(held + 1, dtype=np.int64)
-    person_data = np.empty(max(person_bytes, 1), dtype=np.uint8)
-    adm, ct = np.empty(held, dtype=np.int64), np.empty(held, dtype=np.int64)
-    entry_offsets = np.empty(held + 1, dtype=np.int32)
-    column, position, paid, charged = (np.empty(n_entries, dtype=np.int64) for _ in range(4))
-    _kernel.accumulator_fill(*args, policy, entries, c.acc_width, person_offsets, person_data, adm, ct,
-                             entry_offsets, column, position, paid, charged)
-    person = pa.LargeStringArray.from_buffers(held, pa.py_buffer(person_offsets), pa.py_buffer(person_data))
-    pol = policy[kept]
+    acc = _columns.ClosingAccumulators(keys_starts, keys_arena if len(keys_arena) else np.zeros(1, np.uint8), state,
+                                       c.state_index, c.policies, c.acc_width, aside_slot, aside_rows)
+    held, column = acc.held, acc.column
+    position, paid, charged = acc.position, acc.paid, acc.deductible_charged
+    person = pa.LargeStringArray.from_buffers(held, pa.py_buffer(acc.person_offsets), pa.py_buffer(acc.person_data))
+    pol = acc.key_policy
     names = c.names
+    layer_names, layer_codes = names.acc_layer_names, names.acc_layer_codes
+    cap_names, cap_codes = names.acc_cap_names, names.acc_cap_codes
+    if foreign:  # entry codes from len(policies) * acc_width on: the foreign entries, in order
+        layer_names, layer_codes = _with_names(layer_names, layer_codes, [f[0] for f in foreign])
+        cap_names, cap_codes = _with_names(cap_names, cap_codes, [f[1] for f in foreign])
     layers_type = schema.field("layers").type
     entries_arr = pa.StructArray.from_arrays(
-        [_named(names.acc_layer_codes[column], names.acc_layer_names, dictionary),
-         _named(names.acc_cap_codes[column], names.acc_cap_names, dictionary),
+        [_named(layer_codes[column], layer_names, dictionary),
+         _named(cap_codes[column], cap_names, dictionary),
          pa.array(position), pa.array(paid), pa.array(charged)], fields=list(layers_type.value_type))
     return pa.table([
         person.cast(pa.string()), _named(names.region_codes[pol], names.region_dictionary, dictionary),
         _named(names.scheme_codes[pol], names.scheme_dictionary, dictionary),
-        pa.array(names.years[pol]), pa.array(adm), pa.array(ct),
-        pa.ListArray.from_arrays(pa.array(entry_offsets), entries_arr, type=layers_type),
+        pa.array(names.years[pol]), pa.array(acc.admissions), pa.array(acc.compliant_total),
+        pa.ListArray.from_arrays(pa.array(acc.entry_offsets), entries_arr, type=layers_type),
     ], schema=schema)

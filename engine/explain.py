@@ -65,7 +65,7 @@ def explain(claims, policies, claim_id: str, accumulators: pa.Table | None = Non
     chunk = settler.prepare(batch)
     kernel_out = settler.run_kernel(chunk, trace_row=row)
     result = build_results(chunk.prep, settler.compiled, kernel_out, False).slice(row, 1).to_pylist()[0]
-    trace, trace_acc, prep = kernel_out["trace"], kernel_out["trace_acc"], chunk.prep
+    trace, trace_acc, prep = kernel_out.trace, kernel_out.trace_acc, chunk.prep
     c: CompiledPolicies = settler.compiled
     claim = batch.slice(row, 1).to_pylist()[0]
     out = {"claim": claim, "result": result, "layers": []}

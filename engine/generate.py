@@ -19,9 +19,16 @@ converted to integer fen before it is split into components):
   children, adults, elderly; employees: working age and retirees), a birth
   date, a gamma "frailty" (claims per person are then negative binomial,
   rising with age), and for ~8.5 % of residents / 3 % of employees one or two
-  identities declared by every policy of their home, held over a spell
-  (`valid_from`..`valid_to`, both inclusive; most spells cover the whole
-  period, some start or end within it).
+  identities declared in every year of their home (by some version of the
+  year: a name the version in force doesn't declare is then "not held",
+  spec section 5), held over a spell (`valid_from`..`valid_to`, both
+  inclusive; most spells cover the whole period, 15 % start and 15 % end on
+  a day inside one of its policy years, so people gain and lose identities
+  in the middle of a year and their claims follow).
+* Policy versions (`effective_from`): a claim's rules are those of the
+  version in force on its day, so claims fall on both sides of every version
+  change; a day before the year's first version has no policy, and its
+  claims are labelled `UNKNOWN_POLICY` (and get no other defect).
 * Claims per day: multinomial over the days of the policy years, with a
   winter peak and quiet weekends; times of day cluster around the morning
   and the afternoon; rows are sorted by (settle_time, claim_id) and claim ids
@@ -157,8 +164,11 @@ class _Plan:
     years: list[int]
     groups: list[tuple[str, str]]  # (region, scheme)
     group_weight: np.ndarray
-    policy_of: np.ndarray  # [group, year index] -> policy index or -1
-    group_identities: list[tuple[str, ...]]  # declared by every policy of the group, in rank order
+    policy_of: np.ndarray  # [group, year index] -> the year's first version's policy index, or -1
+    version_start: np.ndarray  # [group, year index, v] -> day the v-th version starts (big: none)
+    version_policy: np.ndarray  # [group, year index, v] -> its policy index (-1: none)
+    versioned: np.ndarray  # [group, year index] -> several versions, or the first after January 1
+    group_identities: list[tuple[str, ...]]  # declared in every year of the group (by some version)
     ident_vocab: list[str]  # every declared name, then the undeclared ones
     undeclared: dict[int, np.ndarray]  # policy -> vocab indices it does not declare (undeclared names)
     ident_rank: np.ndarray  # [policy, vocab] -> rank in the policy's identities (big = undeclared)
@@ -195,14 +205,29 @@ def _plan(policies: PolicySet, year: Optional[int]) -> _Plan:
             raise ValueError(f"no policy for year {year} in the set")
     if not pols:
         raise ValueError("the policy set is empty")
-    pols = tuple(sorted(pols, key=lambda p: (p.region, p.scheme, p.year, p.id)))
+    pols = tuple(sorted(pols, key=lambda p: (p.region, p.scheme, p.year, p.effective_from, p.id)))
     years = sorted({p.year for p in pols})
     groups = sorted({(p.region, p.scheme) for p in pols})
     gi = {g: i for i, g in enumerate(groups)}
     yi = {y: i for i, y in enumerate(years)}
     policy_of = np.full((len(groups), len(years)), -1, dtype=np.int64)
-    for k, p in enumerate(pols):
-        policy_of[gi[(p.region, p.scheme)], yi[p.year]] = k
+    n_versions = np.zeros((len(groups), len(years)), dtype=np.int64)
+    for p in pols:
+        n_versions[gi[(p.region, p.scheme)], yi[p.year]] += 1
+    version_start = np.full((len(groups), len(years), int(n_versions.max())), np.iinfo(np.int64).max, np.int64)
+    version_policy = np.full(version_start.shape, -1, dtype=np.int64)
+    n_versions[:] = 0
+    versioned = np.zeros(policy_of.shape, dtype=bool)
+    for k, p in enumerate(pols):  # sorted by effective_from within each (group, year)
+        g, y = gi[(p.region, p.scheme)], yi[p.year]
+        v = n_versions[g, y]
+        if v == 0:
+            policy_of[g, y] = k
+        start = p.effective_from
+        version_start[g, y, v] = _day(start.year, start.month, start.day)
+        version_policy[g, y, v] = k
+        n_versions[g, y] += 1
+        versioned[g, y] |= v > 0 or (start.month, start.day) != (1, 1)
     group_weight = np.array([3.0 if s == "resident" else 1.0 for _, s in groups])
     group_weight /= group_weight.sum()
 
@@ -213,9 +238,11 @@ def _plan(policies: PolicySet, year: Optional[int]) -> _Plan:
                 declared.append(name)
     group_identities = []
     for g in groups:
-        gp = [pols[k] for k in policy_of[gi[g]] if k >= 0]
-        common = [n for n in gp[0].identities if all(n in q.identities for q in gp[1:])]
-        group_identities.append(tuple(common))
+        # per year, the names some version declares (a claim holding one is never UNKNOWN_IDENTITY)
+        per_year = [[n for k in version_policy[gi[g], y] if k >= 0 for n in pols[k].identities]
+                    for y in range(len(years)) if policy_of[gi[g], y] >= 0]
+        ordered = list(dict.fromkeys(n for names in per_year for n in names))
+        group_identities.append(tuple(n for n in ordered if all(n in names for names in per_year)))
     extra = [n for n in _UNDECLARED_IDENTITIES if n not in declared]
     ident_vocab = declared + extra
     ident_rank = np.full((len(pols), len(ident_vocab)), 1 << 20, dtype=np.int64)
@@ -266,6 +293,7 @@ def _plan(policies: PolicySet, year: Optional[int]) -> _Plan:
         variants.extend([c, f"{c}.900", f"{c}.x00", f"{c}.001", f" {c.lower()}.900"])
     return _Plan(
         policies=pols, years=years, groups=groups, group_weight=group_weight, policy_of=policy_of,
+        version_start=version_start, version_policy=version_policy, versioned=versioned,
         group_identities=group_identities, ident_vocab=ident_vocab, undeclared=undeclared,
         ident_rank=ident_rank, region_vocab=region_vocab, n_set_regions=len(set_regions), cats=cats,
         code_vocab=pa.array(variants, pa.string()), group_cats=group_cats, group_member=group_member,
@@ -398,7 +426,8 @@ def _population(plan: _Plan, n: int, seed: int) -> _Population:
     ident_to = np.zeros((size, 2), dtype=np.int64)
     holder_p = np.where(resident, 0.085, 0.03)
     holder = rng.random(size) < holder_p
-    span = plan.period_end - plan.period_start + 1
+    year_start = np.array([_day(y) for y in plan.years], dtype=np.int64)
+    year_days = np.array([_day(y, 12, 31) - _day(y) + 1 for y in plan.years], dtype=np.int64)
     for g, names in enumerate(plan.group_identities):
         rows = np.flatnonzero(holder & (group == g))
         if not names or not len(rows):
@@ -419,9 +448,12 @@ def _population(plan: _Plan, n: int, seed: int) -> _Population:
         k = int(has.sum())
         kind = rng.random(k)
         start = plan.period_start - rng.integers(0, 3 * 365, k)
-        inner = plan.period_start + rng.integers(0, span, k)
-        ident_from[has, s] = np.where((kind >= 0.8) & (kind < 0.9), inner, start)
-        ident_to[has, s] = np.where(kind >= 0.9, inner, plan.period_end)
+        # a day inside one of the policy years (not in a gap between them), so the change
+        # falls in the middle of a year that has claims: 15 % gain the identity then, 15 % lose it
+        yr = rng.integers(0, len(plan.years), k)
+        inner = year_start[yr] + (rng.random(k) * year_days[yr]).astype(np.int64)
+        ident_from[has, s] = np.where((kind >= 0.7) & (kind < 0.85), inner, start)
+        ident_to[has, s] = np.where(kind >= 0.85, inner, plan.period_end)
     return _Population(size=size, group=group, birth=birth, lam=lam, ident=ident,
                        ident_from=ident_from, ident_to=ident_to, id_width=max(8, len(str(size - 1))))
 
@@ -492,9 +524,22 @@ def _units(plan: _Plan, pop: _Population, n: int, seed: int) -> list[_Unit]:
     return units
 
 
+def _version_in_force(plan: _Plan, group: np.ndarray, year_index: int, day: np.ndarray) -> np.ndarray:
+    """Policy index of the version in force on each row's day (spec section 5), -1 before the first."""
+    pol = plan.policy_of[group, year_index]
+    if not plan.versioned[:, year_index].any():
+        return pol
+    rows = np.flatnonzero(plan.versioned[group, year_index])  # only the homes whose year has versions
+    g = group[rows]
+    n_started = (plan.version_start[g, year_index] <= day[rows, None]).sum(axis=1)
+    pol[rows] = np.where(n_started > 0, plan.version_policy[g, year_index, np.maximum(n_started - 1, 0)], -1)
+    return pol
+
+
 def _first_layer_has_rule(plan: _Plan, pol: np.ndarray, a: dict) -> np.ndarray:
-    """Vectorized 6.3 match of the first layer's rules: does any rule hold?"""
-    out = np.zeros(len(pol), dtype=bool)
+    """Vectorized 6.3 match of the first layer's rules: does any rule hold? (True with no
+    policy in force: such a row is UNKNOWN_POLICY whatever its visit.)"""
+    out = pol < 0
     for k, p in enumerate(plan.policies):
         rows = np.flatnonzero(pol == k)
         if not len(rows):
@@ -600,7 +645,7 @@ def _unit_table(plan: _Plan, pop: _Population, unit: _Unit, seed: int, invalid_r
     pick = np.searchsorted(cum, spacing[:-1] * (cum[-1] / spacing[-1]), side="right").clip(0, len(eligible) - 1)
     person = eligible[pick[rng.permutation(m)]]
     group = pop.group[person]
-    pol = plan.policy_of[group, k_year]
+    pol = _version_in_force(plan, group, k_year, day)
     u_y, u_md = _calendar(unit.days)
     d_ix = day - unit.days[0]
     age = u_y[d_ix] - pop.birth_year[person] - (u_md[d_ix] < pop.birth_md[person])
@@ -688,6 +733,10 @@ def _unit_table(plan: _Plan, pop: _Population, unit: _Unit, seed: int, invalid_r
         bad = rng.random(m) < invalid_rate
         kind[bad] = rng.integers(0, len(INVALID_KINDS), int(bad.sum()))
     expected = np.where(no_rule, len(INVALID_KINDS), -1)  # index into INVALID_KINDS + ("NO_BENEFIT_RULE",)
+    before_first = pol < 0  # a day before the year's first version: no policy, and no other defect
+    if before_first.any():
+        kind[before_first] = -1
+        expected[before_first] = INVALID_KINDS.index("UNKNOWN_POLICY")
     _inject(rng, plan, kind, pol, cols, valid, expected)
 
     # --- rows: sort again by (time, claim id) (duplicates may share a second with others)

@@ -6,10 +6,13 @@ numeric tables the kernel reads. Nothing here knows about any one region.
 """
 from __future__ import annotations
 
+import bisect
+import datetime
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Iterable, Optional, Union
 
-from .schema import BP, FACILITY_LEVELS, FEN_PER_YUAN, FUNDS, LOCALITIES, SCHEMES, VISIT_TYPES  # noqa: F401
+from .schema import (BP, FACILITY_LEVELS, FEN_PER_YUAN, FUNDS, LOCALITIES, MAX_CAP_FACTOR,  # noqa: F401
+                     MAX_COMBINED_CAP_FACTOR, SCHEMES, VISIT_TYPES)
 
 AXES = ("claim", "year")
 BOUNDS = ("absolute", "above_deductible")
@@ -58,7 +61,36 @@ class Rule:
     axis: str = "claim"
     bounds: str = "absolute"
     repeat_admission: bool = False
-    cap_group: Optional[str] = None
+    # Nested caps (revision 2): every group limits the pay and grows by it; the first one also
+    # holds the year-axis position and deductible_charged. () = uncapped.
+    cap_groups: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        if isinstance(self.cap_groups, str):  # one name given bare: a one-group list
+            object.__setattr__(self, "cap_groups", (self.cap_groups,))
+        elif not isinstance(self.cap_groups, tuple):
+            object.__setattr__(self, "cap_groups", tuple(self.cap_groups))
+
+    @property
+    def cap_group(self) -> Optional[str]:
+        """The first cap group (the one whose entry holds the position), or None if uncapped."""
+        return self.cap_groups[0] if self.cap_groups else None
+
+
+_rule_init = Rule.__init__
+
+
+def _rule_init_with_cap_group(self, *args, cap_group: Optional[str] = None, **kwargs):
+    """Revision-1 constructors wrote `Rule(..., cap_group="g")`; that still means `cap_groups=("g",)`."""
+    if cap_group is not None:
+        if kwargs.get("cap_groups"):
+            raise TypeError("Rule takes cap_group or cap_groups, not both")
+        kwargs["cap_groups"] = (cap_group,)
+    _rule_init(self, *args, **kwargs)
+
+
+_rule_init_with_cap_group.__doc__ = _rule_init.__doc__
+Rule.__init__ = _rule_init_with_cap_group  # type: ignore[method-assign]
 
 
 @dataclass(frozen=True)
@@ -67,6 +99,8 @@ class Adjustment:
     deductible_factor: Optional[int] = None  # bp
     ratio: Optional[int] = None  # bp, replaces every ratio
     ratio_add: Optional[int] = None  # bp, may be negative
+    cap_factor: Optional[int] = None  # bp in [0, MAX_CAP_FACTOR]; multiplies every cap of the rule
+    uncapped: Optional[bool] = None  # true lifts every cap of the rule for this claim
 
 
 @dataclass(frozen=True)
@@ -80,7 +114,11 @@ class Layer:
 
 @dataclass(frozen=True)
 class Policy:
-    """One (region, scheme, year): a stack of layers evaluated in order."""
+    """One version of (region, scheme, year): a stack of layers evaluated in order.
+
+    A version is in force from `effective_from` (00:00 local time) until the next
+    version of the same year; January 1 of `year` when the file doesn't say.
+    """
 
     id: str
     region: str
@@ -96,20 +134,72 @@ class Policy:
     # name -> ((low, high), ...) ICD-10 categories, inclusive, 3 characters each
     disease_groups: dict[str, tuple[tuple[str, str], ...]] = field(default_factory=dict)
     path: str = ""  # file it was loaded from, for messages
+    effective_from: Optional[datetime.date] = None  # None = January 1 of `year` (set on construction)
+
+    def __post_init__(self):
+        if self.effective_from is None:
+            object.__setattr__(self, "effective_from", datetime.date(self.year, 1, 1))
+
+
+DateLike = Union[datetime.date, datetime.datetime]
 
 
 @dataclass(frozen=True)
 class PolicySet:
-    """The policies of one folder, looked up by (region, scheme, year)."""
+    """The policies of one folder, looked up by (region, scheme, year) and by date.
+
+    Several files may cover one (region, scheme, year): its versions, each in
+    force from its `effective_from` until the next one (SETTLEMENT.md section 5).
+    """
 
     policies: tuple[Policy, ...]
     source: str = ""
+    # (region, scheme, year) -> versions sorted by effective_from; built once, not compared.
+    _versions: dict = field(init=False, repr=False, compare=False, hash=False)
+    _starts: dict = field(init=False, repr=False, compare=False, hash=False)
+
+    def __post_init__(self):
+        if not isinstance(self.policies, tuple):
+            object.__setattr__(self, "policies", tuple(self.policies))
+        groups: dict[tuple[str, str, int], list[Policy]] = {}
+        for p in self.policies:
+            groups.setdefault((p.region, p.scheme, p.year), []).append(p)
+        versions = {k: tuple(sorted(v, key=lambda p: p.effective_from)) for k, v in groups.items()}
+        object.__setattr__(self, "_versions", versions)
+        object.__setattr__(self, "_starts", {k: [p.effective_from for p in v] for k, v in versions.items()})
+
+    def versions(self, region: str, scheme: str, year: int) -> tuple[Policy, ...]:
+        """Every version of (region, scheme, year), earliest first; () if none."""
+        return self._versions.get((region, scheme, year), ())
+
+    def in_force(self, region: str, scheme: str, date: DateLike) -> Optional[Policy]:
+        """The version in force on `date` (a date, or a datetime's calendar date): the latest
+        `effective_from` on or before it within the date's year; None before the first one."""
+        if isinstance(date, datetime.datetime):
+            date = date.date()
+        key = (region, scheme, date.year)
+        starts = self._starts.get(key)
+        if not starts:
+            return None
+        i = bisect.bisect_right(starts, date)
+        return self._versions[key][i - 1] if i else None
+
+    def year_identities(self, region: str, scheme: str, year: int) -> tuple[str, ...]:
+        """Identity names declared by any version of the year, in order of first declaration
+        (earliest version first): a claim's identity outside these is UNKNOWN_IDENTITY."""
+        names: dict[str, None] = {}
+        for p in self.versions(region, scheme, year):
+            names.update(dict.fromkeys(p.identities))
+        return tuple(names)
 
     def find(self, region: str, scheme: str, year: int) -> Optional[Policy]:
-        for p in self.policies:
-            if p.region == region and p.scheme == scheme and p.year == year:
-                return p
-        return None
+        """The year's first version (revision-1 callers: the only one), or None."""
+        v = self.versions(region, scheme, year)
+        return v[0] if v else None
+
+    def years(self) -> Iterable[tuple[str, str, int]]:
+        """Every (region, scheme, year) the set covers, sorted."""
+        return sorted(self._versions)
 
     def by_id(self, policy_id: str) -> Optional[Policy]:
         for p in self.policies:

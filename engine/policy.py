@@ -13,6 +13,7 @@ works without the compiled kernel.
 """
 from __future__ import annotations
 
+import datetime
 import os
 import re
 from decimal import Decimal
@@ -31,6 +32,7 @@ from engine.model import (
     KIND_MAX_PERSONAL_SHARE,
     KIND_SEGMENTS,
     LOCALITIES,
+    MAX_CAP_FACTOR,
     SCHEMES,
     VISIT_TYPES,
     Adjustment,
@@ -55,13 +57,13 @@ FOLDER_LEVEL = "(folder)"  # key path of a problem with a policy folder
 
 MAX_MONEY_YUAN = 10**10  # section 1: keeps every kernel product below 10^18
 YEAR_RANGE = (1900, 2200)
-AGE_RANGE = (0, 32767)  # the claims' age column is int16
+AGE_RANGE = (0, 150)  # section 6.3: inclusive integers in [0, 150]
 MONEY_PLACES, RATIO_PLACES = 2, 4  # yuan -> fen, ratio -> basis points
 
 # Keys per level: (required, optional).
 FILE_KEYS = (
     ("id", "region", "scheme", "year", "layers"),
-    ("title", "sources", "identities", "disease_groups", "repeat_admission",
+    ("effective_from", "title", "sources", "identities", "disease_groups", "repeat_admission",
      "compliant_includes_class_b_copay"),
 )
 REPEAT_KEYS = ((), ("factors", "floor"))
@@ -71,13 +73,14 @@ RATIO_RULE_KEYS = ("deductible", "axis", "bounds", "repeat_admission")  # ratio 
 RULE_KEYS = (("match",), KIND_KEYS + RATIO_RULE_KEYS + ("cap_group",))
 SEGMENT_KEYS = (("ratio",), ("upto",))
 CLASS_RATIO_KEYS = (("class_a", "class_b"), ())
-ADJUSTMENT_EFFECTS = ("deductible_factor", "ratio", "ratio_add")
+ADJUSTMENT_EFFECTS = ("deductible_factor", "ratio", "ratio_add", "cap_factor", "uncapped")
 ADJUSTMENT_KEYS = (("match",), ADJUSTMENT_EFFECTS)
 MATCH_ENUMS = {"visit_type": VISIT_TYPES, "facility_level": FACILITY_LEVELS, "locality": LOCALITIES}
 MATCH_KEYS = ((), tuple(MATCH_ENUMS) + ("referred", "identity", "holds", "disease_group",
                                          "min_age", "max_age"))
 
 ICD_RANGE = re.compile(r"([A-Z][0-9]{2})(?:-([A-Z][0-9]{2}))?")
+ISO_DATE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -215,8 +218,16 @@ class _Reader:
             self.fail(path, f"{_show(v)} is not one of: {', '.join(choices)}")
         return v
 
+    def distinct(self, values: list, path: str) -> tuple:
+        """A list whose items are distinct: a repeat is a typo (section 6.3)."""
+        for i, x in enumerate(values):
+            j = values.index(x)
+            if j < i:
+                self.fail(_ix(path, i), f"{_show(x)} is listed twice (also {_ix(path, j)})")
+        return tuple(values)
+
     def choices(self, v: Any, path: str, choices: tuple[str, ...]) -> tuple[str, ...]:
-        return tuple(self.choice(x, _ix(path, i), choices) for i, x in enumerate(self.seq(v, path)))
+        return self.distinct([self.choice(x, _ix(path, i), choices) for i, x in enumerate(self.seq(v, path))], path)
 
     def declared(self, v: Any, path: str, names, what: str) -> tuple[str, ...]:
         """Names in a match that the file must declare (identities, disease groups)."""
@@ -225,7 +236,7 @@ class _Reader:
             if not isinstance(x, str) or x not in names:
                 self.fail(_ix(path, i), f"{_show(x)} is not a declared {what} ({_declared(names)})")
             out.append(x)
-        return tuple(out)
+        return self.distinct(out, path)
 
     # ---- numbers
 
@@ -257,6 +268,27 @@ class _Reader:
         """Signed ratio in [-1, 1] -> basis points."""
         return self.exact(v, path, -1, 1, RATIO_PLACES, "ratios take")
 
+    def cap_factor(self, v: Any, path: str) -> int:
+        """Factor in [0, 10] -> basis points."""
+        return self.exact(v, path, 0, MAX_CAP_FACTOR // 10**RATIO_PLACES, RATIO_PLACES, "factors take")
+
+    def date_in(self, v: Any, path: str, year: int) -> datetime.date:
+        """A YAML date, or the string YYYY-MM-DD exactly, within `year` (section 6.1)."""
+        if isinstance(v, datetime.datetime):  # a YAML timestamp: a version starts at a day's 00:00
+            self.fail(path, f"{v.isoformat(sep=' ')} has a time; write the date only, like {year}-03-21")
+        if isinstance(v, str):
+            if not ISO_DATE.fullmatch(v):
+                self.fail(path, f"{v!r} is not a date written YYYY-MM-DD (like {year}-03-21)")
+            try:
+                v = datetime.date.fromisoformat(v)
+            except ValueError as e:
+                self.fail(path, f"{_show(v)} is not a valid date ({e})")
+        elif not isinstance(v, datetime.date):
+            self.fail(path, f"must be a date like {year}-03-21, not {_show(v)}")
+        if v.year != year:
+            self.fail(path, f"{v.isoformat()} is not in year {year}")
+        return v
+
     # ---- file
 
     def policy(self, m: Any) -> Policy:
@@ -267,6 +299,8 @@ class _Reader:
         region = self.name(m["region"], "region")
         scheme = self.choice(m["scheme"], "scheme", SCHEMES)
         year = self.integer(m["year"], "year", *YEAR_RANGE)
+        effective_from = (self.date_in(m["effective_from"], "effective_from", year)
+                          if "effective_from" in m else datetime.date(year, 1, 1))
         title = self.text(m.get("title", ""), "title")
         sources = tuple(self.name(s, _ix("sources", i))
                         for i, s in enumerate(self.seq(m.get("sources", []), "sources", nonempty=False)))
@@ -279,7 +313,7 @@ class _Reader:
             id=pid, region=region, scheme=scheme, year=year, title=title, sources=sources,
             identities=self.identities, compliant_includes_class_b_copay=copay,
             repeat_factors=factors, repeat_floor=floor, disease_groups=self.disease_groups,
-            layers=self.layers(m["layers"], "layers"), path=self.filename,
+            layers=self.layers(m["layers"], "layers"), path=self.filename, effective_from=effective_from,
         )
 
     def identity_names(self, v: Any, path: str) -> tuple[str, ...]:
@@ -354,10 +388,7 @@ class _Reader:
         at = lambda k: _at(path, k)  # noqa: E731
         common = {"match": self.match(m["match"], at("match"))}
         if "cap_group" in m:
-            group = self.name(m["cap_group"], at("cap_group"))
-            if group not in caps:
-                self.fail(at("cap_group"), f"{group!r} is not one of the layer's cap_groups ({_declared(caps)})")
-            common["cap_group"] = group
+            common["cap_groups"] = self.cap_groups(m["cap_group"], at("cap_group"), caps)
 
         if kind in ("fixed_amount", "max_personal_share"):
             for k in RATIO_RULE_KEYS:
@@ -384,11 +415,30 @@ class _Reader:
                 self.fail(at("ratio"), "class ratios are allowed only in the first layer")
             if axis != "claim":
                 self.fail(at("axis"), "class ratios work only on the claim axis")
+            if "bounds" in m:
+                self.fail(at("bounds"), "class ratios take no bounds (they have no segments)")
             cr = self.mapping(m["ratio"], at("ratio"), CLASS_RATIO_KEYS)
             class_ratio = (self.ratio(cr["class_a"], _at(at("ratio"), "class_a")),
                            self.ratio(cr["class_b"], _at(at("ratio"), "class_b")))
             return Rule(kind=KIND_CLASS_RATIO, class_ratio=class_ratio, **common)
         return Rule(kind=KIND_SEGMENTS, segments=(Segment(None, self.ratio(m["ratio"], at("ratio"))),), **common)
+
+    def cap_groups(self, v: Any, path: str, caps: dict[str, int]) -> tuple[str, ...]:
+        """One of the layer's cap groups, or a non-empty list of distinct ones (nested caps)."""
+        def one(x: Any, p: str) -> str:
+            if isinstance(x, (list, dict)) or x is None:
+                self.fail(p, f"must be a cap group name, not {_show(x)}")
+            group = self.name(x, p)
+            if group not in caps:
+                self.fail(p, f"{group!r} is not one of the layer's cap_groups ({_declared(caps)})")
+            return group
+        if isinstance(v, list):
+            if not v:
+                self.fail(path, "must not be empty (leave cap_group out for no cap)")
+            return self.distinct([one(x, _ix(path, i)) for i, x in enumerate(v)], path)
+        if isinstance(v, dict):
+            self.fail(path, f"must be a cap group name or a list of them, not {_show(v)}")
+        return (one(v, path),)
 
     def segments(self, v: Any, path: str) -> tuple[Segment, ...]:
         items = self.seq(v, path)
@@ -414,7 +464,8 @@ class _Reader:
         self.mapping(m, path, ADJUSTMENT_KEYS)
         if not any(k in m for k in ADJUSTMENT_EFFECTS):
             self.fail(path, f"needs at least one of {', '.join(ADJUSTMENT_EFFECTS)}")
-        parse = {"deductible_factor": self.ratio, "ratio": self.ratio, "ratio_add": self.ratio_add}
+        parse = {"deductible_factor": self.ratio, "ratio": self.ratio, "ratio_add": self.ratio_add,
+                 "cap_factor": self.cap_factor, "uncapped": self.boolean}
         return Adjustment(match=self.match(m["match"], _at(path, "match")),
                           **{k: parse[k](m[k], _at(path, k)) for k in ADJUSTMENT_EFFECTS if k in m})
 
@@ -522,7 +573,8 @@ def load_policies(path: Optional[PathLike] = None) -> PolicySet:
     """Every *.yaml / *.yml of a folder, by file name; `None` = the bundled policies.
 
     Besides each file's own checks: ids are unique and no two files cover the
-    same (region, scheme, year), so `PolicySet.find` is never ambiguous.
+    same (region, scheme, year, effective_from), so `PolicySet.in_force` is
+    never ambiguous (a file without effective_from is in force from January 1).
     """
     folder = Path(path) if path is not None else default_policies_path()
     label = folder.name or str(folder)
@@ -538,15 +590,16 @@ def load_policies(path: Optional[PathLike] = None) -> PolicySet:
 
     policies: list[Policy] = []
     by_id: dict[str, str] = {}
-    by_key: dict[tuple[str, str, int], str] = {}
+    by_key: dict[tuple[str, str, int, datetime.date], str] = {}
     for f in files:
         p = load_policy_file(f)
         if p.id in by_id:
             raise PolicyError(f.name, "id", f"duplicate id {p.id!r} (also in {by_id[p.id]})")
-        key = (p.region, p.scheme, p.year)
+        key = (p.region, p.scheme, p.year, p.effective_from)
         if key in by_key:
-            raise PolicyError(f.name, FILE_LEVEL, f"region {p.region!r}, scheme {p.scheme}, year {p.year} "
-                                                  f"is already covered by {by_key[key]}")
+            raise PolicyError(f.name, FILE_LEVEL, f"region {p.region!r}, scheme {p.scheme}, year {p.year}, "
+                                                  f"in force from {p.effective_from.isoformat()} (effective_from; "
+                                                  f"January 1 when absent) is already covered by {by_key[key]}")
         by_id[p.id], by_key[key] = f.name, f.name
         policies.append(p)
     return PolicySet(policies=tuple(policies), source=str(folder))

@@ -145,3 +145,11 @@ LEDGER_SCHEMA = pa.schema([
     *DELTA_FIELDS,
     ("reason", pa.string()),
 ])
+
+
+#: Policy format revision 2 (SETTLEMENT.md 5.2 step 2, 6.2): an adjustment's `cap_factor` is in
+#: [0, 10] (basis points: [0, MAX_CAP_FACTOR]); a rule's combined cap factor, multiplied in file
+#: order and rounded after each factor, stops at MAX_COMBINED_CAP_FACTOR (10^6 bp = x100), so a
+#: scaled cap (at most 10^12 fen x 10^6) stays far inside int64.
+MAX_CAP_FACTOR = 10 * BP
+MAX_COMBINED_CAP_FACTOR = 100 * BP

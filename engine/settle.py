@@ -7,7 +7,6 @@ it. The per-claim work is all in `_kernel`; this layer only moves arrays.
 from __future__ import annotations
 
 import contextlib
-import mmap
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Iterable, Iterator, NamedTuple, Optional, Union
 
@@ -16,6 +15,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from . import _kernel
+from ._hashing import AccumulatorKeys, ClaimIds
+from ._memory import zeroed_int64
 from .arrow_io import (
     ACCUMULATORS_SCHEMA,
     CLAIMS_SCHEMA,
@@ -81,10 +82,10 @@ class Settler:
         it is a hint, not a limit."""
         self.compiled = compiled(policies)
         self.deltas = deltas
-        self._claim_ids = _kernel.Interner()
+        self._claim_ids = ClaimIds()
         if expected_claims > 0:
             self._claim_ids.reserve(expected_claims, 0)
-        self._keys = _kernel.Interner(policy_keys=True)
+        self._keys = AccumulatorKeys()
         self._width = self.compiled.acc_width
         # one row per accumulator key: admissions, compliant_total, then the fields of its
         # policy's accumulator columns that its rules write (compile._state_layout)
@@ -93,6 +94,9 @@ class Settler:
         # carried-in values of fields the policy's rules never write, so not in its rows:
         # (slot, column, field) -> value, given back unchanged with the closing accumulators
         self._carried_aside: dict[tuple[int, int, int], int] = {}
+        # carried-in (layer, cap group) entries no version of the key's year names (spec section 4:
+        # kept unchanged and returned): each gets a column after the compiled ones, acc_width + index
+        self._foreign: dict[tuple[str, Optional[str]], int] = {}
         if accumulators is not None:
             self._carry_in(accumulators)
 
@@ -123,15 +127,10 @@ class Settler:
 
     def check(self, prep: PreparedClaims) -> "Chunk":
         """Row statuses up to DUPLICATE_CLAIM, key slots and the order: the call's state, in chunk order."""
-        c = self.compiled
         status = np.zeros(prep.n, dtype=np.int8)
         slot = np.zeros(prep.n, dtype=np.int64)
         self._claim_ids.reserve(prep.n, int(prep.claim_offsets[-1] - prep.claim_offsets[0]))
-        _kernel.check_rows(prep.claim_offsets, prep.claim_data, prep.claim_valid,
-                           prep.person_offsets, prep.person_data, prep.missing, prep.invalid_enum,
-                           prep.total, prep.self_funded, prep.over_limit, prep.class_b_copay, prep.in_scope,
-                           prep.in_scope_class_b, prep.policy, prep.identity_mask, c.policies,
-                           self._claim_ids, self._keys, status, slot)
+        _kernel.check_rows(prep.columns, self.compiled.tables, self._claim_ids, self._keys, status, slot)
         self._reserve(len(self._keys))
         order = _kernel.order_rows(prep.settle_time, prep.claim_offsets, prep.claim_data)
         return Chunk(prep, status, slot, order)
@@ -146,35 +145,17 @@ class Settler:
         chunk = self.check(PreparedClaims.from_rows(rows, self.compiled))
         return result_rows(chunk.prep, self.compiled, self.run_kernel(chunk), self.deltas)
 
-    def results(self, chunk: "Chunk", out: dict, dictionary: bool = False) -> pa.RecordBatch:
+    def results(self, chunk: "Chunk", out: _kernel.KernelOutputs, dictionary: bool = False) -> pa.RecordBatch:
         """The results batch of a settled chunk; stateless, so it may run on another thread."""
         return build_results(chunk.prep, self.compiled, out, self.deltas, dictionary)
 
-    def run_kernel(self, chunk: "Chunk", trace_row: int = -1) -> dict:
+    def run_kernel(self, chunk: "Chunk", trace_row: int = -1) -> _kernel.KernelOutputs:
         """The per-claim loop (nogil) over a prepared chunk; updates the accumulators."""
-        c, prep, n = self.compiled, chunk.prep, chunk.prep.n
-        out = {  # the kernel writes every row of these
-            "status": pool_array(n, np.int8),
-            "effective": pool_array(n, np.int32),
-            "deductible_applied": pool_array(n, np.int64),
-            "fund_pay": pool_array((len(FUNDS), n), np.int64),
-            "layer_pay": pool_array((n, c.max_layers), np.int64),
-            "cap_hit": pool_array(n, np.uint8),
-            "compliant": pool_array(n, np.int64),
-            "deltas": np.zeros((n if self.deltas else 1, self._width, _kernel.ACC_FIELDS), dtype=np.int64),
-            "trace": np.zeros((c.max_layers, _kernel.TRACE_NFIELDS), dtype=np.int64),
-            "trace_acc": np.zeros((2, self._state.shape[1]), dtype=np.int64),
-        }
-        _kernel.settle(chunk.order, chunk.status, prep.policy, chunk.slot, prep.visit, prep.level, prep.locality,
-                       prep.referred, prep.age, prep.identity_mask, prep.disease,
-                       prep.class_b_copay, prep.in_scope, prep.in_scope_class_b,
-                       c.policies, c.layers, c.rules, c.segments, c.adjustments, c.matches, c.ranges,
-                       c.repeat_factors, c.identity_rank,
-                       c.rule_candidates, c.candidate_rules, c.adjustment_candidates, c.candidate_adjustments,
-                       self._state, c.state_lines,
-                       out["status"], out["effective"], out["deductible_applied"], out["fund_pay"],
-                       out["layer_pay"], out["cap_hit"], out["compliant"],
-                       self.deltas, out["deltas"], trace_row, out["trace"], out["trace_acc"])
+        c = self.compiled
+        out = _kernel.KernelOutputs(chunk.prep.n, c.max_layers, self._width, self._state.shape[1], self.deltas,
+                                    pool_array)
+        _kernel.settle(c.tables, chunk.prep.columns, chunk.order, chunk.status, chunk.slot, self._state, out,
+                       trace_row)
         return out
 
     def settle_batches(self, batches: Iterable[pa.RecordBatch], dictionary: bool = False) -> Iterator[pa.RecordBatch]:
@@ -203,7 +184,7 @@ class Settler:
                     with contextlib.suppress(Exception):
                         pending.result()
 
-    def _check_and_run(self, prep: PreparedClaims) -> tuple["Chunk", dict]:
+    def _check_and_run(self, prep: PreparedClaims) -> tuple["Chunk", _kernel.KernelOutputs]:
         chunk = self.check(prep)
         return chunk, self.run_kernel(chunk)
 
@@ -220,7 +201,8 @@ class Settler:
         """The closing accumulators (spec section 4); with `dictionary`, the name columns as
         dictionary arrays (`accumulators_schema(dictionary=True)`), as a Parquet writer takes them."""
         starts, arena = self._keys.export()
-        return accumulators_table(starts, arena, self.compiled, self._state, self._carried_aside, dictionary)
+        return accumulators_table(starts, arena, self.compiled, self._state, self._carried_aside, dictionary,
+                                  tuple(self._foreign))
 
     def _carry_in(self, table: pa.Table) -> None:
         """Load carried-in accumulators (spec section 4); any bad key fails the whole call."""
@@ -294,8 +276,9 @@ class Settler:
 
     def _load_carried(self, offsets, data, policy, adm, ct, parents, layer_names, cap_names, values,
                       key_name) -> None:
-        """Checks carried-in keys (policy, ranges, layers, no key or column twice) and writes them
-        into the state table; `key_name(i)` names key i in an error."""
+        """Checks carried-in keys (policy, ranges, no key or entry twice) and writes them into the
+        state table; `key_name(i)` names key i in an error. An entry whose (layer, cap group) no
+        version of the key's year names is kept aside and returned unchanged (spec section 4)."""
         c = self.compiled
         n = len(policy)
         if (policy < 0).any():
@@ -309,11 +292,9 @@ class Settler:
         col_index = np.full(len(parents), -1, dtype=np.int64)
         column_of = c.acc_column_index
         for e in range(len(parents)):
-            j = column_of[policy[parents[e]]].get((layer_names[e], cap_names[e]), -1)
-            if j < 0:
-                raise AccumulatorError(f"accumulators: key {key_name(int(parents[e]))}: no layer "
-                                       f"'{layer_names[e]}' with cap group {cap_names[e]!r} in its policy")
-            col_index[e] = j
+            name = (layer_names[e], cap_names[e])
+            j = column_of[policy[parents[e]]].get(name, -1)
+            col_index[e] = j if j >= 0 else self._width + self._foreign.setdefault(name, len(self._foreign))
         bad = ((values < 0) | (values > MAX_CARRIED)).any(axis=1)
         if bad.any():
             e = int(np.nonzero(bad)[0][0])
@@ -331,47 +312,33 @@ class Settler:
         self._state[slots, 0] = adm
         self._state[slots, 1] = ct
         if len(parents):
-            pairs = slots[parents] * self._width + col_index
+            pairs = slots[parents] * (self._width + len(self._foreign)) + col_index
             if len(np.unique(pairs)) != len(pairs):
                 _, first = np.unique(pairs, return_index=True)
                 e = sorted(set(range(len(pairs))) - set(first.tolist()))[0]
                 raise AccumulatorError(f"accumulators: key {key_name(int(parents[e]))}: layer "
                                        f"'{layer_names[e]}' with cap group {cap_names[e]!r} appears twice")
             rows = slots[parents]
+            known = col_index < self._width
             for f in range(_kernel.ACC_FIELDS):
-                at = c.state_index[policy[parents], col_index * _kernel.ACC_FIELDS + f]
+                at = np.full(len(parents), -1, dtype=np.int64)
+                at[known] = c.state_index[policy[parents[known]], col_index[known] * _kernel.ACC_FIELDS + f]
                 kept = at >= 0
                 self._state[rows[kept], at[kept]] = values[kept, f]
                 for e in np.nonzero(~kept & (values[:, f] != 0))[0].tolist():
                     self._carried_aside[(int(rows[e]), int(col_index[e]), f)] = int(values[e, f])
 
 
-HUGE_PAGE = 2 << 20
 # Most address space reserved up front for the accumulator table (rows cost memory only
 # once a key writes them); beyond it the table grows by doubling.
 STATE_RESERVE_BYTES = 4 << 30
 
 
 def _state_table(rows: int, width: int) -> np.ndarray:
-    """Zeroed int64 [rows, width], in memory advised to use 2 MiB pages when large.
-
-    The loop reads one state row per claim at random across hundreds of MB;
-    with 4 KiB pages nearly every read also misses the TLB.
-    """
-    nbytes = rows * width * 8
-    if nbytes < 4 * HUGE_PAGE or not hasattr(mmap, "MADV_HUGEPAGE"):
-        # rows start on a cache line, as the layout assumes (numpy aligns to 16 bytes only)
-        buf = np.zeros(rows * width + 8, dtype=np.int64)
-        skip = (-buf.ctypes.data % 64) // 8
-        return buf[skip:skip + rows * width].reshape(rows, width)
-    # private anonymous: zero pages, faulted in on first touch (a shared mapping, mmap's
-    # default, is shmem, which gets no transparent huge pages)
-    m = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    try:
-        m.madvise(mmap.MADV_HUGEPAGE)
-    except OSError:
-        pass  # the kernel may not offer it; 4 KiB pages then
-    return np.frombuffer(m, dtype=np.int64, count=rows * width).reshape(rows, width)
+    """Zeroed int64 [rows, width] whose rows start on a cache line, as the layout assumes, in
+    huge-page-advised memory when large (engine/_memory.pyx): the loop reads one state row
+    per claim at random across hundreds of MB."""
+    return zeroed_int64(rows, width)
 
 
 def _one_batch(table: pa.Table) -> pa.RecordBatch:

@@ -1,4 +1,4 @@
-"""Reference settlement: SETTLEMENT.md sections 4, 5 and 7 in plain Python.
+"""Reference settlement: SETTLEMENT.md sections 4, 5 and 7 (revision 2) in plain Python.
 
 The test oracle. Written straight from the spec text, independent of the
 engine's code: it reads `engine.model` policies (fen / basis points) and claim
@@ -12,6 +12,13 @@ the accumulators in dicts and uses integers only, rounding half up.
 Accumulators: {(person_id, region, scheme, year): {"admissions": int,
 "compliant_total": int, "layers": {(layer, cap_group or None): [position, paid,
 deductible_charged]}}}.
+
+Revision 2: the version in force on the claim's settle date settles it (found
+here from the policies' `effective_from`, not through PolicySet's lookup), the
+year's versions share the key's accumulators by (layer, cap group) names, an
+identity is unknown only if no version of the year declares it (names the
+version in force doesn't declare are not held), cap adjustments act on every
+rule kind, and a rule's caps may be nested.
 """
 from __future__ import annotations
 
@@ -21,6 +28,7 @@ BP = 10_000
 MAX_AMOUNT = 10**12
 MAX_COMPLIANT_TOTAL = 10**14
 MAX_CARRY = 10**14
+MAX_COMBINED_CAP_FACTOR = 10**6  # 5.2 step 2: c = min(10^6, ...)
 
 STATUSES = ("ok", "MISSING_FIELD", "INVALID_VALUE", "INVALID_AMOUNT", "AMOUNT_OUT_OF_RANGE",
             "AMOUNT_MISMATCH", "UNKNOWN_POLICY", "UNKNOWN_IDENTITY", "DUPLICATE_CLAIM", "NO_BENEFIT_RULE")
@@ -56,15 +64,40 @@ def rnd(n: int, d: int = BP) -> int:
 # --------------------------------------------------------------------------- policies and matching
 
 
-def find_policy(policies, region, scheme, year):
+def _all(policies):
     if hasattr(policies, "layers"):  # one Policy
-        policies = (policies,)
-    elif hasattr(policies, "policies"):  # PolicySet
-        policies = policies.policies
-    for p in policies:
-        if p.region == region and p.scheme == scheme and p.year == year:
-            return p
-    return None
+        return (policies,)
+    if hasattr(policies, "policies"):  # PolicySet
+        return policies.policies
+    return tuple(policies)
+
+
+def year_versions(policies, region, scheme, year):
+    """Every version of (region, scheme, year), earliest effective_from first."""
+    found = [p for p in _all(policies) if p.region == region and p.scheme == scheme and p.year == year]
+    return sorted(found, key=lambda p: p.effective_from)
+
+
+def find_policy(policies, region, scheme, when):
+    """Section 5: the version with the latest effective_from on or before the calendar
+    date of `when` (a datetime) within its year; None if there is none."""
+    day = when.date()
+    best = None
+    for p in year_versions(policies, region, scheme, when.year):
+        if p.effective_from <= day:
+            best = p
+    return best
+
+
+def year_identities(policies, region, scheme, year):
+    """Names declared by any version of the year."""
+    return {n for p in year_versions(policies, region, scheme, year) for n in p.identities}
+
+
+def held_identities(c, P):
+    """The claim's identities that P declares: the others (declared by another version of
+    the year) are treated as not held."""
+    return [h for h in c["identities"] or [] if h in P.identities]
 
 
 def in_disease_group(P, group, code) -> bool:
@@ -80,7 +113,7 @@ def in_disease_group(P, group, code) -> bool:
 
 def matches(m, c, e, P) -> bool:
     """6.3: a conjunction; an absent (None) key matches anything."""
-    held = c["identities"] or []
+    held = held_identities(c, P)
     if m.visit_type is not None and c["visit_type"] not in m.visit_type:
         return False
     if m.facility_level is not None and c["facility_level"] not in m.facility_level:
@@ -126,10 +159,11 @@ def static_status(c, policies):
     if (c["total_amount"] != c["self_funded_amount"] + c["over_limit_amount"]
             + c["class_b_copay_amount"] + c["in_scope_amount"]) or class_b > c["in_scope_amount"]:
         return "AMOUNT_MISMATCH", None
-    P = find_policy(policies, c["region"], c["scheme"], c["settle_time"].year)
+    P = find_policy(policies, c["region"], c["scheme"], c["settle_time"])
     if P is None:
         return "UNKNOWN_POLICY", None
-    if any(h not in P.identities for h in c["identities"] or []):
+    known = year_identities(policies, c["region"], c["scheme"], c["settle_time"].year)
+    if any(h is None or h not in known for h in c["identities"] or []):  # a null item: unknown (section 2)
         return "UNKNOWN_IDENTITY", None
     return None, P
 
@@ -156,7 +190,7 @@ def integral(y, D, ratios, uptos, bounds):
 def settle_claim(c, P, acc, key):
     """Settle one valid claim against its key's accumulators; returns the result
     dict or an error code (then nothing has changed)."""
-    held = c["identities"] or []
+    held = held_identities(c, P)
     e = next((n for n in P.identities if n in held), None)
     in_scope = c["in_scope_amount"]
     class_b = c.get("in_scope_class_b_amount") or 0
@@ -177,25 +211,35 @@ def settle_claim(c, P, acc, key):
         R = first_rule(L, c, e, P)
         if R is not None:
             base = in_scope if li == 0 else K - total_paid
-            ent = a["layers"].setdefault((L.name, R.cap_group), [0, 0, 0])  # position, paid, ded. charged
+            groups = tuple(R.cap_groups)
+            # The first group's entry (or the none entry) holds position and deductible_charged.
+            ent = a["layers"].setdefault((L.name, groups[0] if groups else None), [0, 0, 0])
             charged = 0
+            # 2. adjustments, every kind of rule: deductible and ratios act on ratio / segments
+            # rules only, the cap factor and uncapped on all.
+            ratio_rule = R.kind in ("segments", "class_ratio")
+            ratios = (list(R.class_ratio) if R.kind == "class_ratio" else [s.ratio for s in R.segments])
+            g, cf, uncapped = BP, BP, False
+            for A in L.adjustments:
+                if not matches(A.match, c, e, P):
+                    continue
+                if ratio_rule:
+                    if A.deductible_factor is not None:
+                        g = rnd(g * A.deductible_factor)
+                    if A.ratio is not None:
+                        ratios = [A.ratio] * len(ratios)
+                    if A.ratio_add is not None:
+                        ratios = [r + A.ratio_add for r in ratios]
+                if A.cap_factor is not None:
+                    cf = min(MAX_COMBINED_CAP_FACTOR, rnd(cf * A.cap_factor))
+                if A.uncapped:
+                    uncapped = True
+            ratios = [min(BP, max(0, r)) for r in ratios]
             if R.kind == "fixed_amount":
                 raw = min(R.fixed_amount, base)
             elif R.kind == "max_personal_share":
                 raw = max(0, base - rnd(R.max_personal_share * K))
             else:
-                # 2. adjustments
-                ratios = list(R.class_ratio) if R.kind == "class_ratio" else [s.ratio for s in R.segments]
-                g = BP
-                for A in L.adjustments:
-                    if matches(A.match, c, e, P):
-                        if A.deductible_factor is not None:
-                            g = rnd(g * A.deductible_factor)
-                        if A.ratio is not None:
-                            ratios = [A.ratio] * len(ratios)
-                        if A.ratio_add is not None:
-                            ratios = [r + A.ratio_add for r in ratios]
-                ratios = [min(BP, max(0, r)) for r in ratios]
                 # 5. deductible
                 Dr = R.deductible
                 if R.repeat_admission and R.axis == "claim" and inpatient and li == 0:
@@ -221,13 +265,17 @@ def settle_claim(c, P, acc, key):
                     raw = (rnd(integral(end, D, ratios, uptos, R.bounds))
                            - rnd(integral(start, D, ratios, uptos, R.bounds)))
                     charged = max(0, min(end, D) - start)
-            # 7. cap
-            if R.cap_group is None:
+            # 7. cap: the least room over the rule's groups, each cap scaled by the cap factor
+            if not groups or uncapped:
                 pay = raw
             else:
-                pay = min(raw, max(0, L.cap_groups[R.cap_group] - ent[1]))
-            if pay < raw:
-                res["cap_hit"] = True
+                room = min(max(0, rnd(L.cap_groups[name] * cf) - a["layers"].get((L.name, name), [0, 0, 0])[1])
+                           for name in groups)
+                pay = min(raw, room)
+                if pay < raw:
+                    res["cap_hit"] = True
+            for name in groups[1:]:
+                a["layers"].setdefault((L.name, name), [0, 0, 0])[1] += pay
             ent[1] += pay
             ent[2] += charged
             # 8. fund column, layer_pays

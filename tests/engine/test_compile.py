@@ -38,7 +38,14 @@ def test_constants_agree_with_the_kernel():
     assert (STATE_HEAD, ACC_FIELDS) == (_kernel.STATE_HEAD, _kernel.ACC_FIELDS)
 
 
+def _year(c, p):
+    """The versions of policy p's year: they share its state rows."""
+    return [q for q in range(len(c.policies)) if c.policies[q]["key_policy"] == c.policies[p]["key_policy"]]
+
+
 def test_rows_keep_exactly_the_fields_rules_write(seeds):
+    """Over every version of the year: a position for year-axis segments, a deductible charged
+    for segments and class ratios, a paid for every cap group of a rule (or its none entry)."""
     c = seeds
     assert c.state_width % LINE_FIELDS == 0 or LINE_FIELDS % c.state_width == 0
     for p in range(len(c.policies)):
@@ -47,12 +54,19 @@ def test_rows_keep_exactly_the_fields_rules_write(seeds):
         assert len(set(kept.tolist())) == len(kept)  # no two fields share a place
         assert kept.min() >= STATE_HEAD and kept.max() < c.state_width
         want = np.zeros((c.acc_width, ACC_FIELDS), bool)
-        for j in _policy_rules(c, p):
-            r = c.rules[j]
-            want[r["acc"], 0] |= r["kind"] == SEGMENTS and r["axis"] == 1
-            want[r["acc"], 1] = True
-            want[r["acc"], 2] |= r["kind"] in (SEGMENTS, CLASS_RATIO)
-            assert [r["position_at"], r["paid_at"], r["charged_at"]] == index[r["acc"]].tolist()
+        for q in _year(c, p):
+            assert (c.state_index[q] == c.state_index[p]).all()  # one layout per year
+            for j in _policy_rules(c, q):
+                r = c.rules[j]
+                want[r["acc"], 0] |= r["kind"] == SEGMENTS and r["axis"] == 1
+                want[r["acc"], 1] = True
+                want[r["acc"], 2] |= r["kind"] in (SEGMENTS, CLASS_RATIO)
+                assert [r["position_at"], r["paid_at"], r["charged_at"]] == index[r["acc"]].tolist()
+                caps = c.caps[r["cap_start"]:r["cap_start"] + r["cap_count"]]
+                assert r["cap"] >= 0 or r["cap_count"] == 0  # nested groups come after a first one
+                for cap in caps:
+                    want[cap["acc"], 1] = True
+                    assert cap["paid_at"] == index[cap["acc"], 1]
         assert ((index >= 0) == want).all(), c.policy_ids[p]
     # the seeds have columns whose rules never use the year axis: rows are narrower than 2 + 3 x columns
     assert c.state_width < STATE_HEAD + ACC_FIELDS * c.acc_width
@@ -68,7 +82,9 @@ def test_profile_lines_cover_every_field_a_claim_may_touch(seeds):
             for li in range(pol["layer_start"], pol["layer_start"] + pol["layer_count"]):
                 start, count = c.rule_candidates[li, prof]
                 for j in c.candidate_rules[start:start + count]:
-                    for at in (c.rules[j]["position_at"], c.rules[j]["paid_at"], c.rules[j]["charged_at"]):
+                    r = c.rules[j]
+                    caps = c.caps[r["cap_start"]:r["cap_start"] + r["cap_count"]]
+                    for at in (r["position_at"], r["paid_at"], r["charged_at"], *caps["paid_at"].tolist()):
                         if at >= 0:
                             assert (lines >> min(at // LINE_FIELDS, 63)) & 1, (c.policy_ids[p], prof, at)
 
@@ -84,3 +100,14 @@ def test_profiles_touching_few_columns_find_them_in_the_first_line(seeds):
                              LOCALITIES.index("county"))
     assert c.state_lines[p, outpatient] == 1
     assert int(c.state_lines[p, inpatient]).bit_count() == c.state_width // LINE_FIELDS > 1
+
+
+def test_first_layer_behaviour_is_data_in_the_layer_table():
+    """What spec 5.2 says of the first layer is in its row, not in the loop's layer index."""
+    c = compile_policies(engine.load_policies(None))
+    kinds = _kernel.BASE_KINDS
+    for p in c.policies:
+        rows = c.layers[p["layer_start"]:p["layer_start"] + p["layer_count"]]
+        assert rows["base_kind"].tolist() == [kinds["in_scope"]] + [kinds["remaining"]] * (len(rows) - 1)
+        for flag in ("required", "repeat_applies", "reports_deductible"):
+            assert rows[flag].tolist() == [1] + [0] * (len(rows) - 1)

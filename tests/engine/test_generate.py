@@ -302,3 +302,92 @@ def test_write_persons(ps, tmp_path, persons):
     path = tmp_path / "persons.parquet"
     assert write_persons(path, ps, N, seed=12) == persons.num_rows
     assert pq.read_table(path).equals(persons)
+
+
+# --------------------------------------------------------------------------- policy versions and spells (revision 2)
+
+import datetime as dt  # noqa: E402
+
+import reference as ref  # noqa: E402
+from conftest import adj  # noqa: E402
+
+
+def _reference_statuses(ps, t: pa.Table) -> list:
+    results, _ = ref.settle(ps, t.drop_columns(["expected_status"]).to_pylist())
+    return [r["status"] for r in results]
+
+
+def test_claims_follow_the_version_in_force():
+    # v1 pays admissions only, v2 (from July 1) outpatient visits only: a claim's visit is drawn
+    # until the first layer of the version in force on its day has a rule for it.
+    v1 = policy([layer("basic", "basic", [rule({"visit_type": ["inpatient"]}, ratio=5000)])], id="v1")
+    v2 = policy([layer("basic", "basic", [rule({"visit_type": ["outpatient"]}, ratio=5000)])], id="v2",
+                effective_from=dt.date(2024, 7, 1))
+    ps = policy_set(v1, v2)
+    t = generate_claims(ps, 3000, seed=5, label=True)
+    july = dt.datetime(2024, 7, 1)
+    rows = t.to_pylist()
+    before = {r["visit_type"] for r in rows if r["settle_time"] < july}
+    after = {r["visit_type"] for r in rows if r["settle_time"] >= july}
+    assert before == {"inpatient"} and after == {"outpatient"}
+    assert set(col(t, "expected_status")) == {"ok"}
+    assert _reference_statuses(ps, t) == col(t, "expected_status")
+    assert generate_claims(ps, 3000, seed=5, label=True).equals(t)  # deterministic with versions too
+
+
+def test_days_before_the_first_version_are_unknown_policy():
+    v = policy([layer("basic", "basic", [rule({}, ratio=5000)])], id="from-march",
+               effective_from=dt.date(2024, 3, 1))
+    ps = policy_set(v)
+    t = generate_claims(ps, 2000, seed=6, invalid_rate=0.1, label=True)
+    march = dt.datetime(2024, 3, 1)
+    status = col(t, "expected_status")
+    early = [s for r, s in zip(t.to_pylist(), status) if r["settle_time"] is not None and r["settle_time"] < march]
+    assert early and set(early) == {"UNKNOWN_POLICY"}  # and no other defect on those rows
+    assert "ok" in status
+    assert _reference_statuses(ps, t) == status
+
+
+def test_an_identity_declared_by_another_version_of_the_year():
+    # v1 declares poor only; v2 (from July 1) declares farmer too: persons may hold farmer all
+    # year; under v1 it is not held (ok, identity null), under v2 it is their identity.
+    v1 = policy([layer("basic", "basic", [rule({}, ratio=5000)])], id="v1", identities=("poor",))
+    v2 = policy([layer("basic", "basic", [rule({}, ratio=5000)], adjustments=[adj({"identity": ["farmer"]},
+                                                                                    ratio=9000)])],
+                id="v2", identities=("farmer", "poor"), effective_from=dt.date(2024, 7, 1))
+    ps = policy_set(v1, v2)
+    t = generate_claims(ps, 6000, seed=7, label=True)
+    july = dt.datetime(2024, 7, 1)
+    rows = t.to_pylist()
+    assert any("farmer" in (r["identities"] or []) and r["settle_time"] < july for r in rows)
+    assert set(col(t, "expected_status")) == {"ok"}
+    results, _ = ref.settle(ps, t.drop_columns(["expected_status"]).to_pylist())
+    for r, res in zip(rows, results):
+        assert res["status"] == "ok"
+        if r["identities"] == ["farmer"]:
+            assert res["identity"] == (None if r["settle_time"] < july else "farmer")
+
+
+def test_bundled_claims_on_both_sides_of_the_tibet_versions(ps, clean):
+    tibet = [r["settle_time"] for r in clean.select(["region", "settle_time"]).to_pylist()
+             if r["region"] == "540000" and r["settle_time"].year == 2019]
+    versions = ps.versions("540000", "resident", 2019)
+    assert len(versions) == 3
+    for p, nxt in zip(versions, versions[1:] + (None,)):
+        start = dt.datetime.combine(p.effective_from, dt.time())
+        end = dt.datetime.combine(nxt.effective_from, dt.time()) if nxt else dt.datetime(2020, 1, 1)
+        assert any(start <= t < end for t in tibet), p.id
+
+
+def test_persons_gain_and_lose_identities_within_a_year(clean):
+    # the claims follow the spells: some person's claims of one year go from no identity to one
+    # (recognised in the middle of the year) and some the other way
+    seen = collections.defaultdict(list)
+    for r in clean.select(["person_id", "settle_time", "identities"]).to_pylist():
+        seen[(r["person_id"], r["settle_time"].year)].append((r["settle_time"], bool(r["identities"])))
+    gained = lost = 0
+    for claims in seen.values():
+        flags = [held for _, held in sorted(claims)]
+        gained += any(not a and b for a, b in zip(flags, flags[1:]))
+        lost += any(a and not b for a, b in zip(flags, flags[1:]))
+    assert gained > 5 and lost > 5

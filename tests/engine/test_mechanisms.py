@@ -833,3 +833,215 @@ def test_carry_in_at_the_bounds_is_accepted():
     # compliant_total reaches exactly 10^14 (allowed); raw 60.
     assert res[0]["basic_pay"] == 60 * Y
     assert acc[key]["compliant_total"] == 10**14
+
+
+# ============================================================== revision 2: versions within a year
+
+KEY = ("p1", "000001", "resident", 2024)
+
+
+def versions(*specs):
+    """Versions of (000001, resident, 2024): (effective_from or None for January 1, layers, identities)."""
+    return policy_set(*(policy(ls, id=f"v{k}", effective_from=d, identities=ids)
+                        for k, (d, ls, ids) in enumerate(specs)))
+
+
+def test_the_version_in_force_on_the_settle_date_settles_the_claim():
+    # v0 from January 1 pays 50 %, v1 from March 2 (00:00) pays 80 %: 1,000 yuan in scope.
+    ps = versions((None, [layer("basic", "basic", [rule({}, ratio=5000)])], ()),
+                  (dt.date(2024, 3, 2), [layer("basic", "basic", [rule({}, ratio=8000)])], ()))
+    res, _ = run_both(ps, [dict(settle_time=dt.datetime(2024, 3, 1, 23, 59, 59), in_scope_amount=1000 * Y),
+                           dict(settle_time=dt.datetime(2024, 3, 2), in_scope_amount=1000 * Y),
+                           dict(settle_time=dt.datetime(2024, 12, 31, 23), in_scope_amount=1000 * Y)])
+    assert pays(res) == [500 * Y, 800 * Y, 800 * Y]
+    assert [r["policy_id"] for r in res] == ["v0", "v1", "v1"]
+
+
+def test_a_date_before_the_first_version_is_unknown_policy():
+    ps = versions((dt.date(2024, 3, 2), [layer("basic", "basic", [rule({}, ratio=5000)])], ()))
+    res, acc = run_both(ps, [dict(settle_time=dt.datetime(2024, 3, 1, 12), in_scope_amount=100 * Y),
+                             dict(settle_time=dt.datetime(2024, 3, 2, 12), in_scope_amount=100 * Y)])
+    assert [r["status"] for r in res] == ["UNKNOWN_POLICY", "ok"]
+    assert acc[KEY]["admissions"] == 1  # the first claim moved nothing
+
+
+def test_versions_share_positions_counts_and_paid_by_name():
+    # v0: year axis, deductible 1,000, 50 %, cap group `year` 1,000; admissions count for repeats.
+    # v1 (March 2): the same names, 80 %, and a lowered cap of 500; plus a new group `extra`.
+    v0 = [layer("basic", "basic", [rule({}, ratio=5000, deductible=1000 * Y, axis="year", cap_group="year")],
+                {"year": 1000 * Y})]
+    v1 = [layer("basic", "basic", [rule({"visit_type": ["outpatient"]}, ratio=10000, cap_group="extra"),
+                                   rule({}, ratio=8000, deductible=1000 * Y, axis="year", cap_group="year")],
+                {"year": 500 * Y, "extra": 300 * Y})]
+    ps = versions((None, v0, ()), (dt.date(2024, 3, 2), v1, ()))
+    res, acc = run_both(ps, [
+        dict(settle_time=day(0), in_scope_amount=600 * Y),   # v0: [0, 600) under D: 0
+        dict(settle_time=day(1), in_scope_amount=1000 * Y),  # v1: [600, 1600): 600 above D at 80 % = 480; cap 500
+        dict(settle_time=day(2), in_scope_amount=1000 * Y),  # v1: [1600, 2600) at 80 % = 800; room 500 - 480 = 20
+        dict(settle_time=day(3), visit_type="outpatient", in_scope_amount=400 * Y),  # `extra`: min(400, 300)
+    ])
+    assert pays(res) == [0, 480 * Y, 20 * Y, 300 * Y]
+    assert [r["cap_hit"] for r in res] == [False, False, True, True]
+    layers = acc[KEY]["layers"]
+    assert layers[("basic", "year")] == [2600 * Y, 500 * Y, 1000 * Y]
+    assert layers[("basic", "extra")][1] == 300 * Y
+    assert acc[KEY]["admissions"] == 3 and acc[KEY]["compliant_total"] == 3000 * Y
+
+
+def test_a_lowered_cap_pays_what_is_left_and_takes_nothing_back():
+    # v0 cap 1,000 pays 800; v1 cap 500: max(0, 500 - 800) = 0; an entry v1 doesn't name is kept.
+    v0 = [layer("basic", "basic", [rule({}, ratio=10000, cap_group="g")], {"g": 1000 * Y}),
+          layer("aid", "medical_aid", [rule({}, ratio=10000, cap_group="old")], {"old": 50 * Y})]
+    v1 = [layer("basic", "basic", [rule({}, ratio=10000, cap_group="g")], {"g": 500 * Y})]
+    ps = versions((None, v0, ()), (dt.date(2024, 3, 2), v1, ()))
+    res, acc = run_both(ps, [dict(settle_time=day(0), in_scope_amount=800 * Y),
+                             dict(settle_time=day(1), in_scope_amount=100 * Y)])
+    assert pays(res) == [800 * Y, 0] and res[1]["cap_hit"]
+    assert pays(res, "medical_aid_pay") == [0, 0]  # basic took all of K in the first claim
+    assert acc[KEY]["layers"][("basic", "g")][1] == 800 * Y
+
+
+def test_identities_unknown_only_when_no_version_of_the_year_declares_them():
+    # v0 declares low_income (ratio +20 %); v1 declares none: under v1 low_income is not held.
+    lay = [layer("basic", "basic", [rule({}, ratio=5000)])]
+    lay_adj = [layer("basic", "basic", [rule({}, ratio=5000)], adjustments=[adj({"holds": ["low_income"]},
+                                                                                  ratio_add=2000)])]
+    ps = versions((None, lay_adj, ("low_income",)), (dt.date(2024, 3, 2), lay, ()))
+    res, _ = run_both(ps, [
+        dict(settle_time=day(0), identities=["low_income"], in_scope_amount=100 * Y),
+        dict(settle_time=day(1), identities=["low_income"], in_scope_amount=100 * Y),
+        dict(settle_time=day(1), identities=["poor"], in_scope_amount=100 * Y),
+    ])
+    assert [r["status"] for r in res] == ["ok", "ok", "UNKNOWN_IDENTITY"]
+    assert pays(res)[:2] == [70 * Y, 50 * Y]
+    assert [r["identity"] for r in res] == ["low_income", None, None]
+
+
+@pytest.mark.parametrize("identities", [[None], ["low_income", None]])
+def test_a_null_identity_item_is_unknown_identity_and_moves_nothing(identities):
+    ps = single([rule({}, ratio=10000, axis="year", deductible=100 * Y)])
+    rows = [dict(settle_time=day(0), identities=identities, in_scope_amount=500 * Y, claim_id="lost"),
+            dict(settle_time=day(1), in_scope_amount=500 * Y, claim_id="next")]
+    res, acc = run_both(ps, rows)
+    assert [r["status"] for r in res] == ["UNKNOWN_IDENTITY", "ok"]
+    assert pays(res) == [0, 400 * Y]  # the deductible is charged to the second claim: nothing moved before
+    # the rows path (the server's) agrees
+    def micros(t):
+        return (t - dt.datetime(1970, 1, 1)) // dt.timedelta(microseconds=1)
+
+    got = engine.Settler(ps).settle_rows([tuple(micros(r[f.name]) if f.name == "settle_time" else r[f.name]
+                                                for f in engine.CLAIMS_SCHEMA)
+                                          for r in claims_table(rows).to_pylist()])
+    assert [r["status"] for r in got] == ["UNKNOWN_IDENTITY", "ok"] and got[1]["basic_pay"] == 400 * Y
+
+
+# ============================================================== revision 2: cap adjustments and nested caps
+
+
+def test_cap_factor_rounded_after_each_factor():
+    # cap 1,000 yuan; factors 1.5 then 0.3333: c = 15000, then round(15000 x 3333 / 10^4) = round(4999.5) = 5000,
+    # so the cap is 500 yuan (not 1,000 x 0.49995 = 499.95).
+    ps = single([rule({}, ratio=10000, cap_group="g")], {"g": 1000 * Y},
+                [adj({}, cap_factor=15000), adj({}, cap_factor=3333)])
+    assert settle_one(ps, in_scope_amount=2000 * Y)["basic_pay"] == 500 * Y
+
+
+def test_cap_factor_is_at_most_a_hundredfold():
+    # 10 x 10 x 10 = 1000 -> min(10^6, ...) bp = 100: a 1-yuan cap pays 100 yuan.
+    ps = single([rule({}, ratio=10000, cap_group="g")], {"g": 1 * Y},
+                [adj({}, cap_factor=100_000), adj({}, cap_factor=100_000), adj({}, cap_factor=100_000)])
+    res = settle_one(ps, in_scope_amount=1000 * Y)
+    assert res["basic_pay"] == 100 * Y and res["cap_hit"]
+
+
+@pytest.mark.parametrize("kind", ["fixed_amount", "max_personal_share"])
+@pytest.mark.parametrize("adjustment,expected,hit", [
+    (None, 600, True),                        # the cap: 600
+    ({"uncapped": True}, 1000, False),        # lifted: the whole raw amount, no cap_hit
+    ({"uncapped": False}, 600, True),         # false changes nothing
+    ({"cap_factor": 5000}, 300, True),        # half the cap
+    ({"deductible_factor": 0, "ratio": 0}, 600, True),  # these act on ratio and segments rules only
+])
+def test_cap_adjustments_act_on_every_kind_of_rule(kind, adjustment, expected, hit):
+    # fixed amount 1,000 yuan, or a guarantee leaving 0 on the person (raw 1,000); cap group 600.
+    r = (rule({}, fixed_amount=1000 * Y, cap_group="g") if kind == "fixed_amount"
+         else rule({}, max_personal_share=0, cap_group="g"))
+    ps = single([r], {"g": 600 * Y}, [adj({"holds": ["low_income"]}, **adjustment)] if adjustment else [])
+    res = settle_one(ps, identities=["low_income"], in_scope_amount=1000 * Y)
+    assert (res["basic_pay"], res["cap_hit"]) == (expected * Y, hit)
+
+
+def test_uncapped_claims_still_grow_every_group():
+    # groups [a 800, b 900]: an uncapped claim pays 1,000 and both paid grow by it; a later
+    # capped claim then finds no room in either.
+    ps = single([rule({}, ratio=10000, cap_group=None, cap_groups=("a", "b"))], {"a": 800 * Y, "b": 900 * Y},
+                [adj({"holds": ["extreme_poverty"]}, uncapped=True)])
+    res, acc = run_both(ps, [dict(settle_time=day(0), identities=["extreme_poverty"], in_scope_amount=1000 * Y),
+                             dict(settle_time=day(1), in_scope_amount=100 * Y)])
+    assert pays(res) == [1000 * Y, 0]
+    assert [r["cap_hit"] for r in res] == [False, True]
+    assert acc[KEY]["layers"][("basic", "a")][1] == acc[KEY]["layers"][("basic", "b")][1] == 1000 * Y
+
+
+def test_nested_caps_each_limit_and_each_grow():
+    # chronic: year axis, D 100, 100 %, groups [chronic 300, pool 1,000]; inpatient: [pool].
+    ps = single([rule({"visit_type": ["chronic"]}, ratio=10000, deductible=100 * Y, axis="year",
+                      cap_groups=("chronic", "pool")),
+                 rule({}, ratio=10000, cap_groups=("pool",))], {"chronic": 300 * Y, "pool": 1000 * Y})
+    res, acc = run_both(ps, [
+        dict(settle_time=day(0), visit_type="chronic", in_scope_amount=500 * Y),  # 400 above D; chronic: 300
+        dict(settle_time=day(1), visit_type="inpatient", in_scope_amount=900 * Y),  # pool room 700
+        dict(settle_time=day(2), visit_type="chronic", in_scope_amount=100 * Y),  # chronic room 0
+    ])
+    assert pays(res) == [300 * Y, 700 * Y, 0]
+    assert [r["cap_hit"] for r in res] == [True, True, True]
+    layers = acc[KEY]["layers"]
+    # the first group holds position and deductible_charged; the other only paid
+    assert layers[("basic", "chronic")] == [600 * Y, 300 * Y, 100 * Y]
+    assert layers[("basic", "pool")] == [0, 1000 * Y, 0]
+    assert res[0]["deductible_applied"] == 100 * Y
+
+
+def test_rules_share_a_year_axis_exactly_when_their_first_groups_are_the_same():
+    # rule A [g, h] and rule B [g] share g's axis (D 100 charged once); rule C [h, g] has its own.
+    ps = single([rule({"visit_type": ["chronic"]}, ratio=10000, deductible=100 * Y, axis="year", cap_groups=("g", "h")),
+                 rule({"visit_type": ["inpatient"]}, ratio=10000, deductible=100 * Y, axis="year", cap_groups=("g",)),
+                 rule({}, ratio=10000, deductible=100 * Y, axis="year", cap_groups=("h", "g"))],
+                {"g": 10_000 * Y, "h": 10_000 * Y})
+    res, acc = run_both(ps, [dict(settle_time=day(0), visit_type="chronic", in_scope_amount=300 * Y),
+                             dict(settle_time=day(1), visit_type="inpatient", in_scope_amount=300 * Y),
+                             dict(settle_time=day(2), visit_type="outpatient", in_scope_amount=300 * Y)])
+    # A: [0, 300) -> 200; B: [300, 600) -> 300; C on h's axis: [0, 300) -> 200.
+    assert pays(res) == [200 * Y, 300 * Y, 200 * Y]
+    layers = acc[KEY]["layers"]
+    assert layers[("basic", "g")] == [600 * Y, 700 * Y, 100 * Y]
+    assert layers[("basic", "h")] == [300 * Y, 400 * Y, 100 * Y]
+
+
+def test_carry_across_a_version_change_equals_one_call():
+    """Chunk after chunk, and call after call with carried accumulators, across a version
+    change whose version renames a cap group and lowers another: the same as one call."""
+    v0 = [layer("basic", "basic", [rule({}, ratio=6000, deductible=200 * Y, axis="year", cap_group="g")],
+                {"g": 2000 * Y}),
+          layer("aid", "medical_aid", [rule({}, ratio=5000, cap_group="old")], {"old": 300 * Y})]
+    v1 = [layer("basic", "basic", [rule({}, ratio=9000, deductible=500 * Y, axis="year", cap_group="g")],
+                {"g": 1500 * Y}),
+          layer("aid", "medical_aid", [rule({}, ratio=5000, cap_group="new")], {"new": 100 * Y})]
+    ps = versions((None, v0, ()), (dt.date(2024, 3, 3), v1, ()))
+    rows = [dict(settle_time=day(d, h), person_id=p, in_scope_amount=a * Y, claim_id=f"c{d}{h}{p}")
+            for d, h, p, a in [(0, 9, "p1", 700), (1, 9, "p2", 300), (1, 10, "p1", 900), (2, 9, "p1", 800),
+                               (2, 10, "p2", 2000), (3, 9, "p1", 400), (3, 11, "p2", 50)]]
+    table = claims_table(rows)
+    whole, whole_acc = run_both(ps, table)
+    # two calls: up to the change (March 1-2), then from it with the first call's accumulators
+    first, first_acc = run_both(ps, table.slice(0, 3))
+    second, second_acc = run_both(ps, table.slice(3), first_acc)
+    assert first + second == whole
+    assert ref.normalize_accumulators({**first_acc, **second_acc}) == ref.normalize_accumulators(whole_acc)
+    # one call, a stream of chunks cut across the change
+    s = engine.Settler(ps)
+    streamed = [r for b in s.settle_batches(table.to_batches(max_chunksize=2)) for r in b.to_pylist()]
+    assert streamed == whole
+    assert acc_from_table(s.accumulators()) == whole_acc
+    # v1 settles the claims from March 3: p1's position continues (700 + 900 + 800 = 2,400 before)
+    assert [r["policy_id"] for r in whole] == ["v0", "v0", "v0", "v1", "v1", "v1", "v1"]

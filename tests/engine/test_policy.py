@@ -6,6 +6,7 @@ interface a policy author works with: file, key path, reason.
 from __future__ import annotations
 
 import copy
+import datetime as dt
 import os
 import pickle
 import re
@@ -470,7 +471,7 @@ LOAD_ERRORS = [
      "layers[1].rules[0].segments[0].from: unknown key 'from'"),
     # adjustments
     ("adjustment-no-effect", _pop(ADJ + ("ratio_add",)),
-     "layers[0].adjustments[0]: needs at least one of deductible_factor, ratio, ratio_add"),
+     "layers[0].adjustments[0]: needs at least one of deductible_factor, ratio, ratio_add, cap_factor, uncapped"),
     ("adjustment-missing-match", _pop(ADJ + ("match",)), "layers[0].adjustments[0]: missing required key 'match'"),
     ("adjustment-unknown-key", _set(ADJ + ("ratio_plus",), 0.05),
      "layers[0].adjustments[0].ratio_plus: unknown key 'ratio_plus'"),
@@ -512,6 +513,77 @@ LOAD_ERRORS = [
      "layers[0].rules[0].match.max_age: must be a whole number, not 30.5"),
     ("min-above-max", _both(_set(R0 + ("match", "min_age"), 60), _set(R0 + ("match", "max_age"), 18)),
      "layers[0].rules[0].match.min_age: 60 is above max_age 18"),
+    # revision 2: match lists distinct, ages in [0, 150]
+    ("max-age-above-150", _set(R0 + ("match", "max_age"), 151), "layers[0].rules[0].match.max_age: 151 is above 150"),
+    ("min-age-above-150", _set(R0 + ("match", "min_age"), 200), "layers[0].rules[0].match.min_age: 200 is above 150"),
+    ("visit-type-twice", _set(R0 + ("match", "visit_type"), ["inpatient", "chronic", "inpatient"]),
+     "layers[0].rules[0].match.visit_type[2]: 'inpatient' is listed twice (also layers[0].rules[0].match.visit_type[0])"),
+    ("locality-twice", _set(ADJ + ("match", "locality"), ["county", "county"]),
+     "layers[0].adjustments[0].match.locality[1]: 'county' is listed twice (also layers[0].adjustments[0].match.locality[0])"),
+    ("identity-twice", _set(R0 + ("match", "identity"), ["poor", "poor"]),
+     "layers[0].rules[0].match.identity[1]: 'poor' is listed twice (also layers[0].rules[0].match.identity[0])"),
+    ("holds-twice", _set(MP + ("match", "holds"), ["low", "poor", "low"]),
+     "layers[2].rules[0].match.holds[2]: 'low' is listed twice (also layers[2].rules[0].match.holds[0])"),
+    ("disease-group-twice", _set(R0 + ("match", "disease_group"), ["dm", "dm"]),
+     "layers[0].rules[0].match.disease_group[1]: 'dm' is listed twice (also layers[0].rules[0].match.disease_group[0])"),
+    ("holds-empty", _set(MP + ("match", "holds"), []), "layers[2].rules[0].match.holds: must not be empty"),
+    ("disease-group-empty", _set(R0 + ("match", "disease_group"), []),
+     "layers[0].rules[0].match.disease_group: must not be empty"),
+    # revision 2: class ratios take no bounds (even the default spelled out)
+    ("class-ratio-bounds", _set(CR + ("bounds",), "absolute"),
+     "layers[0].rules[1].bounds: class ratios take no bounds (they have no segments)"),
+    # revision 2: effective_from
+    ("effective-from-other-year", _set(("effective_from",), dt.date(2023, 12, 31)),
+     "effective_from: 2023-12-31 is not in year 2024"),
+    ("effective-from-other-year-string", _set(("effective_from",), "2025-01-01"),
+     "effective_from: 2025-01-01 is not in year 2024"),
+    ("effective-from-with-time", _set(("effective_from",), dt.datetime(2024, 3, 21, 8, 0)),
+     "effective_from: 2024-03-21 08:00:00 has a time; write the date only, like 2024-03-21"),
+    ("effective-from-string-with-time", _set(("effective_from",), "2024-03-21T08:00"),
+     "effective_from: '2024-03-21T08:00' is not a date written YYYY-MM-DD (like 2024-03-21)"),
+    ("effective-from-short-month", _set(("effective_from",), "2024-3-21"),
+     "effective_from: '2024-3-21' is not a date written YYYY-MM-DD (like 2024-03-21)"),
+    ("effective-from-slashes", _set(("effective_from",), "2024/03/21"),
+     "effective_from: '2024/03/21' is not a date written YYYY-MM-DD (like 2024-03-21)"),
+    ("effective-from-invalid-day", _set(("effective_from",), "2024-02-30"),
+     "effective_from: '2024-02-30' is not a valid date (day is out of range for month)"),
+    ("effective-from-number", _set(("effective_from",), 20240321),
+     "effective_from: must be a date like 2024-03-21, not 20240321"),
+    ("effective-from-null", _set(("effective_from",), None),
+     "effective_from: must be a date like 2024-03-21, not null"),
+    # revision 2: nested caps
+    ("cap-group-list-empty", _set(R0 + ("cap_group",), []),
+     "layers[0].rules[0].cap_group: must not be empty (leave cap_group out for no cap)"),
+    ("cap-group-list-twice", _both(_set(("layers", 0, "cap_groups", "level"), 500),
+                                   _set(R0 + ("cap_group",), ["level", "year", "level"])),
+     "layers[0].rules[0].cap_group[2]: 'level' is listed twice (also layers[0].rules[0].cap_group[0])"),
+    ("cap-group-list-undeclared", _set(R0 + ("cap_group",), ["year", "month"]),
+     "layers[0].rules[0].cap_group[1]: 'month' is not one of the layer's cap_groups (declared: year)"),
+    ("cap-group-list-nested-list", _set(R0 + ("cap_group",), [["year"]]),
+     "layers[0].rules[0].cap_group[0]: must be a cap group name, not a list"),
+    ("cap-group-list-null-item", _set(R0 + ("cap_group",), ["year", None]),
+     "layers[0].rules[0].cap_group[1]: must be a cap group name, not null"),
+    ("cap-group-mapping", _set(R0 + ("cap_group",), {"year": 1}),
+     "layers[0].rules[0].cap_group: must be a cap group name or a list of them, not a mapping"),
+    ("cap-group-number", _set(R0 + ("cap_group",), 2024),
+     "layers[0].rules[0].cap_group: must be a string (quote it)"),
+    ("cap-group-null", _set(R0 + ("cap_group",), None),
+     "layers[0].rules[0].cap_group: must be a cap group name, not null"),
+    # revision 2: cap adjustments
+    ("cap-factor-above", _set(ADJ + ("cap_factor",), 10.5), "layers[0].adjustments[0].cap_factor: 10.5 is above 10"),
+    ("cap-factor-negative", _set(ADJ + ("cap_factor",), -1), "layers[0].adjustments[0].cap_factor: -1 is below 0"),
+    ("cap-factor-decimals", _set(ADJ + ("cap_factor",), 1.23456),
+     "layers[0].adjustments[0].cap_factor: 1.23456 has 5 decimals; factors take at most 4"),
+    ("cap-factor-string", _set(ADJ + ("cap_factor",), "2"),
+     "layers[0].adjustments[0].cap_factor: must be a number, not '2'"),
+    ("cap-factor-bool", _set(ADJ + ("cap_factor",), True),
+     "layers[0].adjustments[0].cap_factor: must be a number, not true"),
+    ("uncapped-not-bool", _set(ADJ + ("uncapped",), "yes"),
+     "layers[0].adjustments[0].uncapped: must be true or false, not 'yes'"),
+    ("uncapped-number", _set(ADJ + ("uncapped",), 1),
+     "layers[0].adjustments[0].uncapped: must be true or false, not 1"),
+    ("uncapped-null", _set(ADJ + ("uncapped",), None),
+     "layers[0].adjustments[0].uncapped: must be true or false, not null"),
 ]
 
 
@@ -675,7 +747,8 @@ def test_load_policies_same_region_scheme_year(tmp_path):
     write(tmp_path, "b.yaml", MINIMAL.format(id="b", region="140600", year=2022))
     with pytest.raises(PolicyError) as e:
         load_policies(tmp_path)
-    assert str(e.value) == "b.yaml: (file): region '140600', scheme resident, year 2022 is already covered by a.yaml"
+    assert str(e.value) == ("b.yaml: (file): region '140600', scheme resident, year 2022, in force from 2022-01-01 "
+                            "(effective_from; January 1 when absent) is already covered by a.yaml")
 
 
 def test_load_policies_reports_the_bad_file(tmp_path):
@@ -720,3 +793,155 @@ def test_bundled_policies_load():
         pytest.skip(f"no bundled policies in {folder} yet")
     ps = load_policies()
     assert ps.policies and ps.source == str(folder)
+
+
+# --------------------------------------------------------------------------- revision 2: new keys
+
+
+def test_nested_caps_and_cap_adjustments_parse():
+    d = base()
+    basic = d["layers"][0]
+    basic["cap_groups"] = {"year": 100000, "primary": 300, "outpatient": 800}
+    basic["rules"][1]["cap_group"] = ["primary", "outpatient"]  # class ratio rule, nested caps
+    basic["rules"][2]["cap_group"] = "outpatient"  # fixed amount, one group as a bare name
+    basic["adjustments"] = [{"match": {"identity": ["poor"]}, "cap_factor": 1.5},
+                            {"match": {"holds": ["low"]}, "cap_factor": 0, "uncapped": False},
+                            {"match": {"min_age": 150}, "uncapped": True}]
+    p = parse_policy(d, "t.yaml")
+    r0, r1, r2 = p.layers[0].rules
+    assert (r0.cap_groups, r0.cap_group) == (("year",), "year")
+    assert (r1.cap_groups, r1.cap_group) == (("primary", "outpatient"), "primary")
+    assert (r2.cap_groups, r2.cap_group) == (("outpatient",), "outpatient")
+    assert (p.layers[1].rules[0].cap_groups, p.layers[1].rules[0].cap_group) == ((), None)
+    assert p.layers[0].adjustments == (
+        Adjustment(Match(identity=("poor",)), cap_factor=15000),
+        Adjustment(Match(holds=("low",)), cap_factor=0, uncapped=False),
+        Adjustment(Match(min_age=150), uncapped=True),
+    )
+    assert p.layers[0].adjustments[0].uncapped is None and p.layers[0].adjustments[2].cap_factor is None
+
+
+def test_cap_factor_bounds_are_inclusive():
+    d = base()
+    d["layers"][0]["adjustments"][0].update(cap_factor=10, ratio_add=0.05)
+    assert parse_policy(d, "t.yaml").layers[0].adjustments[0].cap_factor == 100_000
+    d["layers"][0]["adjustments"][0]["cap_factor"] = 0.0001
+    assert parse_policy(d, "t.yaml").layers[0].adjustments[0].cap_factor == 1
+
+
+def test_revision_1_rule_constructor_still_takes_one_cap_group():
+    from engine.model import KIND_SEGMENTS, Rule
+
+    r = Rule(Match(), KIND_SEGMENTS, segments=(Segment(None, BP),), cap_group="g")
+    assert (r.cap_groups, r.cap_group) == (("g",), "g")
+    assert Rule(Match(), KIND_SEGMENTS, cap_groups=["a", "b"]).cap_groups == ("a", "b")
+    with pytest.raises(TypeError):
+        Rule(Match(), KIND_SEGMENTS, cap_group="a", cap_groups=("b",))
+
+
+@pytest.mark.parametrize("value", [dt.date(2024, 3, 21), "2024-03-21"], ids=["yaml-date", "string"])
+def test_effective_from_date_or_iso_string(value):
+    d = base()
+    d["effective_from"] = value
+    assert parse_policy(d, "t.yaml").effective_from == dt.date(2024, 3, 21)
+
+
+def test_effective_from_defaults_to_january_first():
+    assert parse_policy(base(), "t.yaml").effective_from == dt.date(2024, 1, 1)
+    d = base()
+    d["effective_from"] = "2024-12-31"  # the last day of the year is within it
+    assert parse_policy(d, "t.yaml").effective_from == dt.date(2024, 12, 31)
+
+
+def test_ages_0_and_150_are_allowed():
+    d = base()
+    d["layers"][0]["rules"][0]["match"].update(min_age=0, max_age=150)
+    assert parse_policy(d, "t.yaml").layers[0].rules[0].match == Match(visit_type=("inpatient",), min_age=0,
+                                                                         max_age=150)
+
+
+def _version(folder, name, pid, effective_from=None, identities=(), year=2019, region="540000"):
+    text = MINIMAL.format(id=pid, region=region, year=year)
+    if effective_from is not None:
+        text = f"effective_from: {effective_from}\n" + text
+    if identities:
+        text = f"identities: [{', '.join(identities)}]\n" + text
+    return write(folder, name, text)
+
+
+def test_versions_of_a_year_in_force_by_date(tmp_path):
+    _version(tmp_path, "b.yaml", "b", "2019-03-30", identities=("farmer_herder", "poor"))
+    _version(tmp_path, "a.yaml", "a", identities=("poor", "low"))  # January 1
+    _version(tmp_path, "c.yaml", "c", '"2019-07-01"')
+    _version(tmp_path, "d.yaml", "d", year=2020)
+    ps = load_policies(tmp_path)
+    assert [p.id for p in ps.versions("540000", "resident", 2019)] == ["a", "b", "c"]
+    assert [p.effective_from for p in ps.versions("540000", "resident", 2019)] == [
+        dt.date(2019, 1, 1), dt.date(2019, 3, 30), dt.date(2019, 7, 1)]
+    assert ps.versions("540000", "employee", 2019) == () and ps.versions("540000", "resident", 2021) == ()
+    in_force = lambda day: getattr(ps.in_force("540000", "resident", day), "id", None)  # noqa: E731
+    assert in_force(dt.date(2019, 1, 1)) == "a"
+    assert in_force(dt.date(2019, 3, 29)) == "a"
+    assert in_force(dt.datetime(2019, 3, 29, 23, 59, 59, 999999)) == "a"
+    assert in_force(dt.datetime(2019, 3, 30, 0, 0)) == "b"  # in force from 00:00
+    assert in_force(dt.date(2019, 6, 30)) == "b"
+    assert in_force(dt.date(2019, 12, 31)) == "c"
+    assert in_force(dt.date(2020, 5, 1)) == "d"
+    assert in_force(dt.date(2021, 5, 1)) is None
+    assert ps.find("540000", "resident", 2019).id == "a"  # revision-1 callers: the first version
+    assert ps.year_identities("540000", "resident", 2019) == ("poor", "low", "farmer_herder")
+    assert ps.year_identities("540000", "resident", 2020) == ()
+    assert ps.year_identities("540000", "resident", 2021) == ()
+
+
+def test_a_date_before_the_first_version_has_no_policy(tmp_path):
+    _version(tmp_path, "a.yaml", "a", "2019-03-30")
+    ps = load_policies(tmp_path)
+    assert ps.in_force("540000", "resident", dt.date(2019, 3, 29)) is None
+    assert ps.in_force("540000", "resident", dt.date(2019, 3, 30)).id == "a"
+    assert ps.find("540000", "resident", 2019).id == "a"
+
+
+def test_policy_set_built_in_code_sorts_versions():
+    from engine.model import Policy, PolicySet
+
+    layer = parse_policy(base(), "t.yaml").layers
+    late = Policy("late", "1", "resident", 2024, layer, effective_from=dt.date(2024, 6, 1))
+    early = Policy("early", "1", "resident", 2024, layer)
+    assert early.effective_from == dt.date(2024, 1, 1)
+    ps = PolicySet([late, early])
+    assert ps.policies == (late, early)
+    assert ps.versions("1", "resident", 2024) == (early, late)
+    assert ps.in_force("1", "resident", dt.date(2024, 6, 1)) is late
+    assert pickle.loads(pickle.dumps(ps)).in_force("1", "resident", dt.date(2024, 5, 31)).id == "early"
+
+
+@pytest.mark.parametrize("second", ["2019-01-01", '"2019-01-01"'], ids=["yaml-date", "string"])
+def test_no_effective_from_and_january_first_are_duplicates(tmp_path, second):
+    _version(tmp_path, "a.yaml", "a")
+    _version(tmp_path, "b.yaml", "b", second)
+    with pytest.raises(PolicyError) as e:
+        load_policies(tmp_path)
+    assert str(e.value) == ("b.yaml: (file): region '540000', scheme resident, year 2019, in force from 2019-01-01 "
+                            "(effective_from; January 1 when absent) is already covered by a.yaml")
+
+
+def test_two_versions_of_the_same_day(tmp_path):
+    _version(tmp_path, "a.yaml", "a", "2019-03-30")
+    _version(tmp_path, "b.yaml", "b", '"2019-03-30"')
+    with pytest.raises(PolicyError) as e:
+        load_policies(tmp_path)
+    assert str(e.value).startswith("b.yaml: (file): region '540000', scheme resident, year 2019, in force from "
+                                   "2019-03-30 ")
+
+
+def test_effective_from_yaml_timestamp_in_a_file(tmp_path):
+    path = _version(tmp_path, "a.yaml", "a", "2019-03-30 08:00:00")
+    assert file_error(path) == "a.yaml: effective_from: 2019-03-30 08:00:00 has a time; write the date only, like 2019-03-21"
+
+
+def test_nested_cap_in_a_file(tmp_path):
+    text = MINIMAL.format(id="a", region="1", year=2024).replace(
+        "    rules:\n", "    cap_groups: {primary: 300, outpatient: 800}\n    rules:\n").replace(
+        "        ratio: 0.5\n", "        ratio: 0.5\n        cap_group: [primary, outpatient]\n")
+    assert load_policy_file(write(tmp_path, "a.yaml", text)).layers[0].rules[0].cap_groups == ("primary", "outpatient")

@@ -84,39 +84,48 @@ def segments(draw):
 @st.composite
 def rules(draw, first, cap_groups, identities, groups, year_only=False):
     m = draw(matches(identities, groups))
-    cap_group = draw(st.one_of(st.none(), st.sampled_from(cap_groups))) if cap_groups else None
+    # none, one, or nested cap groups (revision 2: each limits, each grows, the first holds the position)
+    caps = draw(st.lists(st.sampled_from(cap_groups), max_size=len(cap_groups), unique=True).map(tuple)
+                ) if cap_groups else ()
     kinds = ["segments"] * 4 + (["class_ratio"] if first else []) + ["fixed_amount", "max_personal_share"]
     kind = "segments" if year_only else draw(st.sampled_from(kinds))
     if kind == "fixed_amount":
-        return M.Rule(m, M.KIND_FIXED_AMOUNT, fixed_amount=draw(money), cap_group=cap_group)
+        return M.Rule(m, M.KIND_FIXED_AMOUNT, fixed_amount=draw(money), cap_groups=caps)
     if kind == "max_personal_share":
-        return M.Rule(m, M.KIND_MAX_PERSONAL_SHARE, max_personal_share=draw(ratio_bp), cap_group=cap_group)
+        return M.Rule(m, M.KIND_MAX_PERSONAL_SHARE, max_personal_share=draw(ratio_bp), cap_groups=caps)
     deductible = draw(st.one_of(st.just(0), money))
     if kind == "class_ratio":
         return M.Rule(m, M.KIND_CLASS_RATIO, class_ratio=(draw(ratio_bp), draw(ratio_bp)), deductible=deductible,
-                      repeat_admission=draw(st.booleans()), cap_group=cap_group)
+                      repeat_admission=draw(st.booleans()), cap_groups=caps)
     axis = "year" if year_only else draw(st.sampled_from(M.AXES))
     # repeat_admission on either axis (on the year axis it must not change the deductible)
     repeat = first and draw(st.booleans())
     return M.Rule(m, M.KIND_SEGMENTS, segments=draw(segments()), deductible=deductible, axis=axis,
-                  bounds=draw(st.sampled_from(M.BOUNDS)), repeat_admission=repeat, cap_group=cap_group)
+                  bounds=draw(st.sampled_from(M.BOUNDS)), repeat_admission=repeat, cap_groups=caps)
 
 
 @st.composite
 def adjustments(draw, identities, groups):
     m = draw(matches(identities, groups))
-    fields = draw(st.lists(st.sampled_from(["deductible_factor", "ratio", "ratio_add"]), min_size=1,
-                           max_size=3, unique=True))
+    fields = draw(st.lists(st.sampled_from(["deductible_factor", "ratio", "ratio_add", "cap_factor", "uncapped"]),
+                           min_size=1, max_size=3, unique=True))
     kw = {}
     for f in fields:
-        kw[f] = draw(st.integers(-10_000, 10_000) if f == "ratio_add" else ratio_bp)
+        if f == "ratio_add":
+            kw[f] = draw(st.integers(-10_000, 10_000))
+        elif f == "cap_factor":  # [0, 10]; products above 100 meet the 10^6 bound
+            kw[f] = draw(st.one_of(st.integers(0, 100_000), st.sampled_from([0, 5_000, 15_000, 100_000])))
+        elif f == "uncapped":
+            kw[f] = draw(st.booleans())
+        else:
+            kw[f] = draw(ratio_bp)
     return M.Adjustment(m, **kw)
 
 
 @st.composite
 def layers(draw, i, identities, groups, year_only=False):
     cap_groups = {f"cg{j}": draw(st.one_of(money, st.integers(0, 3_000_000)))
-                  for j in range(draw(st.integers(0, 2)))}
+                  for j in range(draw(st.integers(0, 3)))}
     names = tuple(cap_groups)
     rs = draw(st.lists(rules(i == 0, names, identities, groups, year_only), min_size=1, max_size=3))
     if i == 0 and draw(st.integers(0, 3)):  # usually a catch-all, so few NO_BENEFIT_RULE
@@ -127,7 +136,7 @@ def layers(draw, i, identities, groups, year_only=False):
 
 
 @st.composite
-def policies(draw, year=2024, scheme="resident", year_only=False):
+def policies(draw, year=2024, scheme="resident", year_only=False, effective_from=None, version=""):
     identities = tuple(draw(st.permutations(IDENTITY_POOL)))[: draw(st.sampled_from([4, 4, 4, 3, 2, 0]))]
     groups = {}
     for g in range(draw(st.integers(0, 2))):
@@ -139,15 +148,26 @@ def policies(draw, year=2024, scheme="resident", year_only=False):
     n = draw(st.integers(1, 3))
     ls = tuple(draw(layers(i, identities, groups, year_only)) for i in range(n))
     factors = tuple(draw(st.lists(ratio_bp, min_size=1, max_size=3)))
-    return M.Policy(id=f"pol-{scheme}-{year}", region="000001", scheme=scheme, year=year, layers=ls,
+    return M.Policy(id=f"pol-{scheme}-{year}{version}", region="000001", scheme=scheme, year=year, layers=ls,
+                    effective_from=effective_from,
                     identities=identities, compliant_includes_class_b_copay=draw(st.booleans()),
                     repeat_factors=factors, repeat_floor=draw(st.one_of(st.just(0), money)),
                     disease_groups=groups)
 
 
+# Claims fall on 2024-03-01 .. 03-04: versions from these days split them; a first version
+# from March 2 leaves the claims of March 1 before it (UNKNOWN_POLICY).
+VERSION_DAYS = [dt.date(2024, 3, d) for d in (2, 3, 4)]
+
+
 @st.composite
 def policy_sets(draw):
-    ps = [draw(policies(2024))]
+    """One to three versions of (000001, resident, 2024), drawn independently, so that they
+    share some (layer, cap group) names and identities and not others; other years and schemes."""
+    days = sorted(draw(st.lists(st.sampled_from(VERSION_DAYS), max_size=2, unique=True)))
+    first = draw(st.sampled_from([None] * 3 + [VERSION_DAYS[0]]))
+    days = [first] + [d for d in days if first is None or d > first]
+    ps = [draw(policies(2024, effective_from=d, version=f"-v{k}" if k else "")) for k, d in enumerate(days)]
     if draw(st.booleans()):
         ps.append(draw(policies(2023)))
     if draw(st.booleans()):
@@ -167,6 +187,7 @@ MUTATIONS = [
     lambda c: c.update(in_scope_class_b_amount=c["in_scope_amount"] + 1),
     lambda c: c.update(region="999999"),
     lambda c: c.update(identities=(c["identities"] or []) + ["unknown_identity"]),
+    lambda c: c.update(identities=(c["identities"] or []) + [None]),  # revision 2: UNKNOWN_IDENTITY
 ]
 
 

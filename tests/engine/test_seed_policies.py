@@ -29,6 +29,8 @@ EXPECTED = {
     # id: (region, scheme, year, seed file)
     "xinjiang-resident-2017": ("650000", "resident", 2017, "000_0a82b02c342d1275.txt"),
     "tibet-resident-2019": ("540000", "resident", 2019, "001_892e8363ca291314.txt"),
+    "tibet-resident-2019-03-21": ("540000", "resident", 2019, "001_892e8363ca291314.txt"),
+    "tibet-resident-2019-03-30": ("540000", "resident", 2019, "001_892e8363ca291314.txt"),
     "tibet-resident-2020": ("540000", "resident", 2020, "001_892e8363ca291314.txt"),
     "shuozhou-resident-2022": ("140600", "resident", 2022, "002_0f2c2e4dd98a157b.txt"),
     "shuozhou-resident-2023": ("140600", "resident", 2023, "002_0f2c2e4dd98a157b.txt"),
@@ -40,7 +42,7 @@ EXPECTED = {
 
 # The identity vocabulary shared by all files (README.md).
 IDENTITY_NAMES = {"extreme_poverty", "low_income", "registered_poor", "poverty_returned",
-                  "poverty_risk", "monitored"}
+                  "poverty_risk", "monitored", "farmer_herder"}
 
 REGION = {"xinjiang": "650000", "tibet": "540000", "shuozhou": "140600", "tianjin": "120000",
           "nanchong": "511300"}
@@ -121,7 +123,7 @@ def pays(r: dict) -> dict:
 # --------------------------------------------------------------------------- the files themselves
 
 
-def test_bundled_folder_holds_the_nine_seed_policies(ps):
+def test_bundled_folder_holds_the_seed_policies(ps):
     files = sorted(f.name for f in POLICY_DIR.glob("*.yaml"))
     assert files == sorted(f"{pid}.yaml" for pid in EXPECTED)
     assert sorted(p.id for p in ps.policies) == sorted(EXPECTED)
@@ -353,29 +355,40 @@ def test_nanchong_outpatient_only_at_primary_level(ps):
 
 @pytest.mark.parametrize("year", [2019, 2020])
 def test_tibet_maternity_100_percent(ps, year):
-    # 住院分娩, in scope 6,000, self-funded 500: 100% of the in-scope amount, no deductible
-    r = one(ps, claim("tibet", year, visit="maternity", in_scope=6000, self_funded=500))
+    # 农牧民 住院分娩, in scope 6,000, self-funded 500: 100% of the in-scope amount, no deductible
+    # (in April: the 2019 plan is in force from March 21)
+    r = one(ps, claim("tibet", year, visit="maternity", in_scope=6000, self_funded=500, ids=["farmer_herder"],
+                      month=4))
     assert r["basic_pay"] == y(6000)
     assert r["deductible_applied"] == 0
     assert r["compliant_personal_pay"] == 0
     assert r["personal_pay"] == y(500)
+    assert r["identity"] == "farmer_herder"
+    # another resident's delivery is paid as an admission at a 县级 (secondary) hospital:
+    # 85% x (6,000 - 300) = 4,845
+    r = one(ps, claim("tibet", year, visit="maternity", in_scope=6000, self_funded=500, month=4))
+    assert r["basic_pay"] == y(4845) and r["deductible_applied"] == y(300)
 
 
 def test_tibet_newborn_rescue_100_percent(ps):
-    # age 0, P07.3 (preterm), tertiary, in scope 30,000 -> 30,000
-    r = one(ps, claim("tibet", 2020, level="tertiary", age=0, code="P07.3", in_scope=30000))
+    # age 0, P07.3 (preterm), a farmer's or herder's child, tertiary, in scope 30,000 -> 30,000
+    r = one(ps, claim("tibet", 2020, level="tertiary", age=0, code="P07.3", in_scope=30000, ids=["farmer_herder"]))
     assert r["basic_pay"] == y(30000) and r["compliant_personal_pay"] == 0
+    # another newborn: an admission, 75% x (30,000 - 800) = 21,900
+    r = one(ps, claim("tibet", 2020, level="tertiary", age=0, code="P07.3", in_scope=30000))
+    assert r["basic_pay"] == y(21900)
 
 
 @pytest.mark.parametrize("year", [2019, 2020])
 def test_tibet_poor_plus_5_points_and_assistance_70_percent(ps, year):
     # secondary admission, in scope 10,000, deductible 300:
+    # (in April 2019: the plan without 全兜底 is in force from March 30)
     # registered_poor: (85% + 5) x 9,700 = 8,730; critical illness base 1,270 < 4,000 -> 0;
     #   assistance 70% x 1,270 = 889; major-illness assistance: 381 < 5,000 -> 0
     #   compliant personal 10,000 - 8,730 - 889 = 381
     # no identity: 85% x 9,700 = 8,245
-    poor, other = settle(ps, claim("tibet", year, in_scope=10000, ids=["registered_poor"]),
-                         claim("tibet", year, in_scope=10000))
+    poor, other = settle(ps, claim("tibet", year, in_scope=10000, ids=["registered_poor"], month=4),
+                         claim("tibet", year, in_scope=10000, month=4))
     assert poor["basic_pay"] == y(8730)
     assert poor["critical_illness_pay"] == 0
     assert poor["medical_aid_pay"] == y(889)
@@ -386,8 +399,8 @@ def test_tibet_poor_plus_5_points_and_assistance_70_percent(ps, year):
 
 @pytest.mark.parametrize("year", [2019, 2020])
 def test_tibet_assistance_limits_100000_and_200000(ps, year):
-    # extreme_poverty, tertiary, in scope 1,000,000 (the plan of 2019-03-21 raised the limits
-    # for 2019 and 2020 alike):
+    # extreme_poverty, tertiary, in scope 1,000,000, in April (the plan of 2019-03-21 raised the
+    # limits for 2019 and 2020 alike):
     # basic raw (75% + 5) x 999,200 = 799,360 -> pool cap 150,000
     # critical illness: base 850,000, deductible 8,000 x 0.5 = 4,000, ratios + 5:
     #   46,000 x 65% = 29,900 + 50,000 x 75% = 37,500 + 750,000 x 85% = 637,500 = 704,900
@@ -396,7 +409,7 @@ def test_tibet_assistance_limits_100000_and_200000(ps, year):
     # major-illness assistance: 70% x (450,000 - 5,000) = 311,500 -> limit 200,000
     # compliant personal 1,000,000 - 150,000 - 300,000 - 300,000 = 250,000
     r = one(ps, claim("tibet", year, level="tertiary", locality="national", in_scope=1000000,
-                      ids=["extreme_poverty"]))
+                      ids=["extreme_poverty"], month=4))
     assert r["identity"] == "extreme_poverty"
     assert pays(r) == {"basic": y(150000), "critical_illness": y(300000), "assistance": y(100000),
                        "major_illness_assistance": y(200000)}
@@ -405,11 +418,19 @@ def test_tibet_assistance_limits_100000_and_200000(ps, year):
     assert r["compliant_personal_pay"] == y(250000)
 
 
-def test_tibet_no_full_guarantee_layer(ps):
-    # seed 001 warns against 全兜底: no Tibet layer takes the patient's share to 0
-    for pid in ("tibet-resident-2019", "tibet-resident-2020"):
+def test_tibet_no_full_guarantee_layer_from_2019_03_30(ps):
+    # seed 001 orders 全兜底 ended by 2019-03-30: from then no Tibet layer takes the patient's
+    # share to 0; the versions before it have the full-guarantee layer (a test in
+    # test_revision_seeds.py settles a claim on each side)
+    for pid in ("tibet-resident-2019-03-30", "tibet-resident-2020"):
         p = ps.by_id(pid)
         assert all(r.kind != "max_personal_share" for L in p.layers for r in L.rules)
+    for pid in ("tibet-resident-2019", "tibet-resident-2019-03-21"):
+        assert ps.by_id(pid).layers[-1].name == "full_guarantee"
+    assert [p.id for p in ps.versions("540000", "resident", 2019)] == [
+        "tibet-resident-2019", "tibet-resident-2019-03-21", "tibet-resident-2019-03-30"]
+    assert [str(p.effective_from) for p in ps.versions("540000", "resident", 2019)] == [
+        "2019-01-01", "2019-03-21", "2019-03-30"]
 
 
 # --------------------------------------------------------------------------- Shuozhou (seed 002)
@@ -431,15 +452,15 @@ def test_shuozhou_outpatient_class_ratios_and_yearly_limit(ps, year, limit):
 
 
 def test_shuozhou_hypertension_diabetes_outpatient_drugs_without_deductible(ps):
-    # I10 outpatient, in scope 100: 50%, no deductible -> 50
-    # then E11 outpatient, in scope 600: 50% = 300 -> 300 - 50 = 250 left of the 300 limit
+    # I10 outpatient, in scope 100: 60%, no deductible -> 60 (never below the general rule's 55% / 45%)
+    # then E11 outpatient, in scope 600: 60% = 360 -> 300 - 60 = 240 left of the 300 limit
     a, b = settle(ps,
                   claim("shuozhou", 2022, visit="outpatient", level="primary", code="I10", in_scope=100,
                         person="sz-2d", month=2),
                   claim("shuozhou", 2022, visit="outpatient", level="primary", code="E11.9", in_scope=600,
                         person="sz-2d", month=4))
-    assert a["deductible_applied"] == 0 and a["basic_pay"] == y(50)
-    assert b["basic_pay"] == y(250) and b["cap_hit"]
+    assert a["deductible_applied"] == 0 and a["basic_pay"] == y(60)
+    assert b["basic_pay"] == y(240) and b["cap_hit"]
 
 
 def test_shuozhou_in_county_inpatient_75_percent(ps):
@@ -487,20 +508,20 @@ def test_shuozhou_monitored_2023_threshold(ps):
 
 
 def test_shuozhou_assistance_limit_60000_shared_by_outpatient_and_inpatient(ps):
-    # monitored, referred to a provincial tertiary hospital, in scope 500,000:
+    # monitored, referred to a tertiary hospital in the city outside the county, in scope 500,000:
     # basic: 1,000 deductible, 19,000 x 60% = 11,400 + 480,000 x 65% = 312,000 = 323,400
     #   -> pool cap 200,000
     # critical illness: base 300,000: 35,000 x 60% = 21,000 + 50,000 x 70% = 35,000
     #   + 200,000 x 80% = 160,000 -> 216,000
     # assistance: base 84,000: (84,000 - 2,742.60) x 70% = 56,880.18
-    # tilted assistance (referred, in province): base 27,119.82, (27,119.82 - 5,000) x 60%
+    # tilted assistance (referred, in the city): base 27,119.82, (27,119.82 - 5,000) x 60%
     #   = 13,271.892 -> 13,271.89
     # then a 门诊慢特病 claim of 30,000 (secondary):
     #   basic: pool exhausted -> 0 (cap hit); critical illness [300,000, 330,000) x 80% = 24,000
     #   assistance on the shared axis [84,000, 90,000) x 70% = 4,200 -> only
     #   60,000 - 56,880.18 = 3,119.82 of the shared limit is left
     a, b = settle(ps,
-                  claim("shuozhou", 2022, level="tertiary", locality="province", referred=True,
+                  claim("shuozhou", 2022, level="tertiary", locality="region", referred=True,
                         in_scope=500000, ids=["monitored"], person="sz-mon", month=3),
                   claim("shuozhou", 2022, visit="chronic", in_scope=30000, ids=["monitored"],
                         person="sz-mon", month=8))

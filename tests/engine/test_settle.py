@@ -111,12 +111,13 @@ def test_large_accumulator_tables_are_private_memory():
     pages: the loop's random row reads then miss the TLB (10M claims settled at half speed)."""
     from pathlib import Path
 
-    from engine.settle import HUGE_PAGE, _state_table
+    from engine._memory import HUGE_TABLE_BYTES
+    from engine.settle import _state_table
 
     maps = Path("/proc/self/maps")
     if not maps.exists():
         pytest.skip("needs /proc/self/maps (Linux)")
-    table = _state_table(4 * HUGE_PAGE // 8, 8)  # 32 MiB
+    table = _state_table(HUGE_TABLE_BYTES // 8, 8)  # 64 MiB
     table[-1, -1] = 1
     address = table.ctypes.data
     for line in maps.read_text().splitlines():

@@ -1,13 +1,13 @@
-# The kernel's tables and the interner other Cython modules may use.
+# The compiled policy tables as the kernel reads them, and the codes the kernel
+# modules share.
 #
 # Every table row is a struct of int64 so that a numpy structured array with
 # the same field order (engine/compile.py builds them from *_FIELDS there) is
 # read here through a typed memoryview, with no Python object per row.
+# `PolicyTables` binds them once per policy set (built by engine/compile.py), in
+# the manner of scikit-learn's Tree: the loop reads raw pointers out of it.
 
-from libc.stdint cimport int8_t, int32_t, int64_t, uint8_t, uint32_t, uint64_t
-
-
-cdef uint64_t hash_bytes(const uint8_t* p, int64_t n) noexcept nogil
+from libc.stdint cimport int64_t
 
 ctypedef struct PolicyRow:
     int64_t layer_start
@@ -19,7 +19,9 @@ ctypedef struct PolicyRow:
     int64_t identity_mask       # bits of the global identity ids it declares
     int64_t rank_start          # into identity_rank: global ids, most favourable first
     int64_t rank_count
-    int64_t acc_width           # accumulator columns (layer, cap group or none)
+    int64_t acc_width           # accumulator columns (layer, cap group or none) of its year's versions
+    int64_t year_identity_mask  # bits of the names any version of its year declares
+    int64_t key_policy          # its year's first version: the policy its accumulator keys are under
 
 ctypedef struct LayerRow:
     int64_t fund
@@ -27,6 +29,11 @@ ctypedef struct LayerRow:
     int64_t rule_count
     int64_t adjustment_start
     int64_t adjustment_count
+    # What the spec says of the first layer, as data (engine/compile.py sets them there):
+    int64_t base_kind           # BASE_* below: what the layer's rule is applied to
+    int64_t required            # 1: no matching rule is NO_BENEFIT_RULE, found before anything changes
+    int64_t repeat_applies      # 1: repeat-admission factors may lower its claim-axis deductibles
+    int64_t reports_deductible  # 1: what its rule charges is the claim's deductible_applied
 
 ctypedef struct RuleRow:
     int64_t kind                # RULE_* below
@@ -35,8 +42,10 @@ ctypedef struct RuleRow:
     int64_t axis                # 0 claim, 1 year
     int64_t above_deductible    # segment bounds measured from the deductible
     int64_t repeat_admission
-    int64_t acc                 # accumulator column within the policy's width
-    int64_t cap                 # fen; -1 uncapped
+    int64_t acc                 # accumulator column of its first cap group (or none) within the width
+    int64_t cap                 # fen, its first cap group's cap before the cap factor; -1 uncapped
+    int64_t cap_start           # into caps: its other cap groups (nested caps), in order
+    int64_t cap_count
     int64_t segment_start
     int64_t segment_count
     int64_t ratio_a             # class ratios, bp
@@ -45,6 +54,11 @@ ctypedef struct RuleRow:
     int64_t position_at         # where its column's fields sit in a state row (compile._state_layout);
     int64_t paid_at             # -1 for a field no rule of the policy writes
     int64_t charged_at
+
+ctypedef struct CapRow:         # a rule's cap group after its first (spec 5.2 step 7: nested caps)
+    int64_t acc                 # its accumulator column
+    int64_t paid_at             # where its paid sits in a state row
+    int64_t cap                 # fen, before the cap factor
 
 ctypedef struct SegmentRow:
     int64_t upto                # fen; -1 for the last, open segment
@@ -55,6 +69,8 @@ ctypedef struct AdjustmentRow:
     int64_t deductible_factor   # bp; 10000 when absent
     int64_t ratio               # bp; -1 when absent
     int64_t ratio_add           # bp, signed; 0 when absent
+    int64_t cap_factor          # bp; 10000 when absent
+    int64_t uncapped            # 1: lifts every cap of the rule
 
 ctypedef struct MatchRow:
     int64_t visit_mask          # bit per enum code; all bits when absent
@@ -73,6 +89,33 @@ ctypedef struct RangeRow:
     int64_t low                 # encoded 3-character ICD-10 categories, inclusive
     int64_t high
 
+# Raw pointers into the arrays a PolicyTables holds, valid while it lives.
+ctypedef struct Tables:
+    const PolicyRow* policies
+    const LayerRow* layers
+    const RuleRow* rules
+    const CapRow* caps
+    const SegmentRow* segments
+    const AdjustmentRow* adjustments
+    const MatchRow* matches
+    const RangeRow* ranges
+    const int64_t* repeat_factors
+    const int64_t* identity_rank
+    const int64_t* rule_candidates        # [layers, profiles, 2]: start, count into candidate_rules
+    const int64_t* candidate_rules
+    const int64_t* adjustment_candidates  # [layers, profiles, 2]
+    const int64_t* candidate_adjustments
+    const int64_t* state_lines            # [policies, profiles]: cache lines of a state row to prefetch
+    int64_t profiles
+    int64_t policy_count
+
+
+cdef class PolicyTables:
+    cdef Tables t
+    cdef readonly object arrays     # name -> numpy array, kept alive and for pickling
+    cdef const PolicyRow[::1] policies_view
+
+
 cdef enum:
     RULE_SEGMENTS = 0
     RULE_CLASS_RATIO = 1
@@ -80,12 +123,16 @@ cdef enum:
     RULE_MAX_PERSONAL_SHARE = 3
 
 cdef enum:
+    BASE_IN_SCOPE = 0           # the claim's in-scope amount (the first layer)
+    BASE_REMAINING = 1          # its compliant amount less what the layers before paid
+
+cdef enum:
     VISIT_INPATIENT = 0
     # a claim's profile is (visit * PROFILE_LEVELS + level) * PROFILE_LOCALITIES + locality
     PROFILE_LEVELS = 3
     PROFILE_LOCALITIES = 4
 
-# Status codes: index into engine.STATUSES.
+# Status codes: index into engine.schema.STATUSES.
 cdef enum:
     OK = 0
     MISSING_FIELD = 1
@@ -97,6 +144,10 @@ cdef enum:
     UNKNOWN_IDENTITY = 7
     DUPLICATE_CLAIM = 8
     NO_BENEFIT_RULE = 9
+
+cdef enum:
+    ACC_FIELDS_C = 3  # position, paid, deductible_charged per accumulator column
+    STATE_HEAD_C = 2  # admissions, compliant_total before the columns of a state row
 
 # Trace fields written per layer for `engine.explain`.
 cdef enum:
@@ -116,34 +167,3 @@ cdef enum:
     TR_DEDUCTIBLE_CHARGED = 13
     TR_REPEAT_FACTOR = 14
     TR_NFIELDS = 15
-
-
-cdef enum:
-    KEY_INLINE = 19             # key bytes kept in an accumulator-key slot
-
-ctypedef struct KeySlot:        # 32 bytes, two to a cache line
-    uint64_t hash
-    uint32_t entry              # entry id + 1; 0 = empty
-    uint8_t length              # min(length, 255)
-    uint8_t key[KEY_INLINE]     # the key's first bytes, zero-padded
-
-
-cdef class Interner:
-    """Byte strings to dense ids, exactly (no hash is trusted without a compare)."""
-    cdef bint policy_keys       # accumulator keys (KeySlot table), or claim ids (packed table)
-    cdef uint8_t* arena
-    cdef int64_t arena_len
-    cdef int64_t arena_cap
-    cdef int64_t* starts        # entry -> offset in arena; starts[count] = arena_len
-    cdef int64_t count
-    cdef int64_t entries_cap
-    cdef uint64_t* ids          # claim ids: (hash >> 32) << 32 | (entry id + 1); 0 = empty
-    cdef KeySlot* keys          # accumulator keys
-    cdef int64_t table_mask     # open addressing, linear probing, load <= 3/4
-    cdef uint64_t* hashes       # scratch: the hashes of a chunk's keys, kept from chunk to chunk
-    cdef int64_t hashes_cap
-
-    cdef int64_t intern(self, const uint8_t* key, int64_t length, uint64_t h, bint* is_new) noexcept nogil
-    cdef void prefetch(self, uint64_t h) noexcept nogil
-    cdef int grow_table(self, int64_t new_size) noexcept nogil
-    cdef uint64_t* hash_scratch(self, int64_t n) noexcept nogil
