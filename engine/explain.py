@@ -54,7 +54,8 @@ def _segments_crossed(rule: Rule, step: dict) -> list[dict]:
     return out
 
 
-def explain(claims, policies, claim_id: str, accumulators: pa.Table | None = None) -> dict:
+def explain(claims, policies, claim_id: str, accumulators: pa.Table | None = None,
+            row_numbers: list[int] | None = None) -> dict:
     """The step-by-step settlement of `claim_id` within its call (a table, settled as one chunk)."""
     settler = Settler(policies, accumulators)
     batch = claims if isinstance(claims, pa.RecordBatch) else _one_batch(claims)
