@@ -45,8 +45,10 @@ def _join(*parts, sep: str = "") -> pa.Array:
 
 def _any_of(pieces: list[pa.Array], sep: str) -> pa.Array:
     """Per row, the non-null pieces joined by `sep` (null when there are none)."""
-    joined = pc.binary_join_element_wise(*pieces, pa.scalar(sep), null_handling="skip")
-    return pc.if_else(pc.equal(joined, ""), pa.scalar(None, pa.string()), joined)
+    out = pieces[0]
+    for piece in pieces[1:]:
+        out = pc.coalesce(_join(out, sep, piece), out, piece)
+    return out
 
 
 def _when(mask: pa.Array, text: pa.Array) -> pa.Array:
@@ -126,6 +128,16 @@ def _policy_rows(c: pa.Table, policies: Optional[PolicySet]) -> Optional[pa.Arra
     mine = _join(_text(c.column("region")), "|", _text(c.column("scheme")), "|",
                  _text(pc.year(c.column("settle_time"))))
     return pc.index_in(mine, value_set=keys)
+
+
+def policy_of(claims, policies: PolicySet) -> pa.Array:
+    """Per claim, the id of the policy its region, scheme and settle_time's year name (null if
+    none): the policy an error row belongs to, which its result does not carry."""
+    c = claims if isinstance(claims, pa.Table) else pa.Table.from_batches([claims])
+    which = _policy_rows(c, policies)
+    if which is None:
+        return pa.nulls(c.num_rows, pa.string())
+    return pa.array([p.id for p in policies.policies], pa.string()).take(which)
 
 
 def _policy_ids(c: pa.Table, policy_id: pa.Array, policies: Optional[PolicySet]) -> pa.Array:

@@ -15,11 +15,13 @@ from typing import Optional
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from .detail import policy_of
+from .model import PolicySet
 from .schema import FUND_COLUMNS, STATUSES, format_yuan
 
 #: Amount columns summed, in table order.
 AMOUNTS = (*FUND_COLUMNS, "fund_pay_total", "personal_pay", "compliant_personal_pay", "deductible_applied")
-NO_POLICY = "(no policy)"  # error rows before a policy was found
+NO_POLICY = "(no policy)"  # error rows whose region, scheme and year name no policy
 _HEAD = {"basic_pay": "basic", "supplementary_pay": "supplementary", "critical_illness_pay": "critical illness",
          "medical_aid_pay": "medical aid", "guarantee_pay": "guarantee", "fund_pay_total": "funds total",
          "personal_pay": "personal pay", "compliant_personal_pay": "compliant personal",
@@ -43,14 +45,21 @@ class Summary:
         self._pairs: list[pa.Table] = []
         self._final: Optional[dict] = None
 
-    def add(self, results, person_id=None) -> None:
-        """One results batch; `person_id` (the claims' column, row-aligned) counts persons."""
+    def add(self, results, claims=None, policies: Optional[PolicySet] = None) -> None:
+        """One results batch. With its claims (row-aligned), persons are counted, and with the
+        policies too, an error row counts under the policy its region, scheme and year name
+        (its result has no policy_id) rather than under "(no policy)"."""
         n = results.num_rows
         self.claims += n
         self._final = None
         if not n:
             return
         policy = _strings(results.column("policy_id"))
+        if claims is not None and policies is not None and policy.null_count:
+            missing = pc.is_null(policy)
+            rows = pc.indices_nonzero(missing)
+            policy = pc.replace_with_mask(policy, missing, policy_of(claims.take(rows), policies))
+        person_id = None if claims is None else claims.column("person_id")
         cols = {"policy_id": policy, "status": _strings(results.column("status"))}
         for name in AMOUNTS:
             cols[name] = results.column(name)

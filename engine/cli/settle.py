@@ -99,7 +99,7 @@ def _results(settler: Settler, batches: Iterable[pa.RecordBatch], dictionary: bo
     names = [f.name for f in keep]
     for res in settler.settle_batches(tap(), dictionary=dictionary):
         claims = pending.popleft()
-        summary.add(res, claims.column("person_id"))
+        summary.add(res, claims, settler.compiled.policy_set)
         out = with_detail(res, claims, settler.compiled.policy_set, names)
         for f in keep:
             i = out.schema.get_field_index(f.name)
