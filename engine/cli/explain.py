@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
 
 import pyarrow as pa
@@ -62,6 +63,13 @@ def rows_for_claim(claims: ClaimsFile, claim_id: str) -> pa.Table:
     return table.append_column("_row", numbers)
 
 
+def _iso(value):
+    """settle_time (and any date) in JSON: ISO 8601, local wall time as in the claims."""
+    if isinstance(value, (dt.date, dt.datetime)):
+        return value.isoformat()
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
 def run(args) -> int:
     ps = common.policies(args.policies)
     acc_in = common.accumulators(args.accumulators_in)
@@ -74,7 +82,7 @@ def run(args) -> int:
     except KeyError as e:
         raise CliError(str(e.args[0] if e.args else e)) from None
     if args.format == "json":
-        print(json.dumps(ex, indent=2, ensure_ascii=False, default=str), flush=True)
+        print(json.dumps(ex, indent=2, ensure_ascii=False, default=_iso), flush=True)
     else:
         print(format_explanation(ex), flush=True)
     return 0
