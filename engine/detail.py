@@ -177,16 +177,23 @@ def status_detail(claims, results, policies: Optional[PolicySet] = None) -> pa.A
     status = results.column("status")
     if isinstance(status, pa.ChunkedArray):
         status = status.combine_chunks()
-    if pa.types.is_dictionary(status.type):
-        status = status.cast(pa.string())
     n = len(status)
-    is_error = pc.not_equal(status, "ok")
-    if not pc.any(is_error).as_py():
-        return pa.nulls(n, pa.string())
+    if pa.types.is_dictionary(status.type):  # compare codes, not a string per row
+        ok = pc.index_in(pa.scalar("ok"), value_set=status.dictionary.cast(pa.string())).as_py()
+        is_error = (pc.not_equal(status.indices, pa.scalar(ok, status.indices.type)) if ok is not None
+                    else pa.array(np.ones(n, dtype=bool)))
+        if not pc.any(is_error).as_py():
+            return pa.nulls(n, pa.string())
+    else:
+        is_error = pc.not_equal(status, "ok")
+        if not pc.any(is_error).as_py():
+            return pa.nulls(n, pa.string())
     rows = np.flatnonzero(np.asarray(is_error.fill_null(True)))
     claims_t = claims if isinstance(claims, pa.Table) else pa.Table.from_batches([claims])
     errors = claims_t.take(rows)
     codes = status.take(rows)
+    if pa.types.is_dictionary(codes.type):
+        codes = codes.cast(pa.string())
     policy_id = results.column("policy_id")
     policy_id = (policy_id.combine_chunks() if isinstance(policy_id, pa.ChunkedArray) else policy_id).take(rows)
     texts, where = [], []

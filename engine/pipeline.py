@@ -118,14 +118,19 @@ def split(batch, size: int) -> Iterator:
 
 
 def write_stream(items: Iterable, write: Callable, *, exact: Optional[int] = None, at_most: Optional[int] = None,
-                 written: Optional[Callable[[int], None]] = None) -> int:
+                 written: Optional[Callable[[int], None]] = None, transform: Optional[Callable] = None) -> int:
     """Write `items` (tables or batches) through a background writer thread while the next
     ones are made on this thread; returns the rows written.
 
-    `exact`: regroup into batches of exactly that many rows (generate's row groups);
-    `at_most`: only split the larger ones (settle's, whose short tail batches keep the
-    writer's last stretch short). `written(rows so far)` is called from the writer thread.
-    On any error or interrupt, what is queued is dropped before the exception goes on."""
+    `transform(item) -> batch`, if given, runs on a thread of its own between this one and
+    the writer (the command line's status_detail and summary: work that would otherwise
+    lengthen the main thread, the pipeline's critical path). `exact`: regroup into batches of
+    exactly that many rows (generate's row groups; not with `transform`); `at_most`: only
+    split the larger ones (settle's, whose short tail batches keep the writer's last stretch
+    short). `written(rows so far)` is called from the writer thread. On any error or
+    interrupt, what is queued is dropped before the exception goes on."""
+    if transform is not None and exact is not None:
+        raise ValueError("write_stream: exact regrouping happens before a transform; give one of them")
     count = 0
 
     def write_one(x) -> None:
@@ -142,18 +147,38 @@ def write_stream(items: Iterable, write: Callable, *, exact: Optional[int] = Non
             else:
                 yield x
 
-    pieces: Iterable = batches()
-    if exact is not None:
-        pieces = rebatch(pieces, exact)
-    background = BackgroundWriter(write_one)
+    def pieces_of(x) -> Iterable:
+        return split(x, at_most) if at_most is not None else (x,)
+
+    writer = BackgroundWriter(write_one)
+    stages = [writer]
+    if transform is not None:
+        def transform_and_pass(x) -> None:
+            for p in pieces_of(transform(x)):
+                writer.submit(p)
+
+        stages.insert(0, BackgroundWriter(transform_and_pass))
+        pieces: Iterable = items
+    else:
+        pieces = batches() if exact is None else rebatch(batches(), exact)
     try:
         for piece in pieces:
-            for p in (split(piece, at_most) if at_most is not None else (piece,)):
-                background.submit(p)
+            if transform is not None:
+                stages[0].submit(piece)
+            else:
+                for p in pieces_of(piece):
+                    writer.submit(p)
     except BaseException:
-        background.abort()
+        for stage in stages:
+            stage.abort()
         raise
-    background.close()
+    try:
+        for stage in stages:
+            stage.close()
+    except BaseException:
+        for stage in stages:
+            stage.abort()
+        raise
     return count
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from typing import Optional
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -28,12 +29,40 @@ _HEAD = {"basic_pay": "basic", "supplementary_pay": "supplementary", "critical_i
          "deductible_applied": "deductibles"}
 
 
-def _strings(col) -> pa.Array:
+def _encoded(col) -> pa.DictionaryArray:
     if isinstance(col, pa.ChunkedArray):
         col = col.combine_chunks()
-    if pa.types.is_dictionary(col.type):
-        col = col.cast(col.type.value_type)
-    return col
+    return col if pa.types.is_dictionary(col.type) else col.dictionary_encode()
+
+
+def _fill_policies(policy: pa.DictionaryArray, claims, policies: PolicySet) -> pa.DictionaryArray:
+    """`policy` with each null (an error row) replaced by the policy its claim's region, scheme
+    and year name, as more dictionary entries (only the error rows are looked at)."""
+    missing = policy.is_null()
+    rows = pc.indices_nonzero(missing)
+    found = policy_of(claims.take(rows), policies).dictionary_encode()
+    dictionary = pa.concat_arrays([policy.dictionary.cast(pa.string()), found.dictionary])
+    shifted = pc.add(found.indices, pa.scalar(len(policy.dictionary), found.indices.type))
+    indices = pc.replace_with_mask(policy.indices, missing, shifted.cast(policy.indices.type))
+    return pa.DictionaryArray.from_arrays(indices, dictionary)
+
+
+def _distinct_pairs(policy: pa.DictionaryArray, person_id) -> pa.Table:
+    """The distinct (policy_id, person_id) of a batch (null persons left out), found on integer
+    codes: one hash of each person id (dictionary_encode), then a mark per (policy, person)
+    code pair in a bitmap of policies x persons of the batch (a few MB at most): 7 ms a batch
+    of 125k claims instead of 47 for a group_by on the two strings, 48 for np.unique."""
+    person = _encoded(person_id)
+    n_person = max(len(person.dictionary), 1)
+    p_codes = np.asarray(policy.indices.fill_null(len(policy.dictionary)), dtype=np.int64)
+    valid = np.asarray(person.indices.is_valid())
+    q_codes = np.asarray(person.indices.fill_null(0), dtype=np.int64)
+    seen = np.zeros((len(policy.dictionary) + 1) * n_person, dtype=np.bool_)
+    seen[p_codes[valid] * n_person + q_codes[valid]] = True
+    pairs = np.flatnonzero(seen)
+    names = pa.concat_arrays([policy.dictionary.cast(pa.string()), pa.nulls(1, pa.string())])
+    return pa.table({"policy_id": names.take(pa.array(pairs // n_person)),
+                     "person_id": person.dictionary.cast(pa.string()).take(pa.array(pairs % n_person))})
 
 
 class Summary:
@@ -54,22 +83,22 @@ class Summary:
         self._final = None
         if not n:
             return
-        policy = _strings(results.column("policy_id"))
+        policy = _encoded(results.column("policy_id"))
         if claims is not None and policies is not None and policy.null_count:
-            missing = pc.is_null(policy)
-            rows = pc.indices_nonzero(missing)
-            policy = pc.replace_with_mask(policy, missing, policy_of(claims.take(rows), policies))
-        person_id = None if claims is None else claims.column("person_id")
-        cols = {"policy_id": policy, "status": _strings(results.column("status"))}
+            policy = _fill_policies(policy, claims, policies)
+        # Grouped by small integer codes (a string key costs a hash per row: 22 ms a batch of
+        # 125k instead of 8); the names are put back on the few grouped rows.
+        status = _encoded(results.column("status"))
+        cols = {"policy": policy.indices, "status": status.indices}
         for name in AMOUNTS:
             cols[name] = results.column(name)
         cols["cap_hit"] = pc.cast(results.column("cap_hit"), pa.int64())
-        t = pa.table(cols)
-        self._sums.append(t.group_by(["policy_id", "status"], use_threads=False).aggregate(
-            [(name, "sum") for name in (*AMOUNTS, "cap_hit")] + [([], "count_all")]))
-        if person_id is not None:
-            pairs = pa.table({"policy_id": policy, "person_id": _strings(person_id)})
-            self._pairs.append(pairs.group_by(["policy_id", "person_id"], use_threads=False).aggregate([]))
+        sums = pa.table(cols).group_by(["policy", "status"], use_threads=False).aggregate(
+            [(name, "sum") for name in (*AMOUNTS, "cap_hit")] + [([], "count_all")])
+        self._sums.append(sums.set_column(0, "policy_id", policy.dictionary.take(sums.column("policy")))
+                          .set_column(1, "status", status.dictionary.take(sums.column("status"))))
+        if claims is not None:
+            self._pairs.append(_distinct_pairs(policy, claims.column("person_id")))
 
     def figures(self) -> dict:
         """The summary as plain data: counts, amounts in integer fen, per policy and in total."""

@@ -86,9 +86,10 @@ def keep_fields(claims: ClaimsFile, keep: Iterable[str]) -> list[pa.Field]:
     return fields
 
 
-def _results(settler: Settler, batches: Iterable[pa.RecordBatch], dictionary: bool, keep: list[pa.Field],
-             summary: Summary, progress: Progress) -> Iterator[pa.RecordBatch]:
-    """Results in claims order with status_detail and the kept columns, the summary fed as they go."""
+def _settled(settler: Settler, batches: Iterable[pa.RecordBatch],
+             dictionary: bool) -> Iterator[tuple[pa.RecordBatch, pa.RecordBatch]]:
+    """(results, their claims) in claims order: settle_batches yields one results batch per
+    claims batch, in order, a batch behind."""
     pending: collections.deque = collections.deque()  # claims batches whose results are not out yet
 
     def tap() -> Iterator[pa.RecordBatch]:
@@ -96,17 +97,28 @@ def _results(settler: Settler, batches: Iterable[pa.RecordBatch], dictionary: bo
             pending.append(b)
             yield b
 
-    names = [f.name for f in keep]
     for res in settler.settle_batches(tap(), dictionary=dictionary):
-        claims = pending.popleft()
-        summary.add(res, claims, settler.compiled.policy_set)
-        out = with_detail(res, claims, settler.compiled.policy_set, names)
+        yield res, pending.popleft()
+
+
+def _finisher(settler: Settler, keep: list[pa.Field], summary: Summary, progress: Progress):
+    """The results as written, with status_detail and the kept columns, feeding the summary
+    (run on the pipeline's transform thread, one batch at a time, in order)."""
+    names = [f.name for f in keep]
+    policies = settler.compiled.policy_set
+
+    def finish(item: tuple[pa.RecordBatch, pa.RecordBatch]) -> pa.RecordBatch:
+        res, claims = item
+        summary.add(res, claims, policies)
+        out = with_detail(res, claims, policies, names)
         for f in keep:
             i = out.schema.get_field_index(f.name)
             if not out.schema.field(i).type.equals(f.type):
                 out = out.set_column(i, f, out.column(i).cast(f.type))
         progress.update(summary.claims)
-        yield out
+        return out
+
+    return finish
 
 
 def settle_file(args, ps, acc_in, claims: ClaimsFile, outputs: Outputs, keep: list[pa.Field], streamed: bool):
@@ -128,8 +140,8 @@ def settle_file(args, ps, acc_in, claims: ClaimsFile, outputs: Outputs, keep: li
     try:
         with open_table_writer(args.output, schema, claims.batch_size, args.compression, outputs) as writer:
             try:
-                write_stream(_results(settler, in_order(batches), dictionary, keep, summary, progress),
-                             writer.write, at_most=claims.batch_size)
+                write_stream(_settled(settler, in_order(batches), dictionary), writer.write,
+                             at_most=claims.batch_size, transform=_finisher(settler, keep, summary, progress))
             finally:
                 if hasattr(batches, "close"):
                     batches.close()
