@@ -130,8 +130,9 @@ def error_json(e: grpc.RpcError) -> dict:
     out = {"grpc_status": e.code().name if e.code() else None, "message": e.details()}
     detail = error_from_rpc(e)
     if detail is not None:
-        out.update({k: v for k, v in message_to_json(detail).items() if k != "code"})
-        out["code"] = out.pop("reason")
+        d = message_to_json(detail)
+        out = {"grpc_status": out["grpc_status"], "code": d["reason"], "message": d["message"],
+               **{k: d[k] for k in ("claim_id", "person_id", "field")}}
     return {"error": out}
 
 
