@@ -26,7 +26,7 @@ from ..detail import STATUS_DETAIL, with_detail
 from ..files import (PARQUET_COMPRESSION, PARQUET_COMPRESSIONS, CliError, ClaimsFile, Outputs, file_format,
                      open_table_writer, write_table, write_text)
 from ..pipeline import OutOfOrder, Progress, in_order, prefetch, progress_enabled, with_bounds, write_stream
-from ..schema import RESULTS_SCHEMA
+from ..schema import DICTIONARY_COLUMNS, RESULTS_SCHEMA
 from ..settle import Settler, settle
 from ..summary import Summary
 from . import common
@@ -66,9 +66,10 @@ def _column_list(text: str) -> tuple[str, ...]:
     return names
 
 
-def keep_fields(claims: ClaimsFile, keep: Iterable[str]) -> list[pa.Field]:
-    """The fields `--keep-columns` adds to the results: claim columns of the file, by name,
-    name columns as plain strings (not dictionary-encoded as they may be read)."""
+def keep_fields(claims: ClaimsFile, keep: Iterable[str], dictionary: bool = False) -> list[pa.Field]:
+    """The fields `--keep-columns` adds to the results: claim columns of the file, by name. The
+    name columns a Parquet file gives dictionary-encoded stay so in Parquet results (`dictionary`:
+    written as dictionary pages as they are, read back as strings), else plain strings."""
     fields, seen = [], set()
     for name in keep:
         if name in seen:
@@ -80,7 +81,9 @@ def keep_fields(claims: ClaimsFile, keep: Iterable[str]) -> list[pa.Field]:
             raise CliError(f"--keep-columns: {claims.path} has no column {name!r} "
                            f"(it has: {', '.join(claims.file_schema.names)})")
         f = claims.field(name)
-        if pa.types.is_dictionary(f.type):
+        if dictionary and claims.fmt == "parquet" and name in DICTIONARY_COLUMNS:
+            f = pa.field(name, pa.dictionary(pa.int32(), pa.string()))
+        elif pa.types.is_dictionary(f.type):
             f = pa.field(name, f.type.value_type)
         fields.append(f)
     return fields
@@ -160,7 +163,7 @@ def run(args) -> int:
     if args.accumulators_out:
         common.not_csv(args.accumulators_out, "accumulators")
     claims = ClaimsFile(args.claims, args.batch_size)
-    keep = keep_fields(claims, args.keep_columns)
+    keep = keep_fields(claims, args.keep_columns, dictionary=file_format(args.output) == "parquet")
     outputs = Outputs(inputs=[claims.path, args.accumulators_in])
     for path in (args.output, args.accumulators_out, args.summary_json):
         if path:
