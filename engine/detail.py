@@ -95,7 +95,7 @@ def _mismatch(c: pa.Table) -> pa.Array:
     s = parts[0]
     for p in parts[1:]:
         s = pc.add(s, p)
-    sum_text = _join(f"total_amount ", _text(total), " != ", _text(s), " = ",
+    sum_text = _join("total_amount ", _text(total), " != ", _text(s), " = ",
                      *[x for (short, _), p in zip(_PARTS, parts) for x in (f"{short} ", _text(p), " + ")][:-1])
     class_b = c.column("in_scope_class_b_amount").combine_chunks()
     b_text = _join("in_scope_class_b_amount ", _text(class_b), " > in_scope_amount ", _text(parts[3]))

@@ -305,7 +305,7 @@ def format_explanation(ex: dict) -> str:
     lines = [f"claim {r['claim_id']}{where}: {r['status']}"]
     dups = ex.get("duplicates") or []
     if dups:
-        lines.append(f"  the first row with this claim_id; later rows with it: "
+        lines.append("  the first row with this claim_id; later rows with it: "
                      + ", ".join(f"row {d['row']} ({d['status']}, not settled)" for d in dups))
     if r["status"] != "ok":
         if ex.get("failed_check"):

@@ -131,7 +131,10 @@ class Outputs:
                 os.replace(tmp, final)
                 folders.add(final.parent)
             for folder in folders:
-                _fsync_path(folder)
+                # Some file systems refuse fsync on a folder (EINVAL); the files are whole and
+                # in place by now, so that is not a failure of the run.
+                with contextlib.suppress(OSError):
+                    _fsync_path(folder)
         except BaseException:
             for tmp in temps.values():
                 with contextlib.suppress(OSError):
@@ -459,7 +462,6 @@ class ClaimsFile:
         self.batch_size = max(1, int(batch_size))
         self.target = CLAIMS_SCHEMA
         self.num_rows: Optional[int] = None
-        self.header: list[str] = []
         if self.fmt == "parquet":
             pf = self._parquet()
             self.file_schema = pf.schema_arrow
@@ -471,7 +473,6 @@ class ClaimsFile:
                 self.num_rows = sum(reader.get_batch(i).num_rows for i in range(reader.num_record_batches))
         else:
             with contextlib.closing(self._open_csv(None)) as reader:
-                self.header = list(reader.schema.names)
                 self.file_schema = self._csv_to_claims_schema(reader.schema)
         self.columns = [n for n in self.target.names if n in self.file_schema.names]
         self.casts = {}

@@ -9,6 +9,7 @@ table shows yuan with thousands separators (`format_yuan`), the JSON fen.
 """
 from __future__ import annotations
 
+import copy
 import json
 from typing import Optional
 
@@ -106,7 +107,7 @@ class Summary:
             return self._final
         empty = {"claims": 0, "persons": 0, "ok": 0, "errors": {}, "amounts_fen": {k: 0 for k in AMOUNTS},
                  "cap_hits": 0}
-        total = json.loads(json.dumps(empty))
+        total = copy.deepcopy(empty)
         policies: dict[Optional[str], dict] = {}
         if self._sums:
             sums = pa.concat_tables(self._sums).group_by(["policy_id", "status"], use_threads=False).aggregate(
@@ -114,7 +115,7 @@ class Summary:
             # A handful of rows (policies x statuses): plain Python from here on.
             for row in sums.to_pylist():
                 pid = row["policy_id"]
-                entry = policies.setdefault(pid, json.loads(json.dumps(empty)))
+                entry = policies.setdefault(pid, copy.deepcopy(empty))
                 count = int(row["count_all_sum"])
                 for target in (entry, total):
                     target["claims"] += count

@@ -45,6 +45,11 @@ from . import explain, generate, policies, settle
 from .common import PROG, eprint
 from .settle import SETTLE_BATCH  # noqa: F401
 
+__all__ = ["ENTRY_POINT_GROUP", "main", "build_parser", "plugins",
+           # re-exported: the file helpers tests and benchmarks import from the command line
+           "ClaimsFile", "CliError", "SETTLE_BATCH", "batch_bounds", "rebatch", "tail_sizes", "to_csv_table",
+           "write_table"]
+
 ENTRY_POINT_GROUP = "medsettle.commands"
 BUILTIN = (settle, generate, policies, explain)
 

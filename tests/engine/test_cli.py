@@ -5,20 +5,16 @@ out-of-order files, `policies check`, `explain`, and errors as one
 line on stderr with exit code 2."""
 from __future__ import annotations
 
-import re
 import shutil
-import sys
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.csv as pcsv
 import pyarrow.parquet as pq
 import pytest
 
 import engine
 from engine.cli import ClaimsFile, main, to_csv_table
-from engine.schema import format_yuan
 from engine.generate import generate_claims
 
 N = 6000

@@ -9,8 +9,6 @@ import types
 from importlib.metadata import EntryPoint
 from pathlib import Path
 
-import pytest
-
 import engine.cli as cli
 from engine.cli import main
 
