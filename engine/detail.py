@@ -130,7 +130,7 @@ def _identities_text(col) -> pa.Array:
     return pc.if_else(pc.equal(joined, ""), pa.scalar("none"), joined)
 
 
-def _policy_rows(c: pa.Table, policies: Optional[PolicySet]) -> Optional[pa.Array]:
+def policy_rows(c: pa.Table, policies: Optional[PolicySet]) -> Optional[pa.Array]:
     """Per row, the index of its policy (region, scheme, settle_time's year) in `policies`."""
     if policies is None or not policies.policies:
         return None
@@ -140,18 +140,8 @@ def _policy_rows(c: pa.Table, policies: Optional[PolicySet]) -> Optional[pa.Arra
     return pc.index_in(mine, value_set=keys)
 
 
-def policy_of(claims, policies: PolicySet) -> pa.Array:
-    """Per claim, the id of the policy its region, scheme and settle_time's year name (null if
-    none): the policy an error row belongs to, which its result does not carry."""
-    c = claims if isinstance(claims, pa.Table) else pa.Table.from_batches([claims])
-    which = _policy_rows(c, policies)
-    if which is None:
-        return pa.nulls(c.num_rows, pa.string())
-    return pa.array([p.id for p in policies.policies], pa.string()).take(which)
-
-
 def _policy_ids(c: pa.Table, policy_id: pa.Array, policies: Optional[PolicySet]) -> pa.Array:
-    which = _policy_rows(c, policies)
+    which = policy_rows(c, policies)
     if which is None:
         return _text(policy_id)
     ids = pa.array([p.id for p in policies.policies], pa.string())
@@ -161,7 +151,7 @@ def _policy_ids(c: pa.Table, policy_id: pa.Array, policies: Optional[PolicySet])
 def _unknown_identity(c: pa.Table, policy_id: pa.Array, policies: Optional[PolicySet]) -> pa.Array:
     text = _join("identities [", _identities_text(c.column("identities")), "] include one that policy ",
                  _policy_ids(c, policy_id, policies), " does not declare")
-    which = _policy_rows(c, policies)
+    which = policy_rows(c, policies)
     if which is None:
         return text
     declared = pa.array([", ".join(p.identities) or "none" for p in policies.policies], pa.string())

@@ -113,7 +113,7 @@ def _finisher(settler: Settler, keep: list[pa.Field], summary: Summary, progress
 
     def finish(item: tuple[pa.RecordBatch, pa.RecordBatch]) -> pa.RecordBatch:
         res, claims = item
-        summary.add(res, claims, policies)
+        summary.add(res, claims)
         out = with_detail(res, claims, policies, names)
         for f in keep:
             i = out.schema.get_field_index(f.name)
@@ -131,7 +131,7 @@ def settle_file(args, ps, acc_in, claims: ClaimsFile, outputs: Outputs, keep: li
     settler = Settler(ps, accumulators=acc_in, expected_claims=claims.num_rows or 0)
     total = claims.num_rows  # None for CSV: a count without a bar
     progress = Progress(total, "settle", progress_enabled(args.progress, total))
-    summary = Summary()
+    summary = Summary(settler)
     columns = claims.columns + [f.name for f in keep if f.name not in claims.columns]
     if streamed:
         batches: Iterable = prefetch(with_bounds(claims.batches(columns)))  # read ahead while the kernel works

@@ -43,9 +43,9 @@ def run_summary(tmp_path_factory, claims):
     return out.getvalue(), json.loads((d / "s.json").read_text())
 
 
-def expected_figures(ps, claims):
+def expected_figures(ps, claims, accumulators=None):
     """Per policy id (an error row under the policy of its region, scheme and year), by hand."""
-    res = engine.settle(claims, ps).results.to_pylist()
+    res = engine.settle(claims, ps, accumulators=accumulators).results.to_pylist()
     by_key = {(p.region, p.scheme, p.year): p.id for p in ps.policies}
     per = defaultdict(lambda: {"claims": 0, "ok": 0, "errors": Counter(), "persons": set(), "cap_hits": 0,
                                "amounts_fen": Counter()})
@@ -67,9 +67,7 @@ def expected_figures(ps, claims):
     return per
 
 
-def test_json_figures(ps, claims, run_summary):
-    _, got = run_summary
-    want = expected_figures(ps, claims)
+def assert_figures(got, want):
     rows = {p["policy_id"]: p for p in got["policies"]}
     assert set(rows) == set(want) - {"total"}
     for pid, g in [*rows.items(), ("total", got)]:
@@ -80,6 +78,41 @@ def test_json_figures(ps, claims, run_summary):
         assert g["amounts_fen"] == {a: w["amounts_fen"][a] for a in AMOUNTS}, pid
         assert all(isinstance(v, int) for v in g["amounts_fen"].values())
     assert list(got["errors"]) == [c for c in engine.STATUSES if c in got["errors"]]  # spec order
+
+
+def test_json_figures(ps, claims, run_summary):
+    _, got = run_summary
+    assert_figures(got, expected_figures(ps, claims))
+
+
+def test_persons_with_carried_accumulators(ps, claims, tmp_path):
+    """Persons come from the settler's key table; keys carried in are not this file's persons
+    unless one of its claims names them, and a person with error rows only still counts."""
+    first, second = claims.slice(0, N // 2), claims.slice(N // 2)
+    pq.write_table(first, tmp_path / "a.parquet")
+    pq.write_table(second, tmp_path / "b.parquet")
+    assert main(["settle", str(tmp_path / "a.parquet"), "-o", str(tmp_path / "ra.parquet"),
+                 "--accumulators-out", str(tmp_path / "acc.parquet")]) == 0
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main(["settle", str(tmp_path / "b.parquet"), "-o", str(tmp_path / "rb.parquet"), "--batch-size",
+                     "700", "--accumulators-in", str(tmp_path / "acc.parquet"),
+                     "--summary-json", str(tmp_path / "s.json")]) == 0
+    got = json.loads((tmp_path / "s.json").read_text())
+    acc = pq.read_table(tmp_path / "acc.parquet")
+    carried = set(acc.column("person_id").to_pylist())
+    here = {p for p in second.column("person_id").to_pylist() if p is not None}
+    assert carried - here and carried & here  # both kinds of carried key are there
+    assert got["persons"] == len(here)
+    assert_figures(got, expected_figures(ps, second, accumulators=acc))
+
+
+def test_summary_without_a_settler(ps, claims):
+    """Results settled elsewhere: every row's (policy, person) is counted, the same figures."""
+    settled = engine.settle(claims, ps).results.combine_chunks()
+    s = Summary(policies=ps)
+    for res, cl in zip(settled.to_batches(max_chunksize=3000), claims.combine_chunks().to_batches(max_chunksize=3000)):
+        s.add(res, cl)
+    assert_figures(s.figures(), expected_figures(ps, claims))
 
 
 def test_table_in_yuan(ps, claims, run_summary):
