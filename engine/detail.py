@@ -170,59 +170,86 @@ def _no_rule(c: pa.Table, policy_id: pa.Array, policies: Optional[PolicySet]) ->
                  _text(c.column("referred").combine_chunks().fill_null(False)))
 
 
+_PLACE = ("region", "scheme", "settle_time")
+#: The claim columns each status's sentence reads: only those are taken for its rows.
+_READS = {
+    "MISSING_FIELD": REQUIRED_COLUMNS,
+    "INVALID_VALUE": tuple(name for name, _ in _ENUMS),
+    "INVALID_AMOUNT": AMOUNT_COLUMNS,
+    "AMOUNT_OUT_OF_RANGE": (*AMOUNT_COLUMNS, "person_id", *_PLACE),
+    "AMOUNT_MISMATCH": AMOUNT_COLUMNS,
+    "UNKNOWN_POLICY": _PLACE,
+    "UNKNOWN_IDENTITY": ("identities", *_PLACE),
+    "DUPLICATE_CLAIM": ("claim_id",),
+    "NO_BENEFIT_RULE": ("visit_type", "facility_level", "locality", "referred", *_PLACE),
+}
+_SENTENCE = {
+    "MISSING_FIELD": lambda c, pid, policies: _missing(c),
+    "INVALID_VALUE": lambda c, pid, policies: _invalid_value(c),
+    "INVALID_AMOUNT": lambda c, pid, policies: _invalid_amount(c),
+    "AMOUNT_OUT_OF_RANGE": lambda c, pid, policies: _out_of_range(c),
+    "AMOUNT_MISMATCH": lambda c, pid, policies: _mismatch(c),
+    "UNKNOWN_POLICY": lambda c, pid, policies: _unknown_policy(c),
+    "UNKNOWN_IDENTITY": _unknown_identity,
+    "DUPLICATE_CLAIM": lambda c, pid, policies: _duplicate(c),
+    "NO_BENEFIT_RULE": _no_rule,
+}
+_STATUS_CODE = {name: i for i, name in enumerate(STATUSES)}
+
+
+def _status_codes(status) -> tuple[np.ndarray, list[str]]:
+    """Per row, a code into the returned names (STATUSES first): off a dictionary array's
+    indices through its few entries, else one lookup per row."""
+    if not pa.types.is_dictionary(status.type):
+        status = status.dictionary_encode()
+    names = list(STATUSES)
+    remap = []
+    for name in status.dictionary.cast(pa.string()).to_pylist():
+        if name not in _STATUS_CODE and name not in names:
+            names.append(name)
+        remap.append(names.index(name))
+    remap.append(len(names))  # a null status: not ok, said as "status null"
+    names.append("null")
+    return np.asarray(remap, dtype=np.intp)[np.asarray(status.indices.fill_null(len(remap) - 1))], names
+
+
 def status_detail(claims, results, policies: Optional[PolicySet] = None) -> pa.Array:
     """A string array, one per row: null where the status is ok, else one sentence naming the
     field and the values that failed (`claims` and `results` row-aligned, as `engine.settle`
-    gives them; `policies` adds the declared identities to UNKNOWN_IDENTITY)."""
+    gives them; `policies` adds the declared identities to UNKNOWN_IDENTITY).
+
+    Its cost follows the error rows: they are found from the status codes (one pass over
+    small integers), grouped by status, and only their rows of only the columns each
+    sentence reads are taken; a batch of valid claims costs that one pass."""
     status = results.column("status")
     if isinstance(status, pa.ChunkedArray):
         status = status.combine_chunks()
     n = len(status)
-    if pa.types.is_dictionary(status.type):  # compare codes, not a string per row
-        ok = pc.index_in(pa.scalar("ok"), value_set=status.dictionary.cast(pa.string())).as_py()
-        is_error = (pc.not_equal(status.indices, pa.scalar(ok, status.indices.type)) if ok is not None
-                    else pa.array(np.ones(n, dtype=bool)))
-        if not pc.any(is_error).as_py():
-            return pa.nulls(n, pa.string())
-    else:
-        is_error = pc.not_equal(status, "ok")
-        if not pc.any(is_error).as_py():
-            return pa.nulls(n, pa.string())
-    rows = np.flatnonzero(np.asarray(is_error.fill_null(True)))
+    codes, names = _status_codes(status)
+    rows = np.flatnonzero(codes != _STATUS_CODE["ok"])
+    if not len(rows):
+        return pa.nulls(n, pa.string())
     claims_t = claims if isinstance(claims, pa.Table) else pa.Table.from_batches([claims])
-    errors = claims_t.take(rows)
-    codes = status.take(rows)
-    if pa.types.is_dictionary(codes.type):
-        codes = codes.cast(pa.string())
     policy_id = results.column("policy_id")
-    policy_id = (policy_id.combine_chunks() if isinstance(policy_id, pa.ChunkedArray) else policy_id).take(rows)
-    texts, where = [], []
-    for code in STATUSES[1:]:
-        sel = np.flatnonzero(np.asarray(pc.equal(codes, code)))
-        if not len(sel):
-            continue
-        c, pid = errors.take(sel), policy_id.take(sel)
-        text = {
-            "MISSING_FIELD": lambda: _missing(c),
-            "INVALID_VALUE": lambda: _invalid_value(c),
-            "INVALID_AMOUNT": lambda: _invalid_amount(c),
-            "AMOUNT_OUT_OF_RANGE": lambda: _out_of_range(c),
-            "AMOUNT_MISMATCH": lambda: _mismatch(c),
-            "UNKNOWN_POLICY": lambda: _unknown_policy(c),
-            "UNKNOWN_IDENTITY": lambda: _unknown_identity(c, pid, policies),
-            "DUPLICATE_CLAIM": lambda: _duplicate(c),
-            "NO_BENEFIT_RULE": lambda: _no_rule(c, pid, policies),
-        }[code]()
+    if isinstance(policy_id, pa.ChunkedArray):
+        policy_id = policy_id.combine_chunks()
+    # error rows grouped by status, in row order within each (a stable sort of a few codes)
+    rows = rows[np.argsort(codes[rows], kind="stable")]
+    kinds, starts = np.unique(codes[rows], return_index=True)
+    texts = []
+    for code, lo, hi in zip(kinds.tolist(), starts.tolist(), [*starts[1:].tolist(), len(rows)]):
+        these = pa.array(rows[lo:hi])
+        name = names[code]
+        if name in _SENTENCE:
+            c = claims_t.select(list(_READS[name])).take(these)
+            text = _SENTENCE[name](c, policy_id.take(these), policies)
+        else:  # a status this module does not know (a newer kernel): say so rather than nothing
+            text = pa.array([f"status {name}"] * (hi - lo), pa.string())
         texts.append(text.cast(pa.string()))
-        where.append(sel)
-    known = np.concatenate(where) if where else np.zeros(0, np.int64)
-    unknown = np.setdiff1d(np.arange(len(rows)), known)
-    if len(unknown):  # a status this module does not know (a newer kernel): say so rather than nothing
-        texts.append(_join("status ", codes.take(unknown)))
-        where.append(unknown)
-    order = np.argsort(np.concatenate(where), kind="stable")
-    values = pa.concat_arrays(texts).take(order)
-    return pc.replace_with_mask(pa.nulls(n, pa.string()), is_error.fill_null(True), values)
+    values = pa.concat_arrays(texts).take(pa.array(np.argsort(rows, kind="stable")))
+    mask = np.zeros(n, dtype=bool)
+    mask[rows] = True
+    return pc.replace_with_mask(pa.nulls(n, pa.string()), pa.array(mask), values)
 
 
 def with_detail(results: pa.RecordBatch, claims, policies: Optional[PolicySet] = None,
