@@ -107,7 +107,7 @@ def _settled(settler: Settler, batches: Iterable[pa.RecordBatch],
 
 def _finisher(settler: Settler, keep: list[pa.Field], summary: Summary, progress: Progress):
     """The results as written, with status_detail and the kept columns, feeding the summary
-    (run on the pipeline's transform thread, one batch at a time, in order)."""
+    (run on the pipeline's writer thread, one batch at a time, in order)."""
     names = [f.name for f in keep]
     policies = settler.compiled.policy_set
 
