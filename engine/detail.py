@@ -55,38 +55,85 @@ def _any_of(pieces: list, sep: str, n: int) -> pa.Array:
     return out
 
 
-def _when(mask: pa.Array, text) -> Optional[pa.Array]:
+def _column(c, name: str) -> pa.Array:
+    col = c.column(name)
+    return col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+
+
+def _valid(arr: pa.Array) -> np.ndarray:
+    """The validity of `arr` as numpy bools, off its bitmap (no compute call: the error rows of
+    a batch are few, so each call's fixed cost is most of what a check costs)."""
+    if not arr.null_count:
+        return np.ones(len(arr), dtype=bool)
+    bits = np.unpackbits(np.frombuffer(arr.buffers()[0], dtype=np.uint8), count=arr.offset + len(arr),
+                         bitorder="little")
+    return bits[arr.offset:].astype(bool)
+
+
+def _values(arr: pa.Array) -> np.ndarray:
+    """The values buffer of a fixed-width array (what sits under a null is arbitrary: mask it)."""
+    dtype = arr.type.to_pandas_dtype()
+    return np.frombuffer(arr.buffers()[1], dtype=dtype, count=arr.offset + len(arr))[arr.offset:]
+
+
+def _when(mask: np.ndarray, text) -> Optional[pa.Array]:
     """`text()` where `mask`, else null; None when no row is masked (text() is then not built)."""
-    if not pc.any(mask).as_py():
+    if not mask.any():
         return None
-    return pc.if_else(mask, text(), pa.scalar(None, pa.string()))
+    return pc.if_else(pa.array(mask), text(), pa.scalar(None, pa.string()))
 
 
 def _missing(c: pa.Table) -> pa.Array:
-    names = _any_of([_when(pc.is_null(c.column(n).combine_chunks()), lambda n=n: pa.array([n] * c.num_rows, pa.string()))
-                     for n in REQUIRED_COLUMNS if c.column(n).null_count], ", ", c.num_rows)
-    return _join(names, " is null; a required field")
+    """The null required fields of each row, named in one sentence built once per pattern of
+    nulls (a handful), not once per row."""
+    nulls = [(name, ~_valid(col)) for name in REQUIRED_COLUMNS if (col := _column(c, name)).null_count]
+    if not nulls:
+        return pa.nulls(c.num_rows, pa.string())
+    pattern = np.zeros(c.num_rows, dtype=np.int64)
+    for bit, (_, null) in enumerate(nulls):
+        pattern |= null.astype(np.int64) << bit
+    kinds, inverse = np.unique(pattern, return_inverse=True)
+    texts = [", ".join(name for bit, (name, _) in enumerate(nulls) if k >> bit & 1) + " is null; a required field"
+             if k else None for k in kinds.tolist()]
+    return pa.array(texts, pa.string()).take(pa.array(inverse.reshape(-1)))
+
+
+def _not_in(col: pa.Array, values: tuple[str, ...]) -> np.ndarray:
+    """Rows whose non-null value is not one of `values`: a dictionary column is checked on its
+    few entries, then its indices."""
+    valid = _valid(col)
+    if pa.types.is_dictionary(col.type):
+        entries = col.dictionary.cast(pa.string()).to_pylist()
+        bad_entry = np.array([v not in values for v in entries] + [False], dtype=bool)
+        indices = np.where(valid, _values(col.indices), len(entries))
+        return bad_entry[indices]
+    return ~np.asarray(pc.is_in(col, value_set=pa.array(values)).fill_null(True), dtype=bool) & valid
 
 
 def _invalid_value(c: pa.Table) -> pa.Array:
     pieces = []
     for name, values in _ENUMS:
-        col = _text(c.column(name))
-        bad = pc.and_(pc.invert(pc.is_in(col, value_set=pa.array(values))), pc.is_valid(c.column(name).combine_chunks()))
-        pieces.append(_when(bad, lambda name=name, col=col, values=values: _join(
-            f"{name} '", col, f"' is not one of {', '.join(values)}")))
+        col = _column(c, name)
+        pieces.append(_when(_not_in(col, values), lambda name=name, col=col, values=values: _join(
+            f"{name} '", _text(col), f"' is not one of {', '.join(values)}")))
     return _any_of(pieces, "; ", c.num_rows)
 
 
+def _amount_outside(c: pa.Table, name: str, low: bool) -> np.ndarray:
+    col = _column(c, name)
+    values = _values(col)
+    return _valid(col) & ((values < 0) if low else (values > MAX_AMOUNT))
+
+
 def _invalid_amount(c: pa.Table) -> pa.Array:
-    pieces = [_when(pc.less(c.column(n).combine_chunks(), 0).fill_null(False),
+    pieces = [_when(_amount_outside(c, n, low=True),
                     lambda n=n: _join(f"{n} ", _text(c.column(n)), " < 0 (a reversal goes through the server's Reverse)"))
               for n in AMOUNT_COLUMNS]
     return _any_of(pieces, "; ", c.num_rows)
 
 
 def _out_of_range(c: pa.Table) -> pa.Array:
-    pieces = [_when(pc.greater(c.column(n).combine_chunks(), MAX_AMOUNT).fill_null(False),
+    pieces = [_when(_amount_outside(c, n, low=False),
                     lambda n=n: _join(f"{n} ", _text(c.column(n)), " > 10^12 fen, the largest claim amount"))
               for n in AMOUNT_COLUMNS]
     amounts = _any_of(pieces, "; ", c.num_rows)
@@ -170,18 +217,18 @@ def _no_rule(c: pa.Table, policy_id: pa.Array, policies: Optional[PolicySet]) ->
                  _text(c.column("referred").combine_chunks().fill_null(False)))
 
 
-_PLACE = ("region", "scheme", "settle_time")
+PLACE_COLUMNS = ("region", "scheme", "settle_time")  # what policy_rows reads
 #: The claim columns each status's sentence reads: only those are taken for its rows.
 _READS = {
     "MISSING_FIELD": REQUIRED_COLUMNS,
     "INVALID_VALUE": tuple(name for name, _ in _ENUMS),
     "INVALID_AMOUNT": AMOUNT_COLUMNS,
-    "AMOUNT_OUT_OF_RANGE": (*AMOUNT_COLUMNS, "person_id", *_PLACE),
+    "AMOUNT_OUT_OF_RANGE": (*AMOUNT_COLUMNS, "person_id", *PLACE_COLUMNS),
     "AMOUNT_MISMATCH": AMOUNT_COLUMNS,
-    "UNKNOWN_POLICY": _PLACE,
-    "UNKNOWN_IDENTITY": ("identities", *_PLACE),
+    "UNKNOWN_POLICY": PLACE_COLUMNS,
+    "UNKNOWN_IDENTITY": ("identities", *PLACE_COLUMNS),
     "DUPLICATE_CLAIM": ("claim_id",),
-    "NO_BENEFIT_RULE": ("visit_type", "facility_level", "locality", "referred", *_PLACE),
+    "NO_BENEFIT_RULE": ("visit_type", "facility_level", "locality", "referred", *PLACE_COLUMNS),
 }
 _SENTENCE = {
     "MISSING_FIELD": lambda c, pid, policies: _missing(c),

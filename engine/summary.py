@@ -16,6 +16,7 @@ fen; the table shows yuan with thousands separators (`format_yuan`), the JSON fe
 from __future__ import annotations
 
 import json
+import sys
 from typing import Optional
 
 import numpy as np
@@ -23,7 +24,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from . import _kernel
-from .detail import policy_rows
+from .detail import PLACE_COLUMNS, policy_rows
 from .model import PolicySet
 from .schema import FUND_COLUMNS, STATUSES, format_yuan
 from .settle import Settler
@@ -70,17 +71,22 @@ def _keys_binary(starts: np.ndarray, arena: np.ndarray, first: int) -> pa.Array:
 
 
 def _key_policies(starts: np.ndarray, arena: np.ndarray) -> np.ndarray:
-    """Each key's policy index (its first 4 bytes)."""
-    at = starts[:-1, None] + np.arange(4)
-    return np.ascontiguousarray(arena[at]).view(np.int32).reshape(-1)
+    """Each key's policy index (its first 4 bytes, native int32), byte by byte: four gathers of
+    one byte per key cost less than one of a [keys, 4] index."""
+    at = starts[:-1]
+    out = np.zeros(len(at), dtype=np.uint32)
+    for b in range(4):
+        out |= arena[at + b].astype(np.uint32) << np.uint32(8 * (b if sys.byteorder == "little" else 3 - b))
+    return out.view(np.int32)
 
 
 def _key_persons(starts: np.ndarray, arena: np.ndarray, first: int) -> pa.Array:
     """The person_id bytes of keys [first, count), without their policy prefixes."""
     starts = starts[first:]
     keep = np.ones(int(starts[-1] - starts[0]), dtype=bool)
-    prefix = (starts[:-1, None] - starts[0] + np.arange(4)).reshape(-1)
-    keep[prefix] = False
+    at = starts[:-1] - starts[0]
+    for b in range(4):
+        keep[at + b] = False
     data = arena[starts[0]:starts[-1]][keep]
     offsets = starts - starts[0] - 4 * np.arange(len(starts), dtype=np.int64)
     return pa.LargeBinaryArray.from_buffers(pa.large_binary(), len(starts) - 1,
@@ -159,7 +165,7 @@ class Summary:
         if claims is not None and self._policies is not None and len(errors):
             unplaced = errors[policy[errors] == 0]
             if len(unplaced):
-                which = policy_rows(claims.take(pa.array(unplaced)), self._policies)
+                which = policy_rows(claims.select(list(PLACE_COLUMNS)).take(pa.array(unplaced)), self._policies)
                 policy[unplaced] = np.asarray(which.fill_null(-1), dtype=np.intp) + 1
         n_status = self._counts.shape[1]
         key = policy * n_status + status
