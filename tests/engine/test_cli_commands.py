@@ -3,6 +3,7 @@ the entry-point group `medsettle.commands`, a package that fails to load is name
 command runs, a built-in is never replaced, and engine imports no server module."""
 from __future__ import annotations
 
+import importlib.metadata
 import subprocess
 import sys
 import types
@@ -74,7 +75,7 @@ def test_installed_entry_points_are_read(monkeypatch):
         seen["group"] = group
         return []
 
-    monkeypatch.setattr(cli, "entry_points", fake)
+    monkeypatch.setattr(importlib.metadata, "entry_points", fake)
     assert cli.plugins() == [] and seen == {"group": "medsettle.commands"}
 
 

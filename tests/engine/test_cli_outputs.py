@@ -156,7 +156,7 @@ def test_generate_failure_leaves_nothing(capsys, tmp_path, monkeypatch):
     def broken(*a, **k):
         raise OSError("no space left")
 
-    monkeypatch.setattr("engine.cli.generate.write_persons", broken)
+    monkeypatch.setattr("engine.generate.write_persons", broken)
     code, _, err = run(capsys, "generate", "-o", tmp_path / "g.parquet", "--claims", 300, "--seed", 1,
                        "--persons", tmp_path / "p.parquet")
     one_error(code, err, "no space left")
