@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import collections
 import time
-from concurrent.futures import ThreadPoolExecutor
 from typing import Iterable, Iterator
 
 import pyarrow as pa
@@ -185,14 +184,10 @@ def run(args) -> int:
                           f"chunk")
             result = settle_file(args, ps, acc_in, claims, outputs, keep, streamed=False)
         settler, summary = result
-        # The summary's last sums (a group_by of the (policy, person) pairs: 0.07-0.10 s at 1M
-        # claims) overlap the writing of the accumulators instead of following it.
-        with ThreadPoolExecutor(1, thread_name_prefix="medsettle-summary") as pool:
-            figures = pool.submit(summary.figures)
-            if args.accumulators_out:
-                write_table(settler.accumulators(dictionary=file_format(args.accumulators_out) == "parquet"),
-                            args.accumulators_out, compression=args.compression, outputs=outputs)
-            figures.result()
+        summary.figures()  # the persons from the settler's key table: 0.014-0.024 s at 1M claims
+        if args.accumulators_out:
+            write_table(settler.accumulators(dictionary=file_format(args.accumulators_out) == "parquet"),
+                        args.accumulators_out, compression=args.compression, outputs=outputs)
         elapsed = time.perf_counter() - t0
         if args.summary_json:
             write_text(args.summary_json, summary.to_json(), outputs)
