@@ -1,26 +1,50 @@
-"""Why a claim was paid what it was: the kernel's own trace of one claim, in words.
+"""Why a claim was paid what it was: the kernel's own trace of one claim, in the office's words.
 
 `explain` settles the call with the kernel recording the chosen claim's steps
 (rule per layer, deductible, axis slice, ratios, cap, accumulators before and
-after), so the explanation can never drift from the calculation.
+after), so the explanation can never drift from the calculation. Around the
+numbers it puts what an office checks them against: each rule as its
+conditions are written in the policy file, with the source comment of each
+number (`# seed 002: …`, `# assumed: …`), rules numbered from 1 as a reader
+counts them, the adjustments whose conditions the claim meets, the failed
+check of an error claim, and the rows of a duplicated claim id.
 """
 from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import yaml
 
 from . import _kernel
 from .arrow_io import build_results
-from .compile import CompiledPolicies
-from .model import BP, KIND_CLASS_RATIO, KIND_FIXED_AMOUNT, KIND_MAX_PERSONAL_SHARE, Rule
+from .compile import CompiledPolicies, encode_category
+from .detail import status_detail
+from .model import BP, KIND_CLASS_RATIO, KIND_FIXED_AMOUNT, KIND_MAX_PERSONAL_SHARE, Match, Policy, Rule
 from .schema import format_yuan as _yuan
 from .settle import Settler, _one_batch
+
+# --------------------------------------------------------------------------- the kernel's trace (one place)
 
 T = {name: i for i, name in enumerate(
     ("rule", "base", "deductible_rule", "factor_g", "deductible", "start", "end", "ratio_replace", "ratio_add",
      "raw", "cap", "paid_before", "pay", "deductible_charged", "repeat_factor"))}
 assert len(T) == _kernel.TRACE_NFIELDS
+
+
+def _traced(settler: Settler, batch: pa.RecordBatch, row: int) -> tuple[dict, list[dict], np.ndarray, Any]:
+    """Settle `batch` as one chunk recording `row`: (its result, one dict of steps per layer of the
+    trace, the key's state rows before and after, the chunk). Everything explain reads of the
+    kernel's trace is read here."""
+    chunk = settler.prepare(batch)
+    kernel_out = settler.run_kernel(chunk, trace_row=row)
+    results = build_results(chunk.prep, settler.compiled, kernel_out, False)
+    trace = kernel_out.trace
+    steps = [{k: int(trace[li, i]) for k, i in T.items()} for li in range(trace.shape[0])]
+    return results, steps, kernel_out.trace_acc, chunk
 
 
 def _pct(bp: int) -> str:
@@ -54,43 +78,202 @@ def _segments_crossed(rule: Rule, step: dict) -> list[dict]:
     return out
 
 
-def explain(claims, policies, claim_id: str, accumulators: pa.Table | None = None) -> dict:
-    """The step-by-step settlement of `claim_id` within its call (a table, settled as one chunk)."""
+# --------------------------------------------------------------------------- the policy file as written
+
+
+def _comment(line: str) -> Optional[str]:
+    """The trailing `# ...` of a YAML line (a '#' inside quotes is text), without the '#'."""
+    quote = None
+    for i, ch in enumerate(line):
+        if quote:
+            if ch == quote:
+                quote = None
+        elif ch in "'\"":
+            quote = ch
+        elif ch == "#" and (i == 0 or line[i - 1] in " \t"):
+            return line[i + 1:].strip() or None
+    return None
+
+
+class PolicySource:
+    """A policy file's YAML nodes by key path: the text of a value as written and the comment
+    on its line. Read with PyYAML's composer (nodes keep their position in the text)."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self.text = self.path.read_text(encoding="utf-8")
+        self.lines = self.text.splitlines()
+        self.root = yaml.compose(self.text, Loader=yaml.SafeLoader)
+
+    @classmethod
+    def of(cls, policy: Policy) -> Optional["PolicySource"]:
+        """The source of a policy loaded from a file; None for one built in memory."""
+        if not policy.path or not Path(policy.path).is_file():
+            return None
+        try:
+            return cls(policy.path)
+        except (OSError, yaml.YAMLError):
+            return None
+
+    def node(self, *keys) -> Optional[yaml.Node]:
+        n = self.root
+        for k in keys:
+            if isinstance(n, yaml.MappingNode) and isinstance(k, str):
+                n = next((v for key, v in n.value if getattr(key, "value", None) == k), None)
+            elif isinstance(n, yaml.SequenceNode) and isinstance(k, int) and 0 <= k < len(n.value):
+                n = n.value[k]
+            else:
+                return None
+            if n is None:
+                return None
+        return n
+
+    def written(self, node: yaml.Node) -> str:
+        """The value as written, on one line (a block mapping's lines joined by '; ')."""
+        raw = self.text[node.start_mark.index:node.end_mark.index]
+        parts = [ln.split(" #")[0].strip() for ln in raw.splitlines()]
+        return "; ".join(p for p in parts if p and not p.startswith("#"))
+
+    def comment(self, node: yaml.Node) -> Optional[str]:
+        return _comment(self.lines[node.start_mark.line]) if node.start_mark.line < len(self.lines) else None
+
+
+def _match_text(m: Match) -> str:
+    """A Match as a policy file would write it (for policies built in memory)."""
+    parts = []
+    for key in ("visit_type", "facility_level", "locality", "referred", "identity", "holds", "disease_group",
+                "min_age", "max_age"):
+        v = getattr(m, key)
+        if v is None:
+            continue
+        parts.append(f"{key}: [{', '.join(v)}]" if isinstance(v, tuple) else f"{key}: {str(v).lower()}")
+    return "{" + ", ".join(parts) + "}"
+
+
+def _numbers(src: Optional[PolicySource], path: tuple, rule_or_adj, layer) -> list[dict]:
+    """The numbers of a rule or adjustment as written in the file (yuan, fractions), each with its
+    line's comment; a rule's cap group with the group's annual cap."""
+    out = []
+    node = src.node(*path) if src else None
+    if node is not None and isinstance(node, yaml.MappingNode):
+        def walk(n, key_path):
+            if isinstance(n, yaml.ScalarNode):
+                if n.tag.rsplit(":", 1)[-1] not in ("int", "float"):
+                    return  # a name or a flag (axis: year), not a number
+                out.append({"key": key_path, "value": n.value, "comment": src.comment(n)})
+            elif isinstance(n, yaml.MappingNode):
+                for k, v in n.value:
+                    walk(v, f"{key_path}.{k.value}" if key_path else k.value)
+            elif isinstance(n, yaml.SequenceNode):
+                for i, v in enumerate(n.value):
+                    walk(v, f"{key_path}[{i + 1}]")
+
+        for k, v in node.value:
+            if k.value not in ("match", "cap_group"):
+                walk(v, k.value)
+    cap_group = getattr(rule_or_adj, "cap_group", None)
+    if cap_group is not None:
+        cap = src.node("layers", path[1], "cap_groups", cap_group) if src else None
+        out.append({"key": f"cap_group {cap_group}", "value": cap.value if cap is not None else
+                    _yuan(layer.cap_groups[cap_group]), "comment": src.comment(cap) if cap is not None else None,
+                    "unit": "yuan a year"})
+    return out
+
+
+def _conditions(src: Optional[PolicySource], path: tuple, match: Match) -> dict:
+    node = src.node(*path, "match") if src else None
+    if node is None:
+        return {"conditions": _match_text(match), "comment": None}
+    return {"conditions": src.written(node), "comment": src.comment(node)}
+
+
+def _holds(m: Match, claim: dict, effective: Optional[str], policy: Policy) -> bool:
+    """Section 6.3 for one claim (the kernel's masks do it for every claim of a chunk)."""
+    for key in ("visit_type", "facility_level", "locality"):
+        if getattr(m, key) is not None and claim[key] not in getattr(m, key):
+            return False
+    if m.referred is not None and bool(claim["referred"]) != m.referred:
+        return False
+    if m.identity is not None and effective not in m.identity:
+        return False
+    if m.holds is not None and not set(claim["identities"] or ()) & set(m.holds):
+        return False
+    age = claim["age"]
+    if (m.min_age is not None or m.max_age is not None) and age is None:
+        return False
+    if (m.min_age is not None and age < m.min_age) or (m.max_age is not None and age > m.max_age):
+        return False
+    if m.disease_group is not None:
+        code = (claim["disease_code"] or "").strip().upper()
+        if len(code) < 3:
+            return False
+        c = encode_category(code)
+        return any(encode_category(lo) <= c <= encode_category(hi)
+                   for g in m.disease_group for lo, hi in policy.disease_groups.get(g, ()))
+    return True
+
+
+# --------------------------------------------------------------------------- explain
+
+
+def explain(claims, policies, claim_id: str, accumulators: pa.Table | None = None,
+            row_numbers: list[int] | None = None) -> dict:
+    """The step-by-step settlement of `claim_id` within its call (a table, settled as one chunk).
+
+    `row_numbers`: the file's row number of each row of `claims` (default: 1, 2, ...), used to
+    say which row was the first with the id and which later ones were duplicates."""
     settler = Settler(policies, accumulators)
     batch = claims if isinstance(claims, pa.RecordBatch) else _one_batch(claims)
     hits = np.nonzero(np.asarray(pc.equal(batch.column("claim_id"), claim_id).fill_null(False)))[0]
     if len(hits) == 0:
         raise KeyError(f"claim_id {claim_id!r} is not in the claims")
+    numbers = list(row_numbers) if row_numbers is not None else list(range(1, batch.num_rows + 1))
     row = int(hits[0])
-    chunk = settler.prepare(batch)
-    kernel_out = settler.run_kernel(chunk, trace_row=row)
-    result = build_results(chunk.prep, settler.compiled, kernel_out, False).slice(row, 1).to_pylist()[0]
-    trace, trace_acc, prep = kernel_out.trace, kernel_out.trace_acc, chunk.prep
+    results, steps, trace_acc, chunk = _traced(settler, batch, row)
+    result = results.slice(row, 1).to_pylist()[0]
     c: CompiledPolicies = settler.compiled
     claim = batch.slice(row, 1).to_pylist()[0]
-    out = {"claim": claim, "result": result, "layers": []}
+    out = {"claim": claim, "result": result, "row": numbers[row], "layers": []}
+    if len(hits) > 1:
+        statuses = results.column("status")
+        out["duplicates"] = [{"row": numbers[int(i)], "status": statuses[int(i)].as_py()} for i in hits[1:]]
     if result["status"] != "ok":
+        detail = status_detail(batch.slice(row, 1), results.slice(row, 1), c.policy_set)
+        out["failed_check"] = detail[0].as_py()
         return out
-    p = int(prep.policy[row])
+    p = int(chunk.prep.policy[row])
     policy = c.policy_set.policies[p]
+    src = PolicySource.of(policy)
     out["policy_id"] = policy.id
+    out["policy_file"] = policy.path or None
     out["compliant_amount"] = result["compliant_personal_pay"] + result["fund_pay_total"]
     columns = c.acc_columns[p]
     values = settler.key_values(trace_acc, p, int(chunk.slot[row]))
     out["accumulators_before"] = _accumulators(trace_acc[0], values[0], columns)
     out["accumulators_after"] = _accumulators(trace_acc[1], values[1], columns)
     for li, layer in enumerate(policy.layers):
-        step = {k: int(trace[li, i]) for k, i in T.items()}
-        entry = {"layer": layer.name, "fund": layer.fund, "base": step["base"]}
+        step = steps[li]
+        entry = {"layer": layer.name, "fund": layer.fund, "base": step["base"], "rules": len(layer.rules)}
         if step["rule"] < 0:
             entry["rule"] = None
             out["layers"].append(entry)
             continue
         rule_index = step["rule"] - int(c.layers["rule_start"][c.policies["layer_start"][p] + li])
         rule = layer.rules[rule_index]
-        entry.update(rule_index=rule_index, kind=rule.kind, cap_group=rule.cap_group, axis=rule.axis,
+        path = ("layers", li, "rules", rule_index)
+        entry.update(rule_index=rule_index, rule_number=rule_index + 1, kind=rule.kind, cap_group=rule.cap_group,
+                     axis=rule.axis, **_conditions(src, path, rule.match),
+                     numbers=_numbers(src, path, rule, layer),
                      raw=step["raw"], pay=step["pay"], paid_before=step["paid_before"],
                      cap=None if step["cap"] < 0 else step["cap"])
+        adjustments = []
+        for ai, adj in enumerate(layer.adjustments):
+            if _holds(adj.match, claim, result["identity"], policy):
+                apath = ("layers", li, "adjustments", ai)
+                adjustments.append({"number": ai + 1, **_conditions(src, apath, adj.match),
+                                    "deductible_factor": adj.deductible_factor, "ratio": adj.ratio,
+                                    "ratio_add": adj.ratio_add, "numbers": _numbers(src, apath, adj, layer)})
+        entry["adjustments"] = adjustments
         if rule.kind not in (KIND_FIXED_AMOUNT, KIND_MAX_PERSONAL_SHARE):
             entry.update(deductible_rule=rule.deductible, repeat_factor=step["repeat_factor"],
                          deductible_after_repeat=step["deductible_rule"], adjustment_factor=step["factor_g"],
@@ -107,27 +290,50 @@ def explain(claims, policies, claim_id: str, accumulators: pa.Table | None = Non
     return out
 
 
+# --------------------------------------------------------------------------- in words
+
+
+def _source(n: dict) -> str:
+    unit = f" {n['unit']}" if n.get("unit") else ""
+    return f"{n['key']}: {n['value']}{unit}" + (f"  -- {n['comment']}" if n.get("comment") else "")
+
+
 def format_explanation(ex: dict) -> str:
     """A plain-text account an office can read out: one block per layer, amounts in yuan."""
     r = ex["result"]
-    lines = [f"claim {r['claim_id']}: {r['status']}"]
+    where = f" (row {ex['row']})" if ex.get("row") else ""
+    lines = [f"claim {r['claim_id']}{where}: {r['status']}"]
+    dups = ex.get("duplicates") or []
+    if dups:
+        lines.append("  the first row with this claim_id; later rows with it: "
+                     + ", ".join(f"row {d['row']} ({d['status']}, not settled)" for d in dups))
     if r["status"] != "ok":
+        if ex.get("failed_check"):
+            lines.append(f"  failed check: {ex['failed_check']}")
         lines.append("  not settled: every amount is 0 and no accumulator changed")
         return "\n".join(lines)
     claim = ex["claim"]
-    lines.append(f"  policy {ex['policy_id']}; person {claim['person_id']}; {claim['visit_type']} at "
+    policy = f"policy {ex['policy_id']}" + (f" ({Path(ex['policy_file']).name})" if ex.get("policy_file") else "")
+    lines.append(f"  {policy}; person {claim['person_id']}; {claim['visit_type']} at "
                  f"{claim['facility_level']} ({claim['locality']}); effective identity: {r['identity'] or 'none'}")
     lines.append(f"  total {_yuan(claim['total_amount'])}; in scope {_yuan(claim['in_scope_amount'])}; "
                  f"compliant amount K {_yuan(ex['compliant_amount'])}")
     b = ex["accumulators_before"]
     lines.append(f"  before: admissions {b['admissions']}, compliant total {_yuan(b['compliant_total'])}")
     for e in ex["layers"]:
-        head = f"  layer {e['layer']} ({e['fund']}): base {_yuan(e['base'])}"
+        head = f"  layer {e['layer']} ({e['fund']} fund): base {_yuan(e['base'])}"
         if "rule_index" not in e:
-            lines.append(head + "; no rule matches, pays 0")
+            lines.append(head + f"; none of its {e['rules']} rules matches, pays 0")
             continue
-        lines.append(head + f"; rule {e['rule_index']} ({e['kind']}, {e['axis']} axis"
-                     + (f", cap group {e['cap_group']}" if e["cap_group"] else "") + ")")
+        lines.append(head + f"; rule {e['rule_number']} of {e['rules']} ({e['kind']}, {e['axis']} axis)")
+        lines.append(f"    when {e['conditions']}" + (f"  -- {e['comment']}" if e.get("comment") else ""))
+        for n in e.get("numbers", ()):
+            lines.append(f"    {_source(n)}")
+        for a in e.get("adjustments", ()):
+            lines.append(f"    adjustment {a['number']} applies: when {a['conditions']}"
+                         + (f"  -- {a['comment']}" if a.get("comment") else ""))
+            for n in a["numbers"]:
+                lines.append(f"      {_source(n)}")
         if "deductible" in e:
             d = f"    deductible {_yuan(e['deductible_rule'])}"
             if e["repeat_factor"] != BP:

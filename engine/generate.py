@@ -59,7 +59,9 @@ from typing import Iterator, Optional
 import numpy as np
 import pyarrow as pa
 
+from engine.files import PARQUET_COMPRESSION, Outputs, open_table_writer, write_table
 from engine.model import Match, Policy, PolicySet
+from engine.pipeline import write_stream
 from engine.schema import (FACILITY_LEVELS, LOCALITIES, MAX_AMOUNT, PERSONS_SCHEMA, REQUIRED_COLUMNS,
                            SCHEMES, VISIT_TYPES)
 
@@ -932,79 +934,29 @@ def generate_persons(policies: PolicySet, n: int, seed: int, year: Optional[int]
 
 
 def write_persons(path, policies: PolicySet, n: int, seed: int, year: Optional[int] = None, *,
-                  compression: Optional[str] = None) -> int:
-    """Write the person registry to Parquet (or Arrow IPC by extension); returns the row count."""
-    from engine.cli import PARQUET_COMPRESSION, write_table
-
+                  compression: Optional[str] = None, outputs: Optional[Outputs] = None) -> int:
+    """Write the person registry to Parquet (or Arrow IPC by extension), whole or not at all
+    (at `outputs.commit()` when given); returns the row count."""
     table = generate_persons(policies, n, seed, year)
-    write_table(table, path, compression=compression or PARQUET_COMPRESSION)
+    write_table(table, path, compression=compression or PARQUET_COMPRESSION, outputs=outputs)
     return table.num_rows
 
 
 def write_claims(path, policies: PolicySet, n: int, seed: int, invalid_rate: float = 0.0,
                  block: int = 1_000_000, year: Optional[int] = None, *, label: bool = False,
-                 progress=None, compression: Optional[str] = None) -> int:
+                 progress=None, compression: Optional[str] = None, outputs: Optional[Outputs] = None) -> int:
     """Stream `generate_claims(...)` into one file: Parquet (row groups of `block` rows), Arrow IPC
-    (`.arrow/.feather/.ipc`, batches of `block` rows) or CSV, by extension. Returns the row count.
+    (`.arrow/.feather/.ipc`, batches of `block` rows) or CSV, by extension, whole or not at all
+    (at `outputs.commit()` when given). Returns the row count.
 
-    `progress`, if given, is called with the number of rows written so far."""
-    from engine.cli import PARQUET_COMPRESSION, open_table_writer
-
+    Blocks of exactly `block` rows are written by the pipeline's writer thread (Arrow's writers
+    release the GIL, so encoding overlaps with generating); `progress`, if given, is called with
+    the number of rows written so far."""
     block = max(1, int(block))
     schema = _claims_schema()
     if label:
         schema = schema.append(pa.field("expected_status", pa.string()))
-    # Blocks of exactly `block` rows, written by a background thread (Arrow's writers release
-    # the GIL, so encoding overlaps with generating); the queue bounds the memory held.
-    import queue
-    import threading
-
-    q: queue.Queue = queue.Queue(maxsize=2)
-    failure: list[BaseException] = []
-    written = 0
-
-    def drain(writer) -> None:
-        nonlocal written
-        while True:
-            t = q.get()
-            if t is None:
-                return
-            if failure:
-                continue
-            try:
-                writer.write(t)
-                written += t.num_rows
-                if progress:
-                    progress(written)
-            except BaseException as e:  # reported by the generating thread
-                failure.append(e)
-
-    def blocks() -> Iterator[pa.Table]:
-        pending: list[pa.Table] = []
-        pending_rows = 0
-        for t in iter_claims(policies, n, seed, invalid_rate, year, label=label):
-            pending.append(t)
-            pending_rows += t.num_rows
-            while pending_rows >= block:
-                whole = pa.concat_tables(pending)
-                yield whole.slice(0, block)
-                rest = whole.slice(block)
-                pending, pending_rows = ([rest] if rest.num_rows else []), rest.num_rows
-        if pending_rows:
-            yield pa.concat_tables(pending)
-
     with open_table_writer(Path(path), schema, row_group_size=block,
-                           compression=compression or PARQUET_COMPRESSION) as writer:
-        thread = threading.Thread(target=drain, args=(writer,), name="write_claims", daemon=True)
-        thread.start()
-        try:
-            for t in blocks():
-                if failure:
-                    break
-                q.put(t)
-        finally:
-            q.put(None)
-            thread.join()
-        if failure:
-            raise failure[0]
-    return written
+                           compression=compression or PARQUET_COMPRESSION, outputs=outputs) as writer:
+        return write_stream(iter_claims(policies, n, seed, invalid_rate, year, label=label), writer.write,
+                            exact=block, written=progress)

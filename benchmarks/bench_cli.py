@@ -1,0 +1,112 @@
+"""What the command line's finishing costs over the settlement it wraps (issue 13: status_detail,
+`--keep-columns` and the office summary must cost nothing measurable).
+
+    python -m pytest benchmarks/bench_cli.py                                # 1M claims
+    MEDSETTLE_BENCH_CLI_SIZE=100000 python -m pytest benchmarks/bench_cli.py --benchmark-json cli.json
+
+The claims are the README's main job: `medsettle generate --claims N --seed 1 --invalid-rate
+0.01` with the bundled policies. Each round runs in a child process (interpreter start and
+imports included, as a user runs it), and the variants take turns round by round, so that a
+shared, noisy machine slows them alike:
+
+* `floor`: the same streamed settlement (`Settler.settle_batches`, 125k-row batches, read
+  ahead, written by a background thread to LZ4 Parquet) with no status_detail, no summary
+  and no all-or-nothing commit: what the command line adds is measured against it;
+* `settle`: `medsettle settle CLAIMS -o RESULTS` (status_detail, summary, temporary + rename);
+* `keep`: the same with `--keep-columns person_id,region,settle_time`.
+
+Per variant, extra_info holds the median user+sys CPU seconds of the child (`os.wait4`), the
+median wall seconds, and every round's figures; pytest-benchmark's own timing is of whole
+rounds (the three variants, one after the other).
+"""
+from __future__ import annotations
+
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SIZE = int(os.environ.get("MEDSETTLE_BENCH_CLI_SIZE", "1000000").replace("_", ""))
+ROUNDS = int(os.environ.get("MEDSETTLE_BENCH_ROUNDS", "5"))
+
+# The settlement alone, streamed as `medsettle settle` streams it, results written as they come.
+_FLOOR = """
+import sys, pyarrow.parquet as pq, engine
+from engine.cli.settle import SETTLE_BATCH
+from engine.arrow_io import results_schema
+from engine.pipeline import BackgroundWriter, prefetch
+claims, out = sys.argv[1:3]
+ps = engine.load_policies(None)
+f = pq.ParquetFile(claims)
+settler = engine.Settler(ps, expected_claims=f.metadata.num_rows)
+with pq.ParquetWriter(out, results_schema(dictionary=True), compression="lz4") as w:
+    bg = BackgroundWriter(w.write_batch)
+    for res in settler.settle_batches(prefetch(f.iter_batches(SETTLE_BATCH)), dictionary=True):
+        bg.submit(res)
+    bg.close()
+"""
+
+_WAITER = """
+import os, subprocess, sys, time
+t0 = time.perf_counter()
+p = subprocess.Popen(sys.argv[1:], stdout=subprocess.DEVNULL)
+_, status, usage = os.wait4(p.pid, 0)
+print(os.waitstatus_to_exitcode(status), usage.ru_utime + usage.ru_stime, time.perf_counter() - t0)
+"""
+
+
+def _child(argv: list[str]) -> tuple[float, float]:
+    """(user+sys CPU s, wall s) of `python ARGV` in a child of a small waiter process (so that
+    the child's figures are its own, not this big pytest process's)."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    out = subprocess.run([sys.executable, "-c", _WAITER, sys.executable, *argv], capture_output=True, text=True,
+                         env=env, check=True).stdout.split()
+    code, cpu, wall = int(out[0]), float(out[1]), float(out[2])
+    assert code == 0, argv
+    return cpu, wall
+
+
+@pytest.fixture(scope="module")
+def claims(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("bench_cli")
+    path = d / "claims.parquet"
+    subprocess.run([sys.executable, "-m", "engine.cli", "generate", "-o", str(path), "--claims", str(SIZE),
+                    "--seed", "1", "--invalid-rate", "0.01"], cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+    return path
+
+
+VARIANTS = {
+    "floor": lambda c, out: ["-c", _FLOOR, str(c), str(out)],
+    "settle": lambda c, out: ["-m", "engine.cli", "settle", str(c), "-o", str(out)],
+    "keep": lambda c, out: ["-m", "engine.cli", "settle", str(c), "-o", str(out),
+                            "--keep-columns", "person_id,region,settle_time"],
+}
+
+
+def test_settle_side_by_side(benchmark, claims):
+    """Every variant once per round, in turn; pytest-benchmark times whole rounds (all three),
+    extra_info has each variant's medians and the CPU `settle` and `keep` add over `floor`."""
+    figures: dict[str, list[tuple[float, float]]] = {v: [] for v in VARIANTS}
+
+    def one_round():
+        for name, argv in VARIANTS.items():
+            out = claims.parent / f"results_{name}.parquet"
+            figures[name].append(_child(argv(claims, out)))
+            assert pq.ParquetFile(out).metadata.num_rows == SIZE
+
+    benchmark.pedantic(one_round, rounds=ROUNDS, iterations=1)
+    cpu = {v: statistics.median(c for c, _ in rounds) for v, rounds in figures.items()}
+    wall = {v: statistics.median(w for _, w in rounds) for v, rounds in figures.items()}
+    benchmark.extra_info.update(claims=SIZE, rounds=ROUNDS)
+    for v, rounds in figures.items():
+        benchmark.extra_info[v] = {"cpu_s_median": round(cpu[v], 3), "wall_s_median": round(wall[v], 3),
+                                   "cpu_s_over_floor": round(cpu[v] - cpu["floor"], 3),
+                                   "cpu_s": [round(c, 3) for c, _ in rounds], "wall_s": [round(w, 3) for _, w in rounds]}
+        print(f"\n{v:>6}: {SIZE:,} claims, {ROUNDS} rounds in turn: median CPU {cpu[v]:.3f} s "
+              f"({cpu[v] - cpu['floor']:+.3f} over floor), wall {wall[v]:.3f} s", end="")
+    print()

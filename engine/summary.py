@@ -1,0 +1,287 @@
+"""The summary of a settled file, as an office reads it and as a program takes it.
+
+Per policy (and a total): claims, persons, ok, each error code, what each fund
+paid, personal pay, deductibles and cap hits. Counts and sums are gathered per
+batch on small integer codes (policy, status) into preallocated numpy arrays
+(`np.bincount`, `np.add.at`: no hash per row, no Python loop over rows).
+
+Persons are not counted by a distinct count over every row: the settler already
+interns one accumulator key per (person, policy) for each row that passes the
+checks, so its key table gives the persons per policy; only the rows the key
+table may not hold (error rows, and rows of a person whose key was carried in)
+are gathered, a few per batch, and added at the end. Without a settler every
+row is gathered (a summary of results settled elsewhere). Amounts stay integer
+fen; the table shows yuan with thousands separators (`format_yuan`), the JSON fen.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from typing import Optional
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from . import _kernel
+from .detail import PLACE_COLUMNS, policy_rows
+from .model import PolicySet
+from .schema import FUND_COLUMNS, STATUSES, format_yuan
+from .settle import Settler
+
+#: Amount columns summed, in table order.
+AMOUNTS = (*FUND_COLUMNS, "fund_pay_total", "personal_pay", "compliant_personal_pay", "deductible_applied")
+NO_POLICY = "(no policy)"  # error rows whose region, scheme and year name no policy
+_HEAD = {"basic_pay": "basic", "supplementary_pay": "supplementary", "critical_illness_pay": "critical illness",
+         "medical_aid_pay": "medical aid", "guarantee_pay": "guarantee", "fund_pay_total": "funds total",
+         "personal_pay": "personal pay", "compliant_personal_pay": "compliant personal",
+         "deductible_applied": "deductibles"}
+_OK = STATUSES.index("ok")
+_CAP_HITS = len(AMOUNTS)  # the column of the sums that counts cap hits
+
+
+def _codes(col, code: dict, names: list) -> np.ndarray:
+    """Per row, the code of its value in `names` (0 for null, new values appended): read off a
+    dictionary array's indices through its few dictionary entries, else one lookup per row."""
+    if isinstance(col, pa.ChunkedArray):
+        col = col.combine_chunks()
+    if not pa.types.is_dictionary(col.type):
+        col = col.dictionary_encode()
+    entries = col.dictionary.cast(pa.string()).to_pylist()  # a handful: policies or statuses
+    for name in entries:
+        if name not in code:
+            code[name] = len(names)
+            names.append(name)
+    remap = np.array([code[name] for name in entries] + [code[None]], dtype=np.intp)
+    return remap[np.asarray(col.indices.fill_null(len(entries)))]
+
+
+def _key_table(settler: Settler) -> tuple[np.ndarray, np.ndarray]:
+    """(starts, arena) of the settler's accumulator keys, slot order: each key is 4 bytes of
+    policy index (native int32), then the person_id bytes (engine/_kernel.pyx, _intern_keys)."""
+    return settler._keys.export()  # noqa: SLF001 - the key table is the settler's own count of persons
+
+
+def _keys_binary(starts: np.ndarray, arena: np.ndarray, first: int) -> pa.Array:
+    count = len(starts) - 1
+    data = arena if len(arena) else np.zeros(1, np.uint8)
+    keys = pa.LargeBinaryArray.from_buffers(pa.large_binary(), count, [None, pa.py_buffer(starts),
+                                                                        pa.py_buffer(data)])
+    return keys.slice(first)
+
+
+def _key_policies(starts: np.ndarray, arena: np.ndarray) -> np.ndarray:
+    """Each key's policy index (its first 4 bytes, native int32), byte by byte: four gathers of
+    one byte per key cost less than one of a [keys, 4] index."""
+    at = starts[:-1]
+    out = np.zeros(len(at), dtype=np.uint32)
+    for b in range(4):
+        out |= arena[at + b].astype(np.uint32) << np.uint32(8 * (b if sys.byteorder == "little" else 3 - b))
+    return out.view(np.int32)
+
+
+def _key_persons(starts: np.ndarray, arena: np.ndarray, first: int) -> pa.Array:
+    """The person_id bytes of keys [first, count), without their policy prefixes."""
+    starts = starts[first:]
+    keep = np.ones(int(starts[-1] - starts[0]), dtype=bool)
+    at = starts[:-1] - starts[0]
+    for b in range(4):
+        keep[at + b] = False
+    data = arena[starts[0]:starts[-1]][keep]
+    offsets = starts - starts[0] - 4 * np.arange(len(starts), dtype=np.int64)
+    return pa.LargeBinaryArray.from_buffers(pa.large_binary(), len(starts) - 1,
+                                            [None, pa.py_buffer(offsets),
+                                             pa.py_buffer(data if len(data) else np.zeros(1, np.uint8))])
+
+
+def _distinct_count(arrays: list[pa.Array]) -> int:
+    """Distinct non-null byte strings across `arrays`, interned in the kernel's claim-id table
+    (a third of the time of pc.count_distinct on the ~190k person keys of 1M claims)."""
+    arrays = [a.cast(pa.binary()) for a in arrays if len(a)]
+    table = _kernel.Interner()
+    table.reserve(sum(len(a) for a in arrays), sum(a.nbytes for a in arrays))
+    for a in arrays:
+        if a.null_count:
+            a = a.filter(a.is_valid())
+        _, offsets, data = a.buffers()
+        offsets = np.frombuffer(offsets, dtype=np.int32)[a.offset:a.offset + len(a) + 1]
+        data = np.frombuffer(data, dtype=np.uint8) if data is not None and data.size else np.zeros(1, np.uint8)
+        table.intern_ids(offsets, data, np.empty(len(a), dtype=np.int64))
+    return len(table)
+
+
+class Summary:
+    """Accumulates result batches (with their claims' person_id) into the summary figures.
+
+    `settler`: the call that settled them (its policies, and its key table for the persons);
+    else `policies` (which error rows' region, scheme and year are looked up in)."""
+
+    def __init__(self, settler: Optional[Settler] = None, policies: Optional[PolicySet] = None):
+        if settler is not None:
+            policies = settler.compiled.policy_set
+        self._settler = settler
+        self._policies = policies if policies is not None and policies.policies else None
+        # code 0: no policy; then the policies by compiled index (a key's prefix + 1)
+        self._names: list[Optional[str]] = [None, *(p.id for p in (policies.policies if policies else ()))]
+        self._policy_code = {name: i for i, name in enumerate(self._names)}
+        self._statuses: list[Optional[str]] = list(STATUSES)
+        self._status_code: dict = {name: i for i, name in enumerate(STATUSES)}
+        self._status_code[None] = len(self._statuses)
+        self._statuses.append("null")
+        self._sums = np.zeros((len(self._names), len(self._statuses), len(AMOUNTS) + 1), dtype=np.int64)
+        self._counts = np.zeros((len(self._names), len(self._statuses)), dtype=np.int64)
+        self._carried = 0
+        self._carried_persons: Optional[pa.Array] = None
+        if settler is not None:
+            starts, arena = _key_table(settler)
+            self._carried = len(starts) - 1  # keys carried in before any claim of this call
+            if self._carried:
+                self._carried_persons = pc.unique(_key_persons(starts, arena, 0))
+        self._pairs: list[tuple[np.ndarray, pa.Array]] = []  # rows the key table may not hold
+        self.claims = 0
+        self._final: Optional[dict] = None
+
+    def _fit(self) -> None:
+        """Grow the sums when a batch brought a policy or status not seen before."""
+        shape = (len(self._names), len(self._statuses))
+        if self._counts.shape != shape:
+            grow = [(0, shape[0] - self._counts.shape[0]), (0, shape[1] - self._counts.shape[1])]
+            self._counts = np.pad(self._counts, grow)
+            self._sums = np.pad(self._sums, grow + [(0, 0)])
+
+    def add(self, results, claims=None) -> None:
+        """One results batch. With its claims (row-aligned), persons are counted, and an error row
+        counts under the policy its region, scheme and year name (its result has no policy_id)
+        rather than under "(no policy)"."""
+        n = results.num_rows
+        self.claims += n
+        self._final = None
+        if not n:
+            return
+        policy = _codes(results.column("policy_id"), self._policy_code, self._names)
+        status = _codes(results.column("status"), self._status_code, self._statuses)
+        self._fit()
+        errors = np.flatnonzero(status != _OK)
+        if claims is not None and self._policies is not None and len(errors):
+            unplaced = errors[policy[errors] == 0]
+            if len(unplaced):
+                which = policy_rows(claims.select(list(PLACE_COLUMNS)).take(pa.array(unplaced)), self._policies)
+                policy[unplaced] = np.asarray(which.fill_null(-1), dtype=np.intp) + 1
+        n_status = self._counts.shape[1]
+        key = policy * n_status + status
+        groups = self._counts.size
+        self._counts += np.bincount(key, minlength=groups).reshape(self._counts.shape)
+        sums = self._sums.reshape(groups, -1)
+        for j, name in enumerate(AMOUNTS):
+            col = results.column(name)
+            np.add.at(sums[:, j], key, np.asarray(col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col))
+        caps = np.asarray(results.column("cap_hit"), dtype=bool)
+        sums[:, _CAP_HITS] += np.bincount(key[caps], minlength=groups)
+        if claims is not None:
+            person = claims.column("person_id")
+            if isinstance(person, pa.ChunkedArray):
+                person = person.combine_chunks()
+            if pa.types.is_dictionary(person.type):
+                person = person.cast(person.type.value_type)
+            if self._settler is None:
+                rows = None  # no key table: every row
+            elif self._carried_persons is not None:
+                carried = np.asarray(pc.is_in(person.cast(pa.large_binary()), value_set=self._carried_persons)
+                                     .fill_null(False), dtype=bool)
+                rows = np.union1d(errors, np.flatnonzero(carried))
+            else:
+                rows = errors
+            if rows is None:
+                self._pairs.append((policy, person))
+            elif len(rows):
+                self._pairs.append((policy[rows], person.take(pa.array(rows))))
+
+    def _persons(self) -> tuple[np.ndarray, int]:
+        """Persons per policy code, and in all: the key table's keys of this call's claims, and
+        the gathered rows' (policy, person) pairs that are not among them."""
+        per = np.zeros(len(self._names), dtype=np.int64)
+        persons: list[pa.Array] = []
+        gathered = None
+        if self._pairs:
+            gathered = pa.table({"policy": pa.array(np.concatenate([p for p, _ in self._pairs]), pa.int32()),
+                                 "person": pa.chunked_array([q.cast(pa.large_binary()) for _, q in self._pairs],
+                                                            pa.large_binary())})
+            gathered = gathered.filter(pc.is_valid(gathered.column("person")))
+            gathered = gathered.group_by(["policy", "person"], use_threads=False).aggregate([])  # a few rows
+            per += np.bincount(np.asarray(gathered.column("policy"), dtype=np.intp), minlength=len(per))
+            persons.append(gathered.column("person").combine_chunks())
+        if self._settler is not None:
+            starts, arena = _key_table(self._settler)
+            first = self._carried
+            if len(starts) - 1 > first:
+                policy = _key_policies(starts[first:], arena) + 1
+                per += np.bincount(policy, minlength=len(per))[:len(per)]
+                persons.append(_key_persons(starts, arena, first))
+                if gathered is not None and gathered.num_rows:
+                    # a gathered pair whose key the table holds is counted once: probe the table's
+                    # keys against the few gathered ones (hashing those, not the table)
+                    codes = np.asarray(gathered.column("policy"), dtype=np.int32) - 1
+                    prefix = pa.FixedSizeBinaryArray.from_buffers(pa.binary(4), len(codes), [None, pa.py_buffer(codes)])
+                    gathered_keys = pc.binary_join_element_wise(prefix.cast(pa.large_binary()), gathered.column("person"),
+                                                                pa.scalar(b"", pa.large_binary()))
+                    held = pc.is_in(_keys_binary(starts, arena, first), value_set=gathered_keys)
+                    per -= np.bincount(policy[np.asarray(held, dtype=bool)], minlength=len(per))[:len(per)]
+        return per, _distinct_count(persons)
+
+    def figures(self) -> dict:
+        """The summary as plain data: counts, amounts in integer fen, per policy and in total."""
+        if self._final is not None:
+            return self._final
+        persons, total_persons = self._persons()
+
+        def entry(counts: np.ndarray, sums: np.ndarray, n_persons: int) -> dict:
+            errors = {self._statuses[s]: int(counts[s]) for s in range(len(counts)) if s != _OK and counts[s]}
+            return {"claims": int(counts.sum()), "persons": int(n_persons), "ok": int(counts[_OK]),
+                    "errors": errors, "amounts_fen": {a: int(sums[:, j].sum()) for j, a in enumerate(AMOUNTS)},
+                    "cap_hits": int(sums[:, _CAP_HITS].sum())}
+
+        rows = [{"policy_id": self._names[c], **entry(self._counts[c], self._sums[c], persons[c])}
+                for c in range(len(self._names)) if self._counts[c].any()]
+        rows.sort(key=lambda r: (r["policy_id"] is None, r["policy_id"] or ""))
+        total = entry(self._counts.sum(axis=0), self._sums.sum(axis=0), total_persons)
+        self._final = {**total, "policies": rows}
+        return self._final
+
+    def to_json(self, elapsed: Optional[float] = None) -> str:
+        out = dict(self.figures())
+        if elapsed is not None:
+            out["elapsed_s"] = round(elapsed, 3)
+        return json.dumps(out, indent=2, ensure_ascii=False) + "\n"
+
+    def lines(self, elapsed: Optional[float] = None) -> list[str]:
+        """The tables an office reads: counts per policy, then amounts per policy and fund, in yuan."""
+        f = self.figures()
+        codes = list(f["errors"])
+        errors = f["claims"] - f["ok"]
+        out = [f"claims {f['claims']:,}   persons {f['persons']:,}   ok {f['ok']:,}   errors {errors:,}"]
+        if elapsed is not None:
+            rate = f["claims"] / elapsed if elapsed > 0 else 0.0
+            out[0] += f"   elapsed {elapsed:.3f} s ({rate:,.0f} claims/s)"
+        rows = f["policies"] + [{"policy_id": "total", **{k: v for k, v in f.items() if k != "policies"}}]
+        name = [NO_POLICY if r["policy_id"] is None else r["policy_id"] for r in rows]
+        counts = [["policy", "claims", "persons", "ok", *codes]]
+        counts += [[n, f"{r['claims']:,}", f"{r['persons']:,}", f"{r['ok']:,}",
+                    *[f"{r['errors'].get(c, 0):,}" for c in codes]] for n, r in zip(name, rows)]
+        out += ["", *_table(counts)]
+        amounts = [["paid (yuan)", *[_HEAD[a] for a in AMOUNTS], "cap hits"]]
+        amounts += [[n, *[format_yuan(r["amounts_fen"][a]) for a in AMOUNTS], f"{r['cap_hits']:,}"]
+                    for n, r in zip(name, rows) if r["policy_id"] is not None]
+        out += ["", *_table(amounts)]
+        return out
+
+
+def _table(rows: list[list[str]]) -> list[str]:
+    """Left-aligned first column, right-aligned figures, a rule under the head and above the total."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+
+    def line(r):
+        return "  ".join([r[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(r[1:], widths[1:])]).rstrip()
+
+    rule = "  ".join("-" * w for w in widths)
+    body = [line(r) for r in rows]
+    return [body[0], rule, *body[1:-1], rule, body[-1]] if len(body) > 2 else [body[0], rule, *body[1:]]

@@ -1,0 +1,145 @@
+"""`status_detail` and `--keep-columns` (issue 13 item 2): results that explain themselves."""
+from __future__ import annotations
+
+import datetime as dt
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+
+import engine
+from engine.cli import main
+from engine.detail import status_detail, with_detail
+from engine.generate import generate_claims
+
+
+@pytest.fixture(scope="module")
+def ps():
+    return engine.load_policies(None)
+
+
+@pytest.fixture(scope="module")
+def claims(ps):
+    c = generate_claims(ps, 20_000, seed=3, invalid_rate=0.2)
+    return pa.concat_tables([c, c.slice(100, 1)])  # and a duplicate
+
+
+@pytest.fixture(scope="module")
+def settled(ps, claims):
+    return engine.settle(claims, ps).results
+
+
+def test_null_exactly_when_ok(ps, claims, settled):
+    detail = status_detail(claims, settled, ps)
+    assert len(detail) == claims.num_rows
+    ok = pc.equal(settled.column("status"), "ok")
+    assert pc.all(pc.equal(pc.is_null(detail), ok)).as_py()
+    codes = set(settled.column("status").to_pylist())
+    assert codes == set(engine.STATUSES) - {"NO_BENEFIT_RULE"}  # the generator covers the others
+
+
+def _rows(claims, settled, detail, code):
+    return [(c, d) for c, r, d in zip(claims.to_pylist(), settled.column("status").to_pylist(), detail.to_pylist())
+            if r == code]
+
+
+def test_each_code_names_the_field_and_values(ps, claims, settled):
+    detail = status_detail(claims, settled, ps)
+    for c, d in _rows(claims, settled, detail, "AMOUNT_MISMATCH"):
+        parts = [c[f"{p}_amount"] for p in ("self_funded", "over_limit", "class_b_copay", "in_scope")]
+        if c["total_amount"] != sum(parts):
+            assert d == (f"total_amount {c['total_amount']} != {sum(parts)} = self_funded {parts[0]} + over_limit "
+                         f"{parts[1]} + class_b_copay {parts[2]} + in_scope {parts[3]}")
+        else:
+            assert d == (f"in_scope_class_b_amount {c['in_scope_class_b_amount']} > in_scope_amount "
+                         f"{c['in_scope_amount']}")
+    for c, d in _rows(claims, settled, detail, "INVALID_AMOUNT"):
+        neg = [n for n in engine.schema.AMOUNT_COLUMNS if c[n] is not None and c[n] < 0]
+        assert neg and all(f"{n} {c[n]} < 0" in d for n in neg)
+    for c, d in _rows(claims, settled, detail, "AMOUNT_OUT_OF_RANGE"):
+        big = [n for n in engine.schema.AMOUNT_COLUMNS if c[n] is not None and c[n] > 10**12]
+        assert big and all(f"{n} {c[n]} > 10^12" in d for n in big)
+    for c, d in _rows(claims, settled, detail, "MISSING_FIELD"):
+        nulls = [n for n in engine.schema.REQUIRED_COLUMNS if c[n] is None]
+        assert d == f"{', '.join(nulls)} is null; a required field"
+    for c, d in _rows(claims, settled, detail, "INVALID_VALUE"):
+        assert any(f"{n} '{c[n]}' is not one of" in d for n in ("scheme", "visit_type", "facility_level", "locality"))
+    for c, d in _rows(claims, settled, detail, "UNKNOWN_POLICY"):
+        assert d.startswith(f"no policy for region {c['region']}, scheme {c['scheme']} on "
+                            f"{c['settle_time']:%Y-%m-%d}")
+    policies = {(p.region, p.scheme, p.year): p for p in ps.policies}
+    for c, d in _rows(claims, settled, detail, "UNKNOWN_IDENTITY"):
+        p = policies[(c["region"], c["scheme"], c["settle_time"].year)]
+        assert f"policy {p.id} does not declare (it declares: {', '.join(p.identities) or 'none'})" in d
+        assert all(i in d for i in c["identities"] if i)
+    dup = _rows(claims, settled, detail, "DUPLICATE_CLAIM")
+    assert dup and all(d.startswith(f"claim_id {c['claim_id']} came earlier in this call") for c, d in dup)
+
+
+def test_no_benefit_rule_and_compliant_total(ps):
+    """The two codes the generator does not make: a visit no basic rule covers, and a claim that
+    would take the year's compliant total above 10^14 fen."""
+    p = ps.policies[0]
+    base = dict(claim_id="X1", person_id="P1", region=p.region, scheme=p.scheme,
+                settle_time=dt.datetime(p.year, 3, 1, 9), visit_type="maternity", facility_level="primary",
+                locality="national", referred=False, disease_code=None, age=40, identities=[],
+                total_amount=100, self_funded_amount=0, over_limit_amount=0, class_b_copay_amount=0,
+                in_scope_amount=100, in_scope_class_b_amount=0)
+    claims = pa.Table.from_pylist([base], schema=engine.CLAIMS_SCHEMA)
+    res = engine.settle(claims, ps).results
+    if res.column("status")[0].as_py() == "NO_BENEFIT_RULE":
+        assert status_detail(claims, res, ps)[0].as_py() == (
+            f"policy {p.id} has no basic-layer rule for visit_type maternity at facility_level primary, "
+            f"locality national, referred false")
+    fake = pa.table({"status": ["AMOUNT_OUT_OF_RANGE", "NO_BENEFIT_RULE"], "policy_id": [None, "pol-x"]})
+    two = pa.Table.from_pylist([base, {**base, "claim_id": "X2"}], schema=engine.CLAIMS_SCHEMA)
+    d = status_detail(two, fake).to_pylist()
+    assert d[0] == (f"this claim would take the compliant total of person P1 ({p.region}, {p.scheme}, {p.year}) "
+                    f"above 10^14 fen, the largest accumulated amount")
+    assert d[1].startswith("policy pol-x has no basic-layer rule for visit_type maternity")
+
+
+def test_all_ok_costs_one_comparison(ps):
+    claims = generate_claims(ps, 500, seed=1)
+    res = engine.settle(claims, ps).results
+    assert status_detail(claims, res).null_count == 500
+
+
+def test_with_detail_appends(ps, claims, settled):
+    batch = settled.slice(0, 50).combine_chunks().to_batches()[0]
+    out = with_detail(batch, claims.slice(0, 50), ps, ("person_id", "settle_time"))
+    assert out.schema.names == [*engine.RESULTS_SCHEMA.names, "status_detail", "person_id", "settle_time"]
+    assert out.column("person_id").equals(claims.slice(0, 50).column("person_id").combine_chunks())
+
+
+def test_command_line_results(capsys, tmp_path, ps, claims, settled):
+    src = tmp_path / "c.parquet"
+    pq.write_table(claims, src, row_group_size=3000)
+    out = tmp_path / "r.parquet"
+    code = main(["settle", str(src), "-o", str(out), "--batch-size", "4000",
+                 "--keep-columns", "person_id,region,settle_time,identities"])
+    assert code == 0, capsys.readouterr().err
+    got = pq.read_table(out)
+    assert got.schema.names == [*engine.RESULTS_SCHEMA.names, "status_detail", "person_id", "region",
+                                "settle_time", "identities"]
+    assert got.select(engine.RESULTS_SCHEMA.names).equals(settled)
+    assert got.column("status_detail").to_pylist() == status_detail(claims, settled, ps).to_pylist()
+    for name in ("person_id", "region", "settle_time", "identities"):
+        assert got.column(name).to_pylist() == claims.column(name).to_pylist(), name
+    assert got.schema.field("region").type == pa.string()  # read dictionary-encoded, written as names
+
+
+def test_keep_columns_errors(capsys, tmp_path, claims):
+    src = tmp_path / "c.parquet"
+    pq.write_table(claims.append_column("ward", pa.array(["A"] * claims.num_rows)), src)
+    for cols, fragment in (("nope", "has no column 'nope'"), ("status", "already a results column"),
+                           ("claim_id", "already a results column"), ("age,age", "given twice")):
+        code = main(["settle", str(src), "-o", str(tmp_path / "r.parquet"), "--keep-columns", cols])
+        err = capsys.readouterr().err
+        assert code == 2 and fragment in err, err
+        assert not (tmp_path / "r.parquet").exists()
+    # a column of the file outside the schema is carried too
+    code = main(["settle", str(src), "-o", str(tmp_path / "r.arrow"), "--keep-columns", "ward"])
+    assert code == 0, capsys.readouterr().err
+    assert set(pa.ipc.open_file(tmp_path / "r.arrow").read_all().column("ward").to_pylist()) == {"A"}

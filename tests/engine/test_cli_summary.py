@@ -1,0 +1,137 @@
+"""The summary an office reads (issue 13 item 3): per policy and fund, in yuan with thousands
+separators on stdout, the same figures in integer fen with --summary-json; checked against a
+plain-Python count of the results."""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import re
+from collections import Counter, defaultdict
+
+import pyarrow.parquet as pq
+import pytest
+
+import engine
+from engine.cli import main
+from engine.generate import generate_claims
+from engine.schema import format_yuan
+from engine.summary import AMOUNTS, Summary
+
+N = 8000
+
+
+@pytest.fixture(scope="module")
+def ps():
+    return engine.load_policies(None)
+
+
+@pytest.fixture(scope="module")
+def claims(ps):
+    return generate_claims(ps, N, seed=12, invalid_rate=0.1)
+
+
+@pytest.fixture(scope="module")
+def run_summary(tmp_path_factory, claims):
+    d = tmp_path_factory.mktemp("summary")
+    pq.write_table(claims, d / "c.parquet")
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = main(["settle", str(d / "c.parquet"), "-o", str(d / "r.parquet"), "--batch-size", "1500",
+                     "--summary-json", str(d / "s.json")])
+    assert code == 0
+    return out.getvalue(), json.loads((d / "s.json").read_text())
+
+
+def expected_figures(ps, claims, accumulators=None):
+    """Per policy id (an error row under the policy of its region, scheme and year), by hand."""
+    res = engine.settle(claims, ps, accumulators=accumulators).results.to_pylist()
+    by_key = {(p.region, p.scheme, p.year): p.id for p in ps.policies}
+    per = defaultdict(lambda: {"claims": 0, "ok": 0, "errors": Counter(), "persons": set(), "cap_hits": 0,
+                               "amounts_fen": Counter()})
+    for c, r in zip(claims.to_pylist(), res):
+        pid = r["policy_id"]
+        if pid is None and c["settle_time"] is not None:
+            pid = by_key.get((c["region"], c["scheme"], c["settle_time"].year))
+        for e in (per[pid], per["total"]):
+            e["claims"] += 1
+            if r["status"] == "ok":
+                e["ok"] += 1
+            else:
+                e["errors"][r["status"]] += 1
+            if c["person_id"] is not None:
+                e["persons"].add(c["person_id"])
+            e["cap_hits"] += r["cap_hit"]
+            for a in AMOUNTS:
+                e["amounts_fen"][a] += r[a]
+    return per
+
+
+def assert_figures(got, want):
+    rows = {p["policy_id"]: p for p in got["policies"]}
+    assert set(rows) == set(want) - {"total"}
+    for pid, g in [*rows.items(), ("total", got)]:
+        w = want[pid]
+        assert g["claims"] == w["claims"] and g["ok"] == w["ok"] and g["cap_hits"] == w["cap_hits"], pid
+        assert g["errors"] == dict(w["errors"]), pid
+        assert g["persons"] == len(w["persons"]), pid
+        assert g["amounts_fen"] == {a: w["amounts_fen"][a] for a in AMOUNTS}, pid
+        assert all(isinstance(v, int) for v in g["amounts_fen"].values())
+    assert list(got["errors"]) == [c for c in engine.STATUSES if c in got["errors"]]  # spec order
+
+
+def test_json_figures(ps, claims, run_summary):
+    _, got = run_summary
+    assert_figures(got, expected_figures(ps, claims))
+
+
+def test_persons_with_carried_accumulators(ps, claims, tmp_path):
+    """Persons come from the settler's key table; keys carried in are not this file's persons
+    unless one of its claims names them, and a person with error rows only still counts."""
+    first, second = claims.slice(0, N // 2), claims.slice(N // 2)
+    pq.write_table(first, tmp_path / "a.parquet")
+    pq.write_table(second, tmp_path / "b.parquet")
+    assert main(["settle", str(tmp_path / "a.parquet"), "-o", str(tmp_path / "ra.parquet"),
+                 "--accumulators-out", str(tmp_path / "acc.parquet")]) == 0
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main(["settle", str(tmp_path / "b.parquet"), "-o", str(tmp_path / "rb.parquet"), "--batch-size",
+                     "700", "--accumulators-in", str(tmp_path / "acc.parquet"),
+                     "--summary-json", str(tmp_path / "s.json")]) == 0
+    got = json.loads((tmp_path / "s.json").read_text())
+    acc = pq.read_table(tmp_path / "acc.parquet")
+    carried = set(acc.column("person_id").to_pylist())
+    here = {p for p in second.column("person_id").to_pylist() if p is not None}
+    assert carried - here and carried & here  # both kinds of carried key are there
+    assert got["persons"] == len(here)
+    assert_figures(got, expected_figures(ps, second, accumulators=acc))
+
+
+def test_summary_without_a_settler(ps, claims):
+    """Results settled elsewhere: every row's (policy, person) is counted, the same figures."""
+    settled = engine.settle(claims, ps).results.combine_chunks()
+    s = Summary(policies=ps)
+    for res, cl in zip(settled.to_batches(max_chunksize=3000), claims.combine_chunks().to_batches(max_chunksize=3000)):
+        s.add(res, cl)
+    assert_figures(s.figures(), expected_figures(ps, claims))
+
+
+def test_table_in_yuan(ps, claims, run_summary):
+    text, got = run_summary
+    assert text.startswith(f"claims {N:,}   persons {got['persons']:,}   ok {got['ok']:,}")
+    lines = text.splitlines()
+    for p in got["policies"] + [dict(got, policy_id="total")]:
+        if p["policy_id"] is None:
+            continue
+        row = [ln for ln in lines if ln.startswith(p["policy_id"] + " ")]
+        assert len(row) == 2, p["policy_id"]  # once in the counts, once in the amounts
+        counts, amounts = row[0].split()[1:], row[1].split()[1:]
+        assert counts[:3] == [f"{p['claims']:,}", f"{p['persons']:,}", f"{p['ok']:,}"]
+        assert amounts == [*[format_yuan(p["amounts_fen"][a]) for a in AMOUNTS], f"{p['cap_hits']:,}"]
+    assert re.search(r"\d,\d{3},\d{3}\.\d\d", text)  # thousands separators on the yuan figures
+
+
+def test_empty_summary():
+    s = Summary()
+    f = s.figures()
+    assert f["claims"] == 0 and f["policies"] == [] and f["amounts_fen"]["basic_pay"] == 0
+    assert s.lines()[0].startswith("claims 0")
