@@ -9,6 +9,8 @@ over the error rows only, so a file of valid claims costs one comparison.
 """
 from __future__ import annotations
 
+import datetime
+
 from typing import Optional
 
 import numpy as np
@@ -178,13 +180,33 @@ def _identities_text(col) -> pa.Array:
 
 
 def policy_rows(c: pa.Table, policies: Optional[PolicySet]) -> Optional[pa.Array]:
-    """Per row, the index of its policy (region, scheme, settle_time's year) in `policies`."""
+    """Per row, the index in `policies` of the version of its (region, scheme, settle_time's year)
+    in force on its settle date; the year's first version for a date before it (spec section 5)."""
     if policies is None or not policies.policies:
         return None
-    keys = pa.array([f"{p.region}|{p.scheme}|{p.year}" for p in policies.policies], pa.string())
+    index = {id(p): i for i, p in enumerate(policies.policies)}
+    firsts = {}
+    for p in policies.policies:
+        firsts.setdefault((p.region, p.scheme, p.year), policies.versions(p.region, p.scheme, p.year))
+    keys = pa.array([f"{r}|{s}|{y}" for r, s, y in firsts], pa.string())
+    first_index = pa.array([index[id(v[0])] for v in firsts.values()], pa.int32())
     mine = _join(_text(c.column("region")), "|", _text(c.column("scheme")), "|",
                  _text(pc.year(c.column("settle_time"))))
-    return pc.index_in(mine, value_set=keys)
+    group = pc.index_in(mine, value_set=keys)
+    which = first_index.take(group)
+    versioned = [(g, v) for g, v in enumerate(firsts.values()) if len(v) > 1]
+    if not versioned or not len(c):
+        return which
+    # a year with several versions: the latest one that starts on or before the row's date
+    out = np.asarray(which.fill_null(-1), dtype=np.int64).copy()
+    groups = np.asarray(group.fill_null(-1), dtype=np.int64)
+    day = np.asarray(pc.cast(c.column("settle_time"), pa.date32()).cast(pa.int32()).fill_null(0), dtype=np.int64)
+    for g, versions in versioned:
+        rows = groups == g
+        for v in versions[1:]:
+            start = (v.effective_from - datetime.date(1970, 1, 1)).days
+            out[rows & (day >= start)] = index[id(v)]
+    return pa.array(out, pa.int32(), mask=out < 0)
 
 
 def _policy_ids(c: pa.Table, policy_id: pa.Array, policies: Optional[PolicySet]) -> pa.Array:
@@ -196,13 +218,17 @@ def _policy_ids(c: pa.Table, policy_id: pa.Array, policies: Optional[PolicySet])
 
 
 def _unknown_identity(c: pa.Table, policy_id: pa.Array, policies: Optional[PolicySet]) -> pa.Array:
-    text = _join("identities [", _identities_text(c.column("identities")), "] include one that policy ",
-                 _policy_ids(c, policy_id, policies), " does not declare")
+    """Spec section 5: an identity is unknown only when no version of the year declares it (or
+    the list holds a null item), so the sentence names the year's versions and all they declare."""
+    text = _join("identities [", _identities_text(c.column("identities")), "] include a null item or one that no "
+                 "version of region ", _text(c.column("region")), ", scheme ", _text(c.column("scheme")), ", year ",
+                 _text(pc.year(c.column("settle_time"))), " declares")
     which = policy_rows(c, policies)
     if which is None:
         return text
-    declared = pa.array([", ".join(p.identities) or "none" for p in policies.policies], pa.string())
-    return pc.coalesce(_join(text, " (it declares: ", declared.take(which), ")"), text)
+    declared = pa.array([", ".join(policies.year_identities(p.region, p.scheme, p.year)) or "none"
+                         for p in policies.policies], pa.string())
+    return pc.coalesce(_join(text, " (they declare: ", declared.take(which), ")"), text)
 
 
 def _duplicate(c: pa.Table) -> pa.Array:

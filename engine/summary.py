@@ -23,7 +23,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from . import _kernel
+from ._hashing import ClaimIds
 from .detail import PLACE_COLUMNS, policy_rows
 from .model import PolicySet
 from .schema import FUND_COLUMNS, STATUSES, format_yuan
@@ -58,7 +58,7 @@ def _codes(col, code: dict, names: list) -> np.ndarray:
 
 def _key_table(settler: Settler) -> tuple[np.ndarray, np.ndarray]:
     """(starts, arena) of the settler's accumulator keys, slot order: each key is 4 bytes of
-    policy index (native int32), then the person_id bytes (engine/_kernel.pyx, _intern_keys)."""
+    policy index of its year (native int32), then the person_id bytes (engine/_hashing.pyx)."""
     return settler._keys.export()  # noqa: SLF001 - the key table is the settler's own count of persons
 
 
@@ -98,7 +98,7 @@ def _distinct_count(arrays: list[pa.Array]) -> int:
     """Distinct non-null byte strings across `arrays`, interned in the kernel's claim-id table
     (a third of the time of pc.count_distinct on the ~190k person keys of 1M claims)."""
     arrays = [a.cast(pa.binary()) for a in arrays if len(a)]
-    table = _kernel.Interner()
+    table = ClaimIds()
     table.reserve(sum(len(a) for a in arrays), sum(a.nbytes for a in arrays))
     for a in arrays:
         if a.null_count:
@@ -138,6 +138,10 @@ class Summary:
             if self._carried:
                 self._carried_persons = pc.unique(_key_persons(starts, arena, 0))
         self._pairs: list[tuple[np.ndarray, pa.Array]] = []  # rows the key table may not hold
+        # A key names its year's first version, so the key table counts persons per policy year:
+        # the rows of a year with several versions are gathered instead, per version.
+        self._versioned = np.array([False, *(len(policies.versions(p.region, p.scheme, p.year)) > 1
+                                             for p in (policies.policies if policies else ()))], dtype=bool)
         self.claims = 0
         self._final: Optional[dict] = None
 
@@ -185,12 +189,14 @@ class Summary:
                 person = person.cast(person.type.value_type)
             if self._settler is None:
                 rows = None  # no key table: every row
-            elif self._carried_persons is not None:
-                carried = np.asarray(pc.is_in(person.cast(pa.large_binary()), value_set=self._carried_persons)
-                                     .fill_null(False), dtype=bool)
-                rows = np.union1d(errors, np.flatnonzero(carried))
             else:
                 rows = errors
+                if self._carried_persons is not None:
+                    carried = np.asarray(pc.is_in(person.cast(pa.large_binary()), value_set=self._carried_persons)
+                                         .fill_null(False), dtype=bool)
+                    rows = np.union1d(rows, np.flatnonzero(carried))
+                if self._versioned.any():
+                    rows = np.union1d(rows, np.flatnonzero(self._versioned[policy]))
             if rows is None:
                 self._pairs.append((policy, person))
             elif len(rows):
@@ -215,7 +221,8 @@ class Summary:
             first = self._carried
             if len(starts) - 1 > first:
                 policy = _key_policies(starts[first:], arena) + 1
-                per += np.bincount(policy, minlength=len(per))[:len(per)]
+                single = ~self._versioned[policy]  # keys of a versioned year: counted from the gathered rows
+                per += np.bincount(policy[single], minlength=len(per))[:len(per)]
                 persons.append(_key_persons(starts, arena, first))
                 if gathered is not None and gathered.num_rows:
                     # a gathered pair whose key the table holds is counted once: probe the table's
@@ -225,7 +232,7 @@ class Summary:
                     gathered_keys = pc.binary_join_element_wise(prefix.cast(pa.large_binary()), gathered.column("person"),
                                                                 pa.scalar(b"", pa.large_binary()))
                     held = pc.is_in(_keys_binary(starts, arena, first), value_set=gathered_keys)
-                    per -= np.bincount(policy[np.asarray(held, dtype=bool)], minlength=len(per))[:len(per)]
+                    per -= np.bincount(policy[np.asarray(held, dtype=bool) & single], minlength=len(per))[:len(per)]
         return per, _distinct_count(persons)
 
     def figures(self) -> dict:

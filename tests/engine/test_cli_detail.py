@@ -68,10 +68,11 @@ def test_each_code_names_the_field_and_values(ps, claims, settled):
     for c, d in _rows(claims, settled, detail, "UNKNOWN_POLICY"):
         assert d.startswith(f"no policy for region {c['region']}, scheme {c['scheme']} on "
                             f"{c['settle_time']:%Y-%m-%d}")
-    policies = {(p.region, p.scheme, p.year): p for p in ps.policies}
     for c, d in _rows(claims, settled, detail, "UNKNOWN_IDENTITY"):
-        p = policies[(c["region"], c["scheme"], c["settle_time"].year)]
-        assert f"policy {p.id} does not declare (it declares: {', '.join(p.identities) or 'none'})" in d
+        year = c["settle_time"].year
+        declared = ps.year_identities(c["region"], c["scheme"], year)
+        assert (f"no version of region {c['region']}, scheme {c['scheme']}, year {year} declares "
+                f"(they declare: {', '.join(declared) or 'none'})") in d
         assert all(i in d for i in c["identities"] if i)
     dup = _rows(claims, settled, detail, "DUPLICATE_CLAIM")
     assert dup and all(d.startswith(f"claim_id {c['claim_id']} came earlier in this call") for c, d in dup)

@@ -46,13 +46,15 @@ def run_summary(tmp_path_factory, claims):
 def expected_figures(ps, claims, accumulators=None):
     """Per policy id (an error row under the policy of its region, scheme and year), by hand."""
     res = engine.settle(claims, ps, accumulators=accumulators).results.to_pylist()
-    by_key = {(p.region, p.scheme, p.year): p.id for p in ps.policies}
     per = defaultdict(lambda: {"claims": 0, "ok": 0, "errors": Counter(), "persons": set(), "cap_hits": 0,
                                "amounts_fen": Counter()})
     for c, r in zip(claims.to_pylist(), res):
         pid = r["policy_id"]
         if pid is None and c["settle_time"] is not None:
-            pid = by_key.get((c["region"], c["scheme"], c["settle_time"].year))
+            t = c["settle_time"]
+            versions = ps.versions(c["region"], c["scheme"], t.year)
+            p = ps.in_force(c["region"], c["scheme"], t.date()) or (versions[0] if versions else None)
+            pid = p.id if p is not None else None
         for e in (per[pid], per["total"]):
             e["claims"] += 1
             if r["status"] == "ok":
