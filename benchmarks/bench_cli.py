@@ -10,8 +10,9 @@ imports included, as a user runs it), and the variants take turns round by round
 shared, noisy machine slows them alike:
 
 * `floor`: the same streamed settlement (`Settler.settle_batches`, 125k-row batches, read
-  ahead, written by a background thread to LZ4 Parquet) with no status_detail, no summary
-  and no all-or-nothing commit: what the command line adds is measured against it;
+  ahead, written by a background thread with the command line's Parquet settings,
+  `engine.files.TableWriter`) with no status_detail, no summary, no order check and no
+  all-or-nothing commit: what the command line adds is measured against it;
 * `settle`: `medsettle settle CLAIMS -o RESULTS` (status_detail, summary, temporary + rename);
 * `keep`: the same with `--keep-columns person_id,region,settle_time`.
 
@@ -39,16 +40,18 @@ _FLOOR = """
 import sys, pyarrow.parquet as pq, engine
 from engine.cli.settle import SETTLE_BATCH
 from engine.arrow_io import results_schema
+from engine.files import TableWriter
 from engine.pipeline import BackgroundWriter, prefetch
 claims, out = sys.argv[1:3]
 ps = engine.load_policies(None)
 f = pq.ParquetFile(claims)
 settler = engine.Settler(ps, expected_claims=f.metadata.num_rows)
-with pq.ParquetWriter(out, results_schema(dictionary=True), compression="lz4") as w:
-    bg = BackgroundWriter(w.write_batch)
-    for res in settler.settle_batches(prefetch(f.iter_batches(SETTLE_BATCH)), dictionary=True):
-        bg.submit(res)
-    bg.close()
+w = TableWriter(out, results_schema(dictionary=True), SETTLE_BATCH)
+bg = BackgroundWriter(w.write)
+for res in settler.settle_batches(prefetch(f.iter_batches(SETTLE_BATCH)), dictionary=True):
+    bg.submit(res)
+bg.close()
+w.close()
 """
 
 _WAITER = """
