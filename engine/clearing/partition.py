@@ -1,0 +1,197 @@
+"""Phase 1: the year's claims split by person into buckets on disk, with bounded memory.
+
+DuckDB reads the dataset (a Parquet file or a folder of them, any order and size),
+finds the claim ids that occur more than once over the whole year (spec 7: first
+occurrences are found over the whole call, before any split by key) and writes
+the claims as Parquet buckets by a hash of the person, spilling to disk beyond its
+memory limit. A repeated claim id's later rows go to the bucket of its first row,
+so that the bucket's one settlement call rejects them as DUPLICATE_CLAIM exactly as
+one call over the year would (their status depends on no accumulator, and they
+change none). The registry is split by the same hash, so a bucket's claims find their
+persons in the bucket's registry; the persons of such moved rows are copied there.
+
+Each row keeps its input position `ord` (file index << 40 | row in file) so a bucket
+is settled in input order. The phase writes into a temporary folder renamed when
+complete, then `manifest.json`: a killed partition is redone, a finished one reused.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import shutil
+from pathlib import Path
+from typing import NamedTuple, Optional
+
+import duckdb
+import pyarrow.parquet as pq
+
+from ..arrow_io import ClaimsSchemaError, check_schema
+from ..registry import check_persons_schema
+from .files import write_json
+from .progress import Progress
+
+#: Default rows per bucket: a bucket is settled as one call in memory (about 1 KB per claim
+#: while settled), and its keys' accumulator rows stay small.
+BUCKET_ROWS = 2_000_000
+FILE_SHIFT = 40  # ord = file index << 40 | row number in the file
+
+
+class ClearingError(ValueError):
+    """An input clearing cannot use; the message names the file or argument and the reason."""
+
+
+class Partition(NamedTuple):
+    folder: Path
+    buckets: int
+    rows: int  # claims of the year
+    other_years: int  # claims of the dataset dated in another year (not cleared)
+    duplicates: int  # rows whose claim id occurred earlier
+    has_facility: bool
+
+
+def dataset_files(path) -> list[Path]:
+    """The Parquet files of a dataset: the file, or every *.parquet under the folder in path order."""
+    path = Path(path)
+    if not path.exists():
+        raise ClearingError(f"{path}: no such file or folder")
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*.parquet") if p.is_file() and not p.name.startswith("."))
+        if not files:
+            raise ClearingError(f"{path}: no .parquet files in this folder")
+        return files
+    return [path]
+
+
+def check_claims_files(files: list[Path]) -> bool:
+    """Every file has the claims columns (spec 2); returns whether all have `facility_id`."""
+    facility = True
+    for f in files:
+        try:
+            schema = pq.read_schema(f)
+        except Exception as e:  # pyarrow raises several kinds for a file that is not Parquet
+            raise ClearingError(f"{f}: not a readable Parquet file ({e})") from None
+        try:
+            check_schema(schema)
+        except ClaimsSchemaError as e:
+            raise ClearingError(f"{f}: {e}") from None
+        i = schema.get_field_index("facility_id")
+        if i < 0:
+            facility = False
+        elif str(schema.field(i).type) not in ("string", "large_string"):
+            raise ClearingError(f"{f}: column 'facility_id' has type {schema.field(i).type}; expected string")
+    return facility
+
+
+def connect(work: Path, memory_limit: str, threads: int) -> duckdb.DuckDBPyConnection:
+    """A DuckDB connection that spills to `work`/duckdb.tmp beyond `memory_limit`."""
+    con = duckdb.connect(config={"memory_limit": memory_limit, "threads": threads,
+                                 "temp_directory": str(work / "duckdb.tmp"),
+                                 "preserve_insertion_order": False})
+    con.execute("SET enable_progress_bar = false")
+    return con
+
+
+def _sql_list(files: list[Path]) -> str:
+    return "[" + ", ".join("'" + str(f).replace("'", "''") + "'" for f in files) + "]"
+
+
+def fingerprint(files: list[Path], registry: Optional[Path], year: int, use_claim_identities: bool,
+                bucket_rows: int) -> str:
+    """What a finished partition was made from: a resumed run must have the same."""
+    h = hashlib.sha256()
+    for f in [*files, *([registry] if registry else [])]:
+        st = f.stat()
+        h.update(f"{f.resolve()}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    h.update(f"{year}|{use_claim_identities}|{bucket_rows}".encode())
+    return h.hexdigest()
+
+
+def load_manifest(work: Path) -> Optional[dict]:
+    path = work / "partition" / "manifest.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def partition(con: duckdb.DuckDBPyConnection, files: list[Path], registry_files: Optional[list[Path]],
+              work: Path, year: int, bucket_rows: int = BUCKET_ROWS, key: str = "",
+              stream=None) -> Partition:
+    """Split the year's claims (and the registry) into buckets under work/partition."""
+    has_facility = check_claims_files(files)
+    for f in registry_files or ():
+        try:
+            check_persons_schema(pq.read_schema(f), str(f))
+        except ValueError as e:
+            raise ClearingError(str(e)) from None
+        except Exception as e:
+            raise ClearingError(f"{f}: not a readable Parquet file ({e})") from None
+    final = work / "partition"
+    tmp = work / "partition.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    facility = "facility_id::VARCHAR AS facility_id" if has_facility else "NULL::VARCHAR AS facility_id"
+    in_year = f"(settle_time IS NULL OR year(settle_time) = {int(year)})"
+    steps = 4 if registry_files else 3
+    with Progress("partition", steps, stream, " steps") as bar:
+        con.execute(f"""CREATE OR REPLACE TEMP VIEW src AS
+            SELECT claim_id, person_id, region, scheme, settle_time, visit_type, facility_level, locality,
+                   referred, disease_code, age, identities, total_amount, self_funded_amount, over_limit_amount,
+                   class_b_copay_amount, in_scope_amount, in_scope_class_b_amount, {facility},
+                   (((list_position({_sql_list(files)}, filename) - 1)::BIGINT << {FILE_SHIFT})
+                     | file_row_number) AS ord,
+                   {in_year} AS in_year
+            FROM read_parquet({_sql_list(files)}, filename = true, file_row_number = true,
+                              union_by_name = true)""")
+        rows, other = con.execute("SELECT count(*) FILTER (WHERE in_year), count(*) FILTER (WHERE NOT in_year) "
+                                  "FROM src").fetchone()
+        buckets = max(1, math.ceil(rows / max(1, bucket_rows)))
+        bar.advance()
+        # claim ids seen more than once in the year, and the person of each one's first row
+        con.execute("""CREATE OR REPLACE TEMP TABLE dup AS
+            SELECT claim_id, arg_min(person_id, ord) AS home, count(*) - 1 AS later
+            FROM src WHERE in_year AND claim_id IS NOT NULL
+            GROUP BY claim_id HAVING count(*) > 1""")
+        duplicates = con.execute("SELECT coalesce(sum(later), 0) FROM dup").fetchone()[0]
+        bar.advance()
+        bucket_of = f"(hash(coalesce(d.home, s.person_id)) % {buckets})::INTEGER"
+        out = str(tmp / "claims").replace("'", "''")
+        con.execute(f"""COPY (SELECT s.* EXCLUDE (in_year), {bucket_of} AS bucket
+                              FROM src s LEFT JOIN dup d ON s.claim_id = d.claim_id WHERE s.in_year)
+                        TO '{out}' (FORMAT PARQUET, PARTITION_BY (bucket), COMPRESSION lz4,
+                                    ROW_GROUP_SIZE 262144)""")
+        bar.advance()
+        if registry_files:
+            reg = f"read_parquet({_sql_list(registry_files)}, union_by_name = true)"
+            moved = "SELECT 0::INTEGER AS b, NULL::VARCHAR AS person_id WHERE false"
+            if duplicates:
+                # persons of later rows moved to another bucket than their own
+                moved = f"""SELECT DISTINCT {bucket_of} AS b, s.person_id
+                            FROM src s JOIN dup d ON s.claim_id = d.claim_id
+                            WHERE s.in_year AND s.person_id IS NOT NULL
+                              AND {bucket_of} <> (hash(s.person_id) % {buckets})::INTEGER"""
+            out = str(tmp / "registry").replace("'", "''")
+            con.execute(f"""COPY (
+                    SELECT p.person_id, p.region, p.scheme, p.birth_date, p.identities,
+                           (hash(p.person_id) % {buckets})::INTEGER AS bucket FROM {reg} p
+                    UNION ALL
+                    SELECT p.person_id, p.region, p.scheme, p.birth_date, p.identities, m.b AS bucket
+                    FROM {reg} p JOIN ({moved}) m ON p.person_id = m.person_id)
+                TO '{out}' (FORMAT PARQUET, PARTITION_BY (bucket), COMPRESSION lz4)""")
+            bar.advance()
+        con.execute("DROP TABLE IF EXISTS dup")
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    result = Partition(final, buckets, int(rows), int(other), int(duplicates), has_facility)
+    write_json(final / "manifest.json", {"key": key, "buckets": buckets, "rows": result.rows,
+                                         "other_years": result.other_years, "duplicates": result.duplicates,
+                                         "has_facility": has_facility})
+    return result
+
+
+def from_manifest(work: Path, manifest: dict) -> Partition:
+    return Partition(work / "partition", manifest["buckets"], manifest["rows"], manifest["other_years"],
+                     manifest["duplicates"], manifest["has_facility"])
+
+
+def bucket_files(folder: Path, kind: str, bucket: int) -> list[Path]:
+    d = folder / kind / f"bucket={bucket}"
+    return sorted(d.glob("*.parquet")) if d.is_dir() else []

@@ -1,0 +1,112 @@
+"""Phase 2: each bucket settled as one call, its result written whole; done buckets are skipped.
+
+Keys are independent (spec 4), so a call per bucket of persons gives the results of
+one call over the year. A bucket's claims are put back in input order, given the
+registry's basis as of each claim's date (unless the claims' own columns are to be
+used), settled with `engine.settle`, and written to results/bucket-NNNNN.parquet
+under a temporary name renamed when complete: the file's presence is the bucket's
+"done" mark, so `--resume` continues with the buckets that have none.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from ..compile import CompiledPolicies
+from ..registry import BASIS_BEFORE_BIRTH, BASIS_UNKNOWN_PERSON, as_of
+from ..schema import CLAIMS_SCHEMA, PERSONS_SCHEMA
+from ..settle import settle
+from .files import write_parquet
+from .partition import Partition, bucket_files
+from .progress import Progress
+from .schema import BEFORE_BIRTH, CLEARED_SCHEMA, UNKNOWN_PERSON
+
+
+def result_path(out: Path, bucket: int) -> Path:
+    return out / "results" / f"bucket-{bucket:05d}.parquet"
+
+
+def read_bucket_claims(part: Partition, bucket: int) -> pa.Table:
+    """The bucket's claims in input order, CLAIMS_SCHEMA columns plus facility_id and ord."""
+    files = bucket_files(part.folder, "claims", bucket)
+    if not files:
+        schema = CLAIMS_SCHEMA.append(pa.field("facility_id", pa.string())).append(pa.field("ord", pa.int64()))
+        return schema.empty_table()
+    t = pa.concat_tables([pq.read_table(f) for f in files], promote_options="permissive")
+    t = t.take(pc.sort_indices(t.column("ord")))
+    cols = [t.column(f.name).cast(f.type) for f in CLAIMS_SCHEMA]
+    cols += [t.column("facility_id").cast(pa.string()), t.column("ord").cast(pa.int64())]
+    names = [*CLAIMS_SCHEMA.names, "facility_id", "ord"]
+    return pa.Table.from_arrays(cols, names=names)
+
+
+def read_bucket_registry(part: Partition, bucket: int) -> pa.Table:
+    files = bucket_files(part.folder, "registry", bucket)
+    if not files:
+        return PERSONS_SCHEMA.empty_table()
+    t = pa.concat_tables([pq.read_table(f, columns=PERSONS_SCHEMA.names) for f in files])
+    return t.cast(PERSONS_SCHEMA)
+
+
+def settle_bucket(claims: pa.Table, persons: Optional[pa.Table], policies: CompiledPolicies) -> pa.Table:
+    """One bucket's claims (input order) re-settled: a CLEARED_SCHEMA table in the same order.
+
+    With `persons`, the registry's basis is applied first (engine.registry.as_of); a claim
+    that cannot have one (person unknown, date before birth) is settled as an error row
+    (its region blanked, so the engine rejects it and it still takes its claim id, as a
+    rejected claim does), then reported with clearing's status for it."""
+    override = None
+    if persons is not None:
+        basis = as_of(claims, persons)
+        claims = basis.claims
+        bad = basis.basis_status != 0
+        if bad.any():
+            override = np.where(basis.basis_status == BASIS_UNKNOWN_PERSON, UNKNOWN_PERSON,
+                                np.where(basis.basis_status == BASIS_BEFORE_BIRTH, BEFORE_BIRTH, ""))
+            i = claims.schema.get_field_index("region")
+            claims = claims.set_column(i, "region", pc.if_else(pa.array(bad), pa.scalar(None, pa.string()),
+                                                              claims.column("region")))
+    results = settle(claims.select(CLAIMS_SCHEMA.names), policies).results
+    status = results.column("status")
+    if override is not None:
+        status = pc.if_else(pa.array(override != ""), pa.array(override), status)
+    ok_fund = results.column("fund_pay_total")
+    compliant = pc.add(results.column("compliant_personal_pay"), ok_fund)
+    cols = {
+        "ord": claims.column("ord"),
+        **{n: claims.column(n) for n in ("claim_id", "person_id", "region", "scheme", "settle_time", "visit_type",
+                                         "facility_level", "locality", "facility_id", "total_amount",
+                                         "in_scope_amount")},
+        "status": status,
+        "compliant_amount": compliant,
+        **{n: results.column(n) for n in CLEARED_SCHEMA.names
+           if n in results.column_names and n not in ("claim_id", "status")},
+    }
+    return pa.Table.from_arrays([cols[f.name].cast(f.type) for f in CLEARED_SCHEMA], schema=CLEARED_SCHEMA)
+
+
+def resettle(part: Partition, out: Path, policies: CompiledPolicies, use_registry: bool, resume: bool,
+             stream=None, after_bucket: Optional[Callable[[int], None]] = None) -> dict:
+    """Settle every bucket not yet done; returns {"settled": n, "skipped": n}."""
+    settled = skipped = 0
+    with Progress("settle", part.buckets, stream, " buckets") as bar:
+        for b in range(part.buckets):
+            path = result_path(out, b)
+            if resume and path.exists():
+                skipped += 1
+                bar.advance()
+                continue
+            claims = read_bucket_claims(part, b)
+            persons = read_bucket_registry(part, b) if use_registry else None
+            table = settle_bucket(claims, persons, policies)
+            write_parquet(path, table, CLEARED_SCHEMA)
+            settled += 1
+            bar.advance()
+            if after_bucket is not None:
+                after_bucket(b)
+    return {"settled": settled, "skipped": skipped}
