@@ -22,7 +22,7 @@ def test_agrees_with_server_basis_at_on_generated_persons():
     server_registry = pytest.importorskip("server.registry")
     persons = generate_persons(load_policies(), 40_000, seed=7)
     rng = np.random.default_rng(3)
-    n = 20_000
+    n = 10_000
     pick = rng.integers(0, persons.num_rows, n)
     # dates across the generated years and around spell bounds and birthdays
     start = int(dt.datetime(2016, 6, 1).timestamp()) * 1_000_000
@@ -47,8 +47,8 @@ def test_agrees_with_server_basis_at_on_generated_persons():
         assert (row["region"], row["scheme"], row["age"], row["identities"]) == \
             (b.region, b.scheme, b.age, b.identities), (i, row, b)
         compared += 1
-    assert compared > 15_000
-    assert sum(1 for r in out if r["identities"]) > 500  # identities are exercised
+    assert compared > 7_000
+    assert sum(1 for r in out if r["identities"]) > 250  # identities are exercised
 
 
 def _server_persons(server_registry, table, tmp=None):
