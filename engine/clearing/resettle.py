@@ -9,6 +9,7 @@ under a temporary name renamed when complete: the file's presence is the bucket'
 """
 from __future__ import annotations
 
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -32,13 +33,19 @@ def result_path(out: Path, bucket: int) -> Path:
 
 
 def read_bucket_claims(part: Partition, bucket: int) -> pa.Table:
-    """The bucket's claims in input order, CLAIMS_SCHEMA columns plus facility_id and ord."""
+    """The bucket's claims, CLAIMS_SCHEMA columns plus facility_id and ord: the rows of
+    repeated claim ids last, in input order (so each id's first row comes first, as in
+    one call over the year), the others as they come (their results do not depend on it)."""
     files = bucket_files(part.folder, "claims", bucket)
     if not files:
         schema = CLAIMS_SCHEMA.append(pa.field("facility_id", pa.string())).append(pa.field("ord", pa.int64()))
         return schema.empty_table()
     t = pa.concat_tables([pq.read_table(f) for f in files], promote_options="permissive")
-    t = t.take(pc.sort_indices(t.column("ord")))
+    repeated = np.asarray(t.column("repeated").to_numpy(zero_copy_only=False), dtype=bool)
+    if repeated.any():
+        rep = np.flatnonzero(repeated)
+        ords = np.asarray(t.column("ord").take(pa.array(rep)).to_numpy(), dtype=np.int64)
+        t = t.take(pa.array(np.concatenate([np.flatnonzero(~repeated), rep[np.argsort(ords, kind="stable")]])))
     cols = [t.column(f.name).cast(f.type) for f in CLAIMS_SCHEMA]
     cols += [t.column("facility_id").cast(pa.string()), t.column("ord").cast(pa.int64())]
     names = [*CLAIMS_SCHEMA.names, "facility_id", "ord"]
@@ -92,21 +99,39 @@ def settle_bucket(claims: pa.Table, persons: Optional[pa.Table], policies: Compi
 
 def resettle(part: Partition, out: Path, policies: CompiledPolicies, use_registry: bool, resume: bool,
              stream=None, after_bucket: Optional[Callable[[int], None]] = None) -> dict:
-    """Settle every bucket not yet done; returns {"settled": n, "skipped": n}."""
-    settled = skipped = 0
-    with Progress("settle", part.buckets, stream, " buckets") as bar:
-        for b in range(part.buckets):
-            path = result_path(out, b)
-            if resume and path.exists():
-                skipped += 1
-                bar.advance()
-                continue
-            claims = read_bucket_claims(part, b)
-            persons = read_bucket_registry(part, b) if use_registry else None
+    """Settle every bucket not yet done; returns {"settled": n, "skipped": n}.
+
+    Three buckets are in flight: the next one read on a helper thread, this one settled
+    (the kernel releases the GIL), the previous one written on the other helper thread.
+    `after_bucket(b)` is called once bucket b's file is in place."""
+    todo = [b for b in range(part.buckets) if not (resume and result_path(out, b).exists())]
+    skipped = part.buckets - len(todo)
+
+    def load(b: int):
+        return read_bucket_claims(part, b), (read_bucket_registry(part, b) if use_registry else None)
+
+    with Progress("settle", part.buckets, stream, " buckets") as bar, \
+            ThreadPoolExecutor(2, thread_name_prefix="medsettle-clear") as pool:
+        bar.advance(skipped)
+        loading = pool.submit(load, todo[0]) if todo else None
+        writing: Optional[tuple[int, Future]] = None
+        for i, b in enumerate(todo):
+            claims, persons = loading.result()
+            loading = pool.submit(load, todo[i + 1]) if i + 1 < len(todo) else None
             table = settle_bucket(claims, persons, policies)
-            write_parquet(path, table, CLEARED_SCHEMA)
-            settled += 1
-            bar.advance()
-            if after_bucket is not None:
-                after_bucket(b)
-    return {"settled": settled, "skipped": skipped}
+            del claims, persons
+            if writing is not None:
+                _written(writing, bar, after_bucket)
+            writing = (b, pool.submit(write_parquet, result_path(out, b), table, CLEARED_SCHEMA))
+            del table
+        if writing is not None:
+            _written(writing, bar, after_bucket)
+    return {"settled": len(todo), "skipped": skipped}
+
+
+def _written(writing: tuple, bar: Progress, after_bucket) -> None:
+    b, future = writing
+    future.result()
+    bar.advance()
+    if after_bucket is not None:
+        after_bucket(b)
