@@ -16,14 +16,13 @@ from typing import Callable, Optional
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from ..compile import CompiledPolicies
 from ..registry import BASIS_BEFORE_BIRTH, BASIS_UNKNOWN_PERSON, as_of
 from ..schema import CLAIMS_SCHEMA, PERSONS_SCHEMA
 from ..settle import settle
 from .files import write_parquet
-from .partition import Partition, bucket_files
+from .partition import Partition, read_bucket
 from .progress import Progress
 from .schema import BEFORE_BIRTH, CLEARED_SCHEMA, UNKNOWN_PERSON
 
@@ -36,11 +35,10 @@ def read_bucket_claims(part: Partition, bucket: int) -> pa.Table:
     """The bucket's claims, CLAIMS_SCHEMA columns plus facility_id and ord: the rows of
     repeated claim ids last, in input order (so each id's first row comes first, as in
     one call over the year), the others as they come (their results do not depend on it)."""
-    files = bucket_files(part.folder, "claims", bucket)
-    if not files:
+    t = read_bucket(part.folder, "claims", bucket)
+    if t is None:
         schema = CLAIMS_SCHEMA.append(pa.field("facility_id", pa.string())).append(pa.field("ord", pa.int64()))
         return schema.empty_table()
-    t = pa.concat_tables([pq.read_table(f) for f in files], promote_options="permissive")
     repeated = np.asarray(t.column("repeated").to_numpy(zero_copy_only=False), dtype=bool)
     if repeated.any():
         rep = np.flatnonzero(repeated)
@@ -53,11 +51,10 @@ def read_bucket_claims(part: Partition, bucket: int) -> pa.Table:
 
 
 def read_bucket_registry(part: Partition, bucket: int) -> pa.Table:
-    files = bucket_files(part.folder, "registry", bucket)
-    if not files:
+    t = read_bucket(part.folder, "registry", bucket)
+    if t is None:
         return PERSONS_SCHEMA.empty_table()
-    t = pa.concat_tables([pq.read_table(f, columns=PERSONS_SCHEMA.names) for f in files])
-    return t.cast(PERSONS_SCHEMA)
+    return t.select(PERSONS_SCHEMA.names).cast(PERSONS_SCHEMA)
 
 
 def settle_bucket(claims: pa.Table, persons: Optional[pa.Table], policies: CompiledPolicies) -> pa.Table:

@@ -39,7 +39,7 @@ CLEARED_SCHEMA = pa.schema([
                                         "compliant_personal_pay", "layer_pays", "cap_hit")],
 ])
 
-_group_sums = [pa.field("claims", pa.int64(), nullable=False), pa.field("persons", pa.int64(), nullable=False),
+_group_sums = [pa.field("claims", pa.int64(), nullable=False),
                pa.field("total_amount", _money, nullable=False), pa.field("compliant_amount", _money, nullable=False),
                *_fund_fields(), pa.field("fund_pay_total", _money, nullable=False),
                pa.field("personal_pay", _money, nullable=False),
