@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 from ..schema import FUND_COLUMNS, LEDGER_SCHEMA
 from .partition import ClearingError
 from .schema import RECONCILIATION_PERSONS_SCHEMA, RECONCILIATION_SCHEMA
-from .sql import file_list, rows, write_query
+from .sql import file_list, quote, rows, write_query
 
 #: The ledger columns reconciliation reads; facility_id is optional.
 LEDGER_COLUMNS = ("seq", "kind", "claim_id", "person_id", "region", "scheme", "settle_time", *FUND_COLUMNS,
@@ -82,7 +82,8 @@ def register_ledger(con: duckdb.DuckDBPyConnection, files: list[Path], year: int
 def reconcile(con: duckdb.DuckDBPyConnection, out: Path, view: str = "cleared") -> dict:
     """Write reconciliation/claims.parquet and persons.parquet; returns the summary figures."""
     paid = lambda f: f"CASE WHEN l.reversed THEN 0 ELSE coalesce(l.{f}_pay, 0) END"  # noqa: E731
-    con.execute(f"""CREATE OR REPLACE TEMP TABLE recon AS
+    # views, not tables: a temporary table of every claim of the year would spill to disk
+    con.execute(f"""CREATE OR REPLACE TEMP VIEW recon AS
         SELECT coalesce(c.claim_id, l.claim_id) AS claim_id, coalesce(c.person_id, l.person_id) AS person_id,
                coalesce(c.region, l.region) AS region, coalesce(c.scheme, l.scheme) AS scheme,
                coalesce(c.settle_time, l.settle_time) AS settle_time,
@@ -106,27 +107,30 @@ def reconcile(con: duckdb.DuckDBPyConnection, out: Path, view: str = "cleared") 
     rec = out / "reconciliation"
     n_claims = write_query(con, f"SELECT * FROM recon_diff WHERE {action} ORDER BY claim_id",
                            rec / "claims.parquet", RECONCILIATION_SCHEMA)
+    con.execute(f"CREATE OR REPLACE TEMP VIEW recon_claims AS SELECT * FROM read_parquet({quote(rec / 'claims.parquet')})")
+    # the persons' totals and the summary from the written claims needing action (a fraction
+    # of the year), and one semi-join count for the claims matched exactly
     n_persons = write_query(con, f"""
         SELECT person_id, region, scheme, count(*)::BIGINT AS claims,
                {", ".join(f"sum(diff_{f}_pay)::BIGINT AS diff_{f}_pay" for f in _FUNDS)},
                sum(diff_total)::BIGINT AS diff_total, sum(diff_personal_pay)::BIGINT AS diff_personal_pay
-        FROM recon_diff WHERE {action} GROUP BY ALL ORDER BY person_id""",
+        FROM recon_claims GROUP BY ALL ORDER BY person_id""",
                             rec / "persons.parquet", RECONCILIATION_PERSONS_SCHEMA)
+    both = rows(con, f"""SELECT count(*) AS n FROM ledger_paid l WHERE NOT l.reversed AND l.claim_id IN
+        (SELECT claim_id FROM {view} WHERE claim_id IS NOT NULL AND status <> 'DUPLICATE_CLAIM')""")[0]["n"]
     summary = rows(con, f"""
-        SELECT count(*) FILTER (WHERE match = 'both' AND NOT {action}) AS matched_exactly,
-               count(*) FILTER (WHERE match = 'both' AND {action}) AS matched_with_difference,
+        SELECT {int(both)} - count(*) FILTER (WHERE match = 'both') AS matched_exactly,
+               count(*) FILTER (WHERE match = 'both') AS matched_with_difference,
                count(*) FILTER (WHERE match = 'year_only') AS year_only,
                count(*) FILTER (WHERE match = 'ledger_only') AS ledger_only,
                count(*) FILTER (WHERE reversed_at_counter) AS reversed_at_counter,
                coalesce(sum(diff_total) FILTER (WHERE diff_total > 0), 0) AS owed,
                coalesce(-sum(diff_total) FILTER (WHERE diff_total < 0), 0) AS to_recover,
                {", ".join(f"coalesce(sum(diff_{f}_pay), 0) AS diff_{f}_pay" for f in _FUNDS)}
-        FROM recon_diff""")[0]
+        FROM recon_claims""")[0]
     reversed_left_out = rows(con, "SELECT count(*) AS n FROM ledger_paid l WHERE reversed AND NOT EXISTS "
                                   f"(SELECT 1 FROM {view} c WHERE c.claim_id = l.claim_id)")[0]["n"]
-    con.execute(f"CREATE OR REPLACE TEMP VIEW recon_persons AS SELECT * FROM read_parquet('{rec / 'persons.parquet'}')")
-    con.execute(f"CREATE OR REPLACE TEMP VIEW recon_claims AS SELECT * FROM read_parquet('{rec / 'claims.parquet'}')")
-    con.execute("DROP TABLE recon")
+    con.execute(f"CREATE OR REPLACE TEMP VIEW recon_persons AS SELECT * FROM read_parquet({quote(rec / 'persons.parquet')})")
     out_summary = {k: int(v) for k, v in summary.items()}
     out_summary.update(reversed_left_out=int(reversed_left_out), claim_rows=n_claims, person_rows=n_persons)
     return out_summary
