@@ -105,7 +105,9 @@ def reconcile(con: duckdb.DuckDBPyConnection, out: Path, view: str = "cleared") 
     action = "(match <> 'both' OR diff_total <> 0 OR " + " OR ".join(f"diff_{f}_pay <> 0" for f in _FUNDS) + \
         " OR diff_personal_pay <> 0)"
     rec = out / "reconciliation"
-    n_claims = write_query(con, f"SELECT * FROM recon_diff WHERE {action} ORDER BY claim_id",
+    # in no particular order: a sort of every claim needing action (most of a year whose
+    # ledger covers little of it) costs more than the join
+    n_claims = write_query(con, f"SELECT * FROM recon_diff WHERE {action}",
                            rec / "claims.parquet", RECONCILIATION_SCHEMA)
     con.execute(f"CREATE OR REPLACE TEMP VIEW recon_claims AS SELECT * FROM read_parquet({quote(rec / 'claims.parquet')})")
     # the persons' totals and the summary from the written claims needing action (a fraction
@@ -114,7 +116,7 @@ def reconcile(con: duckdb.DuckDBPyConnection, out: Path, view: str = "cleared") 
         SELECT person_id, region, scheme, count(*)::BIGINT AS claims,
                {", ".join(f"sum(diff_{f}_pay)::BIGINT AS diff_{f}_pay" for f in _FUNDS)},
                sum(diff_total)::BIGINT AS diff_total, sum(diff_personal_pay)::BIGINT AS diff_personal_pay
-        FROM recon_claims GROUP BY ALL ORDER BY person_id""",
+        FROM recon_claims GROUP BY ALL""",
                             rec / "persons.parquet", RECONCILIATION_PERSONS_SCHEMA)
     both = rows(con, f"""SELECT count(*) AS n FROM ledger_paid l WHERE NOT l.reversed AND l.claim_id IN
         (SELECT claim_id FROM {view} WHERE claim_id IS NOT NULL AND status <> 'DUPLICATE_CLAIM')""")[0]["n"]

@@ -199,3 +199,33 @@ def test_whatif_raising_a_cap_costs_the_funds_more(year_data, tmp_path):
     assert sum(r["pay_less"] for r in ident) == pc.sum(pc.less(persons.column("change"), 0)).as_py() > 0
     assert sum(r["change"] for r in ident) == by_fund["personal"]
     assert (tmp_path / "w" / "baseline" / "report.html").exists() and (tmp_path / "w" / "report.html").exists()
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill(year_data, tmp_path):
+    """A real kill (SIGKILL of the command in a child process) mid-settle, then --resume."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    d, policies, _, _ = year_data
+    out = tmp_path / "out"
+    args = ["clear", "--year", str(YEAR), "--claims", str(d / "claims"), "--policies", str(policies.source),
+            "--registry", str(d / "persons.parquet"), "--out", str(out), "--bucket-rows", "300", "--quiet"]
+    root = Path(__file__).resolve().parents[3]
+    proc = subprocess.Popen([sys.executable, "-m", "engine.clearing.command", *args], cwd=root)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and len(list((out / "results").glob("bucket-*.parquet"))) < 5:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = len(list((out / "results").glob("bucket-*.parquet")))
+    assert done >= 5
+    assert main([*args, "--resume"]) == 0
+    summary = __import__("json").loads((out / "summary.json").read_text())
+    assert summary["counts"]["skipped"] >= done and summary["counts"]["partition_reused"]
+    fresh = tmp_path / "fresh"
+    clear(YEAR, d / "claims", policies, fresh, d / "persons.parquet", bucket_rows=300, stream=None, charts=False)
+    assert _by_ord(out).equals(_by_ord(fresh))
