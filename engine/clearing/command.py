@@ -71,13 +71,17 @@ def _year(args, policies) -> int:
         return args.year
     years = sorted({p.year for p in policies.policies})
     if len(years) != 1:
-        raise ClearingError(f"--year is required: the policies cover the years {years}")
+        raise UsageError(f"--year is required: the policies cover the years {years}")
     return years[0]
+
+
+class UsageError(ValueError):
+    """Arguments that do not fit together (exit status 2, as argparse's own)."""
 
 
 def _check(args) -> None:
     if args.registry is None and not args.use_claim_identities:
-        raise ClearingError("--registry is required (or --use-claim-identities)")
+        raise UsageError("--registry is required (or --use-claim-identities)")
 
 
 def run(args) -> int:
@@ -91,6 +95,9 @@ def run(args) -> int:
                         use_claim_identities=args.use_claim_identities, resume=args.resume,
                         bucket_rows=args.bucket_rows, memory_limit=args.memory_limit, keep_work=args.keep_work,
                         charts=not args.no_charts, stream=None if args.quiet else sys.stderr)
+    except UsageError as e:
+        print(f"medsettle clear: {e}", file=sys.stderr)
+        return 2
     except (ClearingError, PolicyError, RegistryError, OSError) as e:
         print(f"medsettle clear: {e}", file=sys.stderr)
         return 1
@@ -118,6 +125,9 @@ def run_whatif(args) -> int:
                          use_claim_identities=args.use_claim_identities, bucket_rows=args.bucket_rows,
                          memory_limit=args.memory_limit, charts=not args.no_charts,
                          stream=None if args.quiet else sys.stderr)
+    except UsageError as e:
+        print(f"medsettle whatif: {e}", file=sys.stderr)
+        return 2
     except (ClearingError, PolicyError, RegistryError, OSError) as e:
         print(f"medsettle whatif: {e}", file=sys.stderr)
         return 1

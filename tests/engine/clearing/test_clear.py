@@ -154,10 +154,19 @@ def test_command_line_clear_and_report(year_data, tmp_path, capsys):
         assert (out / "charts" / png).read_bytes()[:4] == b"\x89PNG"
     assert "low-income persons with" in html and "Critical-illness insurer" in html
     assert not (out / "work").exists()
-    # a usage error: no registry and no --use-claim-identities
+    # a usage error: no registry and no --use-claim-identities; no --year for a set of several years
     assert main(["clear", "--year", "2022", "--claims", str(d / "claims"), "--policies", "engine/policies",
-                 "--out", str(tmp_path / "x"), "--quiet"]) == 1
+                 "--out", str(tmp_path / "x"), "--quiet"]) == 2
     assert "--registry is required" in capsys.readouterr().err
+    assert main(["clear", "--claims", str(d / "claims"), "--policies", "engine/policies", "--registry",
+                 str(d / "persons.parquet"), "--out", str(tmp_path / "x"), "--quiet"]) == 2
+    assert "--year is required" in capsys.readouterr().err
+    # a bad input: exit 1, the file and the reason named
+    bad = tmp_path / "bad.parquet"
+    pq.write_table(pa.table({"claim_id": ["x"]}), bad)
+    assert main(["clear", "--year", "2022", "--claims", str(bad), "--policies", "engine/policies", "--registry",
+                 str(d / "persons.parquet"), "--out", str(tmp_path / "y"), "--quiet"]) == 1
+    assert "bad.parquet: claims: missing column 'person_id'" in capsys.readouterr().err
 
 
 def test_report_without_matplotlib_says_so(year_data, tmp_path, monkeypatch):
