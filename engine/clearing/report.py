@@ -84,7 +84,7 @@ class Charts:
         return f'<img src="{self.folder.name}/{name}" alt="{html.escape(alt)}">'
 
 
-def _yuan_axis(ax, axis: str = "y") -> None:
+def yuan_axis(ax, axis: str = "y") -> None:
     fmt = FuncFormatter(lambda v, _: f"{v / 1e6:,.1f} M" if abs(v) >= 1e6 else f"{v:,.0f}")
     (ax.yaxis if axis == "y" else ax.xaxis).set_major_formatter(fmt)
 
@@ -128,7 +128,7 @@ def fund_sections(con: duckdb.DuckDBPyConnection, charts: Charts, prefix: str = 
         ax.set_xticks(range(1, 13))
         ax.set_xlabel("month")
         ax.set_ylabel("yuan")
-        _yuan_axis(ax)
+        yuan_axis(ax)
         ax.margins(y=0.15)
         ax.legend(fontsize=8, ncol=5, loc="upper center")
         ax.set_title("Fund spending by month")

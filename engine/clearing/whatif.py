@@ -23,7 +23,7 @@ from .clear import disk_bytes, peak_rss_bytes, prepare, year_policies
 from .files import write_bytes, write_json
 from .partition import BUCKET_ROWS
 from .progress import Progress
-from .report import Charts, burden_histogram, page, table, write_report, yuan
+from .report import Charts, burden_histogram, page, table, write_report, yuan, yuan_axis
 from .resettle import resettle
 from .schema import WHATIF_FUNDS_SCHEMA, WHATIF_IDENTITY_SCHEMA, WHATIF_PERSONS_SCHEMA
 from .sql import quote, rows, write_query
@@ -137,6 +137,7 @@ def _write_page(con, out: Path, year: int, change: dict, charts: bool) -> None:
         ax.bar([i + 0.2 for i in x], [int(r["r"]) / 100 for r in by_fund if r["fund"] in FUNDS], 0.4, label="reform")
         ax.set_xticks(list(x), names, fontsize=8)
         ax.set_ylabel("yuan")
+        yuan_axis(ax)
         ax.legend()
         ax.set_title("Cost per fund")
 
