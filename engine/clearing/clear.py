@@ -70,7 +70,6 @@ def prepare(out: Path, claims, registry, year: int, use_claim_identities: bool, 
     work = out / "work"
     work.mkdir(parents=True, exist_ok=True)
     key = fingerprint(files, Path(registry) if registry else None, year, use_claim_identities, bucket_rows)
-    con = connect(work, memory_limit, threads)
     manifest = load_manifest(work)
     t = time.perf_counter()
     if resume and manifest is not None and manifest.get("key") == key:
@@ -81,11 +80,14 @@ def prepare(out: Path, claims, registry, year: int, use_claim_identities: bool, 
             raise ClearingError(f"{out}: --resume, but the run there was made from other inputs or options; "
                                 "use a new --out, or run without --resume to start afresh")
         shutil.rmtree(out / "results", ignore_errors=True)
-        part = partition(con, files, registry_files, work, year, bucket_rows, key, stream)
+        # closed after the phase: DuckDB keeps its buffers (up to the memory limit) while
+        # open, and the settle phase needs that memory for its buckets
+        with connect(work, memory_limit, threads) as con:
+            part = partition(con, files, registry_files, work, year, bucket_rows, key, stream)
         counts["partition_reused"] = False
     timings["partition"] = round(time.perf_counter() - t, 3)
     counts.update(claims=part.rows, other_years=part.other_years, duplicates=part.duplicates, buckets=part.buckets)
-    return con, part
+    return part
 
 
 def clear(year: int, claims, policies, out, registry=None, ledger=None, *, use_claim_identities: bool = False,
@@ -100,13 +102,14 @@ def clear(year: int, claims, policies, out, registry=None, ledger=None, *, use_c
     ledger_files = dataset_files(ledger) if ledger is not None else None
     timings: dict = {}
     counts: dict = {}
-    con, part = prepare(out, claims, registry, year, use_claim_identities, bucket_rows, resume, memory_limit,
-                        threads, stream, timings, counts)
+    part = prepare(out, claims, registry, year, use_claim_identities, bucket_rows, resume, memory_limit,
+                   threads, stream, timings, counts)
     t = time.perf_counter()
     counts.update(resettle(part, out, compiled(policy_set), not use_claim_identities, resume, stream, after_bucket))
     timings["settle"] = round(time.perf_counter() - t, 3)
     disk_peak = disk_bytes(out)
 
+    con = connect(out / "work", memory_limit, threads)
     t = time.perf_counter()
     recon = None
     with Progress("reconcile", 1 if ledger_files else 0, stream, " steps") as bar:

@@ -21,7 +21,7 @@ from ..settle import compiled
 from .accounts import key_figures, register_layers, register_results, write_accounts
 from .clear import disk_bytes, peak_rss_bytes, prepare, year_policies
 from .files import write_bytes, write_json
-from .partition import BUCKET_ROWS
+from .partition import BUCKET_ROWS, connect
 from .progress import Progress
 from .report import Charts, burden_histogram, page, table, write_report, yuan, yuan_axis
 from .resettle import resettle
@@ -40,27 +40,27 @@ def whatif(year: int, claims, baseline: PolicySet, reform: PolicySet, out, regis
     year_policies(reform, year, "--reform")
     timings: dict = {}
     counts: dict = {}
-    con, part = prepare(out, claims, registry, year, use_claim_identities, bucket_rows, False, memory_limit,
-                        threads, stream, timings, counts)
+    part = prepare(out, claims, registry, year, use_claim_identities, bucket_rows, False, memory_limit,
+                   threads, stream, timings, counts)
     figures = {}
     for side, policies in zip(SIDES, (baseline, reform)):
         t = time.perf_counter()
         d = out / side
         shutil.rmtree(d / "results", ignore_errors=True)
         resettle(part, d, compiled(policies), not use_claim_identities, False, stream)
-        register_results(con, d / "results", None, name="cleared")
-        register_layers(con, policies)
-        write_accounts(con, d)
-        figures[side] = key_figures(con)
-        write_report(con, d, f"Year {year} under the {side} policies", figures[side], None,
-                     f"{policies.source}", charts)
+        with connect(out / "work", memory_limit, threads) as con:  # closed before the next side settles
+            register_results(con, d / "results", None, name="cleared")
+            register_layers(con, policies)
+            write_accounts(con, d)
+            figures[side] = key_figures(con)
+            write_report(con, d, f"Year {year} under the {side} policies", figures[side], None,
+                         f"{policies.source}", charts)
         timings[side] = round(time.perf_counter() - t, 3)
     t = time.perf_counter()
-    with Progress("compare", 1, stream, " pages") as bar:
+    with Progress("compare", 1, stream, " pages") as bar, connect(out / "work", memory_limit, threads) as con:
         change = compare(con, out, year, charts)
         bar.advance()
     timings["compare"] = round(time.perf_counter() - t, 3)
-    con.close()
     disk = disk_bytes(out)
     shutil.rmtree(out / "work", ignore_errors=True)
     summary = {"year": year, "counts": counts, "change": change, "seconds": timings,
