@@ -19,6 +19,7 @@ complete, then `manifest.json`: a killed partition is redone, a finished one reu
 from __future__ import annotations
 
 import hashlib
+from concurrent.futures import Future, ThreadPoolExecutor
 import json
 import math
 import shutil
@@ -150,9 +151,13 @@ def partition(con: duckdb.DuckDBPyConnection, files: list[Path], registry_files:
         buckets = max(1, math.ceil(rows / max(1, bucket_rows)))
         bar.advance()
         # claim ids seen more than once in the year, and the person of each one's first row
+        # by the ids' 64-bit hashes first (fixed-size keys: a third less time than strings on 10M
+        # claims, and far less to spill at 100M), then exactly, over the rows of candidate hashes
         con.execute("""CREATE OR REPLACE TEMP TABLE dup AS
+            WITH candidates AS (SELECT hash(claim_id) AS h FROM src WHERE in_year AND claim_id IS NOT NULL
+                                GROUP BY 1 HAVING count(*) > 1)
             SELECT claim_id, arg_min(person_id, ord) AS home, count(*) - 1 AS later
-            FROM src WHERE in_year AND claim_id IS NOT NULL
+            FROM src WHERE in_year AND claim_id IS NOT NULL AND hash(claim_id) IN (SELECT h FROM candidates)
             GROUP BY claim_id HAVING count(*) > 1""")
         duplicates = con.execute("SELECT coalesce(sum(later), 0) FROM dup").fetchall()[0][0]
         bar.advance()
@@ -195,24 +200,35 @@ def split(relation: duckdb.DuckDBPyRelation, folder: Path, batch_rows: int = 1 <
     folder.mkdir(parents=True, exist_ok=True)
     writers: dict[int, pa.ipc.RecordBatchFileWriter] = {}
     options = pa.ipc.IpcWriteOptions(compression="lz4")
+
+    def write(batch: pa.RecordBatch) -> None:
+        i = batch.schema.get_field_index("bucket")
+        bucket = np.asarray(batch.column(i).to_numpy(zero_copy_only=False), dtype=np.int64)
+        batch = batch.remove_column(i)
+        order = np.argsort(bucket, kind="stable")
+        sorted_buckets = bucket[order]
+        batch = batch.take(pa.array(order))
+        cuts = np.flatnonzero(np.diff(sorted_buckets)) + 1
+        for lo, hi in zip(np.concatenate([[0], cuts]), np.concatenate([cuts, [len(order)]])):
+            b = int(sorted_buckets[lo])
+            w = writers.get(b)
+            if w is None:
+                w = writers[b] = pa.ipc.new_file(str(folder / f"bucket-{b:05d}.arrow"), batch.schema, options=options)
+            w.write_batch(batch.slice(int(lo), int(hi - lo)))
+
+    # DuckDB produces the next batch while a helper thread splits and writes this one
+    # (Arrow's take and IPC writes release the GIL)
+    pending: Optional[Future] = None
     try:
-        for batch in relation.to_arrow_reader(batch_rows):
-            if batch.num_rows == 0:
-                continue
-            i = batch.schema.get_field_index("bucket")
-            bucket = np.asarray(batch.column(i).to_numpy(zero_copy_only=False), dtype=np.int64)
-            batch = batch.remove_column(i)
-            order = np.argsort(bucket, kind="stable")
-            sorted_buckets = bucket[order]
-            batch = batch.take(pa.array(order))
-            cuts = np.flatnonzero(np.diff(sorted_buckets)) + 1
-            for lo, hi in zip(np.concatenate([[0], cuts]), np.concatenate([cuts, [len(order)]])):
-                b = int(sorted_buckets[lo])
-                w = writers.get(b)
-                if w is None:
-                    w = writers[b] = pa.ipc.new_file(str(folder / f"bucket-{b:05d}.arrow"), batch.schema,
-                                                     options=options)
-                w.write_batch(batch.slice(int(lo), int(hi - lo)))
+        with ThreadPoolExecutor(1, thread_name_prefix="medsettle-split") as pool:
+            for batch in relation.to_arrow_reader(batch_rows):
+                if batch.num_rows == 0:
+                    continue
+                if pending is not None:
+                    pending.result()
+                pending = pool.submit(write, batch)
+            if pending is not None:
+                pending.result()
     finally:
         for w in writers.values():
             w.close()
