@@ -245,6 +245,7 @@ def recon_section(con: duckdb.DuckDBPyConnection, recon: dict, charts: Charts) -
             vals = [int(r["diff_total"]) / 100 for r in top][::-1]
             ax.barh(names, vals, color=["tab:green" if v > 0 else "tab:red" for v in vals])
             ax.set_xlabel("yuan (green: owed, red: to recover)")
+            yuan_axis(ax, "x")
             ax.tick_params(axis="y", labelsize=7)
             ax.set_title("Top differences per person")
 

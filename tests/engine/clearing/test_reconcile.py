@@ -184,3 +184,13 @@ def test_bad_ledger_names_file_and_column(tmp_path):
     with pytest.raises(ClearingError, match=r"ledger.parquet: ledger column 'seq' is missing"):
         clear(2024, year_claims(tmp_path / "claims.parquet"), write_policy(tmp_path / "policies"), tmp_path / "o",
               write_registry(tmp_path / "persons.parquet"), bad, stream=None, charts=False)
+
+
+def test_report_shows_reconciliation(tmp_path):
+    out = tmp_path / "out"
+    clear(2024, year_claims(tmp_path / "claims.parquet"), write_policy(tmp_path / "policies"), out,
+          write_registry(tmp_path / "persons.parquet"), write_ledger(tmp_path / "ledger.parquet"), stream=None)
+    html = (out / "report.html").read_text()
+    assert "Reconciliation with the counter" in html and "charts/top_differences.png" in html
+    assert (out / "charts" / "top_differences.png").read_bytes()[:4] == b"\x89PNG"
+    assert "-350.00" in html and "250.00" in html  # D to recover, A owed, in yuan
