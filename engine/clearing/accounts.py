@@ -21,7 +21,8 @@ from .schema import (
     FUND_TOTALS_SCHEMA,
     PERSONS_SUMMARY_SCHEMA,
 )
-from .sql import quote, rows, write_query
+from .files import write_parquet
+from .sql import batches, quote, rows, write_query
 
 #: The share of the in-scope amount the funds paid that the office's target asks for
 #: (Shuozhou: low-income persons' in-scope amounts at least 80 % paid).
@@ -65,9 +66,11 @@ def register_layers(con: duckdb.DuckDBPyConnection, policies: PolicySet) -> None
     con.unregister("policy_layers_arrow")
 
 
-def write_accounts(con: duckdb.DuckDBPyConnection, out: Path, view: str = "cleared") -> dict:
+def write_accounts(con: duckdb.DuckDBPyConnection, out: Path, view: str = "cleared",
+                   results: Optional[Path] = None) -> dict:
     """Write accounts/*.parquet under `out`; returns {table: rows}."""
     acc = out / "accounts"
+    results = results if results is not None else out / "results"
     ok = f"(SELECT * FROM {view} WHERE status = 'ok')"
     written = {}
     written["fund_totals"] = write_query(con, f"""
@@ -85,7 +88,10 @@ def write_accounts(con: duckdb.DuckDBPyConnection, out: Path, view: str = "clear
     written["facilities"] = write_query(con, f"""
         SELECT facility_id, region, facility_level, {_SUMS}
         FROM {view}_facility WHERE status = 'ok' GROUP BY ALL ORDER BY ALL""", acc / "facilities.parquet", FACILITIES_SCHEMA)
-    written["persons"] = write_query(con, f"""
+    # bucket by bucket: a person's `ok` claims are all in the person's bucket (only rejected
+    # duplicates are moved), so each group-by fits in memory; over the whole year at 100M
+    # claims (25M persons) it spilled to disk
+    sql = f"""
         SELECT person_id, region, scheme,
                arg_max(identity, ord) FILTER (WHERE identity IS NOT NULL) AS identity,
                count(*)::BIGINT AS claims, sum(total_amount)::BIGINT AS total_amount,
@@ -95,7 +101,11 @@ def write_accounts(con: duckdb.DuckDBPyConnection, out: Path, view: str = "clear
                sum(compliant_personal_pay)::BIGINT AS compliant_personal_pay,
                {share_bp('sum(fund_pay_total)', 'sum(compliant_amount)')}::BIGINT AS compliant_paid_bp,
                {share_bp('sum(fund_pay_total)', 'sum(in_scope_amount)')}::BIGINT AS in_scope_paid_bp
-        FROM {ok} GROUP BY person_id, region, scheme""", acc / "persons.parquet", PERSONS_SUMMARY_SCHEMA)
+        FROM read_parquet(%s) WHERE status = 'ok' GROUP BY person_id, region, scheme"""
+    files = sorted(results.glob("bucket-*.parquet"))
+    written["persons"] = write_parquet(acc / "persons.parquet",
+                                       (b for f in files for b in batches(con, sql % quote(f))),
+                                       PERSONS_SUMMARY_SCHEMA)
     con.execute(f"CREATE OR REPLACE TEMP VIEW persons_summary AS SELECT * FROM read_parquet("
                 f"{quote(acc / 'persons.parquet')})")
     return written

@@ -77,6 +77,13 @@ def test_buckets_equal_one_settle_call(year_data, tmp_path):
     assert {"ok", "DUPLICATE_CLAIM"} <= statuses and len(statuses) > 3
     # the registry's basis, not the claims' own columns
     assert got.column("region").equals(basis.claims.column("region"))
+    # the person summary (made bucket by bucket) is the whole year's group-by
+    ok = got.filter(pc.equal(got.column("status"), "ok"))
+    want_persons = ok.group_by(["person_id", "region", "scheme"]).aggregate(
+        [("fund_pay_total", "sum"), ("claim_id", "count")]).sort_by("person_id").to_pylist()
+    persons = pq.read_table(tmp_path / "out" / "accounts" / "persons.parquet").sort_by("person_id").to_pylist()
+    assert [(p["person_id"], p["fund_pay_total"], p["claims"]) for p in persons] == \
+        [(p["person_id"], p["fund_pay_total_sum"], p["claim_id_count"]) for p in want_persons]
 
 
 def test_resume_after_a_killed_run(year_data, tmp_path):
