@@ -12,7 +12,7 @@ import pytest
 
 from conftest import claims_table
 from engine import load_policies, settle
-from engine.clearing import clear, whatif
+from engine.clearing import clear
 from engine.clearing.command import main
 from engine.clearing.schema import CLEARED_SCHEMA, UNKNOWN_PERSON
 from engine.generate import generate_claims, generate_persons
@@ -220,7 +220,6 @@ def test_whatif_raising_a_cap_costs_the_funds_more(year_data, tmp_path):
 @pytest.mark.slow
 def test_resume_after_sigkill(year_data, tmp_path):
     """A real kill (SIGKILL of the command in a child process) mid-settle, then --resume."""
-    import os
     import signal
     import subprocess
     import sys
