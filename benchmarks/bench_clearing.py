@@ -1,0 +1,90 @@
+"""Benchmarks of year-end clearing (pytest-benchmark records, not timed tests).
+
+    python -m pytest benchmarks/bench_clearing.py                          # 200,000 claims
+    MEDSETTLE_BENCH_CLEAR_SIZE=10000000 python -m pytest benchmarks/bench_clearing.py
+
+The year 2017 of the seed regions (five policies) is generated once per session
+(engine.generate, seed 2017, 0.5 % invalid rows) with its registry and a ledger of
+a tenth of the claims (benchmarks/clear_big.py), then measured:
+
+* `clear`: `engine.clearing.clear` end to end (partition, settle, reconcile, accounts,
+  report with charts); the time of each phase, peak RSS of the process so far and the
+  disk used go to extra_info;
+* `settle_bucket`: one bucket's re-settlement (registry basis + engine call), the
+  per-claim part of the settle phase.
+
+For 100 M claims use benchmarks/clear_big.py (a child process, peak RSS measured).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+for p in (ROOT, ROOT / "benchmarks"):
+    if str(p) not in sys.path:
+        sys.path.insert(0, str(p))
+
+from clear_big import generate, write_ledger  # noqa: E402
+from engine import load_policies  # noqa: E402
+from engine.clearing import clear  # noqa: E402
+
+YEAR = 2017
+
+
+def _size() -> int:
+    return int(os.environ.get("MEDSETTLE_BENCH_CLEAR_SIZE", "200000").replace("_", ""))
+
+
+@pytest.fixture(scope="session")
+def year(tmp_path_factory):
+    d = tmp_path_factory.mktemp("clear-bench")
+    claims, persons = generate(d, _size(), YEAR)
+    ledger = d / "ledger.parquet"
+    write_ledger(claims, ledger, 0.1)
+    return d, claims, persons, ledger
+
+
+def test_clear(benchmark, year):
+    d, claims, persons, ledger = year
+    policies = load_policies()
+    out = d / "out"
+    summaries = []
+
+    def run():
+        shutil.rmtree(out, ignore_errors=True)
+        summaries.append(clear(YEAR, claims, policies, out, persons, ledger, stream=None,
+                               bucket_rows=max(50_000, _size() // 4)))
+
+    benchmark.pedantic(run, rounds=2, iterations=1)
+    s = summaries[-1]
+    n = s["counts"]["claims"]
+    benchmark.extra_info.update(claims=n, claims_per_s=round(n / benchmark.stats.stats.mean),
+                                phases_s=s["seconds"], peak_rss_bytes=s["peak_rss_bytes"],
+                                disk_peak_bytes=s["disk_peak_bytes"])
+    assert n > 0 and s["reconciliation"]["matched_exactly"] > 0
+
+
+def test_settle_bucket(benchmark, year):
+    import pyarrow.parquet as pq
+
+    from engine.registry import read_persons
+    from engine.settle import compiled
+    from engine.clearing.resettle import settle_bucket
+
+    _, claims_path, persons_path, _ = year
+    claims = pq.read_table(claims_path)
+    import pyarrow as pa
+
+    claims = claims.append_column("facility_id", pa.nulls(claims.num_rows, pa.string())) \
+        .append_column("ord", pa.array(range(claims.num_rows), pa.int64()))
+    persons = read_persons(persons_path)
+    policies = compiled(load_policies())
+    result = benchmark.pedantic(settle_bucket, args=(claims, persons, policies), rounds=3, iterations=1)
+    assert result.num_rows == claims.num_rows
+    benchmark.extra_info.update(claims=claims.num_rows,
+                                claims_per_s=round(claims.num_rows / benchmark.stats.stats.mean))
