@@ -11,6 +11,7 @@ accumulators after every engine call.
 """
 from __future__ import annotations
 
+import datetime as dt
 from typing import NamedTuple, Optional
 
 import grpc
@@ -175,6 +176,7 @@ class Core:
     # ------------------------------------------------------------ policies
 
     def policy(self, region: str, scheme: str, year: int):
+        """The year's first version: whether (region, scheme, year) has a policy at all."""
         k = (region, scheme, year)
         try:
             return self._policy_cache[k]
@@ -189,13 +191,17 @@ class Core:
             return self._order_cache[pk]
         except KeyError:
             pass
-        p = self.policy(*pk)
+        versions = self.ps.versions(*pk)
         order = None
-        if p is not None:
+        if versions:
+            # every version of the year shares the key's entries (spec section 4): their union, in
+            # version order, then layer order, then rule order, each of a rule's cap groups
             order = {}
-            for layer in p.layers:
-                for rule in layer.rules:
-                    order.setdefault((layer.name, rule.cap_group), len(order))
+            for p in versions:
+                for layer in p.layers:
+                    for rule in layer.rules:
+                        for group in (rule.cap_groups or (None,)):
+                            order.setdefault((layer.name, group), len(order))
         self._order_cache[pk] = order
         return order
 
@@ -341,14 +347,15 @@ class Core:
             return CallError(code, f"no policy for region {b.region}, scheme {b.scheme}, year {b.year} (person "
                              f"{c.person_id} per the registry); {advice}", field="settle_time_us", **kw)
         if status == "UNKNOWN_IDENTITY":
-            p = self.policy(b.region, b.scheme, b.year)
-            bad = [x for x in (b.identities or ()) if p is None or x not in p.identities]
-            return CallError(code, f"identity {', '.join(bad)} of person {c.person_id} is not declared by policy "
-                             f"{p.id if p else '?'}; {advice}", **kw)
+            declared = self.ps.year_identities(b.region, b.scheme, b.year)
+            bad = [x if x is not None else "(null)" for x in (b.identities or ()) if x not in declared]
+            return CallError(code, f"identity {', '.join(bad)} of person {c.person_id} is declared by no policy "
+                             f"version of ({b.region}, {b.scheme}, {b.year}); {advice}", **kw)
         if status == "DUPLICATE_CLAIM":
             return CallError(code, f"claim_id {c.claim_id} is already used", field="claim_id", **kw)
         if status == "NO_BENEFIT_RULE":
-            p = self.policy(b.region, b.scheme, b.year)
+            day = dt.date(1970, 1, 1) + dt.timedelta(microseconds=c.settle_time_us)
+            p = self.ps.in_force(b.region, b.scheme, day)
             return CallError(code, f"policy {p.id if p else '?'} has no basic-layer rule for a "
                              f"{VISIT.get(c.visit_type)} visit at a {LEVEL.get(c.facility_level)} facility "
                              f"({LOCALITY.get(c.locality)}); {advice}", **kw)

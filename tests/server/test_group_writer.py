@@ -219,3 +219,48 @@ def test_thread_writer_answers_futures(store, ps):
     assert all(isinstance(g, bytes) for g in got) and store.max_seq() == 20
     assert isinstance(refused, CallError) and refused.code == E.SHUTTING_DOWN
     assert not any(t.name == "medsettle-writer" and t.is_alive() for t in threading.enumerate())
+
+
+def _july_version() -> dict:
+    """A second 2024 version from July 1 (spec revision 2): a lowered inpatient cap, chronic care
+    in a nested cap inside it, critical illness uncapped for the poor, a new identity."""
+    import copy
+
+    from srv_helpers import POLICY_2024
+
+    m = copy.deepcopy(POLICY_2024)
+    m["id"], m["effective_from"] = "t-resident-2024-07-01", "2024-07-01"
+    m["identities"] = [*m["identities"], "disabled"]
+    basic = m["layers"][0]
+    basic["cap_groups"] = {**basic["cap_groups"], "inpatient": 3000, "chronic": 800}
+    for rule in basic["rules"]:
+        if rule["match"].get("visit_type") == ["chronic"] and "axis" in rule:
+            rule["cap_group"] = ["chronic", "inpatient"]
+    m["layers"][1]["adjustments"].append({"match": {"identity": ["extreme_poverty"]}, "uncapped": True})
+    return m
+
+
+def test_versions_of_a_year_settle_as_the_engine(store):
+    """Claims on both sides of a version change through the group writer: the same results and
+    accumulators as one engine call, and the entries of both versions (nested caps included)
+    folded in the ledger."""
+    from srv_helpers import POLICY_2024, POLICY_EMP_2024, policy_set
+
+    ps2 = policy_set(POLICY_2024, POLICY_EMP_2024, _july_version())
+    store.upsert_persons(person_rows())
+    writer = GroupWriter(store, Core(ps2, verify=True))
+    rows = []
+    for i, pid in enumerate([p[0] for p in PERSONS if p[2] == "resident"] * 4):
+        month = 2 + (i * 5) % 10
+        rows.append(claim_row(f"v{i}", pid, T(2024, month, 3 + i % 20, 11), ("inpatient", "chronic")[i % 2],
+                              in_scope=(i % 4 + 1) * 30_000_00))
+    rows.sort(key=lambda r: (r["settle_time"], r["claim_id"].encode()))
+    want, want_acc = engine_results(ps2, rows)
+    answers = []
+    for k in range(0, len(rows), 5):
+        answers += run(writer, *[settle(r) for r in rows[k:k + 5]])
+    got = [result_dict(pb.SettleResponse.FromString(a).result) for a in answers]
+    assert norm(got) == norm(want)
+    assert {r["policy_id"] for r in got} == {"t-resident-2024", "t-resident-2024-07-01"}
+    assert store.stored_accumulators() == want_acc == store.fold_ledger()
+    assert any(("basic", "chronic") in layers for _, _, layers in want_acc.values())
