@@ -245,3 +245,31 @@ def resolve(claim: pb.Claim, facility: Facility, person_region: str) -> Optional
     if loc is not None:
         claim.locality = loc
     return None
+
+
+class FacilityBook:
+    """The writer's copy of the facility registry (replaced whole on each upload).
+
+    `check(claim, person_region)` is the writer's step for each claim: None when the
+    registry is empty (facilities not checked), FACILITY_NOT_FOUND for an unknown facility,
+    else `resolve` (which sets level and locality on the claim) when the person is known."""
+
+    def __init__(self, facilities: Optional[dict] = None):
+        self.by_id: dict = dict(facilities or {})
+
+    def __len__(self) -> int:
+        return len(self.by_id)
+
+    def update(self, facilities: Iterable[Facility]) -> None:
+        for f in facilities:
+            self.by_id[f.facility_id] = f
+
+    def check(self, claim: pb.Claim, person_region: Optional[str]) -> Optional[CallError]:
+        if not self.by_id:
+            return None
+        f = self.by_id.get(claim.facility_id)
+        if f is None:
+            return not_found(claim)
+        if person_region is None:
+            return None  # PERSON_NOT_FOUND comes next
+        return resolve(claim, f, person_region)

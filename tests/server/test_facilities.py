@@ -115,3 +115,16 @@ def test_locality_derived_where_the_registry_can():
 def test_not_found_bounded():
     err = fac.not_found(claim(facility_id="Z" * 100_000))
     assert err.code == E.FACILITY_NOT_FOUND and err.field == "facility_id" and len(err.trailer()) < 1000
+
+
+def test_book():
+    book = fac.FacilityBook()
+    c = claim(facility_id="NOPE", facility_level=pb.FACILITY_LEVEL_PRIMARY)
+    assert book.check(c, "141000") is None and c.facility_level == pb.FACILITY_LEVEL_PRIMARY  # empty: unchecked
+    book.update([H1, H3])
+    assert len(book) == 2
+    assert book.check(c, "141000").code == E.FACILITY_NOT_FOUND
+    assert book.check(claim(facility_id="H1"), None) is None  # unknown person: PERSON_NOT_FOUND follows
+    c = claim(facility_id="H3")
+    assert book.check(c, "141000") is None
+    assert (c.facility_level, c.locality) == (pb.FACILITY_LEVEL_SECONDARY, pb.LOCALITY_PROVINCE)
