@@ -462,7 +462,7 @@ def run_baseline(rates, duration: float, client=None, concurrency: int = 256, sa
 
 def run(rates=DEFAULT_RATES, duration: float = 8.0, client=None,
         concurrency: int = 256, saturation: bool = True, server_args=(), workdir: str | None = None,
-        log=print) -> dict:
+        tag: str | None = None, log=print) -> dict:
     client = client or PyClient()
     own = workdir is None
     work = Path(workdir or tempfile.mkdtemp(prefix="medsettle-bench-"))
@@ -473,7 +473,7 @@ def run(rates=DEFAULT_RATES, duration: float = 8.0, client=None,
         # the registry behind the claims: engine.generate's population for the same (n, seed)
         n_persons = write_registry(registry, total, seed=7)
         log(f"setup: {n_persons} persons, {total} claims ...")
-        payloads = make_payloads(total, seed=7, tag=f"b{int(time.time())}")
+        payloads = make_payloads(total, seed=7, tag=tag or f"b{int(time.time())}")
         log(f"setup done in {time.time() - t:.1f} s")
         proc, port = start_server(work / "store.db", registry, server_args)
         target = f"127.0.0.1:{port}"
@@ -572,6 +572,9 @@ def main(argv=None) -> int:
                     help="also run the same load against a do-nothing gRPC server, and time bare SQLite "
                          "commits on the same disk (the floors of the figures)")
     ap.add_argument("--json", metavar="PATH", help="write the figures as JSON")
+    ap.add_argument("--workdir", metavar="DIR", help="keep the store and registry in this (new) folder, to compare "
+                                                     "the ledgers of two runs")
+    ap.add_argument("--tag", help="claim-id prefix (default: b<unix time>); the same tag gives the same claims")
     ap.add_argument("--bare-server", metavar="PORT_FILE", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.bare_server:
@@ -581,7 +584,7 @@ def main(argv=None) -> int:
     print(f"client: {client.name}")
     res = run(rates=[float(x) for x in args.rates.split(",") if x], duration=args.duration,
               client=client, concurrency=args.concurrency, saturation=not args.no_saturation,
-              server_args=args.server_arg)
+              server_args=args.server_arg, workdir=args.workdir, tag=args.tag)
     if args.baseline:
         res["disk"] = run_disk_baseline(args.duration)
         res["baseline"] = run_baseline([float(x) for x in args.rates.split(",") if x], args.duration,
@@ -623,12 +626,12 @@ def test_writer_group_of_16(benchmark, tmp_path):
     from server.app import import_registry
     from server.batcher import SETTLE, GroupWriter, Pending
     from server.core import Core
-    from server.store import Store
+    from server.store import SQLiteStore
 
     registry = tmp_path / "persons.parquet"
     write_registry(registry, 20000, seed=5)
     claims = [pb.SettleRequest.FromString(p).claim for p in make_payloads(20000, seed=5, tag="wg")]
-    store = Store(str(tmp_path / "store.db"))
+    store = SQLiteStore(str(tmp_path / "store.db"))
     import_registry(store, str(registry))
     gw = GroupWriter(store, Core(engine.load_policies(None)))
     pos = [0]

@@ -15,22 +15,43 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import cProfile
+import errno
 import hashlib
 import logging
 import os
 import signal
+import socket
 import sys
 from pathlib import Path
 
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+import engine
+
+from .core import Core
+from .registry import person_to_row, read_persons_parquet
+from .runtime import tune_gc
+from .service import Service
+from .store import Store, StoreError, StoreUnavailable, is_url, open_store
+from .writer import ThreadWriter
+from .writer_proc import WriterProcess
+
 log = logging.getLogger("medsettle.server")
+
+#: Exit codes (as every medsettle command): 0 ok, 1 failure, 2 usage error.
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g = parser.add_argument_group("settlement")
     g.add_argument("--policies", metavar="DIR", default=None,
                    help="folder of policy YAML files (default: the bundled seed policies)")
-    g.add_argument("--store", metavar="PATH", required=True,
-                   help="SQLite store file (created if missing): ledger, accumulators, registry")
+    g.add_argument("--store", metavar="PATH|URL", required=True,
+                   help="SQLite store file (created if missing), or a postgresql:// URL: ledger, accumulators, "
+                        "registry")
     g.add_argument("--registry", metavar="PERSONS_PARQUET", default=None,
                    help="import (upsert) this persons.parquet into the registry before serving; skipped when "
                         "the same file was imported before")
@@ -52,6 +73,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     t.add_argument("--group-interval-ms", type=float, default=2.0,
                    help="start a group at most once per this many ms unless --max-batch calls are waiting "
                         "(default 2; 0: settle what is queued as soon as the writer is free)")
+    t.add_argument("--pool-size", type=int, default=4,
+                   help="PostgreSQL store: connections for the queries (default 4; the writer has its own)")
     t.add_argument("--writer", choices=("process", "thread"), default="process",
                    help="run the writer (engine + commits) in its own process (default) or as a thread of the "
                         "server process")
@@ -71,39 +94,14 @@ def file_fingerprint(path: str) -> str:
     return h.hexdigest()
 
 
-def import_registry(store, path: str) -> int:
+def import_registry(store: Store, path: str) -> int:
     """Upserts every person of a persons.parquet in one transaction (all or nothing);
     returns how many, or -1 when the same file was imported before."""
-    from .registry import person_to_row, read_persons_parquet
-    from .store import UPSERT_PERSON
-
     fp = file_fingerprint(path)
     if store.get_meta("registry_import_sha256") == fp:
         return -1
-    conn = store.conn
-    count = 0
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        for chunk in read_persons_parquet(path):
-            conn.executemany(UPSERT_PERSON, [person_to_row(p) for p in chunk])
-            count += len(chunk)
-        conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('registry_import_sha256', ?)", (fp,))
-        conn.execute("COMMIT")
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
-    return count
-
-
-def tune_gc() -> None:
-    """Fewer, cheaper garbage collections: what is loaded at start (policies, modules) is frozen
-    out of the collector's view, and the young generation is collected every 20,000 allocations
-    instead of 700 (each collection is a pause every in-flight call waits out)."""
-    import gc
-
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(20_000, 50, 100)
+    parts = ([person_to_row(p) for p in chunk] for chunk in read_persons_parquet(path))
+    return store.import_persons(parts, {"registry_import_sha256": fp})
 
 
 class Server:
@@ -111,65 +109,58 @@ class Server:
 
     `await start()` binds and serves (returns the port); `await stop(grace)`
     drains: NOT_SERVING, no new calls, in-flight calls get `grace` seconds,
-    then the writer commits what it holds and the store is checkpointed."""
+    then the writer commits what it holds and the store is closed."""
 
-    def __init__(self, policies, store_path: str, *, port: int = 0, host: str = "127.0.0.1", credentials=None,
+    def __init__(self, policies, store_target: str, *, port: int = 0, host: str = "127.0.0.1", credentials=None,
                  max_batch: int = 1024, max_pending: int = 20_000, min_interval: float = 0.0,
                  read_threads: int = 2, verify: bool = False, store=None, writer: str = "process",
-                 policies_source=None):
-        from .batcher import Batcher
-        from .core import Core
-        from .store import Store
-        from .writer_proc import WriterProcess
-
+                 policies_source=None, pool_size: int = 4):
+        if writer not in ("process", "thread"):
+            raise ValueError(f"writer must be 'process' or 'thread', not {writer!r}")
         self.ps = policies
-        self.store = store if store is not None else Store(store_path, exclusive=True)
+        self.store = store if store is not None else open_store(store_target, exclusive=True)
+        shared = is_url(store_target)  # other instances may write the registry: no person cache
         self.core = Core(policies, verify=verify)
         self.died = asyncio.Event()
+        cache = 0 if shared else 200_000
         if writer == "process":
             # the writer process loads the policies itself from their folder when there is one
-            self.batcher = WriterProcess(self.store.path, policies_source if policies_source is not None else policies,
-                                         max_batch=max_batch, max_pending=max_pending, min_interval=min_interval,
-                                         verify=verify, log_level=logging.getLogger().level or logging.INFO,
-                                         on_death=self.died.set)
-        elif writer == "thread":
-            self.batcher = Batcher(self.store, self.core, max_batch=max_batch, max_pending=max_pending,
-                                   min_interval=min_interval)
+            self.writer = WriterProcess(store_target, policies_source if policies_source is not None else policies,
+                                        max_batch=max_batch, max_pending=max_pending, min_interval=min_interval,
+                                        verify=verify, log_level=logging.getLogger().level or logging.INFO,
+                                        person_cache=cache, store_options={} if not shared else {"pool_size": 1},
+                                        on_death=self.died.set)
         else:
-            raise ValueError(f"writer must be 'process' or 'thread', not {writer!r}")
+            self.writer = ThreadWriter(self.store, self.core, max_batch=max_batch, max_pending=max_pending,
+                                       min_interval=min_interval, person_cache=cache, on_death=self.died.set)
         self.host, self.port = host, port
         self.credentials = credentials
         self.read_threads = read_threads
         self.server = None
         self.health = None
+        self.service = None
 
     async def start(self) -> int:
-        import grpc
-        from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-        from grpc_reflection.v1alpha import reflection
-
-        from .batcher import Batcher
-        from .service import Service
-
-        if isinstance(self.batcher, Batcher):
-            self.batcher.start()
-        else:
-            await self.batcher.start()
+        await self.writer.start()
         self.server = server = grpc.aio.server(options=[
             ("grpc.so_reuseport", 0),
             ("grpc.max_receive_message_length", 16 << 20),
             ("grpc.keepalive_permit_without_calls", 1),
             ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
         ])
-        self.service = Service(self.store, self.core, self.batcher, read_threads=self.read_threads)
+        self.service = Service(self.store, self.core, self.writer, read_threads=self.read_threads)
         names = self.service.add_to_server(server)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection((*names, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
         addr = f"{self.host}:{self.port}"
-        port = server.add_secure_port(addr, self.credentials) if self.credentials else server.add_insecure_port(addr)
+        try:
+            port = (server.add_secure_port(addr, self.credentials) if self.credentials
+                    else server.add_insecure_port(addr))
+        except RuntimeError:
+            port = 0
         if not port:
-            raise OSError(f"cannot listen on {addr}")
+            raise OSError(errno.EADDRINUSE, f"cannot listen on {addr}")
         self.port = port
         await server.start()
         for name in ("", *names):
@@ -181,59 +172,103 @@ class Server:
             await self.health.enter_graceful_shutdown()
             await self.server.stop(grace)
             self.server = None
-        if hasattr(self.batcher, "submit_raw"):
-            await self.batcher.close()
-        else:
-            self.batcher.close()
-        if getattr(self, "service", None) is not None:
+        await self.writer.close()
+        if self.service is not None:
             self.service.close()
         self.store.close()
 
 
+class UsageError(Exception):
+    """A command line that cannot work as given (exit 2)."""
+
+
 def _listen(args) -> tuple[str, object]:
     """(host, credentials or None) from the network options."""
-    import grpc
-
     if args.tls_cert or args.tls_key:
         if not (args.tls_cert and args.tls_key):
-            raise SystemExit("medsettle serve: --tls-cert and --tls-key go together")
-        ca = Path(args.tls_client_ca).read_bytes() if args.tls_client_ca else None
-        creds = grpc.ssl_server_credentials([(Path(args.tls_key).read_bytes(), Path(args.tls_cert).read_bytes())],
-                                            root_certificates=ca, require_client_auth=ca is not None)
+            raise UsageError("--tls-cert and --tls-key go together (give both, or neither)")
+        try:
+            ca = Path(args.tls_client_ca).read_bytes() if args.tls_client_ca else None
+            key, cert = Path(args.tls_key).read_bytes(), Path(args.tls_cert).read_bytes()
+        except OSError as e:
+            raise UsageError(f"TLS file {e.filename}: {e.strerror}") from None
+        creds = grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=ca is not None)
         return "[::]", creds
+    if args.tls_client_ca:
+        raise UsageError("--tls-client-ca needs --tls-cert and --tls-key")
     return ("[::]" if args.insecure_listen_all else "127.0.0.1"), None
 
 
+def check_port(host: str, port: int) -> None:
+    """Refuses a busy port before anything is created (gRPC's own bind failure would print
+    its C-core log lines and could only be told from other errors by its text)."""
+    if port == 0:
+        return
+    family, addr = (socket.AF_INET6, "::") if host.startswith("[") else (socket.AF_INET, host)
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((addr, port))
+        except OSError as e:
+            if e.errno in (errno.EADDRINUSE, errno.EACCES):
+                what = "in use (another server?)" if e.errno == errno.EADDRINUSE else "not allowed for this user"
+                raise UsageError(f"port {port} on {host} is {what}; choose another --port") from None
+            raise
+
+
+def _store_files(target: str) -> list:
+    """The files an SQLite store at `target` consists of (none for a URL)."""
+    if is_url(target):
+        return []
+    return [target + x for x in ("", "-wal", "-shm", ".lock")]
+
+
+class _Cleanup:
+    """Removes, after a failed start, the store files that this start created."""
+
+    def __init__(self, target: str):
+        self.created = [f for f in _store_files(target) if not os.path.exists(f)]
+
+    def __call__(self) -> None:
+        for f in self.created:
+            try:
+                os.unlink(f)
+            except FileNotFoundError:
+                pass
+
+
 async def _serve(args) -> int:
-    import engine
-
-    from .store import Store
-
     try:
         ps = engine.load_policies(args.policies)
     except engine.PolicyError as e:
-        print(f"medsettle serve: {e}", file=sys.stderr)
-        return 2
+        raise UsageError(str(e)) from None
     host, creds = _listen(args)
-    store = Store(args.store, exclusive=True)
-    if args.registry:
-        try:
-            n = import_registry(store, args.registry)
-        except (OSError, ValueError) as e:
-            print(f"medsettle serve: registry {args.registry}: {e}", file=sys.stderr)
-            store.close()
-            return 2
-        log.info("registry %s: %s", args.registry, "unchanged since last import" if n < 0 else f"{n} persons")
-    srv = Server(ps, args.store, port=args.port, host=host, credentials=creds, max_batch=args.max_batch,
-                 max_pending=args.max_pending, min_interval=args.group_interval_ms / 1000.0,
-                 read_threads=args.read_threads, verify=args.verify, store=store, writer=args.writer,
-                 policies_source=args.policies)
+    check_port(host, args.port)
+    cleanup = _Cleanup(args.store)
+    store = open_store(args.store, exclusive=True, **({"pool_size": args.pool_size} if is_url(args.store) else {}))
+    srv = None
     try:
+        if args.registry:
+            try:
+                n = import_registry(store, args.registry)
+            except (OSError, ValueError) as e:
+                raise UsageError(f"registry {args.registry}: {e}") from None
+            log.info("registry %s: %s", args.registry, "unchanged since last import" if n < 0 else f"{n} persons")
+        srv = Server(ps, args.store, port=args.port, host=host, credentials=creds, max_batch=args.max_batch,
+                     max_pending=args.max_pending, min_interval=args.group_interval_ms / 1000.0,
+                     read_threads=args.read_threads, verify=args.verify, store=store, writer=args.writer,
+                     policies_source=args.policies)
         port = await srv.start()
-    except (OSError, RuntimeError) as e:
-        print(f"medsettle serve: {e}", file=sys.stderr)
-        await srv.stop(0)
-        return 2
+    except BaseException as e:
+        if srv is not None:
+            await srv.stop(0)
+        else:
+            store.close()
+        cleanup()
+        if isinstance(e, OSError) and e.errno == errno.EADDRINUSE:
+            raise UsageError(f"port {args.port} on {host} is in use (another server?); choose another --port") \
+                from None
+        raise
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -243,7 +278,7 @@ async def _serve(args) -> int:
         tmp = args.port_file + ".tmp"
         Path(tmp).write_text(f"{port}\n")
         os.replace(tmp, args.port_file)
-    print(f"medsettle serve: listening on {host}:{port} ({len(ps.policies)} policies, store {args.store})",
+    print(f"medsettle serve: listening on {host}:{port} ({len(ps.policies)} policies, store {store.location})",
           flush=True)
     tune_gc()
 
@@ -252,36 +287,43 @@ async def _serve(args) -> int:
     if srv.died.is_set():
         log.error("stopping: the writer process died")
         await srv.stop(0)
-        return 1
+        return EXIT_FAILURE
     log.info("draining: no new calls; in-flight calls have %.1f s", args.drain_seconds)
     await srv.stop(args.drain_seconds)
-    s = srv.batcher.stats
+    s = srv.writer.stats
     if s:
         log.info("stopped: %d settled, %d reversed in %d groups (largest %d), %d slow commits", s["settled"],
                  s["reversed"], s["groups"], s["max_group"], s.get("slow_commits", 0))
     print("medsettle serve: stopped", flush=True)
-    return 0
+    return EXIT_OK
 
 
 def serve_main(args) -> int:
+    """`medsettle serve`: 0 after a clean stop, 1 when the writer died or the store failed,
+    2 on a usage error (bad option, policy folder, registry file, busy port, store path)."""
     logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.INFO),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    from .store import StoreError
-
     try:
         prof_path = os.environ.get("MEDSETTLE_PROFILE")
         if prof_path:  # development aid: profile the event loop thread (the writer profiles itself)
-            import cProfile
-
             prof = cProfile.Profile()
             try:
                 return prof.runcall(asyncio.run, _serve(args))
             finally:
                 prof.dump_stats(prof_path + ".loop")
         return asyncio.run(_serve(args))
-    except StoreError as e:
+    except UsageError as e:
         print(f"medsettle serve: {e}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
+    except StoreUnavailable as e:  # cannot be reached now: not the command line's fault
+        print(f"medsettle serve: {e}", file=sys.stderr)
+        return EXIT_FAILURE
+    except StoreError as e:  # a missing folder, a store in use, of another schema version, a bad URL
+        print(f"medsettle serve: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except RuntimeError as e:  # the writer could not start: the reason is in its message
+        print(f"medsettle serve: {e}", file=sys.stderr)
+        return EXIT_FAILURE
 
 
 def main(argv=None) -> int:

@@ -1,8 +1,11 @@
 """Group commit: the single writer that settles, reverses and commits.
 
-Every call that changes state (Settle, Reverse, UpsertPersons) is queued here
-as a `Pending` and answered through its asyncio future. One writer thread
-takes everything waiting (up to `max_batch`), and for that group:
+Every call that changes state (Settle, PreSettle, Reverse, UpsertPersons)
+reaches the `GroupWriter` as a `Pending`, through whichever transport carries
+it (server/writer.py: a thread, or a process of its own). The paced loop
+(`writer.run_group_loop`) takes everything waiting (up to `max_batch`), and
+for that group the GroupWriter, inside one unit of work of the store
+(`Store.group()`):
 
 1. looks up, in one query each, the ledger rows of the group's claim ids, the
    registry records of its persons and the stored accumulators of its keys;
@@ -18,10 +21,13 @@ takes everything waiting (up to `max_batch`), and for that group:
 4. per round, applies the reversals (deltas taken off) and settles the
    claims as ONE engine chunk (`engine.Settler.settle_batch`, carried-in
    accumulators of the round's keys), advancing each key by the claim's deltas;
-5. writes the new ledger rows and the changed accumulator rows in ONE SQLite
-   transaction (WAL, synchronous=FULL) and only then answers the group's
-   calls. A failed commit answers every state-changing call of the group with
-   STORE_FAILURE (UNAVAILABLE) and records nothing.
+5. writes the new ledger rows and the changed accumulator rows in ONE
+   transaction and only then answers the group's calls. A failed commit
+   answers every state-changing call of the group with STORE_FAILURE
+   (UNAVAILABLE) and records nothing. When another writer (a second instance
+   on the same PostgreSQL database) committed one of the group's claim ids
+   first, the store says so (`LedgerConflict`) and the group is run again
+   from its lookups, where the claim is then a replay.
 
 Requests arriving while a group is being settled wait for the next group, so
 the group size follows the load. `min_interval` paces the groups (a group
@@ -33,10 +39,9 @@ the next group, and with it every later request of that person.
 """
 from __future__ import annotations
 
+import datetime as dt
 import logging
-import threading
 import time
-from collections import deque
 from typing import Optional
 
 import grpc
@@ -45,12 +50,16 @@ from ._proto import settlement_pb2 as pb
 from .core import Acc, Core, Outcome, Work, delta_layers, precheck
 from .errors import CallError
 from .registry import basis_at, person_from_row
-from .store import Store, now_us
+from .store import AccumulatorRow, LedgerConflict, LedgerEntry, Store, now_us
 
 log = logging.getLogger("medsettle.server")
 E = pb.ErrorCode
 
+#: Request kinds, the same for every transport (and the frame kinds of the writer process).
 SETTLE, REVERSE, UPSERT, PRESETTLE = 1, 2, 3, 4
+
+#: How often a group is re-run after another writer committed one of its claim ids first.
+CONFLICT_RETRIES = 5
 
 #: A commit slower than this is logged: every call of its group waited for the disk.
 SLOW_COMMIT_S = 0.05
@@ -61,36 +70,34 @@ BEFORE_DUPLICATE = frozenset({E.MISSING_FIELD, E.INVALID_VALUE, E.INVALID_AMOUNT
 
 
 class Pending:
-    """One queued call: kind, payload (Claim, ReverseRequest or a list of registry rows) and
-    what the transport needs to answer it (`future` and `loop`, or a request id)."""
+    """One queued call: kind, payload (Claim, ReverseRequest, a list of PersonRow, or the
+    CallError of a request that could not be read) and `ref`, what the transport needs to
+    answer it (its future, or a request id)."""
 
-    __slots__ = ("kind", "payload", "future", "loop")
+    __slots__ = ("kind", "payload", "ref")
 
-    def __init__(self, kind: int, payload, future=None, loop=None):
+    def __init__(self, kind: int, payload, ref=None):
         self.kind = kind
         self.payload = payload
-        self.future = future
-        self.loop = loop
+        self.ref = ref
 
 
 def _fmt_us(us: int) -> str:
-    import datetime as dt
-
     return (dt.datetime(1970, 1, 1) + dt.timedelta(microseconds=us)).isoformat(sep=" ", timespec="seconds") + " UTC"
 
 
 # --------------------------------------------------------------------------- shared answers
 
 
-def record_pb(settle_row: dict, reverse_row: Optional[dict]) -> pb.SettlementRecord:
-    rec = pb.SettlementRecord(claim_id=settle_row["claim_id"], claim=pb.Claim.FromString(settle_row["claim"]),
-                              settlement=pb.SettleResponse.FromString(settle_row["response"]),
+def record_pb(settle_row: LedgerEntry, reverse_row: Optional[LedgerEntry]) -> pb.SettlementRecord:
+    rec = pb.SettlementRecord(claim_id=settle_row.claim_id, claim=pb.Claim.FromString(settle_row.claim),
+                              settlement=pb.SettleResponse.FromString(settle_row.response),
                               state=pb.SETTLEMENT_STATE_SETTLED)
     if reverse_row is not None:
         rec.state = pb.SETTLEMENT_STATE_REVERSED
-        rec.reversal_seq = reverse_row["seq"]
-        rec.reversed_at_us = reverse_row["recorded_at_us"]
-        rec.reversal_reason = reverse_row["reason"] or ""
+        rec.reversal_seq = reverse_row.seq
+        rec.reversed_at_us = reverse_row.recorded_at_us
+        rec.reversal_reason = reverse_row.reason or ""
     return rec
 
 
@@ -105,8 +112,8 @@ def retry_answer(core: Core, claim: pb.Claim, claim_bytes: bytes, rows: dict, pe
     the stored response (replayed), DUPLICATE_CLAIM, a validation error that
     outranks it, or CLAIM_REVERSED."""
     srow = rows["settle"]
-    if srow["claim"] != claim_bytes:
-        stored = pb.Claim.FromString(srow["claim"])
+    if srow.claim != claim_bytes:
+        stored = pb.Claim.FromString(srow.claim)
         # spec section 7: a validation error of this claim outranks DUPLICATE_CLAIM
         person = persons.get(claim.person_id)
         if person is not None:
@@ -120,18 +127,18 @@ def retry_answer(core: Core, claim: pb.Claim, claim_bytes: bytes, rows: dict, pe
                 return oc
         diff = ", ".join(differing_fields(claim, stored)) or "unknown fields"
         return CallError(E.DUPLICATE_CLAIM,
-                         f"claim_id {claim.claim_id} was settled at {_fmt_us(srow['recorded_at_us'])} (ledger seq "
-                         f"{srow['seq']}) with other content (differs in: {diff}); settle a new visit under a new "
+                         f"claim_id {claim.claim_id} was settled at {_fmt_us(srow.recorded_at_us)} (ledger seq "
+                         f"{srow.seq}) with other content (differs in: {diff}); settle a new visit under a new "
                          f"claim_id, or fetch the stored settlement with GetSettlement",
                          field="claim_id", claim_id=claim.claim_id, person_id=claim.person_id)
     if "reverse" in rows:
         r = rows["reverse"]
         return CallError(E.CLAIM_REVERSED,
-                         f"claim_id {claim.claim_id} was settled (ledger seq {srow['seq']}) and reversed at "
-                         f"{_fmt_us(r['recorded_at_us'])} (ledger seq {r['seq']}); a reversed claim_id is never "
+                         f"claim_id {claim.claim_id} was settled (ledger seq {srow.seq}) and reversed at "
+                         f"{_fmt_us(r.recorded_at_us)} (ledger seq {r.seq}); a reversed claim_id is never "
                          f"settled again: settle the visit again under a new claim_id",
                          field="claim_id", claim_id=claim.claim_id, person_id=claim.person_id)
-    resp = pb.SettleResponse.FromString(srow["response"])
+    resp = pb.SettleResponse.FromString(srow.response)
     resp.replayed = True
     return resp.SerializeToString()
 
@@ -143,10 +150,6 @@ def person_not_found(claim: pb.Claim) -> CallError:
                      person_id=claim.person_id)
 
 
-def key_of(row: dict) -> tuple:
-    return (row["person_id"], row["region"], row["scheme"], row["year"])
-
-
 # --------------------------------------------------------------------------- the group writer
 
 
@@ -156,7 +159,8 @@ class GroupWriter:
     `process(items)` returns [(item, answer)] for every item it answered: bytes
     (a serialized response), an int (persons stored), or a CallError. Items it
     defers (see the module doc) are kept and processed first next time
-    (`has_deferred`)."""
+    (`has_deferred`). `person_cache`: registry records kept between groups (0
+    when other instances may change the registry: every group then reads it)."""
 
     def __init__(self, store: Store, core: Core, *, person_cache: int = 200_000):
         self.store = store
@@ -165,7 +169,7 @@ class GroupWriter:
         self._persons: dict = {}
         self._person_cache = person_cache
         self.stats = {"groups": 0, "items": 0, "settled": 0, "reversed": 0, "commit_failures": 0,
-                      "slow_commits": 0, "max_group": 0}
+                      "slow_commits": 0, "max_group": 0, "conflicts": 0}
 
     @property
     def has_deferred(self) -> bool:
@@ -178,7 +182,9 @@ class GroupWriter:
         try:
             run: list = []
             for it in items:  # registry uploads are their own transactions, in order
-                if it.kind == UPSERT:
+                if it.payload.__class__ is CallError:  # a request the transport could not read
+                    answers.append((it, it.payload))
+                elif it.kind == UPSERT:
                     if run:
                         answers.extend(self._group(run))
                         run = []
@@ -189,21 +195,13 @@ class GroupWriter:
                 answers.extend(self._group(run))
         except Exception as e:  # never let the writer die: fail what is unanswered, keep serving
             log.exception("writer: group failed")
-            self._reset()
+            self._persons.clear()
             done = {id(it) for it, _ in answers}
             err = CallError(E.STORE_FAILURE, f"the settlement could not be recorded ({type(e).__name__}: {e}); "
                             "nothing was recorded, retry")
             answers.extend((it, err) for it in items if id(it) not in done)
             self.deferred = []
         return answers
-
-    def _reset(self) -> None:
-        """After a failure: forget caches, re-read the ledger position."""
-        self._persons.clear()
-        try:
-            self.store.last_seq = self.store.conn.execute("SELECT COALESCE(MAX(seq), 0) FROM ledger").fetchone()[0]
-        except Exception:  # noqa: BLE001 (the next commit will tell)
-            log.exception("writer: cannot re-read the ledger position")
 
     def _upsert(self, it: Pending):
         rows = it.payload
@@ -217,27 +215,48 @@ class GroupWriter:
             self._persons.pop(r[0], None)
         return (it, len(rows))
 
-    def _load_persons(self, ids) -> dict:
+    def _load_persons(self, g, ids) -> dict:
         cache = self._persons
+        if not self._person_cache:
+            found = g.persons(ids)
+            return {pid: (person_from_row(found[pid]) if pid in found else None) for pid in ids}
         missing = [pid for pid in ids if pid not in cache]
         if missing:
             if len(cache) + len(missing) > self._person_cache:
                 cache.clear()
-            found = Store.persons(self.store.conn, missing)
+            found = g.persons(missing)
             for pid in missing:
                 row = found.get(pid)
                 cache[pid] = person_from_row(row) if row is not None else None
         return {pid: cache[pid] for pid in ids}
 
     def _group(self, items: list) -> list:
-        store, core = self.store, self.core
-        conn = store.conn
+        for attempt in range(CONFLICT_RETRIES + 1):
+            deferred_before = len(self.deferred)
+            try:
+                with self.store.group() as g:
+                    return self._group_once(g, items)
+            except LedgerConflict as e:
+                # another writer committed one of these claim ids first: nothing of ours is stored;
+                # run the group again (those claims are then replays or duplicates)
+                del self.deferred[deferred_before:]
+                self.stats["conflicts"] += 1
+                if attempt == CONFLICT_RETRIES:
+                    log.warning("writer: group of %d still conflicting after %d attempts: %s", len(items),
+                                attempt + 1, e)
+                    err = CallError(E.STORE_FAILURE, "the settlement could not be recorded (other instances "
+                                    "kept committing the same claims); nothing was recorded, retry")
+                    return [(it, err) for it in items]
+        raise AssertionError("unreachable")
+
+    def _group_once(self, g, items: list) -> list:
+        core = self.core
         answers: list = []
         deferred: list = []
         claim_ids = [it.payload.claim_id for it in items if it.payload.claim_id]
-        ledger = Store.ledger_rows(conn, claim_ids) if claim_ids else {}
-        persons = self._load_persons({it.payload.person_id for it in items
-                                      if it.kind != REVERSE and it.payload.person_id})
+        ledger = g.ledger(claim_ids) if claim_ids else {}
+        persons = self._load_persons(g, {it.payload.person_id for it in items
+                                         if it.kind != REVERSE and it.payload.person_id})
 
         seen: dict = {}  # claim_id -> person_id, for the group so far
         blocked: set = set()  # persons with a deferred request
@@ -314,11 +333,11 @@ class GroupWriter:
                                                   f"the id (nothing was reversed)", field="claim_id",
                                                   claim_id=cid)))
                     continue
-                pid = srow["person_id"]
+                pid = srow.person_id
                 seen[cid] = pid
-                if srow["facility_id"] != req.facility_id:
+                if srow.facility_id != req.facility_id:
                     answers.append((it, CallError(
-                        E.FACILITY_MISMATCH, f"claim {cid} was settled by facility {srow['facility_id']}, not "
+                        E.FACILITY_MISMATCH, f"claim {cid} was settled by facility {srow.facility_id}, not "
                         f"{req.facility_id}; only the settling facility may reverse it", field="facility_id",
                         claim_id=cid, person_id=pid)))
                     continue
@@ -327,25 +346,24 @@ class GroupWriter:
                     continue
                 place(pid, (it, rows))
 
-        # stored accumulators of every key the rounds touch
+        # stored accumulators of every key the rounds touch (the store holds them for this group)
         keys = set()
         for rnd in rounds:
             for it, x in rnd:
-                keys.add(key_of(x["settle"]) if it.kind == REVERSE else x.key)
-        accs = {k: Acc.from_blob(v) for k, v in Store.accumulator_rows(conn, keys).items()} if keys else {}
+                keys.add(x["settle"].key if it.kind == REVERSE else x.key)
+        accs = {k: Acc.from_blob(v) for k, v in g.accumulators(keys).items()} if keys else {}
 
         ledger_out: list = []
         changed: dict = {}  # key -> seq of its last change
         committing: list = []  # (item, bytes) answered only if the commit succeeds
-        first_seq = seq = store.last_seq
         now = now_us()
         last_state: dict = {}  # key -> Accumulators message of its last settlement in the group
         for rnd in rounds:
             works, items_w, apply = [], [], []
             for it, x in rnd:
                 if it.kind == REVERSE:
-                    seq = self._reverse(it, x, accs, seq, now, ledger_out, changed, committing, answers)
-                    last_state.pop(key_of(x["settle"]), None)
+                    self._reverse(g, it, x, accs, now, ledger_out, changed, committing, answers)
+                    last_state.pop(x["settle"].key, None)
                 else:
                     works.append(x)
                     items_w.append(it)
@@ -361,39 +379,39 @@ class GroupWriter:
                 if it.kind == PRESETTLE:
                     answers.append((it, resp.SerializeToString()))
                     continue
-                seq += 1
+                seq = g.next_seq()
                 resp.ledger_seq = seq
                 resp.recorded_at_us = now
                 data = resp.SerializeToString()
                 last_state[w.key] = resp.accumulators
                 c = w.claim
-                ledger_out.append((seq, "settle", c.claim_id, c.facility_id, *w.key, oc.d_adm, oc.d_ct,
-                                   resp.delta.SerializeToString(), claim_bytes[id(it)], data, None, now))
+                ledger_out.append(LedgerEntry(seq, "settle", c.claim_id, c.facility_id, *w.key, oc.d_adm, oc.d_ct,
+                                              resp.delta.SerializeToString(), claim_bytes[id(it)], data, None, now))
                 changed[w.key] = seq
                 committing.append((it, data))
 
         st = self.stats
         if ledger_out:
-            acc_rows = [(*key, accs[key].admissions, accs[key].compliant_total,
-                         (last_state[key] if key in last_state else
-                          accs[key].to_pb(key, core.column_order(key))).SerializeToString(), s)
+            acc_rows = [AccumulatorRow(*key, accs[key].admissions, accs[key].compliant_total,
+                                       (last_state[key] if key in last_state else
+                                        accs[key].to_pb(key, core.column_order(key))).SerializeToString(), s)
                         for key, s in changed.items()]
             try:
                 t0 = time.monotonic()
-                store.commit_group(ledger_out, acc_rows)
+                g.commit(ledger_out, acc_rows)
                 took = time.monotonic() - t0
                 if took > SLOW_COMMIT_S:
                     st["slow_commits"] += 1
                     log.warning("writer: a commit of %d ledger rows took %.0f ms (the store's disk was slow to "
                                 "sync); the calls of its group waited for it", len(ledger_out), took * 1e3)
-                store.last_seq = seq
                 for it, _ in committing:
                     st["settled" if it.kind == SETTLE else "reversed"] += 1
+            except LedgerConflict:
+                raise
             except Exception as e:
-                store.last_seq = first_seq
                 st["commit_failures"] += 1
                 log.exception("writer: commit failed")
-                self._reset()
+                self._persons.clear()
                 err = CallError(E.STORE_FAILURE, f"the settlement could not be recorded ({type(e).__name__}: {e}); "
                                 "nothing was recorded, retry")
                 committing = [(it, err) for it, _ in committing]
@@ -404,10 +422,10 @@ class GroupWriter:
         self.deferred.extend(deferred)
         return answers
 
-    def _reverse(self, it, rows, accs, seq, now, ledger_out, changed, committing, answers) -> int:
+    def _reverse(self, g, it, rows, accs, now, ledger_out, changed, committing, answers) -> None:
         core = self.core
         srow, rrow = rows["settle"], rows.get("reverse")
-        key = key_of(srow)
+        key = srow.key
         acc = accs.get(key)
         if acc is None:
             acc = accs[key] = Acc()
@@ -415,153 +433,27 @@ class GroupWriter:
         if rrow is not None:
             answers.append((it, pb.ReverseResponse(already_reversed=True, record=record_pb(srow, rrow),
                                                    accumulators=acc.to_pb(key, order)).SerializeToString()))
-            return seq
-        delta = pb.AccumulatorDelta.FromString(srow["delta"])
+            return
+        delta = pb.AccumulatorDelta.FromString(srow.delta)
         d_layers = delta_layers(delta)
         acc.add(delta.admissions, delta.compliant_total, d_layers, sign=-1)
         if not acc.is_valid():
             acc.add(delta.admissions, delta.compliant_total, d_layers, sign=1)
-            answers.append((it, CallError(E.STORE_FAILURE, f"reversing {srow['claim_id']} would take an "
+            answers.append((it, CallError(E.STORE_FAILURE, f"reversing {srow.claim_id} would take an "
                                           f"accumulator of {key} below 0: the store is inconsistent; "
                                           f"nothing was reversed, call support",
-                                          claim_id=srow["claim_id"], grpc_code=grpc.StatusCode.INTERNAL)))
-            return seq
-        seq += 1
+                                          claim_id=srow.claim_id, grpc_code=grpc.StatusCode.INTERNAL)))
+            return
+        seq = g.next_seq()
         reason = it.payload.reason
         neg = pb.AccumulatorDelta(admissions=-delta.admissions, compliant_total=-delta.compliant_total,
                                   layers=[pb.LayerAccumulator(layer=e.layer, cap_group=e.cap_group,
                                                               position=-e.position, paid=-e.paid,
                                                               deductible_charged=-e.deductible_charged)
                                           for e in delta.layers])
-        ledger_out.append((seq, "reverse", srow["claim_id"], srow["facility_id"], *key,
-                           -srow["delta_admissions"], -srow["delta_compliant_total"],
-                           neg.SerializeToString(), None, None, reason, now))
+        rrow = LedgerEntry(seq, "reverse", srow.claim_id, srow.facility_id, *key, -srow.delta_admissions,
+                           -srow.delta_compliant_total, neg.SerializeToString(), None, None, reason, now)
+        ledger_out.append(rrow)
         changed[key] = seq
-        rrow = {"seq": seq, "recorded_at_us": now, "reason": reason}
         committing.append((it, pb.ReverseResponse(already_reversed=False, record=record_pb(srow, rrow),
                                                   accumulators=acc.to_pb(key, order)).SerializeToString()))
-        return seq
-
-
-# --------------------------------------------------------------------------- in-process transport
-
-
-class Batcher:
-    """The writer as a thread of this process: a queue of `Pending` calls answered
-    through their asyncio futures."""
-
-    def __init__(self, store: Store, core: Core, *, max_batch: int = 1024, max_pending: int = 20_000,
-                 min_interval: float = 0.0, person_cache: int = 200_000):
-        self.writer = GroupWriter(store, core, person_cache=person_cache)
-        self.max_batch = max_batch
-        self.max_pending = max_pending
-        self.min_interval = min_interval
-        self._last_start = 0.0
-        self._cv = threading.Condition(threading.Lock())
-        self._queue: deque = deque()
-        self._accepting = True
-        self._stop = False
-        self._thread: Optional[threading.Thread] = None
-
-    @property
-    def stats(self) -> dict:
-        return self.writer.stats
-
-    # ------------------------------------------------------------ lifecycle
-
-    def start(self) -> None:
-        self.writer.store.start_checkpointer()
-        self._thread = threading.Thread(target=self._run, name="medsettle-writer", daemon=True)
-        self._thread.start()
-
-    def close(self, timeout: Optional[float] = None) -> None:
-        """Settles what is queued, then stops the thread."""
-        with self._cv:
-            self._accepting = False
-            self._stop = True
-            self._cv.notify()
-        if self._thread is not None:
-            self._thread.join(timeout)
-
-    # ------------------------------------------------------------ submit (event loop thread)
-
-    def submit(self, item: Pending) -> Optional[CallError]:
-        """Queues a call; returns an error instead when it cannot be taken."""
-        with self._cv:
-            if not self._accepting:
-                return CallError(E.SHUTTING_DOWN, "the server is shutting down; retry on another instance or later")
-            if len(self._queue) >= self.max_pending:
-                return CallError(E.OVERLOADED, f"{len(self._queue)} settlements are waiting; retry with backoff")
-            self._queue.append(item)
-            if len(self._queue) == 1:
-                self._cv.notify()
-        return None
-
-    # ------------------------------------------------------------ writer thread
-
-    def _run(self) -> None:
-        with profiled("writer"):
-            self._loop_forever()
-
-    def _loop_forever(self) -> None:
-        w = self.writer
-        while True:
-            with self._cv:
-                while not self._queue and not w.has_deferred and not self._stop:
-                    self._cv.wait()
-                if not self._queue and not w.has_deferred and self._stop:
-                    return
-                # pacing: at most one group per min_interval unless a full group is waiting
-                if self.min_interval and not self._stop:
-                    deadline = self._last_start + self.min_interval
-                    while len(self._queue) < self.max_batch and not self._stop:
-                        left = deadline - time.monotonic()
-                        if left <= 0:
-                            break
-                        self._cv.wait(left)
-                q = self._queue
-                n = min(len(q), self.max_batch)
-                items = [q.popleft() for _ in range(n)]
-            self._last_start = time.monotonic()
-            self._deliver(w.process(items))
-
-    def _deliver(self, answers: list) -> None:
-        by_loop: dict = {}
-        for it, value in answers:
-            by_loop.setdefault(it.loop, []).append((it.future, value))
-        for loop, pairs in by_loop.items():
-            try:
-                loop.call_soon_threadsafe(_resolve, pairs)
-            except RuntimeError:  # loop closed
-                pass
-
-
-class profiled:
-    """Development aid: with MEDSETTLE_PROFILE=path, cProfile the block into path.<name>."""
-
-    def __init__(self, name: str):
-        import os
-
-        self.path = os.environ.get("MEDSETTLE_PROFILE")
-        self.name = name
-        self.prof = None
-
-    def __enter__(self):
-        if self.path:
-            import cProfile
-
-            self.prof = cProfile.Profile()
-            self.prof.enable()
-        return self
-
-    def __exit__(self, *exc):
-        if self.prof is not None:
-            self.prof.disable()
-            self.prof.dump_stats(f"{self.path}.{self.name}")
-        return False
-
-
-def _resolve(pairs: list) -> None:
-    for fut, value in pairs:
-        if not fut.done():
-            fut.set_result(value)

@@ -10,6 +10,8 @@ from __future__ import annotations
 import datetime as dt
 from typing import Optional
 
+import grpc
+
 from ._proto import settlement_pb2 as pb
 from ._proto import settlement_pb2_grpc as pb_grpc
 from .core import LEVEL, LOCALITY, VISIT
@@ -89,7 +91,5 @@ def person_pb(person_id: str, region: str, scheme: str, birth_date: dt.date,
 
 def connect(target: str):
     """(SettlementStub, RegistryStub) on an insecure blocking channel."""
-    import grpc
-
     ch = grpc.insecure_channel(target)
     return pb_grpc.SettlementStub(ch), pb_grpc.RegistryStub(ch)

@@ -28,7 +28,7 @@ REL_IMPORT = "from . import settlement_pb2 as"
 
 def generate() -> dict[str, bytes]:
     """The generated modules' contents, as this script would write them."""
-    import grpc_tools
+    import grpc_tools  # lazy: grpcio-tools is a test/development dependency, not needed to serve
     from grpc_tools import protoc
 
     include = Path(grpc_tools.__file__).resolve().parent / "_proto"

@@ -22,11 +22,13 @@ import json
 from typing import Iterable, Iterator, NamedTuple, Optional
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from engine.schema import PERSONS_SCHEMA, SCHEMES, SPELL_TYPE  # noqa: F401  (re-exported)
 
 from ._proto import settlement_pb2 as pb
 from .errors import CallError
+from .store import PersonRow
 
 E = pb.ErrorCode
 
@@ -172,9 +174,9 @@ def person_to_pb(p: Person) -> pb.Person:
     return out
 
 
-def person_to_row(p: Person) -> tuple:
+def person_to_row(p: Person) -> PersonRow:
     """The store's row: (person_id, region, scheme, birth_days, identities JSON)."""
-    return (p.person_id, p.region, p.scheme, p.birth_days, json.dumps([list(s) for s in p.spells],
+    return PersonRow(p.person_id, p.region, p.scheme, p.birth_days, json.dumps([list(s) for s in p.spells],
                                                                        separators=(",", ":")))
 
 
@@ -205,8 +207,6 @@ def _check_schema(schema: pa.Schema, path: str) -> None:
 def read_persons_parquet(path, batch_size: int = 20_000) -> Iterator[list]:
     """Yields lists of checked `Person`s from a persons.parquet file; raises
     ValueError naming the file, row and reason for a bad file or record."""
-    import pyarrow.parquet as pq
-
     f = pq.ParquetFile(path)
     _check_schema(f.schema_arrow, str(path))
     base = 0
@@ -246,6 +246,4 @@ def persons_table(persons: Iterable[Person]) -> pa.Table:
 
 
 def write_persons_parquet(persons: Iterable[Person], path) -> None:
-    import pyarrow.parquet as pq
-
     pq.write_table(persons_table(persons), path)

@@ -1,27 +1,26 @@
 """The gRPC servicers (grpc.aio): Settlement and Registry of medsettle.v1.
 
-State-changing calls go through the writer (server/batcher.py); reads
-(GetSettlement, GetAccumulators, GetPerson) run on a small thread pool
-against the last committed state, each thread with its own SQLite connection.
-Settle, PreSettle, Reverse and UpsertPersons go to the writer (a process of
-its own by default, server/writer_proc.py, which takes the request bytes as
-received; or a thread, server/batcher.py). Handlers return serialized bytes
-(the writer serializes once, for the ledger and the wire alike).
+State-changing calls go through the writer (server/writer.py: a process of
+its own by default, or a thread), which takes the request bytes as received:
+Settle, PreSettle, Reverse and UpsertPersons. Reads (GetSettlement,
+GetAccumulators, GetPerson) run on a small thread pool against the store's
+last committed state. Handlers return serialized bytes (the writer serializes
+once, for the ledger and the wire).
 """
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import json
 
 import grpc
 
 from ._proto import settlement_pb2 as pb
-from .batcher import PRESETTLE, REVERSE, SETTLE, UPSERT, Pending, record_pb
+from .batcher import PRESETTLE, REVERSE, SETTLE, UPSERT, record_pb
 from .core import Core
 from .errors import CallError, abort
 from .registry import person_from_pb, person_from_row, person_to_pb, person_to_row
 from .store import Store
+from .writer import Writer, encode_upsert
 
 E = pb.ErrorCode
 UPSERT_CHUNK = 2000
@@ -30,11 +29,10 @@ UPSERT_CHUNK = 2000
 class Service:
     """Both services' handlers over one store, core and writer."""
 
-    def __init__(self, store: Store, core: Core, batcher, *, read_threads: int = 2):
+    def __init__(self, store: Store, core: Core, writer: Writer, *, read_threads: int = 2):
         self.store = store
         self.core = core
-        self.batcher = batcher
-        self.raw = getattr(batcher, "raw", False)  # the writer process takes request bytes as received
+        self.writer = writer
         self.reads = concurrent.futures.ThreadPoolExecutor(max_workers=read_threads,
                                                            thread_name_prefix="medsettle-read")
 
@@ -47,15 +45,8 @@ class Service:
 
     # ------------------------------------------------------------------ Settlement
 
-    async def _write(self, kind: int, request, context) -> bytes:
-        if self.raw:
-            fut = self.batcher.submit_raw(kind, request)
-        else:
-            loop = asyncio.get_running_loop()
-            fut = loop.create_future()
-            err = self.batcher.submit(Pending(kind, request.claim if kind != REVERSE else request, fut, loop))
-            if err is not None:
-                fut = err
+    async def _write(self, kind: int, request: bytes, context) -> bytes:
+        fut = self.writer.submit(kind, request)
         if fut.__class__ is not CallError:
             out = await fut
             if out.__class__ is bytes:
@@ -82,7 +73,7 @@ class Service:
     def _get_settlement(self, claim_id: str):
         if not claim_id:
             return CallError(E.MISSING_FIELD, "claim_id is empty", field="claim_id")
-        rows = Store.ledger_rows(self.store.reader(), [claim_id]).get(claim_id) or {}
+        rows = self.store.ledger([claim_id]).get(claim_id) or {}
         if "settle" not in rows:
             return CallError(E.CLAIM_NOT_FOUND, f"no settlement with claim_id {claim_id}", field="claim_id",
                              claim_id=claim_id)
@@ -97,9 +88,8 @@ class Service:
     def _get_accumulators(self, person_id: str, year: int):
         if not person_id:
             return CallError(E.MISSING_FIELD, "person_id is empty", field="person_id")
-        conn = self.store.reader()
-        rows = Store.accumulators_of(conn, person_id, year or None)
-        if not rows and not Store.persons(conn, [person_id]):
+        rows = self.store.accumulators_of(person_id, year or None)
+        if not rows and not self.store.persons([person_id]):
             return CallError(E.PERSON_NOT_FOUND, f"person {person_id} is not in the registry", field="person_id",
                              person_id=person_id)
         out = pb.GetAccumulatorsResponse()
@@ -120,17 +110,9 @@ class Service:
         except CallError as e:
             await abort(context, e)
         rows = [person_to_row(p) for p in persons.values()]
-        loop = asyncio.get_running_loop()
         futs = []
         for k in range(0, len(rows), UPSERT_CHUNK):
-            part = rows[k:k + UPSERT_CHUNK]
-            if self.raw:
-                fut = self.batcher.submit_raw(UPSERT, json.dumps(part).encode())
-            else:
-                fut = loop.create_future()
-                err = self.batcher.submit(Pending(UPSERT, part, fut, loop))
-                if err is not None:
-                    fut = err
+            fut = self.writer.submit(UPSERT, encode_upsert(rows[k:k + UPSERT_CHUNK]))
             if fut.__class__ is CallError:
                 await abort(context, fut)
             futs.append(fut)
@@ -151,7 +133,7 @@ class Service:
     def _get_person(self, person_id: str):
         if not person_id:
             return CallError(E.MISSING_FIELD, "person_id is empty", field="person_id")
-        row = Store.persons(self.store.reader(), [person_id]).get(person_id)
+        row = self.store.persons([person_id]).get(person_id)
         if row is None:
             return CallError(E.PERSON_NOT_FOUND, f"person {person_id} is not in the registry", field="person_id",
                              person_id=person_id)
@@ -162,12 +144,10 @@ class Service:
     def add_to_server(self, server) -> list:
         """Registers both services on an aio server; returns their full names."""
         uu = grpc.unary_unary_rpc_method_handler
-        settle_in = None if self.raw else pb.SettleRequest.FromString
-        reverse_in = None if self.raw else pb.ReverseRequest.FromString
-        settlement = {
-            "Settle": uu(self.Settle, request_deserializer=settle_in),
-            "PreSettle": uu(self.PreSettle, request_deserializer=settle_in),
-            "Reverse": uu(self.Reverse, request_deserializer=reverse_in),
+        settlement = {  # the writer reads the request bytes of these itself
+            "Settle": uu(self.Settle),
+            "PreSettle": uu(self.PreSettle),
+            "Reverse": uu(self.Reverse),
             "GetSettlement": uu(self.GetSettlement, request_deserializer=pb.GetSettlementRequest.FromString),
             "GetAccumulators": uu(self.GetAccumulators, request_deserializer=pb.GetAccumulatorsRequest.FromString),
         }

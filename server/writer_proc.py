@@ -24,27 +24,36 @@ fails every waiting call with UNAVAILABLE and stops if the writer dies.
 from __future__ import annotations
 
 import asyncio
-import json
+import ctypes
 import logging
+import multiprocessing as mp
 import os
 import select
 import signal
 import socket
 import struct
 import time
+from collections import deque
 from typing import Optional
 
 import grpc
 
+import engine
+
 from ._proto import settlement_pb2 as pb
+from .batcher import GroupWriter
+from .core import Core
 from .errors import CallError
+from .runtime import profiled, tune_gc
+from .store import open_store
+from .writer import decode, run_group_loop
 
 log = logging.getLogger("medsettle.server")
 E = pb.ErrorCode
 
 HEADER = struct.Struct("<IBQ")
 HLEN = HEADER.size
-SETTLE, REVERSE, UPSERT, PRESETTLE, CLOSE = 1, 2, 3, 4, 9
+CLOSE = 9  # besides the request kinds of server/batcher.py (SETTLE 1, REVERSE 2, UPSERT 3, PRESETTLE 4)
 OK, ERROR, COUNT, READY, FAILED = 0, 1, 2, 3, 4
 GRPC_BY_VALUE = {c.value[0]: c for c in grpc.StatusCode}
 
@@ -88,15 +97,60 @@ def _parse_frames(buf: bytearray) -> tuple[list, int]:
 
 def _die_with_parent() -> None:
     try:
-        import ctypes
-
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except Exception:  # noqa: BLE001 (not Linux: the EOF on the socket still stops us)
         pass
 
 
-def writer_main(sock: socket.socket, store_path: str, policies, options: dict, parent_pid: int) -> None:
+class SocketInbox:
+    """The writer process's inbox: request frames from the front-end's socket."""
+
+    def __init__(self, sock: socket.socket):
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.buf = bytearray()
+        self.items: deque = deque()
+        self.closed = False  # CLOSE frame or EOF
+
+    def _read(self, timeout: Optional[float]) -> None:
+        """Reads what is there, waiting up to `timeout` (None: until something comes)."""
+        r, _, _ = select.select([self.fd], [], [], timeout)
+        if not r:
+            return
+        try:
+            data = self.sock.recv(1 << 20)
+        except OSError:
+            data = b""
+        if not data:
+            self.closed = True
+            return
+        self.buf.extend(data)
+        frames, used = _parse_frames(self.buf)
+        del self.buf[:used]
+        for kind, ident, payload in frames:
+            if kind == CLOSE:
+                self.closed = True
+            else:
+                self.items.append(decode(kind, payload, ident))
+
+    def get(self, timeout: Optional[float], limit: int) -> list:
+        if timeout is None:
+            while not self.items and not self.closed:
+                self._read(None)
+        elif not self.closed:
+            end = time.monotonic() + timeout
+            self._read(0)
+            while len(self.items) < limit and not self.closed:
+                left = end - time.monotonic()
+                if left <= 0:
+                    break
+                self._read(left)
+        q = self.items
+        return [q.popleft() for _ in range(min(len(q), limit))]
+
+
+def writer_main(sock: socket.socket, store_target: str, policies, options: dict, parent_pid: int) -> None:
     """Entry point of the writer process."""
     _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the front-end decides when to stop
@@ -105,107 +159,33 @@ def writer_main(sock: socket.socket, store_path: str, policies, options: dict, p
                         format="%(asctime)s %(levelname)s %(name)s[writer]: %(message)s")
     if os.getppid() != parent_pid:
         return
-    from .batcher import GroupWriter, Pending, profiled
-    from .core import Core
-    from .store import Store
-
     try:
         if isinstance(policies, (str, os.PathLike)) or policies is None:
-            import engine
-
             policies = engine.load_policies(policies)
-        store = Store(store_path)
-        store.start_checkpointer()
+        store = open_store(store_target, **options.get("store_options", {}))
+        store.start_background()
         core = Core(policies, verify=options.get("verify", False))
-        gw = GroupWriter(store, core)
+        gw = GroupWriter(store, core, person_cache=options.get("person_cache", 200_000))
     except Exception as e:  # noqa: BLE001
         sock.sendall(_frame(FAILED, 0, f"{type(e).__name__}: {e}".encode()))
         return
-    from .app import tune_gc
-
     tune_gc()
     sock.sendall(_frame(READY, 0, b""))
-    min_interval = options.get("min_interval", 0.0)
-    max_batch = options.get("max_batch", 1024)
-    buf = bytearray()
-    closing = False
-    eof = False
-    last_start = 0.0
-    fd = sock.fileno()
 
-    def read_some(timeout: Optional[float]) -> bool:
-        """Reads what is there (waiting up to `timeout`, None = forever); False on EOF."""
-        r, _, _ = select.select([fd], [], [], timeout)
-        if not r:
-            return True
-        data = sock.recv(1 << 20)
-        if not data:
-            return False
-        buf.extend(data)
-        return True
+    def deliver(answers: list) -> None:
+        try:
+            sock.sendall(b"".join(_encode_answer(it.ref, v) for it, v in answers))
+        except OSError:  # the front-end is gone: nothing to answer to
+            inbox.closed = True
 
-    def take(items: list) -> None:
-        nonlocal closing
-        frames, used = _parse_frames(buf)
-        del buf[:used]
-        for kind, ident, payload in frames:
-            if kind == CLOSE:
-                closing = True
-                continue
-            try:
-                if kind == UPSERT:
-                    item = Pending(UPSERT, [tuple(r) for r in json.loads(payload)], None, ident)
-                elif kind == REVERSE:
-                    item = Pending(REVERSE, pb.ReverseRequest.FromString(payload), None, ident)
-                else:
-                    item = Pending(kind, pb.SettleRequest.FromString(payload).claim, None, ident)
-            except Exception as e:  # noqa: BLE001 (malformed request bytes)
-                sock.sendall(_encode_answer(ident, CallError(E.INVALID_VALUE, f"the request cannot be parsed: {e}",
-                                                             grpc_code=grpc.StatusCode.INVALID_ARGUMENT)))
-                continue
-            items.append(item)
-
+    inbox = SocketInbox(sock)
     with profiled("writer"):
-        while True:
-            items: list = []
-            if not gw.has_deferred and not closing:
-                # wait for the first frame
-                while not eof:
-                    take(items)
-                    if items or closing:
-                        break
-                    if not read_some(None):
-                        eof = True
-            if eof and not items and not gw.has_deferred:
-                break
-            # whatever else is already there, and pacing
-            if not eof:
-                deadline = last_start + min_interval
-                while True:
-                    if not read_some(0):
-                        eof = True
-                        break
-                    take(items)
-                    left = deadline - time.monotonic()
-                    if left <= 0 or len(items) >= max_batch or closing:
-                        break
-                    if not read_some(left):
-                        eof = True
-                        break
-                    take(items)
-            last_start = time.monotonic()
-            answers = gw.process(items) if (items or gw.has_deferred) else []
-            if answers:
-                try:
-                    sock.sendall(b"".join(_encode_answer(it.loop, v) for it, v in answers))
-                except OSError:
-                    eof = True
-            if (closing or eof) and not gw.has_deferred and not buf:
-                break
+        run_group_loop(gw, inbox, deliver, max_batch=options.get("max_batch", 1024),
+                       min_interval=options.get("min_interval", 0.0))
     s = gw.stats
     log.info("writer stopped: %d settled, %d reversed in %d groups (largest %d), %d slow commits", s["settled"],
              s["reversed"], s["groups"], s["max_group"], s["slow_commits"])
-    store.close(checkpoint=True)
+    store.close()
     try:
         sock.close()
     except OSError:
@@ -218,15 +198,14 @@ def writer_main(sock: socket.socket, store_path: str, policies, options: dict, p
 class WriterProcess:
     """The front-end's handle on the writer process: submit request bytes, await answers."""
 
-    raw = True
-
-    def __init__(self, store_path: str, policies, *, max_batch: int = 1024, max_pending: int = 20_000,
+    def __init__(self, store_target: str, policies, *, max_batch: int = 1024, max_pending: int = 20_000,
                  min_interval: float = 0.0, verify: bool = False, log_level: int = logging.INFO,
-                 on_death=None):
-        self.store_path = store_path
+                 person_cache: int = 200_000, store_options: Optional[dict] = None, on_death=None):
+        self.store_target = store_target
         self.policies = policies
         self.options = {"max_batch": max_batch, "min_interval": min_interval, "verify": verify,
-                        "log_level": log_level}
+                        "log_level": log_level, "person_cache": person_cache,
+                        "store_options": store_options or {}}
         self.max_pending = max_pending
         self.on_death = on_death
         self.stats = {}
@@ -241,12 +220,10 @@ class WriterProcess:
         self._flush_scheduled = False
 
     async def start(self, timeout: float = 120.0) -> None:
-        import multiprocessing as mp
-
         ctx = mp.get_context("spawn")
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         self._proc = ctx.Process(target=writer_main, name="medsettle-writer", daemon=True,
-                                 args=(child, self.store_path, self.policies, self.options, os.getpid()))
+                                 args=(child, self.store_target, self.policies, self.options, os.getpid()))
         self._proc.start()
         child.close()
         parent.setblocking(False)
@@ -265,7 +242,7 @@ class WriterProcess:
         self._accepting = True
         self._reader_task = asyncio.get_running_loop().create_task(self._read(reader))
 
-    def submit_raw(self, kind: int, payload: bytes):
+    def submit(self, kind: int, payload: bytes):
         """A future of the answer (bytes, int or CallError), or a CallError at once."""
         if not self._accepting:
             return CallError(E.SHUTTING_DOWN, "the server is shutting down; retry on another instance or later")

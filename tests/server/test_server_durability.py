@@ -17,7 +17,7 @@ from srv_helpers import (PERSONS, T, claim_row, engine_results, norm, pb, settle
 from server._proto import settlement_pb2_grpc as pb_grpc
 from server.client import result_dict
 from server.registry import Person, date_to_days, persons_table
-from server.store import Store
+from server.store import SQLiteStore
 
 pytestmark = pytest.mark.service
 
@@ -87,7 +87,7 @@ def ledger_rows(store_path):
 
 def check_store(store_path, ps, rows_by_id):
     """Every ledger settlement once; accumulators = fold of the ledger = the engine over the ledger order."""
-    store = Store(str(store_path))
+    store = SQLiteStore(str(store_path))
     try:
         fold = store.fold_ledger()
         assert store.stored_accumulators() == fold

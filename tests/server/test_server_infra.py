@@ -11,7 +11,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from srv_helpers import start_subprocess_server, write_policies
 from server import protogen
 from server._proto import settlement_pb2 as pb
-from server.store import SCHEMA_VERSION, Store, StoreError
+from server.store import SCHEMA_VERSION, SQLiteStore, StoreError
 
 pytestmark = pytest.mark.service
 
@@ -40,19 +40,19 @@ def test_generated_code_is_current():
 
 def test_store_schema_version_and_single_writer(tmp_path):
     path = str(tmp_path / "s.db")
-    s = Store(path, exclusive=True)
+    s = SQLiteStore(path, exclusive=True)
     assert s.conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert s.conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
-    assert s.get_meta("schema_version") == str(SCHEMA_VERSION)
+    assert s.schema_version() == SCHEMA_VERSION
     with pytest.raises(StoreError, match="another medsettle server"):
-        Store(path, exclusive=True)
+        SQLiteStore(path, exclusive=True)
     s.close()
     conn = sqlite3.connect(path)
     conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
     conn.commit()
     conn.close()
     with pytest.raises(StoreError, match="newer"):
-        Store(path)
+        SQLiteStore(path)
 
 
 def test_health_and_reflection(srv):

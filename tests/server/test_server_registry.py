@@ -13,7 +13,7 @@ from srv_helpers import D, T, claim_row, pb, rpc_error, settle_request
 from server.app import import_registry
 from server.client import person_pb
 from server.registry import PERSONS_SCHEMA, Person, basis_at, persons_table, read_persons_parquet, date_to_days
-from server.store import Store
+from server.store import SQLiteStore
 
 pytestmark = pytest.mark.service
 
@@ -78,10 +78,10 @@ def test_parquet_import(tmp_path, ps):
                Person("z2", "000001", "employee", -400, ())]
     path = tmp_path / "persons.parquet"
     pq.write_table(persons_table(persons), path)
-    store = Store(str(tmp_path / "s.db"))
+    store = SQLiteStore(str(tmp_path / "s.db"))
     assert import_registry(store, str(path)) == 2
     assert import_registry(store, str(path)) == -1  # same file: skipped
-    rows = Store.persons(store.conn, ["z1", "z2"])
+    rows = store.persons(["z1", "z2"])
     assert rows["z1"][1:4] == ("000001", "resident", 3000) and rows["z2"][3] == -400
     # the generator's persons.parquet (`medsettle generate --persons`) has the same schema
     gen = __import__("engine.generate", fromlist=["generate_persons"]).generate_persons(
@@ -97,5 +97,5 @@ def test_parquet_import(tmp_path, ps):
     pq.write_table(bad, tmp_path / "bad2.parquet")
     with pytest.raises(ValueError, match="row 1: .*army"):
         import_registry(store, str(tmp_path / "bad2.parquet"))
-    assert Store.persons(store.conn, ["z1"])  # the earlier import is intact
+    assert store.persons(["z1"])  # the earlier import is intact
     store.close()

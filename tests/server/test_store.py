@@ -3,20 +3,20 @@ from __future__ import annotations
 
 import time
 
-from server.store import Store
+from server.store import AccumulatorRow, LedgerEntry, SQLiteStore
 
 
 def _group(g: int, seq: int) -> tuple[list, list]:
     ledger, acc = [], []
     for k in range(12):
         seq += 1
-        ledger.append((seq, "settle", f"c{g}-{k}", "H1", f"p{k}", "140600", "resident", 2023, 0, 100,
-                       b"d" * 80, b"c" * 120, b"r" * 600, None, 0))
-        acc.append((f"p{k}", "140600", "resident", 2023, 1, 100 * g, b"s" * 200, seq))
+        ledger.append(LedgerEntry(seq, "settle", f"c{g}-{k}", "H1", f"p{k}", "140600", "resident", 2023, 0, 100,
+                                  b"d" * 80, b"c" * 120, b"r" * 600, None, 0))
+        acc.append(AccumulatorRow(f"p{k}", "140600", "resident", 2023, 1, 100 * g, b"s" * 200, seq))
     return ledger, acc
 
 
-def _log_frames(store: Store) -> int:
+def _log_frames(store: SQLiteStore) -> int:
     """Frames in the write-ahead log now (a PASSIVE checkpoint reports them)."""
     return store.conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()[1]
 
@@ -24,13 +24,14 @@ def _log_frames(store: Store) -> int:
 def test_checkpointer_restarts_the_log_under_steady_writes(tmp_path):
     """A writer committing back to back starves PASSIVE checkpoints of the moment
     when the log could start over; the checkpointer then restarts it itself."""
-    store = Store(str(tmp_path / "store.db"))
+    store = SQLiteStore(str(tmp_path / "store.db"))
     store.start_checkpointer(interval=0.02, restart_frames=300)
     seq, commits, deadline = 0, 0, time.monotonic() + 1.5
     try:
         while time.monotonic() < deadline:
             ledger, acc = _group(commits, seq)
-            store.commit_group(ledger, acc)
+            with store.group() as g:
+                g.commit(ledger, acc)
             seq += len(ledger)
             commits += 1
             time.sleep(0.001)  # a writer settles its next group between commits
@@ -40,6 +41,6 @@ def test_checkpointer_restarts_the_log_under_steady_writes(tmp_path):
     assert commits > 150
     # every commit appends at least one frame: without restarts the log would hold them all
     assert frames < min(commits, 1500), (frames, commits)
-    reopened = Store(str(tmp_path / "store.db"))
+    reopened = SQLiteStore(str(tmp_path / "store.db"))
     assert reopened.max_seq() == seq
     reopened.close()
