@@ -24,8 +24,10 @@ on the claim), so the ledger holds what was settled.
 `facilities.parquet` has exactly `engine.schema.FACILITIES_SCHEMA`:
 `facility_id, name, region, admin_code, level` (strings; level primary |
 secondary | tertiary). Loading (the file or the `UpsertFacilities` RPC) is all
-or nothing: every record is checked first. The registry lives in the store's
-`facilities` table (created here: this module owns it).
+or nothing: every record is checked first. Uploads go through the writer (so
+they are ordered with settlements) and are stored as one `meta` entry of the
+store, whatever its backend (a registry of some thousand facilities is a few
+hundred KB; the writer re-reads it only when its version changed).
 
 With an empty facility registry the server does not check facilities (it logs
 that level and locality come from the caller): a store made before facilities
@@ -33,6 +35,8 @@ existed keeps working until its registry is loaded.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 from typing import Iterable, NamedTuple, Optional
 
 import pyarrow as pa
@@ -51,17 +55,11 @@ LEVEL_FROM_PB = {v: k for k, v in LEVEL_TO_PB.items()}
 LOCALITY_NAME = {pb.LOCALITY_COUNTY: "county", pb.LOCALITY_REGION: "region", pb.LOCALITY_PROVINCE: "province",
                  pb.LOCALITY_NATIONAL: "national"}
 
-DDL = """
-CREATE TABLE IF NOT EXISTS facilities (
-    facility_id  TEXT PRIMARY KEY,
-    name         TEXT NOT NULL,
-    region       TEXT NOT NULL,
-    admin_code   TEXT NOT NULL,
-    level        TEXT NOT NULL
-)"""
 COLUMNS = tuple(FACILITIES_SCHEMA.names)
-UPSERT = (f"INSERT OR REPLACE INTO facilities ({', '.join(COLUMNS)}) "
-          f"VALUES ({', '.join('?' * len(COLUMNS))})")
+#: The registry is one entry of the store's `meta` table (JSON records) and its SHA-256: every
+#: backend has `meta`, no schema change, and a writer notices another's upload by the version.
+META_KEY = "facility_registry"
+VERSION_KEY = "facility_registry_sha256"
 
 
 class Facility(NamedTuple):
@@ -179,26 +177,31 @@ def write_facilities_parquet(facilities: Iterable[Facility], path) -> None:
 # --------------------------------------------------------------------------- store
 
 
-def create_table(conn) -> None:
-    conn.execute(DDL)
+def encode(facilities: Iterable[Facility]) -> bytes:
+    """The writer's payload of an upload, and the stored form: a JSON list of records."""
+    return json.dumps([list(f) for f in facilities], separators=(",", ":"), ensure_ascii=False).encode()
 
 
-def load(conn) -> dict:
-    """facility_id -> Facility, from the store."""
-    create_table(conn)
-    return {r[0]: Facility(*r) for r in conn.execute(f"SELECT {', '.join(COLUMNS)} FROM facilities")}
+def decode(data) -> list:
+    return [Facility(*r) for r in json.loads(data)]
 
 
-def upsert(conn, facilities: list) -> None:
-    """One transaction (all or nothing). `conn` is in autocommit mode, as the store's are."""
-    create_table(conn)
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        conn.executemany(UPSERT, [tuple(f) for f in facilities])
-        conn.execute("COMMIT")
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
+def stored(store) -> dict:
+    """facility_id -> Facility, as the store holds them (any backend: a `meta` entry)."""
+    data = store.get_meta(META_KEY)
+    return {f.facility_id: f for f in decode(data)} if data else {}
+
+
+def store_upload(store, facilities: list) -> dict:
+    """Merges an upload into the stored registry in one transaction (all or nothing); returns
+    the registry after it. Called by the writer, the store's only writer."""
+    merged = stored(store)
+    for f in facilities:
+        merged[f.facility_id] = f
+    data = encode(sorted(merged.values())).decode()
+    version = hashlib.sha256(data.encode()).hexdigest()
+    store.import_persons([], {META_KEY: data, VERSION_KEY: version})
+    return merged
 
 
 # --------------------------------------------------------------------------- claims
@@ -256,6 +259,14 @@ class FacilityBook:
 
     def __init__(self, facilities: Optional[dict] = None):
         self.by_id: dict = dict(facilities or {})
+        self.version: Optional[str] = None
+
+    def refresh(self, store) -> None:
+        """Re-reads the stored registry when its version changed (one meta lookup)."""
+        v = store.get_meta(VERSION_KEY)
+        if v != self.version:
+            self.by_id = stored(store)
+            self.version = v
 
     def __len__(self) -> int:
         return len(self.by_id)

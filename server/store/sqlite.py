@@ -330,6 +330,12 @@ class SQLiteStore(Audit):
     def ledger(self, claim_ids: Iterable[str]) -> dict:
         return _ledger(self.reader(), claim_ids)
 
+    def settled_by(self, facility_id: str, person_id: str) -> bool:
+        """Has this facility settled this person (a `settle` entry in the ledger)? The person's
+        entries through the ledger_key index (server/auth.py: who may read accumulators)."""
+        return self.reader().execute("SELECT 1 FROM ledger WHERE person_id = ? AND facility_id = ? AND kind = 'settle' "
+                                     "LIMIT 1", (person_id, facility_id)).fetchone() is not None
+
     def accumulators_of(self, person_id: str, year: Optional[int] = None) -> list:
         """The state blobs (Accumulators bytes) of a person's keys, of one year or all."""
         conn = self.reader()

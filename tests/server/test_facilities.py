@@ -1,8 +1,6 @@
 """The facility registry (server/facilities.py): validation, Parquet, store, level and locality."""
 from __future__ import annotations
 
-import sqlite3
-
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -70,15 +68,28 @@ def test_parquet_round_trip_and_errors(tmp_path):
         fac.read_facilities_parquet(path)
 
 
-def test_store_all_or_nothing(tmp_path):
-    conn = sqlite3.connect(tmp_path / "s.db", isolation_level=None)
-    assert fac.load(conn) == {}
-    fac.upsert(conn, [H1, H2])
-    fac.upsert(conn, [H1._replace(level="secondary")])
-    assert fac.load(conn) == {"H1": H1._replace(level="secondary"), "H2": H2}
-    with pytest.raises(sqlite3.Error):
-        fac.upsert(conn, [H3, ("H5", None, "1", "1", "primary")])  # NOT NULL: the whole upload fails
-    assert set(fac.load(conn)) == {"H1", "H2"}
+def test_stored_in_meta_merged_and_versioned(tmp_path):
+    from server.store import SQLiteStore
+
+    store = SQLiteStore(str(tmp_path / "s.db"))
+    assert fac.stored(store) == {}
+    book = fac.FacilityBook()
+    book.refresh(store)
+    assert len(book) == 0
+    assert fac.store_upload(store, [H1, H2]) == {"H1": H1, "H2": H2}
+    assert fac.store_upload(store, [H1._replace(level="secondary")])["H2"] == H2
+    assert fac.stored(store) == {"H1": H1._replace(level="secondary"), "H2": H2}
+    book.refresh(store)
+    assert book.by_id == fac.stored(store) and book.version
+    v = book.version
+    book.by_id = {}
+    book.refresh(store)  # same version: not re-read
+    assert book.by_id == {} and book.version == v
+    fac.store_upload(store, [H3])
+    book.refresh(store)
+    assert set(book.by_id) == {"H1", "H2", "H3"}
+    assert fac.decode(fac.encode([H1, H4])) == [H1, H4]
+    store.close()
 
 
 def test_level_from_the_registry():
