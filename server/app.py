@@ -192,7 +192,7 @@ class Server:
         ])
         self.service = Service(self.store, self.core, self.writer, read_threads=self.read_threads)
         self.health = health.aio.HealthServicer()
-        self.watch = HealthWatch(self._set_serving, self._probe)
+        self.watch = HealthWatch(self._set_serving, lambda: self._probe())
         self.gate = Gate(self.service, authenticator=Authenticator(self.client_auth), authorizer=Authorizer(),
                          admission=self.admission, metrics=self.metrics, health=self.watch,
                          has_settled=self.store.settled_by, facilities=self)
@@ -213,7 +213,8 @@ class Server:
         for name in ("", *names):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         if self.metrics_port is not None:
-            m.start_http(self.metrics_port, self.metrics_host)
+            mport = m.start_http(self.metrics_port, self.metrics_host)
+            log.info("metrics on http://%s:%d/metrics", self.metrics_host, mport)
         if not self.client_auth:
             log.warning("%s: every caller is trusted (it may settle as any facility and change the registry)",
                         "no TLS" if self.credentials is None else "TLS without client certificates")
