@@ -285,8 +285,6 @@ def make_client(kind: str = "auto", clients: int = 1, connections: int = 1, log=
 async def _open_loop(target: str, payloads: list, rate: float, start_at: float, phase: float, stride: float):
     """Sends payloads[i] at start_at + phase + i * stride (perf_counter clock); returns
     (latencies s, ok flags) measured from each due time."""
-    import grpc
-
     n = len(payloads)
     lat = np.full(n, np.nan)
     ok = np.zeros(n, dtype=bool)
