@@ -155,18 +155,19 @@ def check_person(i: int, p: pb.Person) -> Optional[CallError]:
     return None
 
 
-def check_person_values(i: int, person_id: str, region: str, spells) -> Optional[str]:
-    """The same limits for a record read from a file: the reason, or None."""
+def check_person_values(person_id: str, region: str, spells) -> Optional[tuple]:
+    """The same limits for a record read from a file: (reason, field), or None."""
     if person_id and len(person_id) > MAX_ID_LEN:
-        return f"person_id {prefix(person_id)!r} is longer than {MAX_ID_LEN} characters"
+        return f"person_id {prefix(person_id)!r} is longer than {MAX_ID_LEN} characters", "person_id"
     if region and len(region) > MAX_REGION_LEN:
-        return f"region {prefix(region)!r} is longer than {MAX_REGION_LEN} characters"
+        return f"region {prefix(region)!r} is longer than {MAX_REGION_LEN} characters", "region"
     spells = spells or ()
     if len(spells) > MAX_SPELLS:
-        return f"{len(spells)} identity spells, more than {MAX_SPELLS}"
-    for j, s in enumerate(spells):
-        if s[0] and len(s[0]) > MAX_IDENTITY_LEN:
-            return f"identities[{j}].identity {prefix(s[0])!r} is longer than {MAX_IDENTITY_LEN} characters"
+        return f"{len(spells)} identity spells, more than {MAX_SPELLS}", "identities"
+    for j, sp in enumerate(spells):
+        if sp[0] and len(sp[0]) > MAX_IDENTITY_LEN:
+            return (f"identities[{j}].identity {prefix(sp[0])!r} is longer than {MAX_IDENTITY_LEN} characters",
+                    f"identities[{j}].identity")
     return None
 
 

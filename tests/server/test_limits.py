@@ -57,9 +57,24 @@ def test_person_limits():
         err = check_person(3, p)
         assert err.code == E.INVALID_PERSON and err.field == field and "#3" in err.message
         assert len(err.trailer()) < 1200
-    assert check_person_values(0, "P", "1" * (MAX_REGION_LEN + 1), []) is not None
-    assert check_person_values(0, "P", "1", [("a", None, None)] * (MAX_SPELLS + 1)) is not None
-    assert check_person_values(0, "P", "1", [("a", None, None)]) is None
+    assert check_person_values("P", "1" * (MAX_REGION_LEN + 1), [])[1] == "region"
+    assert check_person_values("P", "1", [("a", None, None)] * (MAX_SPELLS + 1))[1] == "identities"
+    assert check_person_values("P", "1", [("a" * 65, None, None)])[1] == "identities[0].identity"
+    assert check_person_values("P", "1", [("a", None, None)]) is None
+
+
+def test_registry_file_is_bounded_too(tmp_path):
+    from server.registry import Person, read_persons_parquet, write_persons_parquet
+
+    path = tmp_path / "persons.parquet"
+    write_persons_parquet([Person("p1", "000001", "resident", 0, ()),
+                           Person("p2", "1" * 1_000_000, "resident", 0, ())], path)
+    with pytest.raises(ValueError, match=r"row 1: .*region '1111.*longer than 32") as e:
+        list(read_persons_parquet(path))
+    assert len(str(e.value)) < 300
+    write_persons_parquet([Person("p3", "000001", "resident", 0, (("low_income", None, None),) * 10_000)], path)
+    with pytest.raises(ValueError, match="10000 identity spells"):
+        list(read_persons_parquet(path))
 
 
 def test_parse_drops_unknown_fields():
