@@ -37,6 +37,7 @@ from .auth import Authenticator, Authorizer
 from .core import Core
 from .errors import CallError
 from .gate import Gate
+from .limits import MAX_RECEIVE_BYTES
 from .metrics import Metrics
 from .registry import person_to_row, read_persons_parquet
 from .runtime import tune_gc
@@ -186,7 +187,8 @@ class Server:
             log.info("facilities %s: %d loaded", self.facilities_file, n)
         self.server = server = grpc.aio.server(options=[
             ("grpc.so_reuseport", 0),
-            ("grpc.max_receive_message_length", 16 << 20),
+            # the largest valid request is a few KB (server/limits.py); 1 MB bounds what calls in flight hold
+            ("grpc.max_receive_message_length", MAX_RECEIVE_BYTES),
             ("grpc.keepalive_permit_without_calls", 1),
             ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
         ])

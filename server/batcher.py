@@ -50,6 +50,7 @@ from ._proto import settlement_pb2 as pb
 from .core import Acc, Core, Outcome, Work, delta_layers, precheck
 from .errors import CallError
 from .facilities import FacilityBook, decode as decode_facilities, store_upload
+from .limits import MAX_REASON_LEN, prefix
 from .registry import basis_at, person_from_row
 from .store import AccumulatorRow, LedgerConflict, LedgerEntry, Store, now_us
 
@@ -96,11 +97,14 @@ def record_pb(settle_row: LedgerEntry, reverse_row: Optional[LedgerEntry]) -> pb
     rec = pb.SettlementRecord(claim_id=settle_row.claim_id, claim=pb.Claim.FromString(settle_row.claim),
                               settlement=pb.SettleResponse.FromString(settle_row.response),
                               state=pb.SETTLEMENT_STATE_SETTLED)
+    # entries stored before inputs were bounded (issue 15) may hold unknown fields or a reason of
+    # megabytes: the answer stays within a client's default 4 MB receive limit
+    rec.claim.DiscardUnknownFields()
     if reverse_row is not None:
         rec.state = pb.SETTLEMENT_STATE_REVERSED
         rec.reversal_seq = reverse_row.seq
         rec.reversed_at_us = reverse_row.recorded_at_us
-        rec.reversal_reason = reverse_row.reason or ""
+        rec.reversal_reason = prefix(reverse_row.reason or "", MAX_REASON_LEN)
     return rec
 
 

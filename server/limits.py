@@ -50,6 +50,9 @@ MAX_SPELLS = 64
 MAX_RECORDS_PER_UPSERT = 100_000
 #: One request message. The largest valid one (a claim with every string at its limit) is ~1.5 KB.
 MAX_REQUEST_BYTES = 64 << 10
+#: gRPC's own limit on a received message: beyond it gRPC answers RESOURCE_EXHAUSTED before the
+#: service sees the call. Between MAX_REQUEST_BYTES and this, INVALID_REQUEST with the detail.
+MAX_RECEIVE_BYTES = 1 << 20
 #: Characters of a caller's value quoted in any message.
 ECHO_CHARS = 32
 #: Characters of any error message sent (a guard behind the messages' own bounds): the message

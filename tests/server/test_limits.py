@@ -137,3 +137,17 @@ def test_reverse_answer_stays_below_the_default_receive_limit():
 def test_clamp_bounds_any_error():
     err = clamp(CallError(E.INVALID_VALUE, BIG * 100, claim_id=BIG * 10, person_id=BIG * 10, field="f" * 1000))
     assert len(err.trailer()) < 8 << 10 and len(err.status_message()) < 600
+
+
+def test_records_stored_before_the_limits_are_answered_bounded():
+    from server.batcher import record_pb
+    from server.store import LedgerEntry
+
+    claim = pb.Claim(claim_id="C1", facility_id="H1").SerializeToString() + b"\xfa\x07\x80\x80\x40" + b"x" * (1 << 20)
+    resp = pb.SettleResponse(result=pb.SettlementResult(claim_id="C1")).SerializeToString()
+    settle = LedgerEntry(1, "settle", "C1", "H1", "P1", "000001", "resident", 2024, 0, 0, b"", claim, resp, None, 1)
+    reverse = LedgerEntry(2, "reverse", "C1", "H1", "P1", "000001", "resident", 2024, 0, 0, b"", None, None,
+                          "r" * (10 << 20), 2)
+    rec = record_pb(settle, reverse)
+    assert len(rec.SerializeToString()) < 4096 and rec.claim.facility_id == "H1"
+    assert rec.reversal_reason.startswith("r" * MAX_REASON_LEN) and len(rec.reversal_reason) < MAX_REASON_LEN + 40

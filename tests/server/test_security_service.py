@@ -235,9 +235,13 @@ def test_inputs_bounded(tls):
     assert b"yyyy" not in rec.SerializeToString()  # dropped before it was stored
     code, d = rpc_error(h1.Reverse, pb.ReverseRequest(claim_id="B-1", facility_id="H1", reason="r" * 600), timeout=10)
     assert code == grpc.StatusCode.INVALID_ARGUMENT and d.field == "reason"
-    code, d = rpc_error(h1.Reverse, pb.ReverseRequest(claim_id="B-1", facility_id="H1", reason="r" * (10 << 20)),
+    code, d = rpc_error(h1.Reverse, pb.ReverseRequest(claim_id="B-1", facility_id="H1", reason="r" * (100 << 10)),
                         timeout=20)
     assert code == grpc.StatusCode.INVALID_ARGUMENT and d.reason == "INVALID_REQUEST"
+    code, _ = rpc_error(h1.Reverse, pb.ReverseRequest(claim_id="B-1", facility_id="H1", reason="r" * (10 << 20)),
+                        timeout=20)
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED  # gRPC's own limit: 1 MB
+    assert not h1.GetSettlement(pb.GetSettlementRequest(claim_id="B-1"), timeout=10).reversal_seq
     code, d = rpc_error(h1.Settle, req("B-2", pid="p" * 20_000), timeout=10)  # echoed as a bounded prefix
     assert code == grpc.StatusCode.INVALID_ARGUMENT and d.field == "person_id" and len(d.SerializeToString()) < 1000
     bad_utf8 = tls.channel(tls.pki.h1).unary_unary("/medsettle.v1.Settlement/GetSettlement")
