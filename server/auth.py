@@ -227,9 +227,13 @@ class Authorizer:
             return denied(f"facility_id {prefix(facility_id)!r} is not the facility of the client certificate "
                           f"({caller.facility_id}); a facility settles and reverses only as itself",
                           field="facility_id", claim_id=claim_id, person_id=person_id)
-        if person_id and method != "Reverse":
-            self.recent.add(caller.facility_id, person_id)
         return None
+
+    def settling(self, caller: Caller, person_id: str) -> None:
+        """A Settle or PreSettle of the person by the caller's facility was answered (its answer
+        held the person's accumulators already): the facility may read them for a while."""
+        if not caller.trusted and caller.facility_id:
+            self.recent.add(caller.facility_id, person_id)
 
     @staticmethod
     def settlement_visible(caller: Caller, settled_by: Optional[str]) -> bool:

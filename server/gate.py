@@ -137,6 +137,7 @@ class Gate:
             out = await self._submit(kind, req.SerializeToString())
             if out.__class__ is bytes:
                 note(outcome="settled" if kind == SETTLE else "presettled")
+                self.authz.settling(caller, c.person_id)
             return out
         return body
 
@@ -174,7 +175,10 @@ class Gate:
         if err is not None:
             return err
         if req.person_id and not (caller.trusted or caller.admin):
-            err = await self.service._read(self.authz.accumulators, caller, req.person_id, self.has_settled)
+            pid = req.person_id
+            settled = (caller.facility_id, pid) in self.authz.recent or await self.service._read(
+                self.has_settled, caller.facility_id, pid)  # the ledger query on a read thread
+            err = self.authz.accumulators(caller, pid, lambda f, p: settled)
             if err is not None:
                 return err
         return await self.service._read(self.service._get_accumulators, req.person_id, req.year)

@@ -142,7 +142,9 @@ def test_accumulators_of_persons_settled_or_being_settled():
     assert denied.grpc_code == grpc.StatusCode.PERMISSION_DENIED
     # the same words whether or not P2 exists: nothing about other facilities' data
     assert z.accumulators(H1, "NO-SUCH", has).message.replace("NO-SUCH", "P2") == denied.message
-    assert z.write(H1, "PreSettle", "H1", "P2", "C9") is None  # settling P2 now
+    assert z.write(H1, "PreSettle", "H1", "P2", "C9") is None
+    assert z.accumulators(H1, "P2", has) is not None  # only once the call was answered
+    z.settling(H1, "P2")  # a PreSettle of P2 answered: settling P2 now
     assert z.accumulators(H1, "P2", has) is None
     assert z.accumulators(H2, "P2", has) is not None
     t[0] += 61
