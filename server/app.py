@@ -65,7 +65,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     n = parser.add_argument_group("network")
     n.add_argument("--port", type=int, default=50051, help="TCP port (0 = any free port; default 50051)")
     n.add_argument("--insecure-listen-all", action="store_true",
-                   help="listen on every interface without TLS (default: loopback only)")
+                   help="listen on every interface without client certificates: every caller is trusted (default: "
+                        "without TLS loopback only, with TLS --tls-client-ca required)")
     n.add_argument("--tls-cert", metavar="PEM", help="server certificate chain; with --tls-key enables TLS and "
                                                      "listening on every interface")
     n.add_argument("--tls-key", metavar="PEM", help="server private key")
@@ -286,6 +287,10 @@ def _listen(args) -> tuple[str, object]:
             key, cert = Path(args.tls_key).read_bytes(), Path(args.tls_cert).read_bytes()
         except OSError as e:
             raise UsageError(f"TLS file {e.filename}: {e.strerror}") from None
+        if ca is None and not args.insecure_listen_all:  # issue 15: anyone on the network would be trusted
+            raise UsageError("--tls-cert without --tls-client-ca lets every caller on the network settle as any "
+                             "facility and change the registry; give --tls-client-ca (client certificates, "
+                             "docs/SERVER.md \"Security\"), or add --insecure-listen-all to accept that")
         creds = grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=ca is not None)
         return "[::]", creds
     if args.tls_client_ca:

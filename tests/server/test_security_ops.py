@@ -165,3 +165,17 @@ def test_serve_command_facilities_and_metrics(tmp_path):
     assert '"method":"Settle"' in err and '"claim_id":"S-2"' in err and '"facility_id":"H1"' in err
     assert '"person_id"' not in err and '"total_amount"' not in err  # not unless asked
     assert "metrics on http://127.0.0.1:" in err
+
+
+def test_tls_without_client_ca_needs_consent(tmp_path):
+    from certs import PKI
+
+    pki = PKI(tmp_path / "pki")
+    args = ["--tls-cert", str(tmp_path / "pki" / "server.pem"), "--tls-key", str(tmp_path / "pki" / "server.key")]
+    with pytest.raises(RuntimeError, match="without --tls-client-ca lets every caller"):
+        start_subprocess_server(tmp_path / "a.db", extra=args)
+    proc, port = start_subprocess_server(tmp_path / "b.db", extra=[*args, "--insecure-listen-all"])
+    proc.terminate()
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0 and "TLS without client certificates: every caller is trusted" in err
+    del pki
