@@ -86,12 +86,14 @@ def write_registry(path: Path, n: int, seed: int) -> int:
     return t.num_rows
 
 
-def start_server(store: Path, registry: Path | None = None, extra=()) -> tuple[subprocess.Popen, int]:
-    port_file = store.with_suffix(".port")
+def start_server(store: Path, registry: Path | None = None, extra=(), *, store_url: str | None = None,
+                 name: str = "") -> tuple[subprocess.Popen, int]:
+    """`python -m server` on `store` (or on the PostgreSQL `store_url`); (process, port)."""
+    port_file = store.with_suffix(f".{name}port" if name else ".port")
     if port_file.exists():
         port_file.unlink()
-    cmd = [sys.executable, "-m", "server", "--store", str(store), "--port", "0", "--port-file", str(port_file),
-           "--log-level", "WARNING", *extra]
+    cmd = [sys.executable, "-m", "server", "--store", store_url or str(store), "--port", "0", "--port-file",
+           str(port_file), "--log-level", "WARNING", *extra]
     if registry is not None:
         cmd += ["--registry", str(registry)]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL)
@@ -227,8 +229,18 @@ class CClient:
             return np.fromfile(out, dtype=RESULT_DTYPE), cpu
 
     def open_loop(self, target: str, payloads: list, rate: float) -> dict:
-        res, cpu = self.run(target, payloads, rate)
-        return open_loop_figures(*_latencies(res), rate, cpu)
+        targets = target.split(",")
+        if len(targets) == 1:
+            res, cpu = self.run(target, payloads, rate)
+            return open_loop_figures(*_latencies(res), rate, cpu)
+        # one loadgen per server, each with its share of the rate, side by side
+        from concurrent.futures import ThreadPoolExecutor
+
+        k = len(targets)
+        with ThreadPoolExecutor(k) as ex:
+            parts = list(ex.map(lambda i: self.run(targets[i], payloads[i::k], rate / k), range(k)))
+        res = np.concatenate([p[0] for p in parts])
+        return open_loop_figures(*_latencies(res), rate, sum(p[1] for p in parts))
 
     def saturation(self, target: str, payloads: list, concurrency: int, duration: float) -> dict:
         part = payloads[: int(3000 * duration)]
@@ -353,10 +365,14 @@ def _open_loop_proc(args):
 
 
 def run_open_loop(target: str, payloads: list, rate: float, clients: int = 1) -> dict:
-    """Offers `len(payloads)` settlements at `rate`/s (open loop) and returns the latency figures."""
+    """Offers `len(payloads)` settlements at `rate`/s (open loop) and returns the latency figures.
+    `target` may list several servers (comma-separated): client process k sends to server k mod n."""
+    targets = target.split(",")
+    clients = max(clients, len(targets))
     start_at = time.perf_counter() + 0.5
     stride = clients / rate
-    jobs = [(target, payloads[k::clients], rate / clients, start_at, k / rate, stride) for k in range(clients)]
+    jobs = [(targets[k % len(targets)], payloads[k::clients], rate / clients, start_at, k / rate, stride)
+            for k in range(clients)]
     if clients == 1:
         parts = [_open_loop_proc(jobs[0])]
     else:
@@ -486,7 +502,10 @@ def run_baseline(rates, duration: float, client=None, concurrency: int = 256, sa
 
 def run(rates=DEFAULT_RATES, duration: float = 8.0, client=None,
         concurrency: int = 256, saturation: bool = True, server_args=(), workdir: str | None = None,
-        tag: str | None = None, log=print) -> dict:
+        tag: str | None = None, store: str | None = None, instances: int = 1, extra_pids=(), log=print) -> dict:
+    """The open-loop runs (and saturation) against `instances` servers on one store: an SQLite
+    file in the work folder (default), or `store`, a PostgreSQL URL. `extra_pids`: processes
+    whose CPU counts as the server's too (the database's)."""
     client = client or PyClient()
     own = workdir is None
     work = Path(workdir or tempfile.mkdtemp(prefix="medsettle-bench-"))
@@ -499,10 +518,31 @@ def run(rates=DEFAULT_RATES, duration: float = 8.0, client=None,
         log(f"setup: {n_persons} persons, {total} claims ...")
         payloads = make_payloads(total, seed=7, tag=tag or f"b{int(time.time())}")
         log(f"setup done in {time.time() - t:.1f} s")
-        proc, port = start_server(work / "store.db", registry, server_args)
-        target = f"127.0.0.1:{port}"
+        procs, ports = [], []
+        try:
+            for i in range(instances):
+                proc, port = start_server(work / "store.db", registry, server_args, store_url=store, name=f"i{i}")
+                procs.append(proc)
+                ports.append(port)
+        except BaseException:
+            for proc in procs:
+                stop_server(proc)
+            raise
+        proc = procs[0]
+        target = ",".join(f"127.0.0.1:{p}" for p in ports)
         results = {"machine": {"cpus": os.cpu_count()}, "duration_s": duration, "persons": n_persons,
-                   "client": client.name, "server_args": list(server_args), "rates": []}
+                   "client": client.name, "server_args": list(server_args), "rates": [],
+                   "store": "sqlite" if store is None else "postgresql", "instances": instances}
+
+        def cpu_now() -> tuple[dict, dict]:
+            front, other = {}, {}
+            for p in procs:
+                c = cpu_by_process(p.pid)
+                front[p.pid] = c.pop(p.pid, 0.0)
+                other.update(c)
+            for p in extra_pids:
+                other.update({("db", k): v for k, v in cpu_by_process(p).items()})
+            return front, other
         pos = 0
         try:
             # warm-up (not reported)
@@ -513,11 +553,14 @@ def run(rates=DEFAULT_RATES, duration: float = 8.0, client=None,
                 n = int(rate * duration)
                 part = payloads[pos:pos + n]
                 pos += n
-                cpu0 = cpu_by_process(proc.pid)
+                f0, o0 = cpu_now()
                 r = client.open_loop(target, part, rate)
-                cpu1 = cpu_by_process(proc.pid)
-                r["server_cpu_per_s"] = (sum(cpu1.values()) - sum(cpu0.values())) / duration
-                r["writer_cpu_per_s"] = sum(cpu1[p] - cpu0.get(p, 0) for p in cpu1 if p != proc.pid) / duration
+                f1, o1 = cpu_now()
+                r["server_cpu_per_s"] = (sum(f1.values()) + sum(o1.values()) - sum(f0.values())
+                                         - sum(o0.values())) / duration
+                r["writer_cpu_per_s"] = sum(o1[p] - o0.get(p, 0) for p in o1 if not isinstance(p, tuple)) / duration
+                r["db_cpu_per_s"] = sum(o1[p] - o0.get(p, 0) for p in o1 if isinstance(p, tuple)) / duration
+                r["cpu_ms_per_settlement"] = r["server_cpu_per_s"] * 1e3 / max(r["achieved_per_s"], 1e-9)
                 results["rates"].append(r)
                 log(fmt_row(r))
                 time.sleep(1.0)  # let a backlog drain before the next rate
@@ -528,7 +571,8 @@ def run(rates=DEFAULT_RATES, duration: float = 8.0, client=None,
                 log(f"saturation (closed loop, {concurrency} in flight): {r['achieved_per_s']:.0f} settlements/s, "
                     f"p50 {r['p50_ms']:.1f} ms, p99 {r['p99_ms']:.1f} ms, errors {r['errors']}")
         finally:
-            stop_server(proc)
+            for p in procs:
+                stop_server(p)
         return results
     finally:
         if own:
@@ -536,10 +580,12 @@ def run(rates=DEFAULT_RATES, duration: float = 8.0, client=None,
 
 
 def fmt_row(r: dict) -> str:
+    extra = (f", db {r['db_cpu_per_s']:.2f}; {r['cpu_ms_per_settlement']:.2f} ms CPU/settlement"
+             if "cpu_ms_per_settlement" in r else "")
     return (f"offered {r['offered_per_s']:>6.0f}/s  achieved {r['achieved_per_s']:>7.0f}/s  "
             f"p50 {r['p50_ms']:7.2f} ms  p99 {r['p99_ms']:7.2f} ms  p99.9 {r['p999_ms']:7.2f} ms  "
             f"max {r['max_ms']:7.1f} ms  errors {r['errors']}  server CPU {r.get('server_cpu_per_s', 0):.2f} cores "
-            f"(writer {r.get('writer_cpu_per_s', 0):.2f}), client CPU {r.get('client_cpu_per_s', 0):.2f}")
+            f"(writer {r.get('writer_cpu_per_s', 0):.2f}{extra}), client CPU {r.get('client_cpu_per_s', 0):.2f}")
 
 
 def run_disk_baseline(duration: float, commits_per_s: float = 250.0, rows: int = 8, folder: str | None = None,
@@ -603,6 +649,11 @@ def main(argv=None) -> int:
     ap.add_argument("--tls", action="store_true",
                     help="run the rates twice, without and with mutual TLS (client certificates), with the "
                          "Python client (loadgen.c speaks plaintext HTTP/2 only)")
+    ap.add_argument("--stores", default="sqlite",
+                    help="comma-separated runs, one after the other: sqlite (a file), postgresql (one instance), "
+                         "postgresql-2 (two instances on one database; the client splits the load). PostgreSQL "
+                         "runs start a throw-away cluster (tests/server/pg.py: initdb, fsync on) with its CPU "
+                         "counted as the server's (default: sqlite)")
     ap.add_argument("--bare-server", metavar="PORT_FILE", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.bare_server:
@@ -625,9 +676,37 @@ def main(argv=None) -> int:
         return 0
     client = make_client(args.client, args.clients, args.connections)
     print(f"client: {client.name}")
-    res = run(rates=[float(x) for x in args.rates.split(",") if x], duration=args.duration,
-              client=client, concurrency=args.concurrency, saturation=not args.no_saturation,
-              server_args=args.server_arg, workdir=args.workdir, tag=args.tag)
+    kinds = [k.strip() for k in args.stores.split(",") if k.strip()]
+    bad = [k for k in kinds if k not in ("sqlite", "postgresql", "postgresql-2")]
+    if bad:
+        ap.error(f"--stores: unknown {', '.join(bad)} (sqlite, postgresql, postgresql-2)")
+    cluster = None
+    if any(k != "sqlite" for k in kinds):
+        sys.path.insert(0, str(ROOT / "tests" / "server"))
+        import pg  # the tests' throw-away cluster
+
+        cluster = pg.start_cluster(fsync=True, settings={"synchronous_commit": "on"})
+        print(f"postgresql: {cluster.url()} (fsync on)")
+    runs = {}
+    try:
+        for kind in kinds:
+            print(f"--- {kind}")
+            url, pids = None, ()
+            if kind != "sqlite":
+                url = cluster.socket_url(cluster.create_database())
+                pids = (int((cluster.data / "postmaster.pid").read_text().split()[0]),)
+            workdir = None
+            if args.workdir:
+                workdir = str(Path(args.workdir) / kind) if len(kinds) > 1 else args.workdir
+                Path(workdir).mkdir(parents=True, exist_ok=True)
+            runs[kind] = run(rates=[float(x) for x in args.rates.split(",") if x], duration=args.duration,
+                             client=client, concurrency=args.concurrency, saturation=not args.no_saturation,
+                             server_args=args.server_arg, workdir=workdir, tag=args.tag, store=url,
+                             instances=2 if kind == "postgresql-2" else 1, extra_pids=pids)
+    finally:
+        if cluster is not None:
+            cluster.destroy()
+    res = runs[kinds[0]] if len(kinds) == 1 else {"runs": runs}
     if args.baseline:
         res["disk"] = run_disk_baseline(args.duration)
         res["baseline"] = run_baseline([float(x) for x in args.rates.split(",") if x], args.duration,

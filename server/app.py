@@ -1,10 +1,11 @@
 """`medsettle serve`: the real-time settlement server.
 
-    medsettle serve --policies DIR --store PATH --port N [--registry persons.parquet]
-    python -m server --policies DIR --store PATH --port N ...     (the same, without the CLI)
+    medsettle serve --policies DIR --store PATH|URL --port N [--registry persons.parquet]
+    python -m server --policies DIR --store PATH|URL --port N ...     (the same, without the CLI)
 
-`add_arguments(parser)` and `serve_main(args)` are what the CLI wires to
-`medsettle serve`. The server listens on loopback (127.0.0.1) unless TLS is
+`add_arguments(parser)` and `serve_main(args)` are what `medsettle serve` runs
+(registered by server/commands.py). The store is an SQLite file (one
+instance) or a postgresql:// URL (several instances on one database). The server listens on loopback (127.0.0.1) unless TLS is
 configured (--tls-cert/--tls-key) or --insecure-listen-all is given; it serves
 medsettle.v1.Settlement and medsettle.v1.Registry, grpc.health.v1.Health and
 server reflection. SIGTERM (or SIGINT) marks it NOT_SERVING, stops taking

@@ -52,7 +52,7 @@ from .errors import CallError
 from .facilities import FacilityBook, decode as decode_facilities, store_upload
 from .limits import MAX_REASON_LEN, prefix
 from .registry import basis_at, person_from_row
-from .store import AccumulatorRow, LedgerConflict, LedgerEntry, Store, now_us
+from .store import AccumulatorRow, LedgerConflict, LedgerEntry, Store, StoreUnavailable, now_us
 
 log = logging.getLogger("medsettle.server")
 E = pb.ErrorCode
@@ -183,6 +183,8 @@ class GroupWriter:
         self.on_group = None  # (group size, commit seconds) -> None: metrics (server/metrics.py)
         self.stats = {"groups": 0, "items": 0, "settled": 0, "reversed": 0, "commit_failures": 0,
                       "slow_commits": 0, "max_group": 0, "conflicts": 0}
+        self._unavailable = 0
+        self._last_unavailable_log = -1e9
 
     @property
     def has_deferred(self) -> bool:
@@ -207,7 +209,7 @@ class GroupWriter:
             if run:
                 answers.extend(self._group(run))
         except Exception as e:  # never let the writer die: fail what is unanswered, keep serving
-            log.exception("writer: group failed")
+            self._log_failure("group failed", e)
             self._persons.clear()
             done = {id(it) for it, _ in answers}
             err = CallError(E.STORE_FAILURE, f"the settlement could not be recorded ({type(e).__name__}: {e}); "
@@ -215,6 +217,19 @@ class GroupWriter:
             answers.extend((it, err) for it in items if id(it) not in done)
             self.deferred = []
         return answers
+
+    def _log_failure(self, what: str, e: Exception) -> None:
+        """A store that cannot be reached is logged in one line, at most once a second (calls
+        keep failing fast until it is back); anything else with its traceback."""
+        if isinstance(e, StoreUnavailable):
+            now = time.monotonic()
+            self._unavailable += 1
+            if now - self._last_unavailable_log >= 1.0:
+                log.error("writer: %s (%d times since the last message): %s", what, self._unavailable, e)
+                self._last_unavailable_log = now
+                self._unavailable = 0
+        else:
+            log.exception("writer: %s", what)
 
     def _upsert(self, it: Pending):
         rows = it.payload
@@ -241,20 +256,22 @@ class GroupWriter:
                                                    "nothing of it was stored, retry"))
         return (it, len(upload))
 
-    def _load_persons(self, g, ids) -> dict:
+    def _lookup(self, g, claim_ids: list, person_ids: set) -> tuple:
+        """(ledger entries of the claim ids, Person or None per person id): the persons come from
+        the cache where it has them; what is missing is read with the ledger entries in one go."""
         cache = self._persons
         if not self._person_cache:
-            found = g.persons(ids)
-            return {pid: (person_from_row(found[pid]) if pid in found else None) for pid in ids}
-        missing = [pid for pid in ids if pid not in cache]
+            ledger, found = g.lookup(claim_ids, person_ids)
+            return ledger, {pid: (person_from_row(found[pid]) if pid in found else None) for pid in person_ids}
+        missing = [pid for pid in person_ids if pid not in cache]
+        ledger, found = g.lookup(claim_ids, missing)
         if missing:
             if len(cache) + len(missing) > self._person_cache:
                 cache.clear()
-            found = g.persons(missing)
             for pid in missing:
                 row = found.get(pid)
                 cache[pid] = person_from_row(row) if row is not None else None
-        return {pid: cache[pid] for pid in ids}
+        return ledger, {pid: cache[pid] for pid in person_ids}
 
     def _group(self, items: list) -> list:
         for attempt in range(CONFLICT_RETRIES + 1):
@@ -282,9 +299,11 @@ class GroupWriter:
         answers: list = []
         deferred: list = []
         claim_ids = [it.payload.claim_id for it in items if it.payload.claim_id]
-        ledger = g.ledger(claim_ids) if claim_ids else {}
-        persons = self._load_persons(g, {it.payload.person_id for it in items
-                                         if it.kind != REVERSE and it.payload.person_id})
+        settle_persons = {it.payload.person_id for it in items if it.kind != REVERSE and it.payload.person_id}
+        # the persons whose keys the group will touch (those of reversals come from the ledger) and
+        # how many entries it may number at most: a store may lock and read ahead with the lookups
+        g.prepare(settle_persons, sum(it.kind != PRESETTLE for it in items))
+        ledger, persons = self._lookup(g, claim_ids, settle_persons)
 
         seen: dict = {}  # claim_id -> person_id, for the group so far
         blocked: set = set()  # persons with a deferred request
@@ -445,7 +464,7 @@ class GroupWriter:
                 raise
             except Exception as e:
                 st["commit_failures"] += 1
-                log.exception("writer: commit failed")
+                self._log_failure("commit failed", e)
                 self._persons.clear()
                 err = CallError(E.STORE_FAILURE, f"the settlement could not be recorded ({type(e).__name__}: {e}); "
                                 "nothing was recorded, retry")

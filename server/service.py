@@ -19,7 +19,7 @@ from .batcher import PRESETTLE, REVERSE, SETTLE, UPSERT, record_pb
 from .core import Core
 from .errors import CallError, abort
 from .registry import person_from_pb, person_from_row, person_to_pb, person_to_row
-from .store import Store
+from .store import Store, StoreUnavailable
 from .writer import Writer, encode_upsert
 
 E = pb.ErrorCode
@@ -41,7 +41,10 @@ class Service:
 
     async def _read(self, fn, *args):
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.reads, fn, *args)
+        try:
+            return await loop.run_in_executor(self.reads, fn, *args)
+        except StoreUnavailable as e:  # the database cannot be reached now
+            return CallError(E.STORE_FAILURE, f"the store cannot be read now ({e}); retry")
 
     # ------------------------------------------------------------------ Settlement
 

@@ -22,7 +22,8 @@ def open_store(target: str, *, exclusive: bool = False, create: bool = True, mig
     process is the file's only writer (SQLite; PostgreSQL allows several instances).
     `pool_size`: PostgreSQL connections for the readers."""
     if is_url(target):
-        from .postgres import PostgresStore  # psycopg is needed only by PostgreSQL stores
+        # lazy: importing psycopg, psycopg_pool and libpq took 91-328 ms here (docs/DECISIONS.md)
+        from .postgres import PostgresStore
 
         return PostgresStore(target, create=create, migrate_to=migrate_to, pool_size=pool_size)
     return SQLiteStore(target, exclusive=exclusive, create=create, migrate_to=migrate_to)

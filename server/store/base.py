@@ -113,9 +113,16 @@ class WriteGroup(Protocol):
     def persons(self, person_ids: Iterable[str]) -> dict:
         """person_id -> PersonRow for those registered."""
 
+    def lookup(self, claim_ids: Sequence[str], person_ids: Iterable[str]) -> tuple:
+        """(ledger(claim_ids), persons(person_ids)) at once (either may be empty)."""
+
     def accumulators(self, keys: Iterable[Key]) -> dict:
         """key -> state bytes of those stored; the keys are this group's until it ends
         (no other writer changes them before the commit)."""
+
+    def prepare(self, person_ids: Iterable[str], entries: int) -> None:
+        """A hint given first: the persons whose keys the group will touch (more may follow in
+        `accumulators`, e.g. those of reversals) and at most how many entries it will number."""
 
     def next_seq(self) -> int:
         """The sequence number of the group's next ledger entry."""
@@ -156,9 +163,9 @@ class Store(Protocol):
     def upsert_persons(self, rows: Sequence[PersonRow]) -> None: ...
     def import_persons(self, chunks: Iterable[Sequence[PersonRow]], meta: dict) -> int:
         """All the chunks and the meta entries in one transaction; returns the persons stored."""
-    def import_carried(self, rows: Sequence[AccumulatorRow]) -> int:
-        """Carried-in accumulators (spec section 4) in one transaction; refuses (StoreError)
-        keys that already have ledger entries or stored accumulators."""
+    def import_carried(self, parts: Iterable[Sequence[AccumulatorRow]]) -> int:
+        """Carried-in accumulators (spec section 4), all parts in one transaction; refuses
+        (StoreError, nothing imported) keys that already have settlements or carried state."""
 
 
 # --------------------------------------------------------------------------- audit (any backend)

@@ -194,6 +194,10 @@ class SQLiteGroup:
     def persons(self, person_ids) -> dict:
         return _persons(self.conn, person_ids)
 
+    def lookup(self, claim_ids, person_ids) -> tuple:
+        return (_ledger(self.conn, claim_ids) if claim_ids else {},
+                _persons(self.conn, person_ids) if person_ids else {})
+
     def accumulators(self, keys) -> dict:
         keys = set(keys)
         out = {}
@@ -203,6 +207,9 @@ class SQLiteGroup:
                 if row[:4] in keys:
                     out[row[:4]] = row[4]
         return out
+
+    def prepare(self, person_ids, entries: int) -> None:
+        """The only writer needs no locks; dense numbers are taken one by one."""
 
     def next_seq(self) -> int:
         self._seq += 1
@@ -291,7 +298,12 @@ class SQLiteStore(Audit):
                 self._readers.append(conn)
         return conn
 
-    def close(self, checkpoint: bool = True) -> None:
+    def close(self, checkpoint: Optional[bool] = None) -> None:
+        """Closes the connections; `checkpoint` (default: when this process holds the store's
+        lock, i.e. is its server) truncates the WAL first: a reader beside a running server
+        must not hold off its writer for that."""
+        if checkpoint is None:
+            checkpoint = self._lock_file is not None
         if self._checkpointer is not None:
             t, stop = self._checkpointer
             stop.set()
@@ -397,24 +409,29 @@ class SQLiteStore(Audit):
             raise
         return count
 
-    def import_carried(self, rows: Sequence[AccumulatorRow]) -> int:
+    def import_carried(self, parts: Iterable[Sequence[AccumulatorRow]]) -> int:
         c = self.conn
+        count = 0
         c.execute("BEGIN IMMEDIATE")
         try:
-            for part in chunks(list(rows)):
-                for r in part:
-                    hit = c.execute("SELECT 1 FROM accumulators WHERE person_id = ? AND region = ? AND scheme = ? "
-                                    "AND year = ?", r.key).fetchone()
-                    if hit:
+            for rows in parts:
+                for r in rows:
+                    if c.execute("SELECT 1 FROM accumulators WHERE person_id = ? AND region = ? AND scheme = ? "
+                                 "AND year = ?", r.key).fetchone():
                         raise StoreError(f"{self.location}: key {r.key} already has settlements or carried "
                                          f"accumulators; nothing was imported")
-                c.executemany(INSERT_CARRIED, part)
-                c.executemany(UPSERT_ACC, part)
+                try:
+                    c.executemany(INSERT_CARRIED, rows)
+                except sqlite3.IntegrityError:
+                    raise StoreError(f"{self.location}: a key occurs twice in the carry table; nothing was "
+                                     f"imported") from None
+                c.executemany(UPSERT_ACC, rows)
+                count += len(rows)
             c.execute("COMMIT")
         except BaseException:
             c.execute("ROLLBACK")
             raise
-        return len(rows)
+        return count
 
     # ------------------------------------------------------------------ WAL checkpoints
 

@@ -250,6 +250,11 @@ def start_subprocess_server(store: Path, *, policies: Path | None = None, regist
     return proc, int(port_file.read_text())
 
 
+def ledger_size(store) -> int:
+    """Ledger entries in the store (sequence numbers may have gaps on PostgreSQL)."""
+    return sum(len(part) for part in store.iter_ledger())
+
+
 def rpc_error(fn, *args, **kw):
     """Calls fn expecting a gRPC error; returns (status code, ErrorDetail)."""
     try:
@@ -260,6 +265,6 @@ def rpc_error(fn, *args, **kw):
 
 
 __all__ = ["POLICY_2024", "POLICY_EMP_2024", "POLICY_2025", "PERSONS", "ThreadedServer", "acc_fold", "age_at",
-           "claim_row", "engine_results", "engine_table", "identities_at", "nonzero", "norm", "persons_pb",
+           "claim_row", "engine_results", "engine_table", "identities_at", "ledger_size", "nonzero", "norm", "persons_pb",
            "policy_set", "result_dict", "rpc_error", "settle_request", "start_subprocess_server", "to_us",
            "write_policies", "T", "D", "pb", "signal"]

@@ -128,3 +128,21 @@ def test_busy_port_is_one_line_exit_2_and_leaves_no_files(tmp_path):
     assert p.stderr.strip().splitlines() == [f"medsettle serve: port {port} on 127.0.0.1 is in use (another "
                                              f"server?); choose another --port"]
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.service
+@pytest.mark.postgres
+def test_store_migrate_on_postgresql(pg_url, capsys):
+    from server.store import open_store
+
+    args = parser().parse_args(["store", "migrate", "--store", pg_url, "--to", "1"])
+    assert args.func(args) == 0 and "applied 1; schema version 1" in capsys.readouterr().out
+    with pytest.raises(StoreError, match="older"):
+        open_store(pg_url)
+    args = parser().parse_args(["store", "migrate", "--store", pg_url])
+    assert args.func(args) == 0 and f"applied {SCHEMA_VERSION}" in capsys.readouterr().out
+    s = open_store(pg_url)
+    assert s.schema_version() == SCHEMA_VERSION
+    s.close()
+    gone = parser().parse_args(["store", "migrate", "--store", pg_url.rsplit("/", 1)[0] + "/no_such_db"])
+    assert gone.func(gone) == 1 and "cannot connect" in capsys.readouterr().err

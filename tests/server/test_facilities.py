@@ -68,10 +68,8 @@ def test_parquet_round_trip_and_errors(tmp_path):
         fac.read_facilities_parquet(path)
 
 
-def test_stored_in_meta_merged_and_versioned(tmp_path):
-    from server.store import SQLiteStore
-
-    store = SQLiteStore(str(tmp_path / "s.db"))
+def test_stored_in_meta_merged_and_versioned(store):
+    """On both backends (the `store` fixture of conftest.py): the registry lives in `meta`."""
     assert fac.stored(store) == {}
     book = fac.FacilityBook()
     book.refresh(store)
@@ -89,7 +87,6 @@ def test_stored_in_meta_merged_and_versioned(tmp_path):
     book.refresh(store)
     assert set(book.by_id) == {"H1", "H2", "H3"}
     assert fac.decode(fac.encode([H1, H4])) == [H1, H4]
-    store.close()
 
 
 def test_level_from_the_registry():
