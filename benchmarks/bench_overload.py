@@ -163,7 +163,7 @@ def main(argv=None) -> int:
            "duration_s": args.duration, "server_args": args.server_arg,
            "by_status": {names.get(int(c), "NO_ANSWER"): int((code == c).sum()) for c in np.unique(code)},
            "rss_mb": {"start": rss0 / 2**20, "peak": max(r for _, r in samples) / 2**20, "end": rss_end / 2**20}}
-    for label, mask in (("accepted", code == 0), ("refused", code == 8)):
+    for label, mask in (("accepted", code == 0), ("refused", code == 8), ("cancelled", code == 1)):
         v = lat[mask & ~np.isnan(lat)]
         if len(v):
             out[label] = {"count": int(len(v)), "per_s": float(len(v) / span), "p50_ms": float(np.percentile(v, 50)),

@@ -38,7 +38,7 @@ from .auth import Authenticator, Authorizer
 from .core import Core
 from .errors import CallError
 from .gate import Gate
-from .limits import MAX_RECEIVE_BYTES
+from .limits import CORE_PENDING, MAX_CONCURRENT_RPCS, MAX_RECEIVE_BYTES
 from .metrics import Metrics
 from .registry import person_to_row, read_persons_parquet
 from .runtime import tune_gc
@@ -85,6 +85,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     s.add_argument("--max-in-flight", type=int, default=2000,
                    help="Settle/PreSettle/Reverse calls in flight beyond which calls get RESOURCE_EXHAUSTED at "
                         "once (default 2000)")
+    s.add_argument("--max-concurrent-rpcs", type=int, default=MAX_CONCURRENT_RPCS,
+                   help="calls of any method in flight beyond which gRPC's core answers RESOURCE_EXHAUSTED before "
+                        f"the server reads them (cheap; 0 = no limit; default {MAX_CONCURRENT_RPCS})")
+    s.add_argument("--core-pending", type=int, default=CORE_PENDING,
+                   help="calls waiting in gRPC's core for the event loop beyond which it refuses some (twice this: "
+                        f"all) with RESOURCE_EXHAUSTED (0 = gRPC's defaults 1000/3000; default {CORE_PENDING})")
     s.add_argument("--latency-budget-ms", type=float, default=250.0,
                    help="refuse new Settle/PreSettle/Reverse calls while the recent mean latency is above this "
                         "(default 250)")
@@ -142,7 +148,8 @@ class Server:
                  read_threads: int = 2, verify: bool = False, store=None, writer: str = "process",
                  policies_source=None, pool_size: int = 4, client_auth: bool = False,
                  facilities_file=None, metrics_port=None, metrics_host: str = "127.0.0.1",
-                 max_in_flight: int = 2000, latency_budget_ms: float = 250.0, log_call_detail: bool = False):
+                 max_in_flight: int = 2000, latency_budget_ms: float = 250.0, log_call_detail: bool = False,
+                 max_concurrent_rpcs: int = MAX_CONCURRENT_RPCS, core_pending: int = CORE_PENDING):
         if writer not in ("process", "thread"):
             raise ValueError(f"writer must be 'process' or 'thread', not {writer!r}")
         self.ps = policies
@@ -168,6 +175,8 @@ class Server:
         self.metrics = Metrics(detail=log_call_detail)
         self.metrics_port, self.metrics_host = metrics_port, metrics_host
         self.admission = Admission(max_in_flight, latency_budget_ms / 1000.0)
+        self.max_concurrent_rpcs = max_concurrent_rpcs or None
+        self.core_pending = core_pending
         self.watch = None
         self.gate = None
         self.read_threads = read_threads
@@ -193,7 +202,11 @@ class Server:
             ("grpc.max_receive_message_length", MAX_RECEIVE_BYTES),
             ("grpc.keepalive_permit_without_calls", 1),
             ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
-        ])
+            # calls gRPC's core holds until the event loop takes them: beyond the soft limit it refuses
+            # a growing share at random, beyond the hard one all (RESOURCE_EXHAUSTED, before Python)
+            *([("grpc.server.max_pending_requests", self.core_pending),
+               ("grpc.server.max_pending_requests_hard_limit", 2 * self.core_pending)] if self.core_pending else []),
+        ], maximum_concurrent_rpcs=self.max_concurrent_rpcs)
         self.service = Service(self.store, self.core, self.writer, read_threads=self.read_threads)
         self.health = health.aio.HealthServicer()
         self.watch = HealthWatch(self._set_serving, lambda: self._probe())
@@ -365,6 +378,7 @@ async def _serve(args) -> int:
                      policies_source=args.policies, client_auth=bool(args.tls_client_ca),
                      metrics_port=args.metrics_port, metrics_host=args.metrics_host,
                      max_in_flight=args.max_in_flight, latency_budget_ms=args.latency_budget_ms,
+                     max_concurrent_rpcs=args.max_concurrent_rpcs, core_pending=args.core_pending,
                      log_call_detail=args.log_call_detail, facilities_file=args.facilities)
         port = await srv.start()
     except BaseException as e:

@@ -53,6 +53,16 @@ MAX_REQUEST_BYTES = 64 << 10
 #: gRPC's own limit on a received message: beyond it gRPC answers RESOURCE_EXHAUSTED before the
 #: service sees the call. Between MAX_REQUEST_BYTES and this, INVALID_REQUEST with the detail.
 MAX_RECEIVE_BYTES = 1 << 20
+#: Calls of any method in flight in one server beyond which gRPC answers RESOURCE_EXHAUSTED before
+#: any of our code runs (grpc.aio.server's maximum_concurrent_rpcs): past the front-end's
+#: saturation calls are refused RESOURCE_EXHAUSTED before any handler runs instead of waiting in
+#: gRPC's queue (many of which came back CANCELLED). Counts every method, health checks too.
+#: Chosen from the measured saturation and the latency budget (docs/SERVER.md, "Overload").
+MAX_CONCURRENT_RPCS = 256
+#: Calls gRPC's core holds for the event loop (not yet seen by Python) beyond which it refuses a
+#: growing share (at twice this, all); 0 keeps gRPC's 1000/3000. Lower values cut the accepted
+#: calls' wait but this gRPC answers more of those refusals CANCELLED (measured: docs/SERVER.md).
+CORE_PENDING = 0
 #: Characters of a caller's value quoted in any message.
 ECHO_CHARS = 32
 #: Characters of any error message sent (a guard behind the messages' own bounds): the message

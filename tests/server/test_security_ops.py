@@ -118,6 +118,46 @@ def test_overload_refused_at_once_with_retry_advice(thread_srv):
     assert time.monotonic() - t0 < 10
 
 
+@pytest.mark.parametrize("thread_srv", [{"max_in_flight": 10**6, "max_concurrent_rpcs": 4}], indirect=True)
+def test_grpc_core_refuses_calls_beyond_its_concurrency_limit(thread_srv):
+    """maximum_concurrent_rpcs: with Python's admission out of the way, the calls beyond 4 in
+    flight are refused RESOURCE_EXHAUSTED by gRPC itself (never CANCELLED, nothing recorded)
+    at once, and the 4 admitted ones are settled."""
+    s = thread_srv
+    gw = s.srv.writer.writer
+    real = gw.process
+    gw.process = lambda items: (time.sleep(0.3), real(items))[1]
+    blockers = [s.stub.Settle.future(req(f"M-{i}", pid=("p-plain", "p-poor", "p-kid")[i % 3]), timeout=30)
+                for i in range(4)]
+    time.sleep(0.1)  # the four are in flight (held by the writer)
+    refused_ms = []
+    for i in range(10):
+        t1 = time.monotonic()
+        code, _ = rpc_error(s.stub.Settle, req(f"N-{i}", pid="p-kid"), timeout=10)
+        refused_ms.append((time.monotonic() - t1) * 1000)
+        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED, code
+    assert max(refused_ms) < 100, refused_ms
+    assert [b.result().ledger_seq > 0 for b in blockers] == [True] * 4
+    gw.process = real
+    assert s.srv.store.max_seq() == 4  # the refused calls recorded nothing
+    assert s.stub.Settle(req("N-0", pid="p-kid"), timeout=10).ledger_seq == 5  # and the limit frees up
+
+
+def test_serve_options_of_grpc_limits():
+    """`serve --max-concurrent-rpcs/--core-pending` reach Server; the defaults are limits.py's."""
+    import argparse
+
+    from server.app import add_arguments
+    from server.limits import CORE_PENDING, MAX_CONCURRENT_RPCS
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    a = p.parse_args(["--store", "x.db"])
+    assert (a.max_concurrent_rpcs, a.core_pending) == (MAX_CONCURRENT_RPCS, CORE_PENDING) == (256, 0)
+    a = p.parse_args(["--store", "x.db", "--max-concurrent-rpcs", "0", "--core-pending", "64"])
+    assert (a.max_concurrent_rpcs, a.core_pending) == (0, 64)
+
+
 def test_deadline_passed_in_the_writer_is_settled_and_answerable(thread_srv):
     """Semantics: a call admitted before its deadline is settled even when the caller gave up
     meanwhile; GetSettlement answers it and a retry is a replay (never a second payment)."""
