@@ -152,6 +152,32 @@ def stop_server(proc: subprocess.Popen) -> None:
 
 # --------------------------------------------------------------------------- clients
 
+#: grpc.ssl_channel_credentials of the Python client for a --tls run (None: plaintext).
+TLS_CREDS = None
+
+
+def _channel(target: str):
+    import grpc
+
+    return grpc.aio.secure_channel(target, TLS_CREDS) if TLS_CREDS is not None else grpc.aio.insecure_channel(target)
+
+
+def tls_setup(folder: Path) -> list:
+    """--tls: a CA, a server certificate and a client certificate of facility H0001 (the claims'),
+    made with tests/server/certs.py; sets the client's credentials, returns the server's arguments."""
+    global TLS_CREDS
+    import grpc
+
+    sys.path.insert(0, str(ROOT / "tests" / "server"))
+    from certs import PKI, issue
+
+    pki = PKI(folder)
+    client = issue(pki.ca, "bench counter", facility="H0001")
+    TLS_CREDS = grpc.ssl_channel_credentials(root_certificates=pki.ca_pem, private_key=client.key_pem,
+                                             certificate_chain=client.cert_pem)
+    return ["--tls-cert", str(folder / "server.pem"), "--tls-key", str(folder / "server.key"),
+            "--tls-client-ca", str(folder / "ca.pem")]
+
 LOADGEN_SRC = ROOT / "benchmarks" / "loadgen.c"
 RESULT_DTYPE = np.dtype([("due_ns", "<i8"), ("done_ns", "<i8"), ("grpc_status", "<i4"), ("http_status", "<i4")])
 
@@ -271,13 +297,11 @@ def make_client(kind: str = "auto", clients: int = 1, connections: int = 1, log=
 async def _open_loop(target: str, payloads: list, rate: float, start_at: float, phase: float, stride: float):
     """Sends payloads[i] at start_at + phase + i * stride (perf_counter clock); returns
     (latencies s, ok flags) measured from each due time."""
-    import grpc
-
     n = len(payloads)
     lat = np.full(n, np.nan)
     ok = np.zeros(n, dtype=bool)
     errs: dict = {}
-    async with grpc.aio.insecure_channel(target) as ch:
+    async with _channel(target) as ch:
         await ch.channel_ready()
         call = ch.unary_unary(METHOD)
         done = asyncio.get_running_loop().create_future()
@@ -373,7 +397,7 @@ async def _closed_loop(target: str, payloads: list, concurrency: int, duration: 
 
     lat = []
     errors = 0
-    async with grpc.aio.insecure_channel(target) as ch:
+    async with _channel(target) as ch:
         await ch.channel_ready()
         call = ch.unary_unary(METHOD)
         it = iter(payloads)
@@ -604,6 +628,7 @@ def run_disk_baseline(duration: float, commits_per_s: float = 250.0, rows: int =
 
 
 def main(argv=None) -> int:
+    global TLS_CREDS
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rates", default=",".join(map(str, DEFAULT_RATES)), help="offered rates, settlements/s")
     ap.add_argument("--duration", type=float, default=8.0, help="seconds per rate (default 8)")
@@ -621,6 +646,9 @@ def main(argv=None) -> int:
     ap.add_argument("--workdir", metavar="DIR", help="keep the store and registry in this (new) folder, to compare "
                                                      "the ledgers of two runs")
     ap.add_argument("--tag", help="claim-id prefix (default: b<unix time>); the same tag gives the same claims")
+    ap.add_argument("--tls", action="store_true",
+                    help="run the rates twice, without and with mutual TLS (client certificates), with the "
+                         "Python client (loadgen.c speaks plaintext HTTP/2 only)")
     ap.add_argument("--stores", default="sqlite",
                     help="comma-separated runs, one after the other: sqlite (a file), postgresql (one instance), "
                          "postgresql-2 (two instances on one database; the client splits the load). PostgreSQL "
@@ -630,6 +658,21 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.bare_server:
         _bare_server_main(args.bare_server)
+        return 0
+    if args.tls:
+        rates = [float(x) for x in args.rates.split(",") if x]
+        client = PyClient(args.clients)
+        res = {"client": client.name}
+        for mode in ("plain", "tls"):
+            with tempfile.TemporaryDirectory(prefix="medsettle-pki-") as pki:
+                extra = tls_setup(Path(pki)) if mode == "tls" else []
+                print(f"{mode}:")
+                res[mode] = run(rates=rates, duration=args.duration, client=client, concurrency=args.concurrency,
+                                saturation=not args.no_saturation, server_args=[*args.server_arg, *extra],
+                                tag=f"{args.tag or int(time.time())}-{mode}")
+                TLS_CREDS = None
+        if args.json:
+            Path(args.json).write_text(json.dumps(res, indent=2))
         return 0
     client = make_client(args.client, args.clients, args.connections)
     print(f"client: {client.name}")

@@ -153,3 +153,15 @@ LEDGER_SCHEMA = pa.schema([
 #: scaled cap (at most 10^12 fen x 10^6) stays far inside int64.
 MAX_CAP_FACTOR = 10 * BP
 MAX_COMBINED_CAP_FACTOR = 100 * BP
+
+#: The facility registry (one row per settling hospital or pharmacy, 定点医药机构), read by
+#: `medsettle serve --facilities`: the level decides a claim's facility level, region and
+#: admin_code (6-digit GB/T 2260 codes: the pooling region, 统筹区, and the county, 行政区划)
+#: decide its locality where they can. `level` is one of FACILITY_LEVELS.
+FACILITIES_SCHEMA = pa.schema([
+    ("facility_id", pa.string()),
+    ("name", pa.string()),
+    ("region", pa.string()),
+    ("admin_code", pa.string()),
+    ("level", pa.string()),
+])

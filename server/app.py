@@ -32,7 +32,14 @@ from grpc_reflection.v1alpha import reflection
 
 import engine
 
+from . import facilities as fac
+from .admission import Admission, HealthWatch, probe_directory
+from .auth import Authenticator, Authorizer
 from .core import Core
+from .errors import CallError
+from .gate import Gate
+from .limits import CORE_PENDING, MAX_CONCURRENT_RPCS, MAX_RECEIVE_BYTES
+from .metrics import Metrics
 from .registry import person_to_row, read_persons_parquet
 from .runtime import tune_gc
 from .service import Service
@@ -59,12 +66,36 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     n = parser.add_argument_group("network")
     n.add_argument("--port", type=int, default=50051, help="TCP port (0 = any free port; default 50051)")
     n.add_argument("--insecure-listen-all", action="store_true",
-                   help="listen on every interface without TLS (default: loopback only)")
+                   help="listen on every interface without client certificates: every caller is trusted (default: "
+                        "without TLS loopback only, with TLS --tls-client-ca required)")
     n.add_argument("--tls-cert", metavar="PEM", help="server certificate chain; with --tls-key enables TLS and "
                                                      "listening on every interface")
     n.add_argument("--tls-key", metavar="PEM", help="server private key")
     n.add_argument("--tls-client-ca", metavar="PEM", help="require client certificates signed by this CA (mTLS)")
     n.add_argument("--port-file", metavar="PATH", help="write the bound port to this file once serving")
+    s = parser.add_argument_group("security and operations (docs/SERVER.md)")
+    s.add_argument("--facilities", metavar="FACILITIES_PARQUET", default=None,
+                   help="load (upsert) this facilities.parquet into the facility registry before serving; all or "
+                        "nothing")
+    s.add_argument("--metrics-port", type=int, default=None,
+                   help="serve Prometheus metrics on this HTTP port (0 = any free port); no TLS: bind it inside")
+    s.add_argument("--metrics-host", default="127.0.0.1",
+                   help="address of the metrics port (default 127.0.0.1; an internal interface for a remote "
+                        "Prometheus)")
+    s.add_argument("--max-in-flight", type=int, default=2000,
+                   help="Settle/PreSettle/Reverse calls in flight beyond which calls get RESOURCE_EXHAUSTED at "
+                        "once (default 2000)")
+    s.add_argument("--max-concurrent-rpcs", type=int, default=MAX_CONCURRENT_RPCS,
+                   help="calls of any method in flight beyond which gRPC's core answers RESOURCE_EXHAUSTED before "
+                        f"the server reads them (cheap; 0 = no limit; default {MAX_CONCURRENT_RPCS})")
+    s.add_argument("--core-pending", type=int, default=CORE_PENDING,
+                   help="calls waiting in gRPC's core for the event loop beyond which it refuses some (twice this: "
+                        f"all) with RESOURCE_EXHAUSTED (0 = gRPC's defaults 1000/3000; default {CORE_PENDING})")
+    s.add_argument("--latency-budget-ms", type=float, default=250.0,
+                   help="refuse new Settle/PreSettle/Reverse calls while the recent mean latency is above this "
+                        "(default 250)")
+    s.add_argument("--log-call-detail", action="store_true",
+                   help="add person_id, disease_code and total_amount to the per-call JSON log lines")
     t = parser.add_argument_group("tuning")
     t.add_argument("--drain-seconds", type=float, default=10.0,
                    help="on SIGTERM, how long in-flight calls may take to finish (default 10)")
@@ -115,7 +146,10 @@ class Server:
     def __init__(self, policies, store_target: str, *, port: int = 0, host: str = "127.0.0.1", credentials=None,
                  max_batch: int = 1024, max_pending: int = 20_000, min_interval: float = 0.0,
                  read_threads: int = 2, verify: bool = False, store=None, writer: str = "process",
-                 policies_source=None, pool_size: int = 4):
+                 policies_source=None, pool_size: int = 4, client_auth: bool = False,
+                 facilities_file=None, metrics_port=None, metrics_host: str = "127.0.0.1",
+                 max_in_flight: int = 2000, latency_budget_ms: float = 250.0, log_call_detail: bool = False,
+                 max_concurrent_rpcs: int = MAX_CONCURRENT_RPCS, core_pending: int = CORE_PENDING):
         if writer not in ("process", "thread"):
             raise ValueError(f"writer must be 'process' or 'thread', not {writer!r}")
         self.ps = policies
@@ -136,6 +170,15 @@ class Server:
                                        min_interval=min_interval, person_cache=cache, on_death=self.died.set)
         self.host, self.port = host, port
         self.credentials = credentials
+        self.client_auth = client_auth  # mutual TLS: callers identified by their certificates
+        self.facilities_file = facilities_file
+        self.metrics = Metrics(detail=log_call_detail)
+        self.metrics_port, self.metrics_host = metrics_port, metrics_host
+        self.admission = Admission(max_in_flight, latency_budget_ms / 1000.0)
+        self.max_concurrent_rpcs = max_concurrent_rpcs or None
+        self.core_pending = core_pending
+        self.watch = None
+        self.gate = None
         self.read_threads = read_threads
         self.server = None
         self.health = None
@@ -143,15 +186,35 @@ class Server:
 
     async def start(self) -> int:
         await self.writer.start()
+        m = self.metrics
+        if isinstance(self.writer, ThreadWriter):
+            self.writer.writer.on_group = m.observe_group
+            m.queue_depth.set_function(lambda: len(self.writer._inbox))
+        else:
+            self.writer.on_group = m.observe_group
+            m.queue_depth.set_function(lambda: len(self.writer._pending))
+        if self.facilities_file:
+            n = await self.load_facilities(fac.read_facilities_parquet(self.facilities_file))
+            log.info("facilities %s: %d loaded", self.facilities_file, n)
         self.server = server = grpc.aio.server(options=[
             ("grpc.so_reuseport", 0),
-            ("grpc.max_receive_message_length", 16 << 20),
+            # the largest valid request is a few KB (server/limits.py); 1 MB bounds what calls in flight hold
+            ("grpc.max_receive_message_length", MAX_RECEIVE_BYTES),
             ("grpc.keepalive_permit_without_calls", 1),
             ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
-        ])
+            # calls gRPC's core holds until the event loop takes them: beyond the soft limit it refuses
+            # a growing share at random, beyond the hard one all (RESOURCE_EXHAUSTED, before Python)
+            *([("grpc.server.max_pending_requests", self.core_pending),
+               ("grpc.server.max_pending_requests_hard_limit", 2 * self.core_pending)] if self.core_pending else []),
+        ], maximum_concurrent_rpcs=self.max_concurrent_rpcs)
         self.service = Service(self.store, self.core, self.writer, read_threads=self.read_threads)
-        names = self.service.add_to_server(server)
         self.health = health.aio.HealthServicer()
+        self.watch = HealthWatch(self._set_serving, lambda: self._probe())
+        self.gate = Gate(self.service, authenticator=Authenticator(self.client_auth), authorizer=Authorizer(),
+                         admission=self.admission, metrics=self.metrics, health=self.watch,
+                         has_settled=self.store.settled_by, facilities=self)
+        names = self.gate.add_to_server(server)
+        self._names = names
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection((*names, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
         addr = f"{self.host}:{self.port}"
@@ -166,9 +229,54 @@ class Server:
         await server.start()
         for name in ("", *names):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        if self.metrics_port is not None:
+            mport = m.start_http(self.metrics_port, self.metrics_host)
+            log.info("metrics on http://%s:%d/metrics", self.metrics_host, mport)
+        if not self.client_auth:
+            log.warning("%s: every caller is trusted (it may settle as any facility and change the registry)",
+                        "no TLS" if self.credentials is None else "TLS without client certificates")
+        if not len(await self.all()):
+            log.warning("the facility registry is empty: facility level and locality come from the caller "
+                        "(load it with --facilities or Registry.UpsertFacilities)")
         return port
 
+    # ---- health: NOT_SERVING while the store cannot commit (server/admission.py)
+
+    async def _set_serving(self, serving: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        self.metrics.serving.set(1 if serving else 0)
+        if self.server is not None:
+            for name in ("", *self._names):
+                await self.health.set(name, status)
+
+    def _probe(self) -> None:
+        if is_url(self.store.location):
+            self.store.max_seq()  # PostgreSQL: reachable (its own server watches its disk)
+        else:
+            probe_directory(self.store.location)
+
+    # ---- the facility registry, for the gate (uploads go through the writer, in order)
+
+    async def load_facilities(self, facilities: list) -> int:
+        from .batcher import FACILITIES
+
+        out = self.writer.submit(FACILITIES, fac.encode(facilities))
+        if not isinstance(out, CallError):
+            out = await out
+        if isinstance(out, CallError):
+            raise out
+        return out
+
+    async def upsert(self, facilities: list) -> None:
+        await self.load_facilities(facilities)
+
+    async def all(self) -> dict:
+        return await self.service._read(fac.stored, self.store)
+
     async def stop(self, grace: float = 10.0) -> None:
+        if self.watch is not None:
+            await self.watch.close()
+        self.metrics.stop_http()
         if self.server is not None:
             await self.health.enter_graceful_shutdown()
             await self.server.stop(grace)
@@ -193,6 +301,10 @@ def _listen(args) -> tuple[str, object]:
             key, cert = Path(args.tls_key).read_bytes(), Path(args.tls_cert).read_bytes()
         except OSError as e:
             raise UsageError(f"TLS file {e.filename}: {e.strerror}") from None
+        if ca is None and not args.insecure_listen_all:  # issue 15: anyone on the network would be trusted
+            raise UsageError("--tls-cert without --tls-client-ca lets every caller on the network settle as any "
+                             "facility and change the registry; give --tls-client-ca (client certificates, "
+                             "docs/SERVER.md \"Security\"), or add --insecure-listen-all to accept that")
         creds = grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=ca is not None)
         return "[::]", creds
     if args.tls_client_ca:
@@ -244,6 +356,11 @@ async def _serve(args) -> int:
     except engine.PolicyError as e:
         raise UsageError(str(e)) from None
     host, creds = _listen(args)
+    if args.facilities:  # a bad file is a usage error before anything is created (Server.start loads it)
+        try:
+            fac.read_facilities_parquet(args.facilities)
+        except ValueError as e:
+            raise UsageError(f"facilities: {e}") from None
     check_port(host, args.port)
     cleanup = _Cleanup(args.store)
     store = open_store(args.store, exclusive=True, **({"pool_size": args.pool_size} if is_url(args.store) else {}))
@@ -258,7 +375,11 @@ async def _serve(args) -> int:
         srv = Server(ps, args.store, port=args.port, host=host, credentials=creds, max_batch=args.max_batch,
                      max_pending=args.max_pending, min_interval=args.group_interval_ms / 1000.0,
                      read_threads=args.read_threads, verify=args.verify, store=store, writer=args.writer,
-                     policies_source=args.policies)
+                     policies_source=args.policies, client_auth=bool(args.tls_client_ca),
+                     metrics_port=args.metrics_port, metrics_host=args.metrics_host,
+                     max_in_flight=args.max_in_flight, latency_budget_ms=args.latency_budget_ms,
+                     max_concurrent_rpcs=args.max_concurrent_rpcs, core_pending=args.core_pending,
+                     log_call_detail=args.log_call_detail, facilities_file=args.facilities)
         port = await srv.start()
     except BaseException as e:
         if srv is not None:

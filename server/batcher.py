@@ -49,6 +49,8 @@ import grpc
 from ._proto import settlement_pb2 as pb
 from .core import Acc, Core, Outcome, Work, delta_layers, precheck
 from .errors import CallError
+from .facilities import FacilityBook, decode as decode_facilities, store_upload
+from .limits import MAX_REASON_LEN, prefix
 from .registry import basis_at, person_from_row
 from .store import AccumulatorRow, LedgerConflict, LedgerEntry, Store, StoreUnavailable, now_us
 
@@ -57,6 +59,8 @@ E = pb.ErrorCode
 
 #: Request kinds, the same for every transport (and the frame kinds of the writer process).
 SETTLE, REVERSE, UPSERT, PRESETTLE = 1, 2, 3, 4
+#: A facility registry upload (server/facilities.py): JSON records.
+FACILITIES = 5
 
 #: How often a group is re-run after another writer committed one of its claim ids first.
 CONFLICT_RETRIES = 5
@@ -93,11 +97,14 @@ def record_pb(settle_row: LedgerEntry, reverse_row: Optional[LedgerEntry]) -> pb
     rec = pb.SettlementRecord(claim_id=settle_row.claim_id, claim=pb.Claim.FromString(settle_row.claim),
                               settlement=pb.SettleResponse.FromString(settle_row.response),
                               state=pb.SETTLEMENT_STATE_SETTLED)
+    # entries stored before inputs were bounded (issue 15) may hold unknown fields or a reason of
+    # megabytes: the answer stays within a client's default 4 MB receive limit
+    rec.claim.DiscardUnknownFields()
     if reverse_row is not None:
         rec.state = pb.SETTLEMENT_STATE_REVERSED
         rec.reversal_seq = reverse_row.seq
         rec.reversed_at_us = reverse_row.recorded_at_us
-        rec.reversal_reason = reverse_row.reason or ""
+        rec.reversal_reason = prefix(reverse_row.reason or "", MAX_REASON_LEN)
     return rec
 
 
@@ -125,6 +132,10 @@ def retry_answer(core: Core, claim: pb.Claim, claim_bytes: bytes, rows: dict, pe
             oc = core.settle([w], {})[0]
             if isinstance(oc, CallError) and oc.code in BEFORE_DUPLICATE:
                 return oc
+        if stored.facility_id != claim.facility_id:  # say nothing of another facility's claim (issue 15)
+            return CallError(E.DUPLICATE_CLAIM, f"claim_id {claim.claim_id} is already used by another facility's "
+                             "settlement; give this settlement a new claim_id (prefix ids with the facility's)",
+                             field="claim_id", claim_id=claim.claim_id, person_id=claim.person_id)
         diff = ", ".join(differing_fields(claim, stored)) or "unknown fields"
         return CallError(E.DUPLICATE_CLAIM,
                          f"claim_id {claim.claim_id} was settled at {_fmt_us(srow.recorded_at_us)} (ledger seq "
@@ -168,6 +179,8 @@ class GroupWriter:
         self.deferred: list = []
         self._persons: dict = {}
         self._person_cache = person_cache
+        self.facilities = FacilityBook()  # the facility registry (server/facilities.py)
+        self.on_group = None  # (group size, commit seconds) -> None: metrics (server/metrics.py)
         self.stats = {"groups": 0, "items": 0, "settled": 0, "reversed": 0, "commit_failures": 0,
                       "slow_commits": 0, "max_group": 0, "conflicts": 0}
         self._unavailable = 0
@@ -186,11 +199,11 @@ class GroupWriter:
             for it in items:  # registry uploads are their own transactions, in order
                 if it.payload.__class__ is CallError:  # a request the transport could not read
                     answers.append((it, it.payload))
-                elif it.kind == UPSERT:
+                elif it.kind in (UPSERT, FACILITIES):
                     if run:
                         answers.extend(self._group(run))
                         run = []
-                    answers.append(self._upsert(it))
+                    answers.append(self._upsert(it) if it.kind == UPSERT else self._upsert_facilities(it))
                 else:
                     run.append(it)
             if run:
@@ -230,6 +243,19 @@ class GroupWriter:
             self._persons.pop(r[0], None)
         return (it, len(rows))
 
+    def _upsert_facilities(self, it: Pending):
+        """A facility registry upload (JSON records, checked by the front-end): merged and stored
+        in one transaction, in order with the settlements around it."""
+        try:
+            upload = decode_facilities(it.payload)
+            self.facilities.by_id = store_upload(self.store, upload)
+            self.facilities.version = None  # re-read at the next group
+        except Exception as e:
+            log.exception("writer: facility registry upload failed")
+            return (it, CallError(E.STORE_FAILURE, f"the facility registry upload could not be stored ({e}); "
+                                                   "nothing of it was stored, retry"))
+        return (it, len(upload))
+
     def _lookup(self, g, claim_ids: list, person_ids: set) -> tuple:
         """(ledger entries of the claim ids, Person or None per person id): the persons come from
         the cache where it has them; what is missing is read with the ledger entries in one go."""
@@ -268,6 +294,8 @@ class GroupWriter:
 
     def _group_once(self, g, items: list) -> list:
         core = self.core
+        book = self.facilities
+        book.refresh(self.store)
         answers: list = []
         deferred: list = []
         claim_ids = [it.payload.claim_id for it in items if it.payload.claim_id]
@@ -312,6 +340,12 @@ class GroupWriter:
                     blocked.add(pid)
                     continue
                 seen[cid] = pid
+                if book.by_id:  # level and locality from the registries, before the content is compared
+                    person = persons.get(pid)
+                    err = book.check(c, person.region if person is not None else None)
+                    if err is not None:
+                        answers.append((it, err))
+                        continue
                 cb = c.SerializeToString(deterministic=True)
                 rows = ledger.get(cid)
                 if rows is not None and "settle" in rows:
@@ -354,11 +388,10 @@ class GroupWriter:
                     continue
                 pid = srow.person_id
                 seen[cid] = pid
-                if srow.facility_id != req.facility_id:
+                if srow.facility_id != req.facility_id:  # naming neither the facility nor the person
                     answers.append((it, CallError(
-                        E.FACILITY_MISMATCH, f"claim {cid} was settled by facility {srow.facility_id}, not "
-                        f"{req.facility_id}; only the settling facility may reverse it", field="facility_id",
-                        claim_id=cid, person_id=pid)))
+                        E.FACILITY_MISMATCH, f"claim {cid} was not settled by facility {req.facility_id}; only the "
+                        f"settling facility may reverse it", field="facility_id", claim_id=cid)))
                     continue
                 if pid in blocked:
                     deferred.append(it)
@@ -419,6 +452,8 @@ class GroupWriter:
                 t0 = time.monotonic()
                 g.commit(ledger_out, acc_rows)
                 took = time.monotonic() - t0
+                if self.on_group is not None:
+                    self.on_group(len(items), took)
                 if took > SLOW_COMMIT_S:
                     st["slow_commits"] += 1
                     log.warning("writer: a commit of %d ledger rows took %.0f ms (the store's disk was slow to "

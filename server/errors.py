@@ -37,6 +37,11 @@ GRPC_CODE = {
     E.OVERLOADED: grpc.StatusCode.RESOURCE_EXHAUSTED,
     E.STORE_FAILURE: grpc.StatusCode.UNAVAILABLE,
     E.SHUTTING_DOWN: grpc.StatusCode.UNAVAILABLE,
+    E.UNAUTHENTICATED: grpc.StatusCode.UNAUTHENTICATED,
+    E.PERMISSION_DENIED: grpc.StatusCode.PERMISSION_DENIED,
+    E.FACILITY_NOT_FOUND: grpc.StatusCode.NOT_FOUND,
+    E.INVALID_FACILITY: grpc.StatusCode.INVALID_ARGUMENT,
+    E.INVALID_REQUEST: grpc.StatusCode.INVALID_ARGUMENT,
 }
 
 #: What to do about each engine status, appended to the message.

@@ -28,6 +28,7 @@ from engine.schema import PERSONS_SCHEMA, SCHEMES, SPELL_TYPE  # noqa: F401  (re
 
 from ._proto import settlement_pb2 as pb
 from .errors import CallError
+from .limits import check_person_values, prefix
 from .store import PersonRow
 
 E = pb.ErrorCode
@@ -125,6 +126,9 @@ def person_from_values(i: int, person_id, region, scheme, birth_days, spells) ->
         raise _bad(i, pid, "person_id is empty", "person_id")
     if len(pid) > MAX_ID_LEN:
         raise _bad(i, pid[:20] + "...", f"person_id is longer than {MAX_ID_LEN} characters", "person_id")
+    over = check_person_values(pid, region, spells)  # server/limits.py: every input bounded
+    if over is not None:
+        raise _bad(i, prefix(pid), *over)
     if not region:
         raise _bad(i, pid, "region is empty", "region")
     if scheme not in SCHEMES:

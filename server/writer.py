@@ -28,14 +28,14 @@ from typing import Callable, Optional, Protocol
 import grpc
 
 from ._proto import settlement_pb2 as pb
-from .batcher import PRESETTLE, REVERSE, SETTLE, UPSERT, GroupWriter, Pending
+from .batcher import FACILITIES, PRESETTLE, REVERSE, SETTLE, UPSERT, GroupWriter, Pending
 from .core import Core
 from .errors import CallError
 from .runtime import profiled
 from .store import PersonRow, Store
 
 E = pb.ErrorCode
-KINDS = (SETTLE, REVERSE, UPSERT, PRESETTLE)
+KINDS = (SETTLE, REVERSE, UPSERT, PRESETTLE, FACILITIES)
 
 
 def decode(kind: int, payload: bytes, ref) -> Pending:
@@ -45,6 +45,8 @@ def decode(kind: int, payload: bytes, ref) -> Pending:
     try:
         if kind == UPSERT:
             return Pending(UPSERT, [PersonRow(*r) for r in json.loads(payload)], ref)
+        if kind == FACILITIES:  # JSON records, read by GroupWriter._upsert_facilities
+            return Pending(FACILITIES, payload, ref)
         if kind == REVERSE:
             return Pending(REVERSE, pb.ReverseRequest.FromString(payload), ref)
         if kind in (SETTLE, PRESETTLE):

@@ -14,7 +14,8 @@ even parse them) and returns the writer's response bytes as they are.
     to the front:   <u32 length><u8 status><u64 id> payload
                     status OK: response bytes; ERROR: <u8 grpc code> ErrorDetail bytes;
                     COUNT: <u64>; READY (id 0): the writer is up; FAILED (id 0): it
-                    could not start (payload: the reason)
+                    could not start (payload: the reason); GROUP (id 0): a group's
+                    size and commit time (metrics)
 
 The writer reads every frame available, settles them as one group (the same
 `GroupWriter` as the in-process transport), commits, and writes all answers in
@@ -55,6 +56,9 @@ HEADER = struct.Struct("<IBQ")
 HLEN = HEADER.size
 CLOSE = 9  # besides the request kinds of server/batcher.py (SETTLE 1, REVERSE 2, UPSERT 3, PRESETTLE 4)
 OK, ERROR, COUNT, READY, FAILED = 0, 1, 2, 3, 4
+#: (id 0) <u32 size><f64 commit seconds> of a committed group, for the metrics (server/metrics.py)
+GROUP = 5
+GROUP_STATS = struct.Struct("<Id")
 GRPC_BY_VALUE = {c.value[0]: c for c in grpc.StatusCode}
 
 
@@ -172,9 +176,13 @@ def writer_main(sock: socket.socket, store_target: str, policies, options: dict,
     tune_gc()
     sock.sendall(_frame(READY, 0, b""))
 
+    groups: list = []
+    gw.on_group = lambda size, seconds: groups.append(_frame(GROUP, 0, GROUP_STATS.pack(size, seconds)))
+
     def deliver(answers: list) -> None:
         try:
-            sock.sendall(b"".join(_encode_answer(it.ref, v) for it, v in answers))
+            sock.sendall(b"".join([*groups, *(_encode_answer(it.ref, v) for it, v in answers)]))
+            groups.clear()
         except OSError:  # the front-end is gone: nothing to answer to
             inbox.closed = True
 
@@ -208,6 +216,7 @@ class WriterProcess:
                         "store_options": store_options or {}}
         self.max_pending = max_pending
         self.on_death = on_death
+        self.on_group = None  # (size, commit seconds) of each committed group: metrics
         self.stats = {}
         self._pending: dict = {}
         self._next = 1
@@ -283,6 +292,10 @@ class WriterProcess:
                 frames, used = _parse_frames(buf)
                 del buf[:used]
                 for status, ident, payload in frames:
+                    if status == GROUP:
+                        if self.on_group is not None:
+                            self.on_group(*GROUP_STATS.unpack(payload))
+                        continue
                     fut = pending.pop(ident, None)
                     if fut is None or fut.done():
                         continue

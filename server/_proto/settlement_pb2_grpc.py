@@ -307,6 +307,16 @@ class RegistryStub:
                 request_serializer=medsettle_dot_v1_dot_settlement__pb2.GetPersonRequest.SerializeToString,
                 response_deserializer=medsettle_dot_v1_dot_settlement__pb2.Person.FromString,
                 _registered_method=True)
+        self.UpsertFacilities = channel.stream_unary(
+                '/medsettle.v1.Registry/UpsertFacilities',
+                request_serializer=medsettle_dot_v1_dot_settlement__pb2.Facility.SerializeToString,
+                response_deserializer=medsettle_dot_v1_dot_settlement__pb2.UpsertFacilitiesResponse.FromString,
+                _registered_method=True)
+        self.GetFacility = channel.unary_unary(
+                '/medsettle.v1.Registry/GetFacility',
+                request_serializer=medsettle_dot_v1_dot_settlement__pb2.GetFacilityRequest.SerializeToString,
+                response_deserializer=medsettle_dot_v1_dot_settlement__pb2.Facility.FromString,
+                _registered_method=True)
 
 
 class RegistryServicer:
@@ -328,6 +338,20 @@ class RegistryServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def UpsertFacilities(self, request_iterator, context):
+        """Inserts or replaces facilities (whole records), all-or-nothing per
+        stream like UpsertPersons. Administrators only.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetFacility(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RegistryServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -340,6 +364,16 @@ def add_RegistryServicer_to_server(servicer, server):
                     servicer.GetPerson,
                     request_deserializer=medsettle_dot_v1_dot_settlement__pb2.GetPersonRequest.FromString,
                     response_serializer=medsettle_dot_v1_dot_settlement__pb2.Person.SerializeToString,
+            ),
+            'UpsertFacilities': grpc.stream_unary_rpc_method_handler(
+                    servicer.UpsertFacilities,
+                    request_deserializer=medsettle_dot_v1_dot_settlement__pb2.Facility.FromString,
+                    response_serializer=medsettle_dot_v1_dot_settlement__pb2.UpsertFacilitiesResponse.SerializeToString,
+            ),
+            'GetFacility': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetFacility,
+                    request_deserializer=medsettle_dot_v1_dot_settlement__pb2.GetFacilityRequest.FromString,
+                    response_serializer=medsettle_dot_v1_dot_settlement__pb2.Facility.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -398,6 +432,60 @@ class Registry:
             '/medsettle.v1.Registry/GetPerson',
             medsettle_dot_v1_dot_settlement__pb2.GetPersonRequest.SerializeToString,
             medsettle_dot_v1_dot_settlement__pb2.Person.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpsertFacilities(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/medsettle.v1.Registry/UpsertFacilities',
+            medsettle_dot_v1_dot_settlement__pb2.Facility.SerializeToString,
+            medsettle_dot_v1_dot_settlement__pb2.UpsertFacilitiesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetFacility(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/medsettle.v1.Registry/GetFacility',
+            medsettle_dot_v1_dot_settlement__pb2.GetFacilityRequest.SerializeToString,
+            medsettle_dot_v1_dot_settlement__pb2.Facility.FromString,
             options,
             channel_credentials,
             insecure,

@@ -411,6 +411,13 @@ class PostgresStore(Audit):
                 out.setdefault(e.claim_id, {})[e.kind] = e
         return out
 
+    def settled_by(self, facility_id: str, person_id: str) -> bool:
+        """Has this facility settled this person (a `settle` entry in the ledger)? The person's
+        entries through the ledger_key index (server/auth.py: who may read accumulators)."""
+        with self._read() as c:
+            return c.execute("SELECT 1 FROM ledger WHERE person_id = %s AND facility_id = %s AND kind = 'settle' "
+                             "LIMIT 1", (person_id, facility_id)).fetchone() is not None
+
     def accumulators_of(self, person_id: str, year: Optional[int] = None) -> list:
         with self._read() as c:
             if year is None:

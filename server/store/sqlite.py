@@ -342,6 +342,12 @@ class SQLiteStore(Audit):
     def ledger(self, claim_ids: Iterable[str]) -> dict:
         return _ledger(self.reader(), claim_ids)
 
+    def settled_by(self, facility_id: str, person_id: str) -> bool:
+        """Has this facility settled this person (a `settle` entry in the ledger)? The person's
+        entries through the ledger_key index (server/auth.py: who may read accumulators)."""
+        return self.reader().execute("SELECT 1 FROM ledger WHERE person_id = ? AND facility_id = ? AND kind = 'settle' "
+                                     "LIMIT 1", (person_id, facility_id)).fetchone() is not None
+
     def accumulators_of(self, person_id: str, year: Optional[int] = None) -> list:
         """The state blobs (Accumulators bytes) of a person's keys, of one year or all."""
         conn = self.reader()
@@ -435,6 +441,11 @@ class SQLiteStore(Audit):
     def start_background(self) -> None:
         self.start_checkpointer()
 
+    def stop_autocheckpoint(self) -> None:
+        """The writer's connection no longer checkpoints on commit (a Checkpointer does)."""
+        self.conn.execute("PRAGMA wal_autocheckpoint = 0")
+        self.conn.execute(f"PRAGMA journal_size_limit = {JOURNAL_SIZE_LIMIT}")
+
     def start_checkpointer(self, interval: float = 1.0, restart_frames: int = RESTART_FRAMES) -> None:
         """Moves WAL checkpoints off the commit path: the writer's connection stops
         checkpointing on commit, and a thread with its own connection runs a PASSIVE
@@ -450,31 +461,58 @@ class SQLiteStore(Audit):
         RESTART_WAIT_MS it gives up until the next round."""
         if self._checkpointer is not None:
             return
-        self.conn.execute("PRAGMA wal_autocheckpoint = 0")
-        self.conn.execute(f"PRAGMA journal_size_limit = {JOURNAL_SIZE_LIMIT}")
+        self.stop_autocheckpoint()
         stop = threading.Event()
+        cp = Checkpointer(self.path, restart_frames)
 
         def run():
-            conn = connect(self.path)
-            conn.execute(f"PRAGMA journal_size_limit = {JOURNAL_SIZE_LIMIT}")
             try:
                 while not stop.wait(interval):
                     try:
-                        _, frames, _ = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-                        if frames >= restart_frames:
-                            conn.execute(f"PRAGMA busy_timeout = {RESTART_WAIT_MS}")
-                            try:
-                                conn.execute("PRAGMA wal_checkpoint(RESTART)").fetchone()
-                            finally:
-                                conn.execute("PRAGMA busy_timeout = 10000")
+                        cp.round()
                     except sqlite3.Error:
                         pass
             finally:
-                conn.close()
+                cp.close()
 
         t = threading.Thread(target=run, name="medsettle-checkpoint", daemon=True)
         t.start()
         self._checkpointer = (t, stop)
+        self.checkpointer = cp
+
+
+class Checkpointer:
+    """The checkpointer thread's work on its own connection (SQLiteStore.start_checkpointer):
+    a round is a PASSIVE checkpoint, then a RESTART once the log holds `restart_frames`."""
+
+    def __init__(self, path: str, restart_frames: int = RESTART_FRAMES):
+        self.conn = connect(path)
+        self.conn.execute(f"PRAGMA journal_size_limit = {JOURNAL_SIZE_LIMIT}")
+        self.restart_frames = restart_frames
+        self.restarts = 0
+
+    def passive(self) -> int:
+        """Copies what no reader still needs; returns the frames in the log."""
+        return self.conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()[1]
+
+    def restart_if_long(self, frames: int) -> bool:
+        """A RESTART checkpoint when the log holds restart_frames or more: it waits up to
+        RESTART_WAIT_MS for the writer and readers, and the next commit starts the log over."""
+        if frames < self.restart_frames:
+            return False
+        self.conn.execute(f"PRAGMA busy_timeout = {RESTART_WAIT_MS}")
+        try:
+            busy = self.conn.execute("PRAGMA wal_checkpoint(RESTART)").fetchone()[0]
+        finally:
+            self.conn.execute("PRAGMA busy_timeout = 10000")
+        self.restarts += not busy
+        return not busy
+
+    def round(self) -> bool:
+        return self.restart_if_long(self.passive())
+
+    def close(self) -> None:
+        self.conn.close()
 
 
 def _persons(conn: sqlite3.Connection, person_ids) -> dict:

@@ -111,6 +111,20 @@ def test_reversal(gw, store, ps):
     assert entries[3].delta_compliant_total == -entries[2].delta_compliant_total
 
 
+def test_settled_by_answers_from_the_ledger(gw, store):
+    """Store.settled_by (who may read a person's accumulators, server/auth.py): a settlement by
+    that facility, not a PreSettle, not another facility's; a reversal leaves it settled."""
+    assert not store.settled_by("F1", "p-plain")
+    run(gw, settle(claim_row("sb0", "p-plain", T(2024, 2, 1, 10)), kind=PRESETTLE))
+    assert not store.settled_by("F1", "p-plain")
+    run(gw, settle(claim_row("sb1", "p-plain", T(2024, 2, 1, 10))))
+    assert store.settled_by("F1", "p-plain")
+    assert not store.settled_by("F2", "p-plain") and not store.settled_by("F1", "p-poor")
+    run(gw, reverse("sb1"))
+    assert store.settled_by("F1", "p-plain")
+    assert not store.settled_by("F1", "no-such-person")
+
+
 def test_unknown_person_and_malformed_requests_change_nothing(gw, store):
     out = run(gw, settle(claim_row("u1", "p-nobody", T(2024, 1, 2))),
               decode(SETTLE, b"\xff\xff\xff", None), decode(UPSERT, b"not json", None))

@@ -98,7 +98,8 @@ def test_tls(tmp_path):
                    check=True, capture_output=True)
     policies = write_policies(tmp_path / "policies")
     proc, port = start_subprocess_server(tmp_path / "s.db", policies=policies,
-                                         extra=["--tls-cert", str(cert), "--tls-key", str(key)])
+                                         extra=["--tls-cert", str(cert), "--tls-key", str(key),
+                                                "--insecure-listen-all"])  # no client CA: callers trusted
     try:
         creds = grpc.ssl_channel_credentials(root_certificates=cert.read_bytes())
         ch = grpc.secure_channel(f"localhost:{port}", creds)
