@@ -49,6 +49,11 @@ def year(tmp_path_factory):
     return d, claims, persons, ledger
 
 
+def _rate(benchmark, n: int):
+    """Claims per second of the mean round; None under --benchmark-disable (nothing was timed)."""
+    return round(n / benchmark.stats.stats.mean) if benchmark.stats is not None else None
+
+
 def test_clear(benchmark, year):
     d, claims, persons, ledger = year
     policies = load_policies()
@@ -63,7 +68,7 @@ def test_clear(benchmark, year):
     benchmark.pedantic(run, rounds=2, iterations=1)
     s = summaries[-1]
     n = s["counts"]["claims"]
-    benchmark.extra_info.update(claims=n, claims_per_s=round(n / benchmark.stats.stats.mean),
+    benchmark.extra_info.update(claims=n, claims_per_s=_rate(benchmark, n),
                                 phases_s=s["seconds"], peak_rss_bytes=s["peak_rss_bytes"],
                                 disk_peak_bytes=s["disk_peak_bytes"])
     assert n > 0 and s["reconciliation"]["matched_exactly"] > 0
@@ -87,4 +92,4 @@ def test_settle_bucket(benchmark, year):
     result = benchmark.pedantic(settle_bucket, args=(claims, persons, policies), rounds=3, iterations=1)
     assert result.num_rows == claims.num_rows
     benchmark.extra_info.update(claims=claims.num_rows,
-                                claims_per_s=round(claims.num_rows / benchmark.stats.stats.mean))
+                                claims_per_s=_rate(benchmark, claims.num_rows))
