@@ -24,6 +24,7 @@ from .arrow_io import build_results
 from .compile import CompiledPolicies, encode_category
 from .detail import status_detail
 from .model import BP, KIND_CLASS_RATIO, KIND_FIXED_AMOUNT, KIND_MAX_PERSONAL_SHARE, Match, Policy, Rule
+from .schema import MAX_CAP_FACTOR
 from .schema import format_yuan as _yuan
 from .settle import Settler, _one_batch
 
@@ -171,12 +172,48 @@ def _numbers(src: Optional[PolicySource], path: tuple, rule_or_adj, layer) -> li
         for k, v in node.value:
             if k.value not in ("match", "cap_group"):
                 walk(v, k.value)
-    cap_group = getattr(rule_or_adj, "cap_group", None)
-    if cap_group is not None:
+    for cap_group in getattr(rule_or_adj, "cap_groups", ()):  # every group of nested caps, in order
         cap = src.node("layers", path[1], "cap_groups", cap_group) if src else None
         out.append({"key": f"cap_group {cap_group}", "value": cap.value if cap is not None else
                     _yuan(layer.cap_groups[cap_group]), "comment": src.comment(cap) if cap is not None else None,
                     "unit": "yuan a year"})
+    return out
+
+
+def _half_up(x: int) -> int:
+    """x / BP rounded half up (x >= 0), as the kernel's round_div."""
+    return (x + BP // 2) // BP
+
+
+def _cap_adjustments(adjustments: list) -> tuple[int, bool]:
+    """(the rule's cap factor in bp, uncapped) from the layer's adjustments that hold, in file
+    order, as the kernel multiplies them: rounded after each factor, at most MAX_CAP_FACTOR."""
+    factor, uncapped = BP, False
+    for adj in adjustments:
+        if adj.cap_factor is not None and adj.cap_factor != BP:
+            factor = min(MAX_CAP_FACTOR, _half_up(factor * adj.cap_factor))
+        uncapped |= bool(adj.uncapped)
+    return factor, uncapped
+
+
+def _cap_groups(rule: Rule, layer, step: dict, paid_before: dict, factor: int) -> list[dict]:
+    """Each cap group of the rule (nested caps: each limits the pay, each grows by it): its
+    annual cap, the cap after the cap factor, what was paid under it before this claim and the
+    room left; `binding` marks the group the kernel's trace records as the one with the least
+    room (its cap and paid before; the first on a tie), which limited the pay if pay < raw."""
+    out = []
+    for g in rule.cap_groups:
+        annual = layer.cap_groups[g]
+        cap = annual if factor == BP else _half_up(annual * factor)
+        paid = paid_before.get((layer.name, g), 0)
+        out.append({"cap_group": g, "annual_cap": annual, "cap": cap, "paid_before": paid,
+                    "room": max(0, cap - paid), "binding": False})
+    if out and step["cap"] >= 0:
+        hit = next((e for e in out if (e["cap"], e["paid_before"]) == (step["cap"], step["paid_before"])), None)
+        if hit is None:  # cannot happen while explain reads the kernel's own accumulators
+            raise AssertionError(f"the kernel's cap {step['cap']} / paid before {step['paid_before']} is none "
+                                 f"of the rule's cap groups {out}")
+        hit["binding"] = True
     return out
 
 
@@ -251,6 +288,7 @@ def explain(claims, policies, claim_id: str, accumulators: pa.Table | None = Non
     values = settler.key_values(trace_acc, p, int(chunk.slot[row]))
     out["accumulators_before"] = _accumulators(trace_acc[0], values[0], columns)
     out["accumulators_after"] = _accumulators(trace_acc[1], values[1], columns)
+    paid_before = {(e["layer"], e["cap_group"]): e["paid"] for e in out["accumulators_before"]["layers"]}
     for li, layer in enumerate(policy.layers):
         step = steps[li]
         entry = {"layer": layer.name, "fund": layer.fund, "base": step["base"], "rules": len(layer.rules)}
@@ -266,14 +304,21 @@ def explain(claims, policies, claim_id: str, accumulators: pa.Table | None = Non
                      numbers=_numbers(src, path, rule, layer),
                      raw=step["raw"], pay=step["pay"], paid_before=step["paid_before"],
                      cap=None if step["cap"] < 0 else step["cap"])
-        adjustments = []
+        adjustments, held = [], []
         for ai, adj in enumerate(layer.adjustments):
             if _holds(adj.match, claim, result["identity"], policy):
                 apath = ("layers", li, "adjustments", ai)
+                held.append(adj)
                 adjustments.append({"number": ai + 1, **_conditions(src, apath, adj.match),
                                     "deductible_factor": adj.deductible_factor, "ratio": adj.ratio,
-                                    "ratio_add": adj.ratio_add, "numbers": _numbers(src, apath, adj, layer)})
+                                    "ratio_add": adj.ratio_add, "cap_factor": adj.cap_factor,
+                                    "uncapped": adj.uncapped, "numbers": _numbers(src, apath, adj, layer)})
         entry["adjustments"] = adjustments
+        factor, uncapped = _cap_adjustments(held)
+        entry.update(cap_groups=_cap_groups(rule, layer, step, paid_before, factor), cap_factor=factor,
+                     uncapped=uncapped and bool(rule.cap_groups))
+        binding = next((g["cap_group"] for g in entry["cap_groups"] if g["binding"]), None)
+        entry["limited_by"] = binding if step["pay"] < step["raw"] else None
         if rule.kind not in (KIND_FIXED_AMOUNT, KIND_MAX_PERSONAL_SHARE):
             entry.update(deductible_rule=rule.deductible, repeat_factor=step["repeat_factor"],
                          deductible_after_repeat=step["deductible_rule"], adjustment_factor=step["factor_g"],
@@ -296,6 +341,33 @@ def explain(claims, policies, claim_id: str, accumulators: pa.Table | None = Non
 def _source(n: dict) -> str:
     unit = f" {n['unit']}" if n.get("unit") else ""
     return f"{n['key']}: {n['value']}{unit}" + (f"  -- {n['comment']}" if n.get("comment") else "")
+
+
+def _cap_lines(e: dict) -> list[str]:
+    """The rule's cap groups: each cap (after the cap factor), paid before and room, and the
+    one that limits the pay; or that an adjustment lifted them."""
+    groups = e["cap_groups"]
+    if not groups:
+        return []
+    if e["uncapped"]:
+        return ["    caps lifted for this claim (uncapped): "
+                + ", ".join(f"{g['cap_group']} {_yuan(g['annual_cap'])} a year" for g in groups)]
+    lines = []
+    if len(groups) > 1:
+        lines.append(f"    nested caps (each limits the pay, each grows by it; {groups[0]['cap_group']} holds the "
+                     "position and the deductible charged):")
+    factor = "" if e["cap_factor"] == BP else f" x cap factor {_pct(e['cap_factor'])}"
+    indent = "      " if len(groups) > 1 else "    "
+    for g in groups:
+        cap = _yuan(g["annual_cap"]) + (f"{factor} = {_yuan(g['cap'])}" if factor else "")
+        mark = ""
+        if g["binding"] and e["limited_by"]:
+            mark = "  <- limits the pay"
+        elif g["binding"] and len(groups) > 1:
+            mark = "  <- least room (does not limit this pay)"
+        lines.append(f"{indent}cap {g['cap_group']}: {cap} a year, paid before {_yuan(g['paid_before'])}, "
+                     f"room {_yuan(g['room'])}{mark}")
+    return lines
 
 
 def format_explanation(ex: dict) -> str:
@@ -334,6 +406,8 @@ def format_explanation(ex: dict) -> str:
                          + (f"  -- {a['comment']}" if a.get("comment") else ""))
             for n in a["numbers"]:
                 lines.append(f"      {_source(n)}")
+            if a.get("uncapped"):
+                lines.append("      uncapped: true (lifts every cap of the rule for this claim)")
         if "deductible" in e:
             d = f"    deductible {_yuan(e['deductible_rule'])}"
             if e["repeat_factor"] != BP:
@@ -353,9 +427,12 @@ def format_explanation(ex: dict) -> str:
             lines.append(f"    fixed amount {_yuan(e['fixed_amount'])}, at most the base")
         else:
             lines.append(f"    patient keeps at most {_pct(e['max_personal_share'])} of K")
-        cap = "uncapped" if e["cap"] is None else (f"cap {_yuan(e['cap'])}, paid before {_yuan(e['paid_before'])}")
-        lines.append(f"    raw {_yuan(e['raw'])}; {cap}; pays {_yuan(e['pay'])}"
-                     + (" (cap hit)" if e["pay"] < e["raw"] else ""))
+        lines.extend(_cap_lines(e))
+        if e["cap"] is None:
+            tail = "; uncapped" if not e["cap_groups"] else "; caps lifted by an adjustment (uncapped)"
+        else:
+            tail = f" (cap hit: {e['limited_by']})" if e["limited_by"] else ""
+        lines.append(f"    raw {_yuan(e['raw'])}; pays {_yuan(e['pay'])}{tail}")
     a = ex["accumulators_after"]
     lines.append(f"  after: admissions {a['admissions']}, compliant total {_yuan(a['compliant_total'])}")
     for before, after in zip(b["layers"], a["layers"]):

@@ -194,13 +194,21 @@ def stored(store) -> dict:
 
 def store_upload(store, facilities: list) -> dict:
     """Merges an upload into the stored registry in one transaction (all or nothing); returns
-    the registry after it. Called by the writer, the store's only writer."""
-    merged = stored(store)
-    for f in facilities:
-        merged[f.facility_id] = f
-    data = encode(sorted(merged.values())).decode()
-    version = hashlib.sha256(data.encode()).hexdigest()
-    store.import_persons([], {META_KEY: data, VERSION_KEY: version})
+    the registry after it. The read and the write are one `update_meta` of the store: two
+    instances on one PostgreSQL database uploading at once both keep their facilities (the
+    second merges into what the first committed)."""
+    merged: dict = {}
+
+    def merge(current: Optional[str]) -> dict:
+        merged.clear()  # a re-run (after a serialization failure) starts again from what it read
+        if current:
+            merged.update((f.facility_id, f) for f in decode(current))
+        for f in facilities:
+            merged[f.facility_id] = f
+        data = encode(sorted(merged.values())).decode()
+        return {META_KEY: data, VERSION_KEY: hashlib.sha256(data.encode()).hexdigest()}
+
+    store.update_meta(META_KEY, merge)
     return merged
 
 

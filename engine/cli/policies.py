@@ -1,4 +1,6 @@
-"""`medsettle policies check`: validate a policy folder and list what it holds."""
+"""`medsettle policies check`: validate a policy folder and list what it holds: every policy
+with its `effective_from` (a year's versions one under another, in the order they come into
+force), its layers, rules and identities."""
 from __future__ import annotations
 
 from ..model import PolicySet
@@ -16,10 +18,10 @@ def register(sub) -> None:
 
 def policy_rows(ps: PolicySet) -> list[list[str]]:
     rows = []
-    for p in sorted(ps.policies, key=lambda p: (p.region, p.scheme, p.year, p.id)):
+    for p in sorted(ps.policies, key=lambda p: (p.region, p.scheme, p.year, p.effective_from, p.id)):
         rules = [len(layer.rules) for layer in p.layers]
         rows.append([
-            p.id, p.region, p.scheme, str(p.year),
+            p.id, p.region, p.scheme, str(p.year), p.effective_from.isoformat(),
             ", ".join(f"{layer.name} ({layer.fund})" for layer in p.layers),
             f"{sum(rules)} ({'+'.join(map(str, rules))})",
             ", ".join(p.identities) or "-",
@@ -29,7 +31,7 @@ def policy_rows(ps: PolicySet) -> list[list[str]]:
 
 def run_check(args) -> int:
     ps = common.policies(args.dir)
-    head = ["id", "region", "scheme", "year", "layers", "rules", "identities"]
+    head = ["id", "region", "scheme", "year", "effective_from", "layers", "rules", "identities"]
     rows = policy_rows(ps)
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head) - 1)]
     for r in [head, *rows]:

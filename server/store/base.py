@@ -15,7 +15,7 @@ ledger sequence numbers increase in commit order for any one key.
 from __future__ import annotations
 
 import time
-from typing import Iterable, Iterator, NamedTuple, Optional, Protocol, Sequence
+from typing import Callable, Iterable, Iterator, NamedTuple, Optional, Protocol, Sequence
 
 from .._proto import settlement_pb2 as pb
 
@@ -161,6 +161,10 @@ class Store(Protocol):
     def group(self) -> WriteGroup:
         """A context manager: the writer's unit of work (rolled back unless committed)."""
     def upsert_persons(self, rows: Sequence[PersonRow]) -> None: ...
+    def update_meta(self, key: str, fn: Callable[[Optional[str]], dict]) -> dict:
+        """Read-modify-write of a `meta` entry: `fn(value of key or None)` returns the meta
+        entries to write; the read and the write are one transaction that holds off every other
+        update_meta of `key`, from any instance (a merge never loses another's); returns them."""
     def import_persons(self, chunks: Iterable[Sequence[PersonRow]], meta: dict) -> int:
         """All the chunks and the meta entries in one transaction; returns the persons stored."""
     def import_carried(self, parts: Iterable[Sequence[AccumulatorRow]]) -> int:

@@ -37,7 +37,7 @@ import hashlib
 import logging
 import re
 import threading
-from typing import Iterable, Iterator, Optional, Sequence
+from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 import psycopg
 from psycopg import errors as pg_errors
@@ -145,6 +145,8 @@ CONNECT_TIMEOUT_S = 3
 #: unused ones are left as gaps.
 SEQ_BLOCK = 64
 
+#: Tries of an update_meta that meets a serialization failure or a lock timeout.
+META_ATTEMPTS = 3
 #: Errors after which a group is re-run (nothing was stored).
 RETRY_ERRORS = (pg_errors.UniqueViolation, pg_errors.DeadlockDetected, pg_errors.LockNotAvailable,
                 pg_errors.SerializationFailure)
@@ -159,6 +161,11 @@ def person_lock(person_id: str) -> int:
     """A signed 64-bit advisory-lock id for a person (all their accumulator keys)."""
     h = hashlib.blake2b(person_id.encode(), digest_size=8).digest()
     return int.from_bytes(h, "big", signed=True)
+
+
+def meta_lock(key: str) -> int:
+    """The advisory-lock id of a `meta` entry (its own name space: "meta:" + key)."""
+    return person_lock("meta:" + key)
 
 
 def _entry(row) -> LedgerEntry:
@@ -510,6 +517,39 @@ class PostgresStore(Audit):
             return count
 
         return self._write_tx(tx)
+
+    def update_meta(self, key: str, fn: Callable[[Optional[str]], dict]) -> dict:
+        """An advisory lock of the key (held to the end of the transaction), then the read: an
+        instance merging the same entry waits, and reads what this one committed (READ
+        COMMITTED: each statement sees the last commit). The row itself cannot be locked, it
+        may not exist yet. Re-run (fn is called again) after a serialization failure or a lock
+        timeout, at most META_ATTEMPTS times."""
+        def tx(conn):
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (meta_lock(key),))
+            row = conn.execute("SELECT value FROM meta WHERE key = %s", (key,)).fetchone()
+            entries = fn(row[0] if row else None)
+            with conn.cursor() as cur:
+                for k, v in entries.items():
+                    cur.execute("INSERT INTO meta (key, value) VALUES (%s, %s) "
+                                "ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value", (k, v))
+            return entries
+
+        for attempt in range(1, META_ATTEMPTS + 1):
+            conn = self._writer()
+            try:
+                with conn.transaction():
+                    return tx(conn)
+            except RETRY_ERRORS as e:  # before OperationalError: they are of it
+                _rollback(conn)
+                if attempt == META_ATTEMPTS:
+                    raise StoreError(f"{self.location}: meta {key!r} was not updated ({_first_line(e)}); "
+                                     "nothing was stored, retry") from None
+            except (psycopg.OperationalError, psycopg.InterfaceError) as e:
+                _rollback(conn)
+                raise StoreUnavailable(f"{self.location}: {_first_line(e)}; nothing was stored, retry") from None
+            finally:
+                if not conn.closed and conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+                    _rollback(conn)
 
     def import_carried(self, parts: Iterable[Sequence[AccumulatorRow]]) -> int:
         def tx(conn):

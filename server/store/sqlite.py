@@ -26,7 +26,7 @@ import fcntl
 import os
 import sqlite3
 import threading
-from typing import Iterable, Iterator, Optional, Sequence
+from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 from .base import (ACCUMULATOR_FIELDS, LEDGER_FIELDS, SCHEMA_VERSION, AccumulatorRow, Audit, LedgerConflict,
                    LedgerEntry, Migration, PersonRow, StoreError, now_us)
@@ -408,6 +408,22 @@ class SQLiteStore(Audit):
             c.execute("ROLLBACK")
             raise
         return count
+
+    def update_meta(self, key: str, fn: Callable[[Optional[str]], dict]) -> dict:
+        """BEGIN IMMEDIATE takes the file's write lock before the read: another writer of the
+        file (a second process with the store open) waits until this one committed."""
+        c = self.conn
+        c.execute("BEGIN IMMEDIATE")
+        try:
+            row = c.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+            entries = fn(row[0] if row else None)
+            for k, v in entries.items():
+                c.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (k, v))
+            c.execute("COMMIT")
+        except BaseException:
+            c.execute("ROLLBACK")
+            raise
+        return entries
 
     def import_carried(self, parts: Iterable[Sequence[AccumulatorRow]]) -> int:
         c = self.conn

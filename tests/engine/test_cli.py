@@ -352,6 +352,19 @@ def test_policies_check_bundled(capsys, ps):
     assert f"{len(ps.policies)} policies OK" in out or f"{len(ps.policies)} policy OK" in out
 
 
+def test_policies_check_lists_effective_from(capsys, ps):
+    """Each policy's line carries its effective_from; a year's versions (Tibet 2019: January 1,
+    March 21, March 30) are listed in the order they come into force."""
+    code, out, err = run(capsys, "policies", "check")
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines[0].split()[:5] == ["id", "region", "scheme", "year", "effective_from"]
+    for p in ps.policies:
+        assert next(l for l in lines if l.startswith(p.id + " ")).split()[4] == p.effective_from.isoformat()
+    tibet = [l.split()[4] for l in lines if l.startswith("tibet-resident-2019")]
+    assert tibet == ["2019-01-01", "2019-03-21", "2019-03-30"]
+
+
 def test_policies_check_folder_and_error(capsys, tmp_path):
     folder = tmp_path / "pol"
     folder.mkdir()

@@ -155,3 +155,100 @@ def test_comment_parsing(tmp_path):
     assert src.written(src.node("a", 1)) == "c: 2; d: 3"
     assert src.comment(src.node("a", 1, "d")) == "three" and src.comment(src.node("a", 0)) == "one"
     assert src.node("a", 5) is None and src.node("x") is None
+
+
+# --------------------------------------------------------------------------- nested caps (revision 2)
+
+def _claims(ps, *rows):
+    """Claims of person P1 under shuozhou-resident-2022, one chunk, in settle_time order."""
+    p = ps.by_id("shuozhou-resident-2022")
+    out = []
+    for i, kw in enumerate(rows):
+        one = one_claim(ps, p.id, claim_id=f"N{i + 1}", settle_time=dt.datetime(p.year, 3, 1 + i, 9),
+                        total_amount=kw["amount"], in_scope_amount=kw["amount"],
+                        **{k: v for k, v in kw.items() if k != "amount"})
+        out.append(one)
+    return pa.concat_tables(out)
+
+
+def _groups(entry):
+    return [(g["cap_group"], g["cap"], g["paid_before"], g["room"], g["binding"]) for g in entry["cap_groups"]]
+
+
+def test_nested_caps_each_group_and_the_one_that_limited(ps):
+    """The chronic rule's `cap_group: [chronic, pool]`: after an admission that used all but
+    377.50 of the pool, a chronic claim (raw 2,860.00) is limited by the outer pool, not by its
+    own chronic limit; each group is listed with its cap, paid before and room."""
+    claims = _claims(ps, dict(amount=23_500_000), dict(amount=500_000, visit_type="chronic"))
+    ex = explain(claims, ps, "N2")
+    basic = ex["layers"][0]
+    assert basic["kind"] == "segments" and basic["cap_group"] == "chronic"
+    pool_paid = ex["layers"][0]["paid_before"]
+    assert pool_paid == (23_500_000 - 15_000) * 8500 // BP == 19_962_250
+    assert _groups(basic) == [("chronic", 2_000_000, 0, 2_000_000, False),
+                              ("pool", 20_000_000, pool_paid, 37_750, True)]
+    assert (basic["raw"], basic["pay"], basic["cap"]) == (286_000, 37_750, 20_000_000)
+    assert basic["limited_by"] == "pool" and basic["cap_factor"] == BP and basic["uncapped"] is False
+    numbers = {n["key"]: n["value"] for n in basic["numbers"]}
+    assert numbers["cap_group chronic"] == "20000" and numbers["cap_group pool"] == "200000"
+    text = format_explanation(ex)
+    assert "nested caps (each limits the pay, each grows by it; chronic holds the position" in text
+    assert "cap chronic: 20,000.00 a year, paid before 0.00, room 20,000.00\n" in text
+    assert "cap pool: 200,000.00 a year, paid before 199,622.50, room 377.50  <- limits the pay" in text
+    assert "raw 2,860.00; pays 377.50 (cap hit: pool)" in text
+    # both groups grew by the pay
+    after = {(e["layer"], e["cap_group"]): e["paid"] for e in ex["accumulators_after"]["layers"]}
+    assert after[("basic", "chronic")] == 37_750 and after[("basic", "pool")] == 20_000_000
+
+    # alone, the same kind of claim is limited by its own chronic limit
+    ex = explain(_claims(ps, dict(amount=4_000_000, visit_type="chronic")), ps, "N1")
+    basic = ex["layers"][0]
+    assert _groups(basic) == [("chronic", 2_000_000, 0, 2_000_000, True), ("pool", 20_000_000, 0, 20_000_000, False)]
+    assert (basic["raw"], basic["pay"], basic["limited_by"]) == ((4_000_000 - 60_000) * 6500 // BP, 2_000_000,
+                                                                  "chronic")
+    assert "cap chronic: 20,000.00 a year, paid before 0.00, room 20,000.00  <- limits the pay" in \
+        format_explanation(ex)
+
+
+def test_cap_factor_and_uncapped_adjustments_shown(ps, tmp_path):
+    """An adjustment's cap_factor scales every cap of the nested rule (shown as cap x factor);
+    `uncapped: true` (critical illness for low-income persons) lifts the caps."""
+    p = ps.by_id("shuozhou-resident-2022")
+    doc = _as_mapping(p)
+    doc["layers"][0].setdefault("adjustments", []).append(
+        {"match": {"identity": ["extreme_poverty"]}, "cap_factor": 1.5})
+    folder = tmp_path / "pol"
+    folder.mkdir()
+    (folder / "shuozhou-resident-2022.yaml").write_text(yaml.safe_dump(doc, allow_unicode=True), encoding="utf-8")
+    mine = engine.load_policies(folder)
+    claims = _claims(mine, dict(amount=6_000_000, visit_type="chronic", identities=["extreme_poverty"]))
+    ex = explain(claims, mine, "N1")
+    basic = ex["layers"][0]
+    assert basic["cap_factor"] == 15_000 and [a["cap_factor"] for a in basic["adjustments"]] == [15_000]
+    assert _groups(basic) == [("chronic", 3_000_000, 0, 3_000_000, True), ("pool", 30_000_000, 0, 30_000_000, False)]
+    assert (basic["pay"], basic["cap"], basic["limited_by"]) == (3_000_000, 3_000_000, "chronic")
+    text = format_explanation(ex)
+    assert "cap chronic: 20,000.00 x cap factor 150% = 30,000.00 a year" in text
+    assert "cap pool: 200,000.00 x cap factor 150% = 300,000.00 a year" in text
+
+    ex = explain(_claims(ps, dict(amount=80_000_000, identities=["low_income"])), ps, "N1")
+    ci = ex["layers"][1]
+    assert ci["layer"] == "critical_illness" and ci["uncapped"] is True and ci["cap"] is None
+    assert [a["uncapped"] for a in ci["adjustments"]] == [True]
+    assert ci["pay"] == ci["raw"] > 40_000_000  # above the 400,000 yuan cap it would have had
+    text = format_explanation(ex)
+    assert "caps lifted for this claim (uncapped): year 400,000.00 a year" in text
+    assert "uncapped: true (lifts every cap of the rule for this claim)" in text
+
+
+def test_nested_caps_json_format(capsys, tmp_path, ps):
+    claims = _claims(ps, dict(amount=23_500_000), dict(amount=500_000, visit_type="chronic"))
+    path = tmp_path / "n.parquet"
+    pq.write_table(claims, path)
+    assert main(["explain", str(path), "--claim-id", "N2", "--format", "json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    basic = got["layers"][0]
+    assert basic["cap_groups"] == explain(claims, ps, "N2")["layers"][0]["cap_groups"]
+    assert [g["cap_group"] for g in basic["cap_groups"]] == ["chronic", "pool"]
+    assert [g["binding"] for g in basic["cap_groups"]] == [False, True]
+    assert basic["limited_by"] == "pool" and basic["cap_factor"] == BP and basic["uncapped"] is False

@@ -1,6 +1,8 @@
 """The facility registry (server/facilities.py): validation, Parquet, store, level and locality."""
 from __future__ import annotations
 
+import threading
+
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -136,3 +138,44 @@ def test_book():
     c = claim(facility_id="H3")
     assert book.check(c, "141000") is None
     assert (c.facility_level, c.locality) == (pb.FACILITY_LEVEL_SECONDARY, pb.LOCALITY_PROVINCE)
+
+
+def test_concurrent_uploads_of_two_instances_both_survive(store_factory, monkeypatch):
+    """Two store objects on one database (two server instances) upload disjoint facilities at
+    the same moment: the first is held inside its merge (after its read) until the second has
+    either finished (a lost update without the lock) or waited for it 1 s; both uploads
+    survive, on either backend."""
+    a, b = store_factory(), store_factory()
+    in_merge, b_done = threading.Event(), threading.Event()
+    encode = fac.encode
+
+    def held_encode(facilities):
+        if threading.current_thread().name == "upload-a":
+            in_merge.set()
+            b_done.wait(1.0)  # B cannot finish while A holds the registry: this times out
+        return encode(facilities)
+
+    monkeypatch.setattr(fac, "encode", held_encode)
+    errors = []
+
+    def upload(store, facilities, done=None):
+        try:
+            fac.store_upload(store, facilities)
+        except Exception as e:  # noqa: BLE001 (reported by the assertion below)
+            errors.append(e)
+        if done is not None:
+            done.set()
+
+    ta = threading.Thread(target=upload, args=(a, [H1, H2]), name="upload-a")
+    ta.start()
+    assert in_merge.wait(30)
+    tb = threading.Thread(target=upload, args=(b, [H3, H4], b_done), name="upload-b")
+    tb.start()
+    ta.join(30)
+    tb.join(30)
+    assert not errors
+    expected = {"H1": H1, "H2": H2, "H3": H3, "H4": H4}
+    assert fac.stored(a) == expected and fac.stored(b) == expected
+    book = fac.FacilityBook()
+    book.refresh(a)
+    assert book.by_id == expected
