@@ -188,6 +188,13 @@ def write_text(path, text: str, outputs: Optional[Outputs] = None) -> None:
             f.write(text)
 
 
+def write_bytes(path, data: bytes, outputs: Optional[Outputs] = None) -> None:
+    """A small binary file (a chart's PNG, a UTF-8 page), all or nothing."""
+    with atomic_path(path, outputs) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(data)
+
+
 # =========================================================================== batches
 
 

@@ -28,7 +28,7 @@ from .accounts import key_figures, register_layers, register_results, write_acco
 from .files import write_json
 from .partition import (BUCKET_ROWS, ClearingError, connect, dataset_files, fingerprint, from_manifest,
                         load_manifest, partition)
-from .progress import Progress
+from .progress import PhaseProgress
 from .reconcile import reconcile, register_ledger
 from .report import write_report
 from .resettle import resettle
@@ -112,17 +112,18 @@ def clear(year: int, claims, policies, out, registry=None, ledger=None, *, use_c
     con = connect(out / "work", memory_limit, threads)
     t = time.perf_counter()
     recon = None
-    with Progress("reconcile", 1 if ledger_files else 0, stream, " steps") as bar:
+    with PhaseProgress("reconcile", 2 if ledger_files else 1, stream) as bar:
         if ledger_files:
             register_ledger(con, ledger_files, year)
         register_results(con, out / "results", "ledger_paid" if ledger_files else None)
+        bar.advance()
         if ledger_files:
             recon = reconcile(con, out)
             bar.advance()
     timings["reconcile"] = round(time.perf_counter() - t, 3)
 
     t = time.perf_counter()
-    with Progress("accounts", 2, stream, " steps") as bar:
+    with PhaseProgress("accounts", 2, stream) as bar:
         register_layers(con, policy_set)
         tables = write_accounts(con, out)
         bar.advance()
@@ -131,7 +132,7 @@ def clear(year: int, claims, policies, out, registry=None, ledger=None, *, use_c
     timings["accounts"] = round(time.perf_counter() - t, 3)
 
     t = time.perf_counter()
-    with Progress("report", 1, stream, " pages") as bar:
+    with PhaseProgress("report", 1, stream) as bar:
         note = (f"Year {year}: {part.rows:,} claims re-settled with "
                 + ("the claims' own identities" if use_claim_identities else "the registry's basis as of each claim")
                 + f" under {policy_set.source or 'the policy set'}"

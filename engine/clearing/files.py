@@ -1,54 +1,39 @@
-"""Files written whole or not at all: a temporary name in the same folder, then a rename."""
+"""Clearing's tables and JSON, written through the command line's all-or-nothing writer.
+
+The writing itself (hidden temporary file in the target folder, fsync, rename, folder
+fsync; nothing left behind on failure) is `engine.files`; what is clearing's own is
+that every table is first conformed to its declared schema (DuckDB sums into int128:
+a total that does not fit int64 fails loudly, never as a float) and stored with zstd
+(a year's results are the largest thing clearing keeps).
+"""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Iterable
 
 import pyarrow as pa
-import pyarrow.parquet as pq
+
+from ..files import open_table_writer, write_text
 
 COMPRESSION = "zstd"
 
 
-def _tmp(path: Path) -> Path:
-    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
-
-
 def write_parquet(path, batches: Iterable[pa.RecordBatch] | pa.Table, schema: pa.Schema) -> int:
-    """Write batches cast to `schema` to `path` atomically; returns the row count."""
+    """Write batches conformed to `schema` to `path`, whole or not at all; returns the row count."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp(path)
-    rows = 0
     if isinstance(batches, pa.Table):
         batches = batches.to_batches()
-    try:
-        with pq.ParquetWriter(tmp, schema, compression=COMPRESSION, use_dictionary=dictionary_columns(schema)) as w:
-            for b in batches:
-                if b.num_rows == 0:
-                    continue
-                t = pa.Table.from_batches([b]) if isinstance(b, pa.RecordBatch) else b
-                w.write_table(cast(t, schema))
-                rows += t.num_rows
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    rows = 0
+    with open_table_writer(path, schema, compression=COMPRESSION) as w:
+        for b in batches:
+            if b.num_rows == 0:
+                continue
+            t = pa.Table.from_batches([b]) if isinstance(b, pa.RecordBatch) else b
+            w.write(cast(t, schema))
+            rows += t.num_rows
     return rows
-
-
-#: Ids are nearly all distinct: a dictionary for them is built, then given up, per page.
-HIGH_CARDINALITY = ("claim_id", "person_id")
-
-
-def dictionary_columns(schema: pa.Schema) -> list[str]:
-    """The name columns worth a dictionary (about a fifth less writing time for the results)."""
-    out = [f.name for f in schema if pa.types.is_string(f.type) and f.name not in HIGH_CARDINALITY]
-    if "layer_pays" in schema.names:
-        out.append("layer_pays.list.element.layer")
-    return out
 
 
 def cast(table: pa.Table, schema: pa.Schema) -> pa.Table:
@@ -68,22 +53,4 @@ def cast(table: pa.Table, schema: pa.Schema) -> pa.Table:
 def write_json(path, value) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp(path)
-    try:
-        tmp.write_text(json.dumps(value, indent=2, ensure_ascii=False, sort_keys=True) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def write_bytes(path, data: bytes) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp(path)
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    write_text(path, json.dumps(value, indent=2, ensure_ascii=False, sort_keys=True) + "\n")

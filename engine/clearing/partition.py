@@ -34,7 +34,8 @@ import pyarrow.parquet as pq
 from ..arrow_io import ClaimsSchemaError, check_schema
 from ..registry import check_persons_schema
 from .files import write_json
-from .progress import Progress
+from .progress import PhaseProgress
+from .sql import file_list
 
 #: Default rows per bucket: a bucket is settled as one call in memory (about 0.5 KB per claim
 #: while settled, three buckets in flight), and its keys' accumulator rows stay small.
@@ -97,10 +98,6 @@ def connect(work: Path, memory_limit: str, threads: int) -> duckdb.DuckDBPyConne
     return con
 
 
-def _sql_list(files: list[Path]) -> str:
-    return "[" + ", ".join("'" + str(f).replace("'", "''") + "'" for f in files) + "]"
-
-
 def fingerprint(files: list[Path], registry: Optional[Path], year: int, use_claim_identities: bool,
                 bucket_rows: int) -> str:
     """What a finished partition was made from: a resumed run must have the same."""
@@ -136,15 +133,15 @@ def partition(con: duckdb.DuckDBPyConnection, files: list[Path], registry_files:
     facility = "facility_id::VARCHAR AS facility_id" if has_facility else "NULL::VARCHAR AS facility_id"
     in_year = f"(settle_time IS NULL OR year(settle_time) = {int(year)})"
     steps = 4 if registry_files else 3
-    with Progress("partition", steps, stream, " steps") as bar:
+    with PhaseProgress("partition", steps, stream) as bar:
         con.execute(f"""CREATE OR REPLACE TEMP VIEW src AS
             SELECT claim_id, person_id, region, scheme, settle_time, visit_type, facility_level, locality,
                    referred, disease_code, age, identities, total_amount, self_funded_amount, over_limit_amount,
                    class_b_copay_amount, in_scope_amount, in_scope_class_b_amount, {facility},
-                   (((list_position({_sql_list(files)}, filename) - 1)::BIGINT << {FILE_SHIFT})
+                   (((list_position({file_list(files)}, filename) - 1)::BIGINT << {FILE_SHIFT})
                      | file_row_number) AS ord,
                    {in_year} AS in_year
-            FROM read_parquet({_sql_list(files)}, filename = true, file_row_number = true,
+            FROM read_parquet({file_list(files)}, filename = true, file_row_number = true,
                               union_by_name = true)""")
         rows, other = con.execute("SELECT count(*) FILTER (WHERE in_year), count(*) FILTER (WHERE NOT in_year) "
                                   "FROM src").fetchall()[0]
@@ -167,7 +164,7 @@ def partition(con: duckdb.DuckDBPyConnection, files: list[Path], registry_files:
               tmp / "claims")
         bar.advance()
         if registry_files:
-            reg = f"read_parquet({_sql_list(registry_files)}, union_by_name = true)"
+            reg = f"read_parquet({file_list(registry_files)}, union_by_name = true)"
             moved = "SELECT 0::INTEGER AS b, NULL::VARCHAR AS person_id WHERE false"
             if duplicates:
                 # persons of later rows moved to another bucket than their own

@@ -1,56 +1,29 @@
-"""A progress bar per phase, on stderr: redrawn in place on a terminal, a line per tenth otherwise."""
+"""A progress bar per phase: the command line's bar (`engine.pipeline.Progress`) as a `with` block."""
 from __future__ import annotations
 
 import sys
-import time
 from typing import Optional, TextIO
 
+from ..pipeline import Progress
 
-class Progress:
-    """`with Progress("settle", total) as bar: bar.advance(1)`; `stream=None` is silent."""
 
-    def __init__(self, phase: str, total: int, stream: Optional[TextIO] = sys.stderr, unit: str = ""):
-        self.phase, self.total, self.stream, self.unit = phase, max(int(total), 0), stream, unit
-        self.done = 0
-        self.start = time.perf_counter()
-        self._tty = bool(stream is not None and getattr(stream, "isatty", lambda: False)())
-        self._last_tenth = -1
+class PhaseProgress(Progress):
+    """`with PhaseProgress("settle", buckets, stream) as bar: bar.advance()`; `stream=None` is silent.
 
-    def __enter__(self) -> "Progress":
-        self._draw()
+    The bar is full when the block ends well; the phase names are padded so that the
+    bars of successive phases line up."""
+
+    def __init__(self, phase: str, total: int, stream: Optional[TextIO] = sys.stderr):
+        super().__init__(max(int(total), 0), f"{phase:<9}", stream is not None, stream)
+
+    def __enter__(self) -> "PhaseProgress":
+        self.update(0, force=True)
         return self
 
     def __exit__(self, kind, value, tb) -> None:
-        if self.stream is None:
-            return
         if kind is None:
             self.done = self.total
-            self._draw(final=True)
-        elif self._tty:
-            self.stream.write("\n")
-        self.stream.flush()
+        self.close()
 
     def advance(self, n: int = 1) -> None:
-        self.done = min(self.total, self.done + n)
-        self._draw()
-
-    @property
-    def seconds(self) -> float:
-        return time.perf_counter() - self.start
-
-    def _draw(self, final: bool = False) -> None:
-        if self.stream is None:
-            return
-        frac = self.done / self.total if self.total else 1.0
-        tenth = int(frac * 10)
-        if not self._tty and not final and tenth == self._last_tenth:
-            return
-        self._last_tenth = tenth
-        width = 30
-        bar = "#" * int(frac * width) + "." * (width - int(frac * width))
-        line = f"{self.phase:<10} [{bar}] {self.done}/{self.total}{self.unit} {self.seconds:6.1f} s"
-        if self._tty:
-            self.stream.write("\r" + line + ("\n" if final else ""))
-        elif final or tenth < 10:
-            self.stream.write(line + "\n")
-        self.stream.flush()
+        self.update(min(self.total, self.done + n))

@@ -14,9 +14,9 @@ from typing import Optional
 
 import duckdb
 
+from ..files import write_bytes
 from ..schema import FUND_COLUMNS, FUNDS, format_yuan
 from .accounts import TARGET_BP
-from .files import write_bytes
 from .sql import rows
 
 try:  # optional: the `reports` extra
@@ -80,6 +80,7 @@ class Charts:
             fig.savefig(buf, format="png")
         finally:
             plt.close(fig)
+        self.folder.mkdir(parents=True, exist_ok=True)
         write_bytes(self.folder / name, buf.getvalue())
         return f'<img src="{self.folder.name}/{name}" alt="{html.escape(alt)}">'
 
@@ -103,6 +104,17 @@ def burden_histogram(con: duckdb.DuckDBPyConnection, view: str = "persons_summar
         hi = edges[i + 1] if i + 1 < len(edges) else None
         labels.append(f"{lo // 100:,}–{hi // 100:,}" if hi is not None else f"≥ {lo // 100:,}")
     return [(labels[i], int(counts[f"b{i}"])) for i in range(len(edges))]
+
+
+def histogram_chart(hist: list[tuple[str, int]], xlabel: str, title: str):
+    """The drawing of persons per bin (`burden_histogram`), for `Charts.img`."""
+    def draw(ax):
+        ax.bar(range(len(hist)), [c for _, c in hist])
+        ax.set_xticks(range(len(hist)), [label for label, _ in hist], rotation=30, fontsize=8)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("persons")
+        ax.set_title(title)
+    return draw
 
 
 def fund_sections(con: duckdb.DuckDBPyConnection, charts: Charts, prefix: str = "") -> str:
@@ -156,14 +168,8 @@ def fund_sections(con: duckdb.DuckDBPyConnection, charts: Charts, prefix: str = 
                        [[r["facility_id"] or "(unknown)", r["region"], r["facility_level"], f"{int(r['claims']):,}",
                          yuan(r["total_amount"]), yuan(r["fund_pay_total"]), yuan(r["personal_pay"])] for r in fac],
                        {3, 4, 5, 6}))
-    hist = burden_histogram(con)
-
-    def draw_burden(ax):
-        ax.bar(range(len(hist)), [c for _, c in hist])
-        ax.set_xticks(range(len(hist)), [label for label, _ in hist], rotation=30, fontsize=8)
-        ax.set_xlabel("annual personal pay per person (yuan)")
-        ax.set_ylabel("persons")
-        ax.set_title("Distribution of personal burden")
+    draw_burden = histogram_chart(burden_histogram(con), "annual personal pay per person (yuan)",
+                                  "Distribution of personal burden")
 
     parts.append("<h2>Personal burden</h2>")
     parts.append(charts.img(f"{prefix}burden_distribution.png", draw_burden, "distribution of personal burden"))

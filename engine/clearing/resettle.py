@@ -23,7 +23,7 @@ from ..schema import CLAIMS_SCHEMA, PERSONS_SCHEMA
 from ..settle import settle
 from .files import write_parquet
 from .partition import Partition, read_bucket
-from .progress import Progress
+from .progress import PhaseProgress
 from .schema import BEFORE_BIRTH, CLEARED_SCHEMA, UNKNOWN_PERSON
 
 
@@ -107,7 +107,7 @@ def resettle(part: Partition, out: Path, policies: CompiledPolicies, use_registr
     def load(b: int):
         return read_bucket_claims(part, b), (read_bucket_registry(part, b) if use_registry else None)
 
-    with Progress("settle", part.buckets, stream, " buckets") as bar, \
+    with PhaseProgress("settle", part.buckets, stream) as bar, \
             ThreadPoolExecutor(2, thread_name_prefix="medsettle-clear") as pool:
         bar.advance(skipped)
         loading = pool.submit(load, todo[0]) if todo else None
@@ -126,7 +126,7 @@ def resettle(part: Partition, out: Path, policies: CompiledPolicies, use_registr
     return {"settled": len(todo), "skipped": skipped}
 
 
-def _written(writing: tuple, bar: Progress, after_bucket) -> None:
+def _written(writing: tuple, bar: PhaseProgress, after_bucket) -> None:
     b, future = writing
     future.result()
     bar.advance()

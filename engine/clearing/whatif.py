@@ -15,15 +15,16 @@ from pathlib import Path
 
 import duckdb
 
+from ..files import write_bytes
 from ..model import PolicySet
 from ..schema import FUND_COLUMNS, FUNDS
 from ..settle import compiled
 from .accounts import key_figures, register_layers, register_results, write_accounts
 from .clear import disk_bytes, peak_rss_bytes, prepare, year_policies
-from .files import write_bytes, write_json
+from .files import write_json
 from .partition import BUCKET_ROWS, connect
-from .progress import Progress
-from .report import Charts, burden_histogram, page, table, write_report, yuan, yuan_axis
+from .progress import PhaseProgress
+from .report import Charts, burden_histogram, histogram_chart, page, table, write_report, yuan, yuan_axis
 from .resettle import resettle
 from .schema import WHATIF_FUNDS_SCHEMA, WHATIF_IDENTITY_SCHEMA, WHATIF_PERSONS_SCHEMA
 from .sql import quote, rows, write_query
@@ -57,7 +58,7 @@ def whatif(year: int, claims, baseline: PolicySet, reform: PolicySet, out, regis
                          f"{policies.source}", charts)
         timings[side] = round(time.perf_counter() - t, 3)
     t = time.perf_counter()
-    with Progress("compare", 1, stream, " pages") as bar, connect(out / "work", memory_limit, threads) as con:
+    with PhaseProgress("compare", 1, stream) as bar, connect(out / "work", memory_limit, threads) as con:
         change = compare(con, out, year, charts)
         bar.advance()
     timings["compare"] = round(time.perf_counter() - t, 3)
@@ -143,14 +144,9 @@ def _write_page(con, out: Path, year: int, change: dict, charts: bool) -> None:
 
     con.execute("CREATE OR REPLACE TEMP VIEW change_burden AS SELECT abs(change) AS personal_pay FROM whatif_persons "
                 "WHERE change <> 0")
-    hist = burden_histogram(con, "change_burden")
-
-    def draw_change(ax):
-        ax.bar(range(len(hist)), [c for _, c in hist])
-        ax.set_xticks(range(len(hist)), [label for label, _ in hist], rotation=30, fontsize=8)
-        ax.set_xlabel("size of the change in annual personal pay (yuan)")
-        ax.set_ylabel("persons")
-        ax.set_title("Persons whose personal pay changes")
+    draw_change = histogram_chart(burden_histogram(con, "change_burden"),
+                                  "size of the change in annual personal pay (yuan)",
+                                  "Persons whose personal pay changes")
 
     cards = (f'<div class="kf"><div>funds, baseline<b>{yuan(change["baseline_funds"])}</b></div>'
              f'<div>funds, reform<b>{yuan(change["reform_funds"])}</b></div>'
