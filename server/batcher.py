@@ -49,7 +49,7 @@ import grpc
 from ._proto import settlement_pb2 as pb
 from .core import Acc, Core, Outcome, Work, delta_layers, precheck
 from .errors import CallError
-from .facilities import FacilityBook, decode as decode_facilities, store_upload
+from .facilities import VERSION_KEY as FACILITY_VERSION_KEY, FacilityBook, decode as decode_facilities, store_upload
 from .limits import MAX_REASON_LEN, prefix
 from .registry import basis_at, person_from_row
 from .store import AccumulatorRow, LedgerConflict, LedgerEntry, Store, StoreUnavailable, now_us
@@ -295,15 +295,17 @@ class GroupWriter:
     def _group_once(self, g, items: list) -> list:
         core = self.core
         book = self.facilities
-        book.refresh(self.store)
         answers: list = []
         deferred: list = []
         claim_ids = [it.payload.claim_id for it in items if it.payload.claim_id]
         settle_persons = {it.payload.person_id for it in items if it.kind != REVERSE and it.payload.person_id}
-        # the persons whose keys the group will touch (those of reversals come from the ledger) and
+        # the persons whose keys the group will touch (those of reversals come from the ledger),
         # how many entries it may number at most: a store may lock and read ahead with the lookups
-        g.prepare(settle_persons, sum(it.kind != PRESETTLE for it in items))
+        # how many entries it may number at most, and the facility registry's version (a change by
+        # another instance is seen from the next group): a store may read all this with the lookups
+        g.prepare(settle_persons, sum(it.kind != PRESETTLE for it in items), (FACILITY_VERSION_KEY,))
         ledger, persons = self._lookup(g, claim_ids, settle_persons)
+        book.refresh(self.store, g.meta(FACILITY_VERSION_KEY))
 
         seen: dict = {}  # claim_id -> person_id, for the group so far
         blocked: set = set()  # persons with a deferred request

@@ -269,9 +269,10 @@ class FacilityBook:
         self.by_id: dict = dict(facilities or {})
         self.version: Optional[str] = None
 
-    def refresh(self, store) -> None:
-        """Re-reads the stored registry when its version changed (one meta lookup)."""
-        v = store.get_meta(VERSION_KEY)
+    def refresh(self, store, version=...) -> None:
+        """Re-reads the stored registry when its version changed (one meta lookup, or `version`
+        when the caller read it already: the writer reads it with its group's lookups)."""
+        v = store.get_meta(VERSION_KEY) if version is ... else version
         if v != self.version:
             self.by_id = stored(store)
             self.version = v

@@ -120,9 +120,13 @@ class WriteGroup(Protocol):
         """key -> state bytes of those stored; the keys are this group's until it ends
         (no other writer changes them before the commit)."""
 
-    def prepare(self, person_ids: Iterable[str], entries: int) -> None:
+    def prepare(self, person_ids: Iterable[str], entries: int, meta_keys: Sequence[str] = ()) -> None:
         """A hint given first: the persons whose keys the group will touch (more may follow in
-        `accumulators`, e.g. those of reversals) and at most how many entries it will number."""
+        `accumulators`, e.g. those of reversals), at most how many entries it will number, and
+        the meta entries the group will ask for (`meta`): a store may read them with the lookups."""
+
+    def meta(self, key: str) -> Optional[str]:
+        """A meta entry as the group sees it (read with its lookups when `prepare` named it)."""
 
     def next_seq(self) -> int:
         """The sequence number of the group's next ledger entry."""

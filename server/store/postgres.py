@@ -225,10 +225,21 @@ class PostgresGroup:
         self._prepared: list = []
         self._locked: set = set()
         self._acc_rows: dict = {}
+        self._meta_keys: list = []
+        self._meta: dict = {}
 
-    def prepare(self, person_ids, entries: int) -> None:
+    def prepare(self, person_ids, entries: int, meta_keys=()) -> None:
         self._prepared = sorted(set(person_ids))
         self._block = max(1, entries)
+        self._meta_keys = list(meta_keys)
+
+    def meta(self, key: str) -> Optional[str]:
+        """Read in the lookups' round trip when `prepare` named it (the facility registry's version,
+        checked by every group), else now on the group's connection."""
+        if key not in self._meta:
+            row = self.conn.execute("SELECT value FROM meta WHERE key = %s", (key,)).fetchone()
+            self._meta[key] = row[0] if row else None
+        return self._meta[key]
 
     def ledger(self, claim_ids) -> dict:
         return self.lookup(claim_ids, ())[0]
@@ -255,6 +266,12 @@ class PostgresGroup:
             ac = self._lock_and_read(prepared) if prepared else None
             sc = (self.conn.execute("SELECT nextval('ledger_seq') FROM generate_series(1, %s)", (self._block,))
                   if prepared else None)
+            meta_keys, self._meta_keys = self._meta_keys, []
+            mc = (self.conn.execute("SELECT key, value FROM meta WHERE key = ANY(%s)", (meta_keys,))
+                  if meta_keys else None)
+        if mc is not None:
+            self._meta.update(dict.fromkeys(meta_keys))
+            self._meta.update(mc.fetchall())
         ledger: dict = {}
         for row in (lc.fetchall() if lc is not None else ()):
             e = _entry(row)

@@ -208,8 +208,11 @@ class SQLiteGroup:
                     out[row[:4]] = row[4]
         return out
 
-    def prepare(self, person_ids, entries: int) -> None:
+    def prepare(self, person_ids, entries: int, meta_keys=()) -> None:
         """The only writer needs no locks; dense numbers are taken one by one."""
+
+    def meta(self, key: str) -> Optional[str]:
+        return self.store.get_meta(key)
 
     def next_seq(self) -> int:
         self._seq += 1

@@ -278,3 +278,24 @@ def test_versions_of_a_year_settle_as_the_engine(store):
     assert {r["policy_id"] for r in got} == {"t-resident-2024", "t-resident-2024-07-01"}
     assert store.stored_accumulators() == want_acc == store.fold_ledger()
     assert any(("basic", "chronic") in layers for _, _, layers in want_acc.values())
+
+
+def test_facility_registry_of_another_writer_is_used_from_the_next_group(gw, store, monkeypatch):
+    """A registry stored behind the writer's back (another instance on PostgreSQL) is used from
+    the writer's next group; on PostgreSQL its version is read with the group's lookups (one
+    round trip), never through the store's read pool."""
+    from server import facilities as fac
+    rows = [claim_row(f"fr{i}", PERSONS[i][0], T(2024, 3, 1 + i, 9), "outpatient") for i in range(3)]
+    assert isinstance(run(gw, settle(rows[0]))[0], bytes)
+    fac.store_upload(store, [fac.Facility("H1", "Linfen People's Hospital", "141000", "141002", "tertiary")])
+    reads = []
+    get_meta = store.get_meta
+    monkeypatch.setattr(store, "get_meta", lambda key: reads.append(key) or get_meta(key))
+    a = run(gw, settle(rows[1]))[0]
+    assert isinstance(a, CallError) and a.code == E.FACILITY_NOT_FOUND
+    b = run(gw, settle(rows[2]))[0]
+    assert isinstance(b, CallError) and b.code == E.FACILITY_NOT_FOUND
+    if isinstance(store, SQLiteStore):  # the only writer: its own connection, no round trip
+        assert reads.count(fac.META_KEY) == 1
+    else:  # the registry itself once, as its version changed; the version never through the pool
+        assert reads == [fac.META_KEY]
