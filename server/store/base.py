@@ -36,6 +36,17 @@ class LedgerConflict(StoreError):
     group's keys could not be locked in time): nothing of the group is stored, re-run it."""
 
 
+def check_schema_version(location: str, version: int, store_arg: str) -> None:
+    """Refuse a store whose schema is not this server's: both backends word it alike so an
+    operator reads one message whichever store is configured."""
+    if version > SCHEMA_VERSION:
+        raise StoreError(f"{location}: store schema version {version} is newer than this server's "
+                         f"({SCHEMA_VERSION}); use a newer medsettle")
+    if version < SCHEMA_VERSION:
+        raise StoreError(f"{location}: store schema version {version} is older than this server's "
+                         f"({SCHEMA_VERSION}); run `medsettle store migrate --store {store_arg}` first")
+
+
 def now_us() -> int:
     """Server clock, µs since the Unix epoch (UTC)."""
     return time.time_ns() // 1000

@@ -44,7 +44,7 @@ from psycopg import errors as pg_errors
 from psycopg_pool import ConnectionPool
 
 from .base import (ACCUMULATOR_FIELDS, LEDGER_FIELDS, SCHEMA_VERSION, AccumulatorRow, Audit, LedgerConflict,
-                   LedgerEntry, Migration, PersonRow, StoreError, StoreUnavailable, now_us)
+                   LedgerEntry, Migration, PersonRow, StoreError, StoreUnavailable, check_schema_version, now_us)
 
 log = logging.getLogger("medsettle.server")
 
@@ -343,13 +343,8 @@ class PostgresStore(Audit):
             conn.commit()
             if (version == 0 and create) or migrate_to is not None:
                 self.migrated = migrate(conn, self.location, migrate_to or SCHEMA_VERSION)
-            elif version > SCHEMA_VERSION:
-                raise StoreError(f"{self.location}: store schema version {version} is newer than this server's "
-                                 f"({SCHEMA_VERSION}); use a newer medsettle")
-            elif version < SCHEMA_VERSION:
-                raise StoreError(f"{self.location}: store schema version {version} is older than this server's "
-                                 f"({SCHEMA_VERSION}); run `medsettle store migrate --store URL` first")
             else:
+                check_schema_version(self.location, version, "URL")
                 self.migrated = []
         except BaseException:
             conn.close()

@@ -29,7 +29,7 @@ import threading
 from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 from .base import (ACCUMULATOR_FIELDS, LEDGER_FIELDS, SCHEMA_VERSION, AccumulatorRow, Audit, LedgerConflict,
-                   LedgerEntry, Migration, PersonRow, StoreError, now_us)
+                   LedgerEntry, Migration, PersonRow, StoreError, check_schema_version, now_us)
 
 MIGRATIONS = (
     Migration(1, "ledger, accumulators, persons, meta", (
@@ -264,13 +264,8 @@ class SQLiteStore(Audit):
             version = stored_version(self.conn)
             if version == 0 or migrate_to is not None:  # a new store is created at the current version
                 self.migrated = migrate(self.conn, self.path, migrate_to or SCHEMA_VERSION)
-            elif version > SCHEMA_VERSION:
-                raise StoreError(f"{self.path}: store schema version {version} is newer than this server's "
-                                 f"({SCHEMA_VERSION}); use a newer medsettle")
-            elif version < SCHEMA_VERSION:
-                raise StoreError(f"{self.path}: store schema version {version} is older than this server's "
-                                 f"({SCHEMA_VERSION}); run `medsettle store migrate --store {self.path}` first")
             else:
+                check_schema_version(self.path, version, self.path)
                 self.migrated = []
         except BaseException:
             if getattr(self, "conn", None) is not None:
