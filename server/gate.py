@@ -192,7 +192,9 @@ class Gate:
             return err
         return await self.service._read(self.service._get_person, req.person_id)
 
-    def _upsert_persons(self):
+    def _stream(self, method: str, body):
+        """A client-streaming call's wrapper (metrics, caller, method check, status), so each
+        upsert handler holds only its own reading of the stream."""
         async def handler(request_iterator, context):
             begun = self.metrics.begin()
             status = [grpc.StatusCode.OK]
@@ -200,63 +202,49 @@ class Gate:
                 try:
                     caller = self.authn.caller(context)
                     note(caller=caller.label())
-                    err = self.authz.method_allowed(caller, "UpsertPersons")
+                    err = self.authz.method_allowed(caller, method)
                     if err is not None:
                         raise err
                 except CallError as e:
                     await self._fail(context, e, status)
-
-                async def checked():
-                    i = 0
-                    async for data in request_iterator:
-                        if i >= MAX_RECORDS_PER_UPSERT:
-                            raise too_many_records("persons")
-                        p = parse(pb.Person, data)
-                        err = check_person(i, p)
-                        if err is not None:
-                            raise err
-                        i += 1
-                        yield p
-
-                return await self.service.UpsertPersons(checked(), context)
+                return await body(request_iterator, context, status)
             except BaseException as e:
                 if status[0] is grpc.StatusCode.OK:
                     status[0] = status_of(context, e)
                 raise
             finally:
-                self.metrics.end("UpsertPersons", begun, status[0])
+                self.metrics.end(method, begun, status[0])
         return handler
 
-    def _upsert_facilities(self):
-        async def handler(request_iterator, context):
-            begun = self.metrics.begin()
-            status = [grpc.StatusCode.OK]
-            try:
-                try:
-                    caller = self.authn.caller(context)
-                    note(caller=caller.label())
-                    err = self.authz.method_allowed(caller, "UpsertFacilities")
-                    if err is not None:
-                        raise err
-                    out = {}
-                    i = 0
-                    async for data in request_iterator:
-                        if i >= MAX_RECORDS_PER_UPSERT:
-                            raise too_many_records("facilities")
-                        f = facility_from_pb(i, parse(pb.Facility, data))
-                        out[f.facility_id] = f
-                        i += 1
-                    await self.facilities.upsert(list(out.values()))
-                except CallError as e:
-                    await self._fail(context, e, status)
-                return pb.UpsertFacilitiesResponse(upserted=i).SerializeToString()
-            except BaseException as e:
-                if status[0] is grpc.StatusCode.OK:
-                    status[0] = status_of(context, e)
-                raise
-            finally:
-                self.metrics.end("UpsertFacilities", begun, status[0])
-        return handler
+    async def _upsert_persons(self, request_iterator, context, status: list):
+        async def checked():
+            i = 0
+            async for data in request_iterator:
+                if i >= MAX_RECORDS_PER_UPSERT:
+                    raise too_many_records("persons")
+                p = parse(pb.Person, data)
+                err = check_person(i, p)
+                if err is not None:
+                    raise err
+                i += 1
+                yield p
+
+        return await self.service.UpsertPersons(checked(), context)
+
+    async def _upsert_facilities(self, request_iterator, context, status: list):
+        try:
+            out = {}
+            i = 0
+            async for data in request_iterator:
+                if i >= MAX_RECORDS_PER_UPSERT:
+                    raise too_many_records("facilities")
+                f = facility_from_pb(i, parse(pb.Facility, data))
+                out[f.facility_id] = f
+                i += 1
+            await self.facilities.upsert(list(out.values()))
+        except CallError as e:
+            await self._fail(context, e, status)
+        return pb.UpsertFacilitiesResponse(upserted=i).SerializeToString()
 
     async def _get_facility(self, caller: Caller, data: bytes, context):
         req = parse(pb.GetFacilityRequest, data)
@@ -283,11 +271,11 @@ class Gate:
             "GetAccumulators": uu(self._unary("GetAccumulators", self._get_accumulators)),
         }
         registry = {
-            "UpsertPersons": su(self._upsert_persons()),
+            "UpsertPersons": su(self._stream("UpsertPersons", self._upsert_persons)),
             "GetPerson": uu(self._unary("GetPerson", self._get_person)),
         }
         if self.facilities is not None:
-            registry["UpsertFacilities"] = su(self._upsert_facilities())
+            registry["UpsertFacilities"] = su(self._stream("UpsertFacilities", self._upsert_facilities))
             registry["GetFacility"] = uu(self._unary("GetFacility", self._get_facility))
         return {pb.DESCRIPTOR.services_by_name["Settlement"].full_name: settlement,
                 pb.DESCRIPTOR.services_by_name["Registry"].full_name: registry}
