@@ -26,15 +26,24 @@ def register_serve(subparsers) -> None:
     p.set_defaults(func=serve_main)
 
 
+def _store_command(subparsers, group: str, group_help: str, group_description: str,
+                   command: str, help: str, description: str):
+    """`medsettle GROUP COMMAND --store PATH|URL ...`: the shape of every store subcommand, so
+    they name and describe `--store` alike; returns COMMAND's parser for its own arguments."""
+    p = subparsers.add_parser(group, help=group_help, description=group_description)
+    sub = p.add_subparsers(dest=f"{group}_command", metavar="COMMAND", required=True)
+    c = sub.add_parser(command, help=help, description=description)
+    c.add_argument("--store", metavar="PATH|URL", required=True, help="SQLite store file or postgresql:// URL")
+    return c
+
+
 def register_store(subparsers) -> None:
-    p = subparsers.add_parser("store", help="the server's store: schema migrations",
-                              description="Administer a server store (SQLite file or PostgreSQL URL).")
-    sub = p.add_subparsers(dest="store_command", metavar="COMMAND", required=True)
-    m = sub.add_parser("migrate", help="create the store or apply its pending schema migrations",
-                       description="Create the store, or upgrade its schema to this medsettle's version "
-                                   f"({SCHEMA_VERSION}), one versioned migration at a time, each in its own "
-                                   "transaction. Stop the servers of an SQLite store first.")
-    m.add_argument("--store", metavar="PATH|URL", required=True, help="SQLite store file or postgresql:// URL")
+    m = _store_command(subparsers, "store", "the server's store: schema migrations",
+                       "Administer a server store (SQLite file or PostgreSQL URL).",
+                       "migrate", "create the store or apply its pending schema migrations",
+                       "Create the store, or upgrade its schema to this medsettle's version "
+                       f"({SCHEMA_VERSION}), one versioned migration at a time, each in its own "
+                       "transaction. Stop the servers of an SQLite store first.")
     m.add_argument("--to", type=int, default=SCHEMA_VERSION, metavar="VERSION",
                    help=f"stop at this version (default {SCHEMA_VERSION}, the latest)")
     m.set_defaults(func=run_migrate)
@@ -65,29 +74,25 @@ def run_migrate(args) -> int:
 
 
 def register_ledger(subparsers) -> None:
-    p = subparsers.add_parser("ledger", help="the server's ledger: export",
-                              description="The real-time ledger of a server store.")
-    sub = p.add_subparsers(dest="ledger_command", metavar="COMMAND", required=True)
-    e = sub.add_parser("export", help="write every settlement and reversal as Parquet",
-                       description="Write every settlement and reversal of the store, in sequence order, as "
-                                   "Parquet with engine.schema.LEDGER_SCHEMA (docs/SERVER.md). Streamed page by "
-                                   "page; the file appears only when complete.")
-    e.add_argument("--store", metavar="PATH|URL", required=True, help="SQLite store file or postgresql:// URL")
+    e = _store_command(subparsers, "ledger", "the server's ledger: export",
+                       "The real-time ledger of a server store.",
+                       "export", "write every settlement and reversal as Parquet",
+                       "Write every settlement and reversal of the store, in sequence order, as "
+                       "Parquet with engine.schema.LEDGER_SCHEMA (docs/SERVER.md). Streamed page by "
+                       "page; the file appears only when complete.")
     e.add_argument("--year", type=int, help="only the entries of this accumulator year")
     e.add_argument("-o", "--output", metavar="LEDGER_PARQUET", required=True, help="output file")
     e.set_defaults(func=run_export)
 
 
 def register_accumulators(subparsers) -> None:
-    p = subparsers.add_parser("accumulators", help="the server's accumulators: import a carry table",
-                              description="Accumulators of a server store.")
-    sub = p.add_subparsers(dest="accumulators_command", metavar="COMMAND", required=True)
-    i = sub.add_parser("import", help="load the carry table of `medsettle settle --accumulators-out`",
-                       description="Load a carry table (the accumulators Parquet of `medsettle settle "
-                                   "--accumulators-out`, spec section 4) so that real-time settlement continues "
-                                   "from a batch run. All or nothing; refused when any of its keys already has "
-                                   "settlements or carried accumulators.")
-    i.add_argument("--store", metavar="PATH|URL", required=True, help="SQLite store file or postgresql:// URL")
+    i = _store_command(subparsers, "accumulators", "the server's accumulators: import a carry table",
+                       "Accumulators of a server store.",
+                       "import", "load the carry table of `medsettle settle --accumulators-out`",
+                       "Load a carry table (the accumulators Parquet of `medsettle settle "
+                       "--accumulators-out`, spec section 4) so that real-time settlement continues "
+                       "from a batch run. All or nothing; refused when any of its keys already has "
+                       "settlements or carried accumulators.")
     i.add_argument("accumulators", metavar="ACCUMULATORS_PARQUET", help="the carry table")
     i.set_defaults(func=run_import)
 
