@@ -53,14 +53,9 @@ def run_migrate(args) -> int:
     if not 1 <= args.to <= SCHEMA_VERSION:
         print(f"medsettle store migrate: --to must be between 1 and {SCHEMA_VERSION}", file=sys.stderr)
         return EXIT_USAGE
-    try:
-        store = open_store(args.store, exclusive=True, migrate_to=args.to, pool_size=1)
-    except StoreUnavailable as e:
-        print(f"medsettle store migrate: {e}", file=sys.stderr)
-        return EXIT_FAILURE
-    except StoreError as e:
-        print(f"medsettle store migrate: {e}", file=sys.stderr)
-        return EXIT_USAGE
+    store, code = _open("medsettle store migrate", args.store, exclusive=True, create=True, migrate_to=args.to)
+    if store is None:
+        return code
     try:
         done, version = store.migrated, store.schema_version()
     finally:
@@ -97,11 +92,11 @@ def register_accumulators(subparsers) -> None:
     i.set_defaults(func=run_import)
 
 
-def _open(prog: str, target: str, exclusive: bool):
+def _open(prog: str, target: str, exclusive: bool, create: bool = False, migrate_to=None):
     """(store, None) or (None, exit code) with the reason printed. `exclusive`: refuse an SQLite
     store that a running server holds (a write beside its writer would race it)."""
     try:
-        return open_store(target, exclusive=exclusive, create=False, pool_size=1), None
+        return open_store(target, exclusive=exclusive, create=create, migrate_to=migrate_to, pool_size=1), None
     except StoreUnavailable as e:
         print(f"{prog}: {e}", file=sys.stderr)
         return None, EXIT_FAILURE
