@@ -33,5 +33,11 @@ extensions = [
     for name in MODULES
 ]
 
+# Year-end clearing's per-row hashing (it cimports engine._hashing's hash).
+extensions.append(Extension("engine.clearing._buckets", ["engine/clearing/_buckets.pyx"],
+                            include_dirs=[numpy.get_include()],
+                            define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
+                            extra_compile_args=["-O3"]))
+
 # force: the generated C must follow the directives of this build, not an older one
 setup(ext_modules=cythonize(extensions, compiler_directives=directives, language_level=3, force=True))

@@ -1,46 +1,71 @@
-"""Phase 1: the year's claims split by person into buckets on disk, with bounded memory.
+"""Phase 1: the year's claims, the registry and the ledger split by person into buckets on disk.
 
-DuckDB reads the dataset (a Parquet file or a folder of them, any order and size),
-finds the claim ids that occur more than once over the whole year (spec 7: first
-occurrences are found over the whole call, before any split by key; its group-by
-spills to disk beyond the memory limit) and streams the claims, a million rows at
-a time, into Arrow IPC buckets by a hash of the person. A repeated claim id's later rows go to the bucket of its first row,
-so that the bucket's one settlement call rejects them as DUPLICATE_CLAIM exactly as
-one call over the year would (their status depends on no accumulator, and they
-change none). The registry is split by the same hash, so a bucket's claims find their
-persons in the bucket's registry; the persons of such moved rows are copied there.
+One streaming pass over each input (pyarrow's Parquet reader, a file or a folder of
+files in path order), bounded memory whatever the size: each batch's rows get a
+64-bit hash of the person (its bucket) and of the claim id (engine.clearing._buckets,
+in C), are put in bucket order (a stable sort of 16-bit bucket numbers) and appended
+to one LZ4 Arrow IPC file per bucket. A bucket keeps its rows in input order, so the
+one settlement call per bucket rejects a repeated claim id's later rows as
+DUPLICATE_CLAIM exactly as one call over the year would, when they are the same
+person's (spec 7: first occurrences are found over the whole call, before any split).
 
-Each row keeps its input position `ord` (file index << 40 | row in file) and whether
-its claim id is `repeated` in the year, so that a bucket can put the rows of repeated
-ids in input order (the only order the engine's results depend on: DUPLICATE_CLAIM
-goes to the later rows; keys are settled in (settle_time, claim_id) order anyway). The phase writes into a temporary folder renamed when
-complete, then `manifest.json`: a killed partition is redone, a finished one reused.
+A claim id repeated across persons (so across buckets) is found over the whole year
+before any bucket is settled: the claim-id hashes of every row (8 bytes per claim)
+are sorted once, the few repeated hashes become a set, the rows carrying one are
+gathered, and where a hash's rows are in several buckets their claim ids are read
+back and compared exactly (a hash collision is not a duplicate). The later rows of
+such an id in another bucket than its first row are listed in `forced.arrow`
+(bucket, ord); the bucket's settlement rejects them as DUPLICATE_CLAIM without
+settling them (their status depends on no accumulator, and they change none).
+
+Each row keeps its input position `ord` (file index << 40 | row in file). The phase
+writes into a temporary folder renamed when complete, then `manifest.json`: a killed
+partition is redone, a finished one reused.
+
+Why not DuckDB (the first version): its claim-id group-by and its partitioned writes
+spilled to disk at 100 M claims (partition 243 s); this pass is linear in the input.
 """
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
-from concurrent.futures import Future, ThreadPoolExecutor
 import json
 import math
 import shutil
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import NamedTuple, Optional
+from typing import Iterator, NamedTuple, Optional
 
-import duckdb
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ..arrow_io import ClaimsSchemaError, check_schema
 from ..registry import check_persons_schema
+from ..schema import CLAIMS_SCHEMA, LEDGER_SCHEMA, PERSONS_SCHEMA
+from . import _buckets
 from .files import write_json
 from .progress import PhaseProgress
-from .sql import file_list
 
-#: Default rows per bucket: a bucket is settled as one call in memory (about 0.5 KB per claim
-#: while settled, three buckets in flight), and its keys' accumulator rows stay small.
+#: Default rows per bucket: a bucket is settled as one call in memory (about 0.6 KB per claim
+#: while settled and reconciled, two buckets in flight), and its keys' accumulator rows stay small.
 BUCKET_ROWS = 1_000_000
+#: At most this many buckets (bucket numbers are 16-bit).
+MAX_BUCKETS = 65_535
 FILE_SHIFT = 40  # ord = file index << 40 | row number in the file
+#: Rows read per batch of an input.
+READ_ROWS = 1 << 20
+
+#: A bucket of claims: the claims' columns, where each came from, nothing else.
+BUCKET_CLAIMS_SCHEMA = CLAIMS_SCHEMA.append(pa.field("facility_id", pa.string())).append(
+    pa.field("ord", pa.int64(), nullable=False))
+#: The ledger columns reconciliation reads (facility_id may be absent from a file: null then).
+LEDGER_COLUMNS = ("seq", "kind", "claim_id", "person_id", "region", "scheme", "settle_time", "facility_id",
+                  "basic_pay", "supplementary_pay", "critical_illness_pay", "medical_aid_pay", "guarantee_pay",
+                  "personal_pay")
+BUCKET_LEDGER_SCHEMA = pa.schema([LEDGER_SCHEMA.field(n) for n in LEDGER_COLUMNS])
+FORCED_SCHEMA = pa.schema([("bucket", pa.int32()), ("ord", pa.int64())])
 
 
 class ClearingError(ValueError):
@@ -52,8 +77,9 @@ class Partition(NamedTuple):
     buckets: int
     rows: int  # claims of the year
     other_years: int  # claims of the dataset dated in another year (not cleared)
-    duplicates: int  # rows whose claim id occurred earlier
+    forced: int  # later rows of a claim id repeated across buckets (rejected as DUPLICATE_CLAIM)
     has_facility: bool
+    has_ledger: bool
 
 
 def dataset_files(path) -> list[Path]:
@@ -69,14 +95,18 @@ def dataset_files(path) -> list[Path]:
     return [path]
 
 
+def _schema(f: Path) -> pa.Schema:
+    try:
+        return pq.read_schema(f)
+    except Exception as e:  # pyarrow raises several kinds for a file that is not Parquet
+        raise ClearingError(f"{f}: not a readable Parquet file ({e})") from None
+
+
 def check_claims_files(files: list[Path]) -> bool:
     """Every file has the claims columns (spec 2); returns whether all have `facility_id`."""
     facility = True
     for f in files:
-        try:
-            schema = pq.read_schema(f)
-        except Exception as e:  # pyarrow raises several kinds for a file that is not Parquet
-            raise ClearingError(f"{f}: not a readable Parquet file ({e})") from None
+        schema = _schema(f)
         try:
             check_schema(schema)
         except ClaimsSchemaError as e:
@@ -89,23 +119,46 @@ def check_claims_files(files: list[Path]) -> bool:
     return facility
 
 
-def connect(work: Path, memory_limit: str, threads: int) -> duckdb.DuckDBPyConnection:
-    """A DuckDB connection that spills to `work`/duckdb.tmp beyond `memory_limit`."""
-    con = duckdb.connect(config={"memory_limit": memory_limit, "threads": threads,
-                                 "temp_directory": str(work / "duckdb.tmp"),
-                                 "preserve_insertion_order": False})
-    con.execute("SET enable_progress_bar = false")
-    return con
+def _string_like(t: pa.DataType) -> bool:
+    return pa.types.is_string(t) or pa.types.is_large_string(t) or (
+        pa.types.is_dictionary(t) and pa.types.is_string(t.value_type))
 
 
-def fingerprint(files: list[Path], registry: Optional[Path], year: int, use_claim_identities: bool,
-                bucket_rows: int) -> str:
+def check_ledger(files: list[Path]) -> None:
+    """Every file has the columns reconciliation reads with LEDGER_SCHEMA's types (facility_id optional)."""
+    for f in files:
+        schema = _schema(f)
+        for field in BUCKET_LEDGER_SCHEMA:
+            i = schema.get_field_index(field.name)
+            if i < 0:
+                if field.name == "facility_id":
+                    continue
+                raise ClearingError(f"{f}: ledger column '{field.name}' is missing (expected {field.type}); "
+                                    f"the ledger is `medsettle ledger export`'s schema (docs/CLEARING.md)")
+            got = schema.field(i).type
+            if not (got.equals(field.type) or (_string_like(field.type) and _string_like(got))):
+                raise ClearingError(f"{f}: ledger column '{field.name}' has type {got}; expected {field.type}")
+
+
+def check_registry(files: list[Path]) -> None:
+    for f in files:
+        try:
+            check_persons_schema(_schema(f), str(f))
+        except ClearingError:
+            raise
+        except ValueError as e:
+            raise ClearingError(str(e)) from None
+
+
+def fingerprint(files: list[Path], registry: Optional[list[Path]], ledger: Optional[list[Path]], year: int,
+                use_claim_identities: bool, bucket_rows: int) -> str:
     """What a finished partition was made from: a resumed run must have the same."""
     h = hashlib.sha256()
-    for f in [*files, *([registry] if registry else [])]:
-        st = f.stat()
-        h.update(f"{f.resolve()}|{st.st_size}|{st.st_mtime_ns}\n".encode())
-    h.update(f"{year}|{use_claim_identities}|{bucket_rows}".encode())
+    for kind, group in (("claims", files), ("registry", registry or []), ("ledger", ledger or [])):
+        for f in group:
+            st = f.stat()
+            h.update(f"{kind}|{f.resolve()}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    h.update(f"{year}|{use_claim_identities}|{bucket_rows}|v2".encode())
     return h.hexdigest()
 
 
@@ -114,121 +167,264 @@ def load_manifest(work: Path) -> Optional[dict]:
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def partition(con: duckdb.DuckDBPyConnection, files: list[Path], registry_files: Optional[list[Path]],
-              work: Path, year: int, bucket_rows: int = BUCKET_ROWS, key: str = "",
-              stream=None) -> Partition:
-    """Split the year's claims (and the registry) into buckets under work/partition."""
-    has_facility = check_claims_files(files)
-    for f in registry_files or ():
-        try:
-            check_persons_schema(pq.read_schema(f), str(f))
-        except ValueError as e:
-            raise ClearingError(str(e)) from None
-        except Exception as e:
-            raise ClearingError(f"{f}: not a readable Parquet file ({e})") from None
-    final = work / "partition"
-    tmp = work / "partition.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    facility = "facility_id::VARCHAR AS facility_id" if has_facility else "NULL::VARCHAR AS facility_id"
-    in_year = f"(settle_time IS NULL OR year(settle_time) = {int(year)})"
-    steps = 4 if registry_files else 3
-    with PhaseProgress("partition", steps, stream) as bar:
-        con.execute(f"""CREATE OR REPLACE TEMP VIEW src AS
-            SELECT claim_id, person_id, region, scheme, settle_time, visit_type, facility_level, locality,
-                   referred, disease_code, age, identities, total_amount, self_funded_amount, over_limit_amount,
-                   class_b_copay_amount, in_scope_amount, in_scope_class_b_amount, {facility},
-                   (((list_position({file_list(files)}, filename) - 1)::BIGINT << {FILE_SHIFT})
-                     | file_row_number) AS ord,
-                   {in_year} AS in_year
-            FROM read_parquet({file_list(files)}, filename = true, file_row_number = true,
-                              union_by_name = true)""")
-        rows, other = con.execute("SELECT count(*) FILTER (WHERE in_year), count(*) FILTER (WHERE NOT in_year) "
-                                  "FROM src").fetchall()[0]
-        buckets = max(1, math.ceil(rows / max(1, bucket_rows)))
-        bar.advance()
-        # claim ids seen more than once in the year, and the person of each one's first row
-        # by the ids' 64-bit hashes first (fixed-size keys: a third less time than strings on 10M
-        # claims, and far less to spill at 100M), then exactly, over the rows of candidate hashes
-        con.execute("""CREATE OR REPLACE TEMP TABLE dup AS
-            WITH candidates AS (SELECT hash(claim_id) AS h FROM src WHERE in_year AND claim_id IS NOT NULL
-                                GROUP BY 1 HAVING count(*) > 1)
-            SELECT claim_id, arg_min(person_id, ord) AS home, count(*) - 1 AS later
-            FROM src WHERE in_year AND claim_id IS NOT NULL AND hash(claim_id) IN (SELECT h FROM candidates)
-            GROUP BY claim_id HAVING count(*) > 1""")
-        duplicates = con.execute("SELECT coalesce(sum(later), 0) FROM dup").fetchall()[0][0]
-        bar.advance()
-        bucket_of = f"(hash(coalesce(d.home, s.person_id)) % {buckets})::INTEGER"
-        split(con.sql(f"""SELECT s.* EXCLUDE (in_year), d.claim_id IS NOT NULL AS repeated, {bucket_of} AS bucket
-                          FROM src s LEFT JOIN dup d ON s.claim_id = d.claim_id WHERE s.in_year"""),
-              tmp / "claims")
-        bar.advance()
-        if registry_files:
-            reg = f"read_parquet({file_list(registry_files)}, union_by_name = true)"
-            moved = "SELECT 0::INTEGER AS b, NULL::VARCHAR AS person_id WHERE false"
-            if duplicates:
-                # persons of later rows moved to another bucket than their own
-                moved = f"""SELECT DISTINCT {bucket_of} AS b, s.person_id
-                            FROM src s JOIN dup d ON s.claim_id = d.claim_id
-                            WHERE s.in_year AND s.person_id IS NOT NULL
-                              AND {bucket_of} <> (hash(s.person_id) % {buckets})::INTEGER"""
-            split(con.sql(f"""
-                    SELECT p.person_id, p.region, p.scheme, p.birth_date, p.identities,
-                           (hash(p.person_id) % {buckets})::INTEGER AS bucket FROM {reg} p
-                    UNION ALL
-                    SELECT p.person_id, p.region, p.scheme, p.birth_date, p.identities, m.b AS bucket
-                    FROM {reg} p JOIN ({moved}) m ON p.person_id = m.person_id"""), tmp / "registry")
-            bar.advance()
-        con.execute("DROP TABLE IF EXISTS dup")
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
-    result = Partition(final, buckets, int(rows), int(other), int(duplicates), has_facility)
-    write_json(final / "manifest.json", {"key": key, "buckets": buckets, "rows": result.rows,
-                                         "other_years": result.other_years, "duplicates": result.duplicates,
-                                         "has_facility": has_facility})
-    return result
+def from_manifest(work: Path, manifest: dict) -> Partition:
+    return Partition(work / "partition", manifest["buckets"], manifest["rows"], manifest["other_years"],
+                     manifest["forced"], manifest["has_facility"], manifest["has_ledger"])
 
 
-def split(relation: duckdb.DuckDBPyRelation, folder: Path, batch_rows: int = 1 << 20) -> None:
-    """Stream a query's rows into one Arrow IPC file per value of its `bucket` column.
+# -- hashing -----------------------------------------------------------------------------
 
-    Measured on 10M claims (machine shared): DuckDB's own `COPY ... PARTITION_BY` took
-    78 s, this 26 s; and a bucket reads back in a tenth of the time of Parquet."""
-    folder.mkdir(parents=True, exist_ok=True)
-    writers: dict[int, pa.ipc.RecordBatchFileWriter] = {}
-    options = pa.ipc.IpcWriteOptions(compression="lz4")
+def string_hashes(column, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(hashes, valid) of a string column (any chunking, string or large_string)."""
+    if isinstance(column, pa.ChunkedArray):
+        arr = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
+    else:
+        arr = column
+    if pa.types.is_dictionary(arr.type):
+        arr = arr.cast(arr.type.value_type)
+    if not pa.types.is_string(arr.type):
+        arr = arr.cast(pa.string())
+    n = len(arr)
+    out = np.empty(n, dtype=np.uint64)
+    if n:
+        _, offsets_buf, data_buf = arr.buffers()
+        offsets = np.frombuffer(offsets_buf, dtype=np.int32, count=arr.offset + n + 1)[arr.offset:]
+        data = np.frombuffer(data_buf, dtype=np.uint8) if data_buf is not None and data_buf.size else \
+            np.zeros(1, dtype=np.uint8)
+        _buckets.hash_utf8(np.ascontiguousarray(offsets), data, seed, out)
+    valid = np.ones(n, dtype=bool) if arr.null_count == 0 else \
+        np.asarray(arr.is_valid().to_numpy(zero_copy_only=False), dtype=bool)
+    return out, valid
 
-    def write(batch: pa.RecordBatch) -> None:
-        i = batch.schema.get_field_index("bucket")
-        bucket = np.asarray(batch.column(i).to_numpy(zero_copy_only=False), dtype=np.int64)
-        batch = batch.remove_column(i)
-        order = np.argsort(bucket, kind="stable")
+
+def bucket_numbers(column, buckets: int) -> np.ndarray:
+    """Each row's bucket: its person's hash mod `buckets` (null persons: the empty string's)."""
+    h, valid = string_hashes(column, _buckets.PERSON_SEED)
+    if not valid.all():
+        h[~valid] = string_hashes(pa.array([""]), _buckets.PERSON_SEED)[0][0]
+    out = np.empty(len(h), dtype=np.uint16)
+    _buckets.buckets_of(h, buckets, out)
+    return out
+
+
+# -- the split ---------------------------------------------------------------------------
+
+class BucketFiles:
+    """One LZ4 Arrow IPC file per bucket, appended batch by batch (rows kept in order)."""
+
+    def __init__(self, folder: Path, schema: pa.Schema):
+        self.folder = folder
+        self.schema = schema
+        self.writers: dict[int, pa.ipc.RecordBatchFileWriter] = {}
+        self.options = pa.ipc.IpcWriteOptions(compression="lz4")
+        folder.mkdir(parents=True, exist_ok=True)
+
+    def write(self, batch: pa.RecordBatch, bucket: np.ndarray) -> None:
+        if batch.num_rows == 0:
+            return
+        order = np.argsort(bucket, kind="stable")  # 16-bit keys: numpy's radix sort, keeps input order
         sorted_buckets = bucket[order]
         batch = batch.take(pa.array(order))
         cuts = np.flatnonzero(np.diff(sorted_buckets)) + 1
         for lo, hi in zip(np.concatenate([[0], cuts]), np.concatenate([cuts, [len(order)]])):
             b = int(sorted_buckets[lo])
-            w = writers.get(b)
+            w = self.writers.get(b)
             if w is None:
-                w = writers[b] = pa.ipc.new_file(str(folder / f"bucket-{b:05d}.arrow"), batch.schema, options=options)
+                w = self.writers[b] = pa.ipc.new_file(str(self.folder / f"bucket-{b:05d}.arrow"), self.schema,
+                                                      options=self.options)
             w.write_batch(batch.slice(int(lo), int(hi - lo)))
 
-    # DuckDB produces the next batch while a helper thread splits and writes this one
-    # (Arrow's take and IPC writes release the GIL)
+    def close(self) -> None:
+        for w in self.writers.values():
+            w.close()
+        self.writers.clear()
+
+
+def conform(batch: pa.RecordBatch, schema: pa.Schema) -> pa.RecordBatch:
+    """`batch` with `schema`'s columns by name, cast; a column the file lacks is null."""
+    cols = []
+    for f in schema:
+        i = batch.schema.get_field_index(f.name)
+        cols.append(batch.column(i).cast(f.type) if i >= 0 else pa.nulls(batch.num_rows, f.type))
+    return pa.RecordBatch.from_arrays(cols, schema=schema)
+
+
+def read_batches(files: list[Path], columns: list[str]) -> Iterator[tuple[int, int, pa.RecordBatch]]:
+    """(file index, first row in the file, batch) of every file in order, only `columns` present."""
+    for fi, f in enumerate(files):
+        pf = pq.ParquetFile(f)
+        present = [c for c in columns if c in pf.schema_arrow.names]
+        row = 0
+        for batch in pf.iter_batches(READ_ROWS, columns=present, use_threads=True):
+            yield fi, row, batch
+            row += batch.num_rows
+
+
+def _year_bounds_us(year: int) -> tuple[int, int]:
+    epoch = dt.datetime(1970, 1, 1)
+    return ((dt.datetime(year, 1, 1) - epoch) // dt.timedelta(microseconds=1),
+            (dt.datetime(year + 1, 1, 1) - epoch) // dt.timedelta(microseconds=1))
+
+
+def _pipelined(items, work) -> None:
+    """Run `work(item)` on a helper thread while the next item is produced (Arrow's reads,
+    takes and IPC writes and the hashing release the GIL)."""
     pending: Optional[Future] = None
-    try:
-        with ThreadPoolExecutor(1, thread_name_prefix="medsettle-split") as pool:
-            for batch in relation.to_arrow_reader(batch_rows):
-                if batch.num_rows == 0:
-                    continue
-                if pending is not None:
-                    pending.result()
-                pending = pool.submit(write, batch)
+    with ThreadPoolExecutor(1, thread_name_prefix="medsettle-split") as pool:
+        for item in items:
             if pending is not None:
                 pending.result()
+            pending = pool.submit(work, *item)
+        if pending is not None:
+            pending.result()
+
+
+def split_claims(files: list[Path], folder: Path, year: int, buckets: int, total: int, bar) -> dict:
+    """Write the year's claims into bucket files; returns counts and the claim-id hashes."""
+    lo_us, hi_us = _year_bounds_us(year)
+    claim_hash = np.zeros(total, dtype=np.uint64)  # 0: not a claim id of the year (null or another year)
+    bucket_of_row = np.zeros(total, dtype=np.uint16)
+    out = BucketFiles(folder, BUCKET_CLAIMS_SCHEMA)
+    counts = {"rows": 0, "other": 0}
+    starts = np.zeros(len(files) + 1, dtype=np.int64)  # global row index of each file's first row
+    for i, f in enumerate(files):
+        starts[i + 1] = starts[i] + pq.ParquetFile(f).metadata.num_rows
+    source_schema = BUCKET_CLAIMS_SCHEMA.remove(BUCKET_CLAIMS_SCHEMA.get_field_index("ord"))
+
+    def work(fi: int, row: int, batch: pa.RecordBatch) -> None:
+        n = batch.num_rows
+        batch = conform(batch, source_schema)
+        t = batch.column(source_schema.get_field_index("settle_time")).cast(pa.int64())
+        us = np.asarray(t.fill_null(lo_us).to_numpy(), dtype=np.int64)
+        keep = (us >= lo_us) & (us < hi_us)  # a null time stays: the engine rejects it (MISSING_FIELD)
+        g0 = int(starts[fi]) + row
+        ords = (np.int64(fi) << FILE_SHIFT) | np.arange(row, row + n, dtype=np.int64)
+        batch = pa.RecordBatch.from_arrays([*batch.columns, pa.array(ords)], schema=BUCKET_CLAIMS_SCHEMA)
+        counts["other"] += int(n - keep.sum())
+        bucket = bucket_numbers(batch.column(1), buckets)
+        h, valid = string_hashes(batch.column(0), _buckets.CLAIM_SEED)
+        h |= np.uint64(1)  # 0 is kept for "not a claim id of the year"
+        h[~(valid & keep)] = 0
+        claim_hash[g0:g0 + n] = h
+        bucket_of_row[g0:g0 + n] = bucket
+        if not keep.all():
+            idx = np.flatnonzero(keep)
+            batch, bucket = batch.take(pa.array(idx)), bucket[idx]
+        counts["rows"] += batch.num_rows
+        out.write(batch, bucket)
+        bar.advance(n)
+
+    try:
+        _pipelined(read_batches(files, list(source_schema.names)), work)
     finally:
-        for w in writers.values():
-            w.close()
+        out.close()
+    return {**counts, "claim_hash": claim_hash, "bucket": bucket_of_row, "starts": starts}
+
+
+def split_table(files: list[Path], folder: Path, schema: pa.Schema, buckets: int, bar=None) -> None:
+    """Registry or ledger rows into bucket files by person (rows kept in input order)."""
+    out = BucketFiles(folder, schema)
+    pid = schema.get_field_index("person_id")
+
+    def work(fi: int, row: int, batch: pa.RecordBatch) -> None:
+        batch = conform(batch, schema)
+        out.write(batch, bucket_numbers(batch.column(pid), buckets))
+        if bar is not None:
+            bar.advance(batch.num_rows)
+
+    try:
+        _pipelined(read_batches(files, list(schema.names)), work)
+    finally:
+        out.close()
+
+
+def cross_bucket_duplicates(files: list[Path], claim_hash: np.ndarray, bucket: np.ndarray,
+                            starts: np.ndarray) -> pa.Table:
+    """The later rows of claim ids repeated in more than one bucket, as FORCED_SCHEMA rows.
+
+    Repeats within one bucket are left to the bucket's settlement call (same rule, same
+    order). Hashes only nominate candidates; ids are compared exactly."""
+    live = claim_hash[claim_hash != 0]
+    if len(live) < 2:
+        return FORCED_SCHEMA.empty_table()
+    live.sort()
+    repeated = np.unique(live[1:][live[1:] == live[:-1]])
+    del live
+    if not len(repeated):
+        return FORCED_SCHEMA.empty_table()
+    rows = np.flatnonzero(_buckets.in_set(claim_hash, repeated))
+    h, b = claim_hash[rows], bucket[rows]
+    order = np.lexsort((rows, h))
+    rows, h, b = rows[order], h[order], b[order]
+    group_start = np.concatenate([[True], h[1:] != h[:-1]])
+    gid = np.cumsum(group_start) - 1
+    first_b = b[group_start][gid]
+    spans = np.zeros(gid[-1] + 1, dtype=bool)
+    np.logical_or.at(spans, gid, b != first_b)
+    rows = np.sort(rows[spans[gid]])  # rows of hashes seen in several buckets: compare their ids exactly
+    if not len(rows):
+        return FORCED_SCHEMA.empty_table()
+    ids = _claim_ids(files, starts, rows)
+    t = pa.table({"g": rows, "claim_id": ids}).sort_by([("claim_id", "ascending"), ("g", "ascending")])
+    g = t["g"].to_numpy()
+    b = bucket[g]
+    ids = t["claim_id"].combine_chunks()
+    start = np.ones(len(g), dtype=bool)
+    if len(g) > 1:
+        start[1:] = ~np.asarray(pc.equal(ids[1:], ids[:-1]).to_numpy(zero_copy_only=False), dtype=bool)
+    gid = np.cumsum(start) - 1
+    later = (g != g[start][gid]) & (b != b[start][gid])
+    g, b = g[later], b[later]
+    fi = np.searchsorted(starts, g, side="right") - 1
+    ords = (fi.astype(np.int64) << FILE_SHIFT) | (g - starts[fi])
+    return pa.table({"bucket": pa.array(b.astype(np.int32)), "ord": pa.array(ords, pa.int64())},
+                    schema=FORCED_SCHEMA).sort_by([("bucket", "ascending"), ("ord", "ascending")])
+
+
+def _claim_ids(files: list[Path], starts: np.ndarray, rows: np.ndarray) -> pa.Array:
+    """The claim ids at global row numbers `rows` (sorted), read back from the files."""
+    out = []
+    fi_of = np.searchsorted(starts, rows, side="right") - 1
+    for fi in np.unique(fi_of):
+        local = rows[fi_of == fi] - starts[fi]
+        col = pq.ParquetFile(files[fi]).read(columns=["claim_id"]).column(0)
+        out.append(col.take(pa.array(local)).cast(pa.string()))
+    return pa.concat_arrays([c.combine_chunks() for c in out])
+
+
+def partition(files: list[Path], registry_files: Optional[list[Path]], ledger_files: Optional[list[Path]],
+              work: Path, year: int, bucket_rows: int = BUCKET_ROWS, key: str = "", stream=None) -> Partition:
+    """Split the year's claims, the registry and the ledger into buckets under work/partition."""
+    has_facility = check_claims_files(files)
+    if registry_files:
+        check_registry(registry_files)
+    if ledger_files:
+        check_ledger(ledger_files)
+    final = work / "partition"
+    tmp = work / "partition.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    total = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
+    buckets = max(1, min(MAX_BUCKETS, math.ceil(total / max(1, bucket_rows))))
+    extra = sum(pq.ParquetFile(f).metadata.num_rows for f in [*(registry_files or []), *(ledger_files or [])])
+    with PhaseProgress("partition", total + extra, stream) as bar:
+        split = split_claims(files, tmp / "claims", year, buckets, total, bar)
+        forced = cross_bucket_duplicates(files, split["claim_hash"], split["bucket"], split["starts"])
+        del split["claim_hash"], split["bucket"]
+        with pa.ipc.new_file(str(tmp / "forced.arrow"), FORCED_SCHEMA) as w:
+            w.write_table(forced)
+        if registry_files:
+            split_table(registry_files, tmp / "registry", PERSONS_SCHEMA, buckets, bar)
+        if ledger_files:
+            split_table(ledger_files, tmp / "ledger", BUCKET_LEDGER_SCHEMA, buckets, bar)
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    result = Partition(final, buckets, int(split["rows"]), int(split["other"]), forced.num_rows, has_facility,
+                       bool(ledger_files))
+    write_json(final / "manifest.json", {"key": key, "buckets": buckets, "rows": result.rows,
+                                         "other_years": result.other_years, "forced": result.forced,
+                                         "has_facility": has_facility, "has_ledger": result.has_ledger})
+    return result
 
 
 def read_bucket(folder: Path, kind: str, bucket: int) -> Optional[pa.Table]:
@@ -240,7 +436,15 @@ def read_bucket(folder: Path, kind: str, bucket: int) -> Optional[pa.Table]:
         return pa.ipc.open_file(source).read_all()
 
 
-def from_manifest(work: Path, manifest: dict) -> Partition:
-    return Partition(work / "partition", manifest["buckets"], manifest["rows"], manifest["other_years"],
-                     manifest["duplicates"], manifest["has_facility"])
-
+def read_forced(part: Partition) -> dict[int, np.ndarray]:
+    """Per bucket, the ords of its rows to reject as later duplicates of another bucket's row."""
+    path = part.folder / "forced.arrow"
+    if not path.exists():
+        return {}
+    with pa.memory_map(str(path)) as source:
+        t = pa.ipc.open_file(source).read_all()
+    if not t.num_rows:
+        return {}
+    b = t["bucket"].to_numpy()
+    o = t["ord"].to_numpy()
+    return {int(k): o[b == k] for k in np.unique(b)}

@@ -17,7 +17,7 @@ import duckdb
 from ..files import write_bytes
 from ..schema import FUND_COLUMNS, FUNDS, format_yuan
 from .accounts import TARGET_BP
-from .sql import rows
+from .sql import rows, source
 
 try:  # optional: the `reports` extra
     import matplotlib
@@ -263,9 +263,13 @@ def recon_section(con: duckdb.DuckDBPyConnection, recon: dict, charts: Charts) -
 
 
 def register_accounts(con: duckdb.DuckDBPyConnection, out: Path) -> None:
+    """Views over the run's tables (a table may be a folder of part files)."""
     for name in ("fund_totals", "critical_illness", "facilities", "persons"):
         view = "persons_summary" if name == "persons" else name
-        con.execute(f"CREATE OR REPLACE TEMP VIEW {view} AS SELECT * FROM read_parquet('{out / 'accounts' / (name + '.parquet')}')")
+        con.execute(f"CREATE OR REPLACE TEMP VIEW {view} AS SELECT * FROM {source(out / 'accounts' / (name + '.parquet'))}")
+    recon = out / "reconciliation" / "persons.parquet"
+    if recon.exists():
+        con.execute(f"CREATE OR REPLACE TEMP VIEW recon_persons AS SELECT * FROM {source(recon)}")
 
 
 def page(title: str, sections: list[str], note: str = "") -> bytes:

@@ -20,6 +20,12 @@ def quote(path) -> str:
     return "'" + str(path).replace("'", "''") + "'"
 
 
+def source(path) -> str:
+    """DuckDB's reader of a Parquet table: a file, or a folder of part files (as Spark writes them)."""
+    path = Path(path)
+    return f"read_parquet({quote(path / '*.parquet' if path.is_dir() else path)})"
+
+
 def file_list(files) -> str:
     return "[" + ", ".join(quote(f) for f in files) + "]"
 

@@ -18,16 +18,13 @@ import duckdb
 from ..files import write_bytes
 from ..model import PolicySet
 from ..schema import FUND_COLUMNS, FUNDS
-from ..settle import compiled
-from .accounts import key_figures, register_layers, register_results, write_accounts
-from .clear import disk_bytes, peak_rss_bytes, prepare, year_policies
+from .clear import connect, disk_bytes, peak_rss_bytes, prepare, settle_year, year_policies
 from .files import write_json
-from .partition import BUCKET_ROWS, connect
+from .partition import BUCKET_ROWS
 from .progress import PhaseProgress
 from .report import Charts, burden_histogram, histogram_chart, page, table, write_report, yuan, yuan_axis
-from .resettle import resettle
 from .schema import WHATIF_FUNDS_SCHEMA, WHATIF_IDENTITY_SCHEMA, WHATIF_PERSONS_SCHEMA
-from .sql import quote, rows, write_query
+from .sql import quote, rows, source, write_query
 
 SIDES = ("baseline", "reform")
 
@@ -41,21 +38,18 @@ def whatif(year: int, claims, baseline: PolicySet, reform: PolicySet, out, regis
     year_policies(reform, year, "--reform")
     timings: dict = {}
     counts: dict = {}
-    part = prepare(out, claims, registry, year, use_claim_identities, bucket_rows, False, memory_limit,
-                   threads, stream, timings, counts)
+    part = prepare(out, claims, registry, None, year, use_claim_identities, bucket_rows, False, stream, timings,
+                   counts)
     figures = {}
     for side, policies in zip(SIDES, (baseline, reform)):
         t = time.perf_counter()
         d = out / side
-        shutil.rmtree(d / "results", ignore_errors=True)
-        resettle(part, d, compiled(policies), not use_claim_identities, False, stream)
-        with connect(out / "work", memory_limit, threads) as con:  # closed before the next side settles
-            register_results(con, d / "results", None, name="cleared")
-            register_layers(con, policies)
-            write_accounts(con, d)
-            figures[side] = key_figures(con)
-            write_report(con, d, f"Year {year} under the {side} policies", figures[side], None,
-                         f"{policies.source}", charts)
+        con, figures[side], _, _, _ = settle_year(part, d, policies, year, not use_claim_identities, False,
+                                                  memory_limit, threads, stream, {}, {})
+        write_report(con, d, f"Year {year} under the {side} policies", figures[side], None, f"{policies.source}",
+                     charts)
+        con.close()  # before the next side settles: DuckDB keeps its buffers while open
+        shutil.rmtree(d / "work", ignore_errors=True)
         timings[side] = round(time.perf_counter() - t, 3)
     t = time.perf_counter()
     with PhaseProgress("compare", 1, stream) as bar, connect(out / "work", memory_limit, threads) as con:
@@ -73,7 +67,7 @@ def whatif(year: int, claims, baseline: PolicySet, reform: PolicySet, out, regis
 def compare(con: duckdb.DuckDBPyConnection, out: Path, year: int, charts: bool = True) -> dict:
     for side in SIDES:
         con.execute(f"CREATE OR REPLACE TEMP VIEW {side}_persons AS SELECT * FROM "
-                    f"read_parquet({quote(out / side / 'accounts' / 'persons.parquet')})")
+                    f"{source(out / side / 'accounts' / 'persons.parquet')}")
         con.execute(f"CREATE OR REPLACE TEMP VIEW {side}_funds AS SELECT * FROM "
                     f"read_parquet({quote(out / side / 'accounts' / 'fund_totals.parquet')})")
     fund_sums = ", ".join(f"sum({c})::BIGINT AS {f}" for f, c in zip(FUNDS, FUND_COLUMNS))
