@@ -36,7 +36,7 @@ from ..schema import AMOUNT_COLUMNS, CLAIMS_SCHEMA, MAX_AMOUNT, PERSONS_SCHEMA
 from ..settle import settle
 from .accounts import PARTIALS, bucket_accounts, empty_ledger_paid
 from .files import write_parquet
-from .partition import BUCKET_CLAIMS_SCHEMA, Partition, read_bucket, read_forced
+from .partition import BUCKET_CLAIMS_SCHEMA, BUCKET_LEDGER_SCHEMA, Partition, read_bucket, read_forced
 from .progress import PhaseProgress
 from .reconcile import ledger_paid, reconcile_bucket
 from .schema import BEFORE_BIRTH, CLEARED_SCHEMA, UNKNOWN_PERSON
@@ -188,6 +188,8 @@ class BucketWork:
         claims = read_bucket_claims(self.part, b)
         persons = read_bucket_registry(self.part, b) if self.use_registry else None
         ledger = read_bucket(self.part.folder, "ledger", b) if self.part.has_ledger else None
+        if ledger is None:
+            ledger = BUCKET_LEDGER_SCHEMA.empty_table()
         t = self._time("read", t)
         cleared = settle_bucket(claims, persons, self.policies, self.forced.get(b))
         del claims, persons

@@ -194,3 +194,23 @@ def test_report_shows_reconciliation(tmp_path):
     assert "Reconciliation with the counter" in html and "charts/top_differences.png" in html
     assert (out / "charts" / "top_differences.png").read_bytes()[:4] == b"\x89PNG"
     assert "-350.00" in html and "250.00" in html  # D to recover, A owed, in yuan
+
+
+def test_claim_moved_to_another_person_is_corrected_on_both(tmp_path):
+    """The counter paid c7 on D's record; the year's data holds c7 for C (a corrected person):
+    D's payment is to recover (ledger_only), C's re-settlement owed (year_only); each
+    person's record is corrected, whatever buckets the two persons fall in."""
+    claims = tmp_path / "claims.parquet"
+    year_claims(claims)
+    t = pq.read_table(claims)
+    moved = pa.array(["C" if c == "c7" else p for c, p in zip(t.column("claim_id").to_pylist(),
+                                                                 t.column("person_id").to_pylist())])
+    pq.write_table(t.set_column(t.schema.get_field_index("person_id"), "person_id", moved), claims)
+    for buckets_rows in (1, 1000):  # every person alone in a bucket, and all in one
+        out = tmp_path / f"out{buckets_rows}"
+        clear(2024, claims, write_policy(tmp_path / "policies"), out, write_registry(tmp_path / "persons.parquet"),
+              write_ledger(tmp_path / "ledger.parquet"), stream=None, charts=False, bucket_rows=buckets_rows)
+        rows = [r for r in pq.read_table(out / "reconciliation" / "claims.parquet").to_pylist()
+                if r["claim_id"] == "c7"]
+        assert sorted((r["person_id"], r["match"], r["diff_total"]) for r in rows) == [
+            ("C", "year_only", 200 * Y), ("D", "ledger_only", -200 * Y)]
