@@ -93,3 +93,18 @@ def test_ages_vectorized():
     birth = np.array([d(2000, 2, 29), d(2000, 2, 29), d(1960, 12, 31), d(1960, 12, 31)])
     day = np.array([d(2001, 2, 28), d(2001, 3, 1), d(2020, 12, 30), d(2020, 12, 31)])
     assert ages(birth, day).tolist() == [0, 1, 59, 60]
+
+
+def test_civil_dates_equal_numpys_calendar():
+    """The integer civil_from_days against numpy's datetime64, 2,190 years either side of 1970."""
+    import numpy as np
+
+    from engine.registry import _civil
+
+    days = np.arange(-800_000, 800_000, dtype=np.int64)
+    y, m, d = _civil(days)
+    dd = days.astype("datetime64[D]")
+    yy, mm = dd.astype("datetime64[Y]"), dd.astype("datetime64[M]")
+    assert (y == yy.astype(np.int64) + 1970).all()
+    assert (m == (mm - yy).astype(np.int64) + 1).all()
+    assert (d == (dd - mm).astype(np.int64) + 1).all()
