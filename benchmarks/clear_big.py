@@ -8,7 +8,9 @@ Generates (once; reused when the files exist) `claims.parquet` (engine.generate,
 ledger of `--ledger-fraction` of the claims as the counter would have settled them (on
 the claims' own identities, 1 % of them then reversed), then runs
 `medsettle clear` in a child process and prints, as JSON: time per phase, wall time,
-the child's peak RSS (os.wait4), disk used (peak of the output folder, the inputs), and
+the child's CPU seconds (user + system: on a shared machine the wall time
+is at least half of it on two cores, and the CPU seconds move less with the load) and peak
+RSS (os.wait4), disk used (peak of the output folder, the inputs), and
 the counts. The machine is shared: say so next to the figures.
 """
 from __future__ import annotations
@@ -115,7 +117,9 @@ def run_clear(claims: Path, persons: Path, ledger: Path | None, out: Path, year:
     if status != 0:
         raise SystemExit(f"clear failed with status {status}")
     summary = json.loads((out / "summary.json").read_text())
-    return {"wall_s": round(wall, 1), "phases_s": summary["seconds"], "peak_rss_gb": round(usage.ru_maxrss / 2**20, 2),
+    return {"wall_s": round(wall, 1), "cpu_s": round(usage.ru_utime + usage.ru_stime, 1),
+            "phases_s": summary["seconds"], "settle_steps_worker_s": summary.get("settle_steps_worker_seconds"),
+            "peak_rss_gb": round(usage.ru_maxrss / 2**20, 2),
             "disk_peak_gb": round(summary["disk_peak_bytes"] / 1e9, 2),
             "disk_final_gb": round(summary["disk_final_bytes"] / 1e9, 2), "counts": summary["counts"],
             "reconciliation": summary["reconciliation"]}

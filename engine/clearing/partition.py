@@ -255,9 +255,12 @@ def read_batches(files: list[Path], columns: list[str]) -> Iterator[tuple[int, i
         pf = pq.ParquetFile(f)
         present = [c for c in columns if c in pf.schema_arrow.names]
         row = 0
-        for batch in pf.iter_batches(READ_ROWS, columns=present, use_threads=True):
-            yield fi, row, batch
-            row += batch.num_rows
+        # an iterator per row group: one over the whole file keeps about 33 bytes per row
+        # read until it ends (pyarrow 26; 5.7 GB of RSS at 100 M claims)
+        for group in range(pf.num_row_groups):
+            for batch in pf.iter_batches(READ_ROWS, row_groups=[group], columns=present, use_threads=True):
+                yield fi, row, batch
+                row += batch.num_rows
 
 
 def _year_bounds_us(year: int) -> tuple[int, int]:
