@@ -11,7 +11,12 @@ a tenth of the claims (benchmarks/clear_big.py), then measured:
   report with charts); the time of each phase, peak RSS of the process so far and the
   disk used go to extra_info;
 * `settle_bucket`: one bucket's re-settlement (registry basis + engine call), the
-  per-claim part of the settle phase.
+  per-claim part of the settle phase;
+* `one_call` (the simplest alternative): the year read whole, the registry's basis,
+  one `engine.settle` call, the results written: no partition, no reconciliation,
+  accounts or report, and memory growing with the year;
+* `floor`: the claims read and a table of the results' size written (Parquet, LZ4):
+  the I/O any clearing pays.
 
 For 100 M claims use benchmarks/clear_big.py (a child process, peak RSS measured).
 """
@@ -93,3 +98,39 @@ def test_settle_bucket(benchmark, year):
     assert result.num_rows == claims.num_rows
     benchmark.extra_info.update(claims=claims.num_rows,
                                 claims_per_s=_rate(benchmark, claims.num_rows))
+
+
+def _one_call(claims_path, persons_path, out):
+    import pyarrow.parquet as pq
+
+    from engine import settle
+    from engine.files import write_table
+    from engine.registry import as_of, read_persons
+
+    claims = pq.read_table(claims_path)
+    results = settle(as_of(claims, read_persons(persons_path)).claims, load_policies()).results
+    write_table(results, out)
+    return results.num_rows
+
+
+def test_one_call(benchmark, year):
+    d, claims, persons, _ = year
+    n = benchmark.pedantic(_one_call, args=(claims, persons, d / "one-call.parquet"), rounds=2, iterations=1)
+    benchmark.extra_info.update(claims=n, claims_per_s=_rate(benchmark, n))
+
+
+def test_floor(benchmark, year):
+    import pyarrow.parquet as pq
+
+    from engine.files import write_table
+
+    d, claims, _, _ = year
+    sized = d / "one-call.parquet"  # the results of test_one_call, or the claims themselves
+
+    def run():
+        table = pq.read_table(claims)
+        write_table(pq.read_table(sized) if sized.exists() else table, d / "floor.parquet")
+        return table.num_rows
+
+    n = benchmark.pedantic(run, rounds=2, iterations=1)
+    benchmark.extra_info.update(claims=n, claims_per_s=_rate(benchmark, n))
