@@ -111,7 +111,7 @@ def _check_schema(schema: pa.Schema, path: str) -> None:
 
 def carried_rows(path: str, batch: int = IMPORT_BATCH) -> Iterator[list]:
     """The carry table as lists of AccumulatorRow; ValueError naming file, row and column."""
-    f = pq.ParquetFile(path)
+    f = pq.ParquetFile(path, pre_buffer=False)  # pre-buffering keeps every row group read
     _check_schema(f.schema_arrow, path)
     base = 0
     for rb in f.iter_batches(batch_size=batch, columns=ACCUMULATORS_SCHEMA.names):

@@ -211,7 +211,7 @@ def _check_schema(schema: pa.Schema, path: str) -> None:
 def read_persons_parquet(path, batch_size: int = 20_000) -> Iterator[list]:
     """Yields lists of checked `Person`s from a persons.parquet file; raises
     ValueError naming the file, row and reason for a bad file or record."""
-    f = pq.ParquetFile(path)
+    f = pq.ParquetFile(path, pre_buffer=False)  # pre-buffering keeps every row group read
     _check_schema(f.schema_arrow, str(path))
     base = 0
     for batch in f.iter_batches(batch_size=batch_size, columns=[x.name for x in PERSONS_SCHEMA]):

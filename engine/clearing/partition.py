@@ -252,15 +252,14 @@ def conform(batch: pa.RecordBatch, schema: pa.Schema) -> pa.RecordBatch:
 def read_batches(files: list[Path], columns: list[str]) -> Iterator[tuple[int, int, pa.RecordBatch]]:
     """(file index, first row in the file, batch) of every file in order, only `columns` present."""
     for fi, f in enumerate(files):
-        pf = pq.ParquetFile(f)
+        # no pre-buffering: its cache keeps every row group's bytes read until the file is
+        # closed (5.7 GB of RSS at 100 M claims; engine.files reads claims the same way)
+        pf = pq.ParquetFile(f, pre_buffer=False)
         present = [c for c in columns if c in pf.schema_arrow.names]
         row = 0
-        # an iterator per row group: one over the whole file keeps about 33 bytes per row
-        # read until it ends (pyarrow 26; 5.7 GB of RSS at 100 M claims)
-        for group in range(pf.num_row_groups):
-            for batch in pf.iter_batches(READ_ROWS, row_groups=[group], columns=present, use_threads=True):
-                yield fi, row, batch
-                row += batch.num_rows
+        for batch in pf.iter_batches(READ_ROWS, columns=present, use_threads=True):
+            yield fi, row, batch
+            row += batch.num_rows
 
 
 def _year_bounds_us(year: int) -> tuple[int, int]:
