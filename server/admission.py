@@ -34,6 +34,7 @@ import grpc
 
 from ._proto import settlement_pb2 as pb
 from .errors import DETAILS_KEY, CallError
+from .limits import MAX_IN_FLIGHT
 
 E = pb.ErrorCode
 log = logging.getLogger("medsettle.server.admission")
@@ -46,7 +47,7 @@ EWMA_ALPHA = 0.02
 class Admission:
     """Counts calls in flight and their recent latency; refuses beyond the bounds."""
 
-    def __init__(self, max_in_flight: int = 2000, latency_budget_s: float = 0.25, *, min_in_flight: int = 16,
+    def __init__(self, max_in_flight: int = MAX_IN_FLIGHT, latency_budget_s: float = 0.25, *, min_in_flight: int = 16,
                  clock: Callable[[], float] = time.monotonic):
         self.max_in_flight = max_in_flight
         self.latency_budget_s = latency_budget_s
