@@ -147,8 +147,7 @@ def test_grpc_core_refuses_calls_beyond_its_concurrency_limit(thread_srv):
 
 def test_serve_options_of_grpc_limits():
     """`serve --max-in-flight/--max-concurrent-rpcs/--core-pending` reach Server; the defaults are
-    limits.py's: admission bounds the calls in flight (its refusals carry retry advice) and
-    grpc.aio's own limit is off (its refusals carry none)."""
+    limits.py's (grpc.aio's limit below admission's in-flight bound: the cheaper refusal first)."""
     import argparse
 
     from server.app import add_arguments
@@ -158,17 +157,17 @@ def test_serve_options_of_grpc_limits():
     add_arguments(p)
     a = p.parse_args(["--store", "x.db"])
     assert (a.max_in_flight, a.max_concurrent_rpcs, a.core_pending) == (MAX_IN_FLIGHT, MAX_CONCURRENT_RPCS,
-                                                                         CORE_PENDING) == (256, 0, 0)
+                                                                         CORE_PENDING) == (2000, 256, 0)
     a = p.parse_args(["--store", "x.db", "--max-concurrent-rpcs", "8", "--core-pending", "64", "--max-in-flight", "9"])
     assert (a.max_in_flight, a.max_concurrent_rpcs, a.core_pending) == (9, 8, 64)
 
 
-def test_default_server_leaves_grpc_aio_limit_off(thread_srv):
-    """With the defaults every refusal is admission's (RESOURCE_EXHAUSTED with retry advice):
-    grpc.aio's maximum_concurrent_rpcs is not set and admission bounds the calls in flight."""
-    from server.limits import MAX_IN_FLIGHT
+def test_default_limits_of_a_server(thread_srv):
+    """A Server with the defaults: grpc.aio's maximum_concurrent_rpcs set (its refusals cost the
+    event loop least) and admission's in-flight bound above it."""
+    from server.limits import MAX_CONCURRENT_RPCS, MAX_IN_FLIGHT
 
-    assert thread_srv.srv.max_concurrent_rpcs is None
+    assert thread_srv.srv.max_concurrent_rpcs == MAX_CONCURRENT_RPCS < MAX_IN_FLIGHT
     assert thread_srv.srv.admission.max_in_flight == MAX_IN_FLIGHT
 
 
