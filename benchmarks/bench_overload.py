@@ -21,6 +21,8 @@ import argparse
 import asyncio
 import json
 import multiprocessing as mp
+import os
+import re
 import sys
 import tempfile
 import threading
@@ -99,6 +101,24 @@ async def _offer(target: str, payloads: list, start_at: float, phase: float, str
     return sent, done, code
 
 
+def refusal_texts(stderr: str, status) -> dict:
+    """{"STATUS: text with digits as N": count} of the non-OK answers, from loadgen's MSG lines."""
+    import grpc
+
+    names = {c.value[0]: c.name for c in grpc.StatusCode}
+    out: dict = {}
+    for line in stderr.splitlines():
+        if not line.startswith("MSG "):
+            continue
+        _, i, text = line.split(" ", 2)
+        code = int(status[int(i)])
+        if code in (0, -1):
+            continue
+        key = f"{names.get(code, code)}: {re.sub(r'[0-9]+', 'N', text)[:90]}"
+        out[key] = out.get(key, 0) + 1
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+
+
 def _proc(args):
     return asyncio.run(_offer(*args))
 
@@ -111,6 +131,9 @@ def main(argv=None) -> int:
     ap.add_argument("--client", choices=("auto", "c", "python"), default="auto",
                     help="benchmarks/loadgen.c (about 0.05 ms of CPU per call; when it builds) or the Python client")
     ap.add_argument("--server-arg", action="append", default=[])
+    ap.add_argument("--messages", action="store_true",
+                    help="C client: count the refused calls by status and message text (digits as N), to tell "
+                         "admission's refusals (retry advice) from gRPC's")
     ap.add_argument("--json", metavar="PATH")
     args = ap.parse_args(argv)
     import grpc
@@ -123,6 +146,7 @@ def main(argv=None) -> int:
     target = f"127.0.0.1:{port}"
     samples = []
     stop = threading.Event()
+    texts = None
 
     def sample():
         while not stop.is_set():
@@ -135,7 +159,12 @@ def main(argv=None) -> int:
         t.start()
         exe = build_loadgen() if args.client in ("auto", "c") else None
         if exe is not None:  # due times are kept by the C client itself: latency from due time
-            res, _ = CClient(exe).run(target, payloads, args.rate, timeout_s=30.0)
+            if args.messages:
+                os.environ["LOADGEN_MESSAGES"] = "1"
+            cc = CClient(exe)
+            res, _ = cc.run(target, payloads, args.rate, timeout_s=30.0)
+            if args.messages:
+                texts = refusal_texts(cc.last_stderr, res["grpc_status"])
             ok = res["done_ns"] >= 0
             code = np.where(ok & (res["http_status"] == 200), res["grpc_status"], -1).astype(np.int32)
             parts = [(res["due_ns"] / 1e9, np.where(ok, res["done_ns"] / 1e9, np.nan), code)]
@@ -168,6 +197,8 @@ def main(argv=None) -> int:
         if len(v):
             out[label] = {"count": int(len(v)), "per_s": float(len(v) / span), "p50_ms": float(np.percentile(v, 50)),
                           "p99_ms": float(np.percentile(v, 99)), "max_ms": float(v.max())}
+    if texts is not None:
+        out["refusal_texts"] = texts
     print(json.dumps(out, indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2))

@@ -222,6 +222,7 @@ class CClient:
             cmd = [str(self.exe), host, port, METHOD, str(src), str(rate), str(out), str(self.connections),
                    str(timeout_s), str(in_flight)]
             r = subprocess.run(cmd, capture_output=True, text=True)
+            self.last_stderr = r.stderr  # "MSG i TEXT" lines with LOADGEN_MESSAGES=1 (loadgen.c)
             if r.returncode != 0:
                 raise RuntimeError(f"loadgen failed ({r.returncode}): {r.stderr.strip()}")
             fields = r.stdout.split()

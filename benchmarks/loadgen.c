@@ -17,7 +17,9 @@
  * int32 grpc-status (-1: none seen), int32 HTTP :status.
  * IN_FLIGHT > 0 makes it a closed loop: a request is also held back while
  * that many are unanswered, and its due time is when it is sent (saturation).
- * Prints one line on stdout: "sent N done N ok N cpu_s X".
+ * Prints one line on stdout: "sent N done N ok N cpu_s X". With LOADGEN_MESSAGES=1 in the
+ * environment it also prints "MSG i TEXT" on stderr for every grpc-message received (the first
+ * 200 bytes), so a benchmark can tell refusals apart by their text.
  */
 #include <arpa/inet.h>
 #include <errno.h>
@@ -59,6 +61,7 @@ typedef struct {
 static Result *results;
 static Request *requests;
 static int64_t n_done, n_ok;
+static int print_messages;
 static struct timespec t0;
 
 static int64_t now_ns(void) {
@@ -118,6 +121,9 @@ static int on_header(nghttp2_session *s, const nghttp2_frame *frame, const uint8
         results[r->index].grpc_status = atoi(text);
     else if (namelen == 7 && memcmp(name, ":status", 7) == 0)
         results[r->index].http_status = atoi(text);
+    else if (print_messages && namelen == 12 && memcmp(name, "grpc-message", 12) == 0 && valuelen > 0)
+        fprintf(stderr, "MSG %lld %.*s\n", (long long)r->index, (int)(valuelen > 200 ? 200 : valuelen),
+                (const char *)value);
     return 0;
 }
 
@@ -180,6 +186,7 @@ int main(int argc, char **argv) {
         return 2;
     }
     const char *host = argv[1], *port = argv[2], *path = argv[3];
+    print_messages = getenv("LOADGEN_MESSAGES") != NULL && strcmp(getenv("LOADGEN_MESSAGES"), "1") == 0;
     double rate = atof(argv[5]);
     int nconn = argc > 7 ? atoi(argv[7]) : 1;
     double timeout_s = argc > 8 ? atof(argv[8]) : 30.0;

@@ -1,12 +1,13 @@
 """Admission control and health: refuse what cannot be served in time, fast,
 with a code clients retry; say NOT_SERVING while the store cannot commit.
 
-Why: past saturation gRPC's own queue sheds calls as CANCELLED after they
-waited (issue 15: 57 % CANCELLED at twice saturation, accepted ones waited
-1.0-1.6 s). CANCELLED is not retried by standard retry policies, and a counter
-is better served by an immediate "retry in 50 ms" than an answer after
-seconds. So every state-changing call passes `Admission.enter` first, in the
-handler, before its request is parsed:
+Why: past saturation gRPC's core refuses the calls the event loop has not
+taken yet as CANCELLED (issue 15: 57 % CANCELLED at twice saturation, accepted
+ones waited 1.0-1.6 s; docs/SERVER.md "Overload" shows where in gRPC).
+CANCELLED is not retried by standard retry policies, and a counter is better
+served by an immediate "retry in 50 ms" than an answer after seconds. So every
+state-changing call passes `Admission.enter` first, in the handler, before its
+request is read (server/gate.py):
 
 * more than `max_in_flight` calls admitted and not yet answered, or
 * the recent latency of answered calls (an exponentially weighted mean over
@@ -34,6 +35,7 @@ import grpc
 
 from ._proto import settlement_pb2 as pb
 from .errors import DETAILS_KEY, CallError
+from .limits import MAX_IN_FLIGHT
 
 E = pb.ErrorCode
 log = logging.getLogger("medsettle.server.admission")
@@ -41,12 +43,14 @@ log = logging.getLogger("medsettle.server.admission")
 PUSHBACK_KEY = "grpc-retry-pushback-ms"
 #: Weight of the newest latency in the mean (about the last 50 calls count).
 EWMA_ALPHA = 0.02
+#: Distinct refusal answers kept made (the texts vary with the latency and the advice).
+ANSWERS_KEPT = 256
 
 
 class Admission:
     """Counts calls in flight and their recent latency; refuses beyond the bounds."""
 
-    def __init__(self, max_in_flight: int = 2000, latency_budget_s: float = 0.25, *, min_in_flight: int = 16,
+    def __init__(self, max_in_flight: int = MAX_IN_FLIGHT, latency_budget_s: float = 0.25, *, min_in_flight: int = 16,
                  clock: Callable[[], float] = time.monotonic):
         self.max_in_flight = max_in_flight
         self.latency_budget_s = latency_budget_s
@@ -55,6 +59,7 @@ class Admission:
         self.in_flight = 0
         self.latency = 0.0  # EWMA of answered calls' latency, seconds
         self.refused = 0
+        self._answers: dict = {}  # (why, retry ms) -> CallError with its answer
 
     def enter(self) -> Optional[CallError]:
         """None when the call is admitted (then call `leave` when answered), else the error."""
@@ -76,11 +81,21 @@ class Admission:
         return int(min(2000, max(20, self.latency * 1000 * 2)))
 
     def _refuse(self, why: str) -> CallError:
+        """The refusal, with its answer (status message, trailers) made once per distinct text:
+        under overload the event loop refuses thousands of calls a second, and each one it
+        answers more slowly is one more left in gRPC's queue (docs/SERVER.md "Overload")."""
         self.refused += 1
         ms = self.retry_after_ms()
-        err = CallError(E.OVERLOADED, f"the server is at capacity ({why}); nothing was recorded: retry after "
-                        f"{ms} ms with backoff")
-        err.retry_ms = ms
+        key = (why, ms)
+        err = self._answers.get(key)
+        if err is None:
+            err = CallError(E.OVERLOADED, f"the server is at capacity ({why}); nothing was recorded: retry after "
+                            f"{ms} ms with backoff")
+            err.retry_ms = ms
+            err.answer = (err.status_message(), ((DETAILS_KEY, err.trailer()), (PUSHBACK_KEY, str(ms))))
+            if len(self._answers) >= ANSWERS_KEPT:
+                self._answers.clear()
+            self._answers[key] = err
         return err
 
     def idle(self) -> bool:
@@ -93,9 +108,11 @@ class Admission:
 
 async def abort_overloaded(context, err: CallError) -> None:
     """Ends a call refused by admission: RESOURCE_EXHAUSTED, detail and retry pushback."""
-    await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, err.status_message(),
-                        trailing_metadata=((DETAILS_KEY, err.trailer()),
-                                           (PUSHBACK_KEY, str(getattr(err, "retry_ms", 100)))))
+    answer = getattr(err, "answer", None)
+    if answer is None:
+        answer = (err.status_message(), ((DETAILS_KEY, err.trailer()),
+                                         (PUSHBACK_KEY, str(getattr(err, "retry_ms", 100)))))
+    await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, answer[0], trailing_metadata=answer[1])
 
 
 def probe_directory(path: str) -> None:

@@ -38,7 +38,7 @@ from .auth import Authenticator, Authorizer
 from .core import Core
 from .errors import CallError
 from .gate import Gate
-from .limits import CORE_PENDING, MAX_CONCURRENT_RPCS, MAX_RECEIVE_BYTES
+from .limits import CORE_PENDING, MAX_CONCURRENT_RPCS, MAX_IN_FLIGHT, MAX_RECEIVE_BYTES
 from .metrics import Metrics
 from .registry import person_to_row, read_persons_parquet
 from .runtime import tune_gc
@@ -82,15 +82,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     s.add_argument("--metrics-host", default="127.0.0.1",
                    help="address of the metrics port (default 127.0.0.1; an internal interface for a remote "
                         "Prometheus)")
-    s.add_argument("--max-in-flight", type=int, default=2000,
-                   help="Settle/PreSettle/Reverse calls in flight beyond which calls get RESOURCE_EXHAUSTED at "
-                        "once (default 2000)")
+    s.add_argument("--max-in-flight", type=int, default=MAX_IN_FLIGHT,
+                   help="Settle/PreSettle/Reverse calls in flight beyond which calls get RESOURCE_EXHAUSTED with "
+                        f"retry advice at once (default {MAX_IN_FLIGHT})")
     s.add_argument("--max-concurrent-rpcs", type=int, default=MAX_CONCURRENT_RPCS,
-                   help="calls of any method in flight beyond which gRPC's core answers RESOURCE_EXHAUSTED before "
-                        f"the server reads them (cheap; 0 = no limit; default {MAX_CONCURRENT_RPCS})")
+                   help="calls of any method in flight beyond which grpc.aio answers RESOURCE_EXHAUSTED without "
+                        f"retry advice before our handlers run (0 = no limit; default {MAX_CONCURRENT_RPCS})")
     s.add_argument("--core-pending", type=int, default=CORE_PENDING,
                    help="calls waiting in gRPC's core for the event loop beyond which it refuses some (twice this: "
-                        f"all) with RESOURCE_EXHAUSTED (0 = gRPC's defaults 1000/3000; default {CORE_PENDING})")
+                        "all); gRPC 1.85 answers those CANCELLED (docs/SERVER.md \"Overload\"; 0 = gRPC's "
+                        f"defaults 1000/3000; default {CORE_PENDING})")
     s.add_argument("--latency-budget-ms", type=float, default=250.0,
                    help="refuse new Settle/PreSettle/Reverse calls while the recent mean latency is above this "
                         "(default 250)")
@@ -148,7 +149,7 @@ class Server:
                  read_threads: int = 2, verify: bool = False, store=None, writer: str = "process",
                  policies_source=None, pool_size: int = 4, client_auth: bool = False,
                  facilities_file=None, metrics_port=None, metrics_host: str = "127.0.0.1",
-                 max_in_flight: int = 2000, latency_budget_ms: float = 250.0, log_call_detail: bool = False,
+                 max_in_flight: int = MAX_IN_FLIGHT, latency_budget_ms: float = 250.0, log_call_detail: bool = False,
                  max_concurrent_rpcs: int = MAX_CONCURRENT_RPCS, core_pending: int = CORE_PENDING):
         if writer not in ("process", "thread"):
             raise ValueError(f"writer must be 'process' or 'thread', not {writer!r}")

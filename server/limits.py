@@ -53,15 +53,25 @@ MAX_REQUEST_BYTES = 64 << 10
 #: gRPC's own limit on a received message: beyond it gRPC answers RESOURCE_EXHAUSTED before the
 #: service sees the call. Between MAX_REQUEST_BYTES and this, INVALID_REQUEST with the detail.
 MAX_RECEIVE_BYTES = 1 << 20
-#: Calls of any method in flight in one server beyond which gRPC answers RESOURCE_EXHAUSTED before
-#: any of our code runs (grpc.aio.server's maximum_concurrent_rpcs): past the front-end's
-#: saturation calls are refused RESOURCE_EXHAUSTED before any handler runs instead of waiting in
-#: gRPC's queue (many of which came back CANCELLED). Counts every method, health checks too.
-#: Chosen from the measured saturation and the latency budget (docs/SERVER.md, "Overload").
+#: Settle/PreSettle/Reverse calls admitted and unanswered beyond which admission answers
+#: RESOURCE_EXHAUSTED / OVERLOADED with retry advice (server/admission.py). Above
+#: MAX_CONCURRENT_RPCS, so it bounds the writes when that limit is turned off (--max-concurrent-rpcs 0).
+MAX_IN_FLIGHT = 2000
+#: Calls of any method in flight beyond which grpc.aio answers RESOURCE_EXHAUSTED "Concurrent RPC
+#: limit exceeded!" before any handler of ours runs (grpc.aio.server's maximum_concurrent_rpcs;
+#: grpcio 1.85.4 src/python/grpcio/grpc/_cython/_cygrpc/aio/server.pyx.pxi, _handle_rpc). Its
+#: answer has no retry advice, but it costs the event loop about 0.6 times admission's refusal
+#: (measured), and every call the loop cannot take in time is one gRPC's core answers CANCELLED
+#: (CORE_PENDING below): at 1.3-1.7 times saturation this limit left 0.1-3 % of the calls CANCELLED
+#: where admission alone left 4-17 % (docs/SERVER.md "Overload"). From the measured saturation
+#: (about 3,000-3,700 accepted Settle/s on this machine) and the 250 ms latency budget: 256 in
+#: flight at 3,000/s is about 85 ms of queue.
 MAX_CONCURRENT_RPCS = 256
 #: Calls gRPC's core holds for the event loop (not yet seen by Python) beyond which it refuses a
-#: growing share (at twice this, all); 0 keeps gRPC's 1000/3000. Lower values cut the accepted
-#: calls' wait but this gRPC answers more of those refusals CANCELLED (measured: docs/SERVER.md).
+#: growing share (at twice this, all); 0 keeps gRPC's 1000/3000. gRPC 1.85.4 answers those
+#: refusals CANCELLED, not RESOURCE_EXHAUSTED (src/core/server/server.cc:687-691; see
+#: docs/SERVER.md "Where CANCELLED comes from"): they only happen when the event loop cannot take
+#: calls as fast as they arrive.
 CORE_PENDING = 0
 #: Characters of a caller's value quoted in any message.
 ECHO_CHARS = 32

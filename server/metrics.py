@@ -82,6 +82,7 @@ class Metrics:
         self.serving.set(1)
         self.http = None
         self.port = 0
+        self._children: dict = {}  # (method, code) -> (calls child, latency child)
 
     def start_http(self, port: int, addr: str = "0.0.0.0") -> int:
         """Serves /metrics on `port` (0: any free one); returns the bound port."""
@@ -112,8 +113,12 @@ class Metrics:
         CALL.reset(token)
         self.in_flight.dec()
         name = code.name
-        self.calls.labels(method, name).inc()
-        self.latency.labels(method).observe(seconds)
+        children = self._children.get((method, name))
+        if children is None:  # labels() costs a lock and a lookup: bind each pair once
+            children = self._children[(method, name)] = (self.calls.labels(method, name),
+                                                         self.latency.labels(method))
+        children[0].inc()
+        children[1].observe(seconds)
         error = fields.get("error", "")
         if error:
             self.errors.labels(method, error).inc()

@@ -89,3 +89,28 @@ def test_disk_baseline_times_every_commit(bench, tmp_path):
     assert 0 < r["p50_ms"] <= r["p99_ms"] <= r["p999_ms"] <= r["max_ms"]
     assert 0 <= r["over_50ms"] <= 50
     assert list(tmp_path.iterdir()) == []  # its database is removed
+
+
+def test_refusal_texts_are_reported(bench, loadgen, tmp_path, monkeypatch):
+    """LOADGEN_MESSAGES=1: every error's grpc-message comes back by call, and
+    bench_overload.refusal_texts counts them by status and text (how docs/SERVER.md tells
+    admission's refusals, with advice, from gRPC's own)."""
+    spec = importlib.util.spec_from_file_location("medsettle_bench_overload", REPO / "benchmarks" / "bench_overload.py")
+    overload = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(overload)
+    registry = tmp_path / "persons.parquet"
+    bench.write_registry(registry, 40, seed=11)
+    good = bench.make_payloads(20, seed=11, tag="msg")
+    payloads = [p for pair in zip(good, [b"\xff\xff\xff"] * 20) for p in pair]
+    monkeypatch.setenv("LOADGEN_MESSAGES", "1")
+    proc, port = bench.start_server(tmp_path / "store.db", registry)
+    try:
+        client = bench.CClient(loadgen)
+        out, _ = client.run(f"127.0.0.1:{port}", payloads, rate=500.0)
+    finally:
+        bench.stop_server(proc)
+    texts = overload.refusal_texts(client.last_stderr, out["grpc_status"])
+    assert sum(texts.values()) == 20 and len(texts) == 1, texts
+    (key,) = texts
+    assert key.startswith("INVALID_ARGUMENT: INVALID_REQUEST: "), key
+    assert not any(ch.isdigit() for ch in key), key  # digits folded, so texts group

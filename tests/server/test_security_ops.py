@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 
 import grpc
@@ -13,6 +14,7 @@ from srv_helpers import (T, ThreadedServer, claim_row, persons_pb, rpc_error, se
 
 from server._proto import settlement_pb2 as pb
 from server.admission import PUSHBACK_KEY
+from server.errors import error_from_rpc
 from server.facilities import Facility, write_facilities_parquet
 
 pytestmark = pytest.mark.service
@@ -144,18 +146,113 @@ def test_grpc_core_refuses_calls_beyond_its_concurrency_limit(thread_srv):
 
 
 def test_serve_options_of_grpc_limits():
-    """`serve --max-concurrent-rpcs/--core-pending` reach Server; the defaults are limits.py's."""
+    """`serve --max-in-flight/--max-concurrent-rpcs/--core-pending` reach Server; the defaults are
+    limits.py's (grpc.aio's limit below admission's in-flight bound: the cheaper refusal first)."""
     import argparse
 
     from server.app import add_arguments
-    from server.limits import CORE_PENDING, MAX_CONCURRENT_RPCS
+    from server.limits import CORE_PENDING, MAX_CONCURRENT_RPCS, MAX_IN_FLIGHT
 
     p = argparse.ArgumentParser()
     add_arguments(p)
     a = p.parse_args(["--store", "x.db"])
-    assert (a.max_concurrent_rpcs, a.core_pending) == (MAX_CONCURRENT_RPCS, CORE_PENDING) == (256, 0)
-    a = p.parse_args(["--store", "x.db", "--max-concurrent-rpcs", "0", "--core-pending", "64"])
-    assert (a.max_concurrent_rpcs, a.core_pending) == (0, 64)
+    assert (a.max_in_flight, a.max_concurrent_rpcs, a.core_pending) == (MAX_IN_FLIGHT, MAX_CONCURRENT_RPCS,
+                                                                         CORE_PENDING) == (2000, 256, 0)
+    a = p.parse_args(["--store", "x.db", "--max-concurrent-rpcs", "8", "--core-pending", "64", "--max-in-flight", "9"])
+    assert (a.max_in_flight, a.max_concurrent_rpcs, a.core_pending) == (9, 8, 64)
+
+
+def test_default_limits_of_a_server(thread_srv):
+    """A Server with the defaults: grpc.aio's maximum_concurrent_rpcs set (its refusals cost the
+    event loop least) and admission's in-flight bound above it."""
+    from server.limits import MAX_CONCURRENT_RPCS, MAX_IN_FLIGHT
+
+    assert thread_srv.srv.max_concurrent_rpcs == MAX_CONCURRENT_RPCS < MAX_IN_FLIGHT
+    assert thread_srv.srv.admission.max_in_flight == MAX_IN_FLIGHT
+
+
+@pytest.mark.parametrize("thread_srv", [{"max_in_flight": 8}], indirect=True)
+def test_sustained_overload_is_refused_resource_exhausted_with_advice_never_cancelled(thread_srv):
+    """Issue 15 part 4: an open loop of 600 Settle calls at 400/s against a server whose writer
+    settles about 150/s (each group held 50 ms): every call that is not settled is answered
+    RESOURCE_EXHAUSTED / OVERLOADED with "retry after" and the pushback trailer, promptly;
+    none is CANCELLED (gRPC's core queue never fills: admission refuses as fast as calls come);
+    a refused call recorded nothing."""
+    s = thread_srv
+    gw = s.srv.writer.writer
+    real = gw.process
+    gw.process = lambda items: (time.sleep(0.05), real(items))[1]
+    pids = ("p-plain", "p-poor", "p-kid")
+    n, rate = 600, 400.0
+    calls = []
+    t0 = time.monotonic()
+    for i in range(n):
+        due = t0 + i / rate
+        while time.monotonic() < due:
+            time.sleep(max(0.0, min(0.002, due - time.monotonic())))
+        sent = time.monotonic()
+        f = s.stub.Settle.future(req(f"L-{i}", pid=pids[i % 3]), timeout=30)
+        answered = []
+        f.add_done_callback(lambda _f, a=answered: a.append(time.monotonic()))
+        calls.append((sent, f, answered))
+    codes, refused_ms = {}, []
+    for sent, f, answered in calls:
+        try:
+            f.result()
+            code = grpc.StatusCode.OK
+        except grpc.RpcError as e:
+            code = e.code()
+            if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                md = dict(e.trailing_metadata())
+                d = error_from_rpc(e)
+                assert d is not None and d.reason == "OVERLOADED", d
+                assert "retry after" in e.details() and int(md[PUSHBACK_KEY]) >= 20, (e.details(), md)
+                wait_for(lambda: answered)
+                refused_ms.append((answered[0] - sent) * 1000)
+        codes[code] = codes.get(code, 0) + 1
+    gw.process = real
+    ok, refused = codes.pop(grpc.StatusCode.OK, 0), codes.pop(grpc.StatusCode.RESOURCE_EXHAUSTED, 0)
+    assert codes == {}, codes  # no CANCELLED, nothing else
+    assert ok >= 50 and refused >= 100 and ok + refused == n, (ok, refused)
+    refused_ms.sort()
+    assert refused_ms[len(refused_ms) // 2] < 100, refused_ms[len(refused_ms) // 2]
+    assert s.srv.store.max_seq() == ok  # the refused calls recorded nothing
+
+
+@pytest.mark.parametrize("thread_srv", [{"core_pending": 2}], indirect=True)
+def test_grpc_core_backlog_refusals_are_cancelled(thread_srv):
+    """What gRPC itself does when the event loop cannot take calls as fast as they come (grpcio
+    1.85.4): beyond grpc.server.max_pending_requests calls not yet taken by the event loop it
+    refuses calls at random, beyond the hard limit all, and the client gets CANCELLED "CANCELLED"
+    at once (src/core/server/server.cc:687-691: FailCallCreation, then grpc_call_unref cancels the
+    call: src/core/lib/surface/filter_stack_call.cc:275). Not RESOURCE_EXHAUSTED, and no handler of
+    ours sees the call. docs/SERVER.md "Overload" relies on this; when a gRPC upgrade changes it,
+    this test fails and the docs must change with it."""
+    s = thread_srv
+    hold = threading.Event()
+    s.loop.call_soon_threadsafe(lambda: hold.wait(5))  # the event loop takes no call meanwhile
+    futures = [s.stub.Settle.future(req(f"B-{i}", pid=("p-plain", "p-poor", "p-kid")[i % 3]), timeout=30)
+               for i in range(30)]
+    cancelled = []
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and not cancelled:
+        cancelled = [f for f in futures if f.done() and f.exception() is not None
+                     and f.exception().code() == grpc.StatusCode.CANCELLED]
+        time.sleep(0.01)
+    hold.set()
+    codes = []
+    for f in futures:
+        try:
+            f.result()
+            codes.append(grpc.StatusCode.OK)
+        except grpc.RpcError as e:
+            codes.append(e.code())
+            if e.code() == grpc.StatusCode.CANCELLED:
+                assert e.details() == "CANCELLED" and error_from_rpc(e) is None
+    n_cancelled = codes.count(grpc.StatusCode.CANCELLED)
+    assert cancelled and n_cancelled >= 20, codes  # beyond 2 x 2 waiting: all refused
+    assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.CANCELLED}, codes
+    assert s.srv.store.max_seq() == codes.count(grpc.StatusCode.OK)
 
 
 def test_deadline_passed_in_the_writer_is_settled_and_answerable(thread_srv):
