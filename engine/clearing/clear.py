@@ -108,8 +108,13 @@ def settle_year(part, out: Path, policy_set: PolicySet, year: int, use_registry:
     con = connect(out / "work", memory_limit, threads)
     register_layers(con, policy_set)
     t = time.perf_counter()
+    # one DuckDB thread per bucket worker: the workers are the parallelism, and DuckDB's own
+    # threads on top of them oversubscribed the cores (10 M claims: settle phase 17-18 s with
+    # one thread, 23-28 s with two, alternated in one session)
+    con.execute("SET threads = 1")
     done, parts = resettle(part, Outputs(out, out / "work"), compiled(policy_set), use_registry, year, con,
                            resume, stream, after_bucket)
+    con.execute(f"SET threads = {int(threads)}")
     timings["settle"] = round(time.perf_counter() - t, 3)
     counts.update(settled=done["settled"], skipped=done["skipped"])
     t = time.perf_counter()
