@@ -9,12 +9,17 @@ The claims are the README's main job: `medsettle generate --claims N --seed 1 --
 imports included, as a user runs it), and the variants take turns round by round, so that a
 shared, noisy machine slows them alike:
 
-* `floor`: the same streamed settlement (`Settler.settle_batches`, 125k-row batches, read
-  ahead, written by a background thread with the command line's Parquet settings,
-  `engine.files.TableWriter`) with no status_detail, no summary, no order check and no
-  all-or-nothing commit: what the command line adds is measured against it;
+* `floor`: the same streamed settlement (`Settler.settle_batches`, 125k-row batches read
+  ahead as the command line reads them, `engine.files.ClaimsFile`: name columns as
+  dictionaries, the last batches smaller; written by a background thread with the command
+  line's Parquet settings, `engine.files.TableWriter`) with no status_detail, no summary,
+  no order check and no all-or-nothing commit: what the command line adds is measured
+  against it;
 * `settle`: `medsettle settle CLAIMS -o RESULTS` (status_detail, summary, temporary + rename);
-* `keep`: the same with `--keep-columns person_id,region,settle_time`.
+* `keep`: the same with `--keep-columns person_id,region,settle_time`;
+* `base` (when `MEDSETTLE_BENCH_CLI_BASE` names another built tree of this repo, e.g. a
+  worktree at an older commit): that tree's `medsettle settle CLAIMS -o RESULTS`, run from
+  its folder, to compare two versions of the command line in one run.
 
 Per variant, extra_info holds the median user+sys CPU seconds of the child (`os.wait4`), the
 median wall seconds, and every round's figures; pytest-benchmark's own timing is of whole
@@ -34,21 +39,22 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 SIZE = int(os.environ.get("MEDSETTLE_BENCH_CLI_SIZE", "1000000").replace("_", ""))
 ROUNDS = int(os.environ.get("MEDSETTLE_BENCH_ROUNDS", "5"))
+BASE = os.environ.get("MEDSETTLE_BENCH_CLI_BASE")
 
 # The settlement alone, streamed as `medsettle settle` streams it, results written as they come.
 _FLOOR = """
-import sys, pyarrow.parquet as pq, engine
+import sys, engine
 from engine.cli.settle import SETTLE_BATCH
 from engine.arrow_io import results_schema
-from engine.files import TableWriter
+from engine.files import ClaimsFile, TableWriter
 from engine.pipeline import BackgroundWriter, prefetch
 claims, out = sys.argv[1:3]
 ps = engine.load_policies(None)
-f = pq.ParquetFile(claims)
-settler = engine.Settler(ps, expected_claims=f.metadata.num_rows)
+f = ClaimsFile(claims, SETTLE_BATCH)
+settler = engine.Settler(ps, expected_claims=f.num_rows)
 w = TableWriter(out, results_schema(dictionary=True), SETTLE_BATCH)
 bg = BackgroundWriter(w.write)
-for res in settler.settle_batches(prefetch(f.iter_batches(SETTLE_BATCH)), dictionary=True):
+for res in settler.settle_batches(prefetch(f.batches()), dictionary=True):
     bg.submit(res)
 bg.close()
 w.close()
@@ -63,12 +69,12 @@ print(os.waitstatus_to_exitcode(status), usage.ru_utime + usage.ru_stime, time.p
 """
 
 
-def _child(argv: list[str]) -> tuple[float, float]:
-    """(user+sys CPU s, wall s) of `python ARGV` in a child of a small waiter process (so that
-    the child's figures are its own, not this big pytest process's)."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+def _child(argv: list[str], root: Path = ROOT) -> tuple[float, float]:
+    """(user+sys CPU s, wall s) of `python ARGV` run in the tree `root`, in a child of a small
+    waiter process (so that the child's figures are its own, not this big pytest process's)."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]))
     out = subprocess.run([sys.executable, "-c", _WAITER, sys.executable, *argv], capture_output=True, text=True,
-                         env=env, check=True).stdout.split()
+                         env=env, cwd=root, check=True).stdout.split()
     code, cpu, wall = int(out[0]), float(out[1]), float(out[2])
     assert code == 0, argv
     return cpu, wall
@@ -89,6 +95,8 @@ VARIANTS = {
     "keep": lambda c, out: ["-m", "engine.cli", "settle", str(c), "-o", str(out),
                             "--keep-columns", "person_id,region,settle_time"],
 }
+if BASE:
+    VARIANTS["base"] = VARIANTS["settle"]
 
 
 def test_settle_side_by_side(benchmark, claims):
@@ -99,7 +107,8 @@ def test_settle_side_by_side(benchmark, claims):
     def one_round():
         for name, argv in VARIANTS.items():
             out = claims.parent / f"results_{name}.parquet"
-            figures[name].append(_child(argv(claims, out)))
+            root = Path(BASE).resolve() if name == "base" else ROOT
+            figures[name].append(_child(argv(claims, out), root))
             assert pq.ParquetFile(out).metadata.num_rows == SIZE
 
     benchmark.pedantic(one_round, rounds=ROUNDS, iterations=1)

@@ -9,10 +9,13 @@ import json
 import re
 from collections import Counter, defaultdict
 
+import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 import engine
+from engine import _columns
 from engine.cli import main
 from engine.generate import generate_claims
 from engine.schema import format_yuan
@@ -137,3 +140,55 @@ def test_empty_summary():
     f = s.figures()
     assert f["claims"] == 0 and f["policies"] == [] and f["amounts_fen"]["basic_pay"] == 0
     assert s.lines()[0].startswith("claims 0")
+
+
+# --------------------------------------------------------------------------- the Cython passes, against numpy
+
+
+@pytest.mark.parametrize("dtype", [np.int8, np.int16, np.int32, np.int64])
+def test_dictionary_codes(dtype):
+    """`_columns.dictionary_codes` is remap[indices] with the null code where the bitmap says
+    null, at any bit offset (a sliced array)."""
+    values = pa.array(["b", "a", None, "c"] * 50)[7:190].dictionary_encode()
+    indices = values.indices.cast(pa.from_numpy_dtype(dtype))
+    remap = np.array([5, 3, 9, 2], dtype=np.int32)  # three entries, then null's code
+    raw = np.frombuffer(indices.buffers()[1], dtype=dtype)[indices.offset:indices.offset + len(indices)]
+    out = np.empty(len(indices), dtype=np.int32)
+    _columns.dictionary_codes(raw, np.frombuffer(indices.buffers()[0], np.uint8), indices.offset, remap, out)
+    valid = np.asarray(indices.is_valid(), dtype=bool)
+    assert (out == np.where(valid, remap[np.where(valid, raw, 0)], remap[-1])).all()
+    assert (out == remap[-1]).sum() == values.null_count > 0
+    out2 = np.empty(4, dtype=np.int32)
+    _columns.dictionary_codes(np.array([2, 0, 1, 2], dtype=dtype), np.zeros(0, np.uint8), 0, remap, out2)
+    assert out2.tolist() == [9, 5, 3, 9]
+
+
+def test_summary_tally_against_numpy():
+    """One pass of counts, sums, cap hits and gathered rows equals np.bincount / np.add.at."""
+    rng = np.random.default_rng(7)
+    n, policies, statuses, width = 5000, 6, 4, 3
+    policy = rng.integers(0, policies, n).astype(np.int32)
+    status = rng.choice([0, 0, 0, 1, 2, 3], n).astype(np.int32)
+    amounts = [rng.integers(-10**12, 10**12, n) for _ in range(width)]
+    cap = rng.random(n + 5) < 0.3
+    cap_bits = np.packbits(cap, bitorder="little")
+    gather = np.array([0, 1, 0, 0, 1, 0], dtype=np.uint8)
+    counts = np.ones((policies, statuses), dtype=np.int64)  # added to, not overwritten
+    sums = np.ones((policies, statuses, width + 1), dtype=np.int64)
+    gathered = np.empty(n, dtype=np.int64)
+    k = _columns.summary_tally(policy, status, 0, amounts, cap_bits, 5, gather, counts, sums, gathered)
+
+    want_counts = np.ones((policies, statuses), dtype=np.int64)
+    np.add.at(want_counts, (policy, status), 1)
+    want_sums = np.ones((policies, statuses, width + 1), dtype=np.int64)
+    for j, a in enumerate(amounts):
+        np.add.at(want_sums[:, :, j], (policy, status), a)
+    np.add.at(want_sums[:, :, width], (policy, status), cap[5:5 + n].astype(np.int64))
+    assert (counts == want_counts).all() and (sums == want_sums).all()
+    assert gathered[:k].tolist() == np.flatnonzero((status != 0) | gather[policy].astype(bool)).tolist()
+
+    with pytest.raises(ValueError):  # a code outside the counts is refused, not written past them
+        _columns.summary_tally(np.array([policies], np.int32), np.zeros(1, np.int32), 0, [np.zeros(1, np.int64)] * width,
+                               cap_bits, 0, gather, counts, sums, gathered)
+    with pytest.raises(ValueError):
+        _columns.summary_tally(policy, status, 0, amounts[:2], cap_bits, 0, gather, counts, sums, gathered)
