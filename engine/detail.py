@@ -14,6 +14,7 @@ docs/DECISIONS.md); a file of valid claims costs one comparison.
 from __future__ import annotations
 
 import datetime
+import functools
 from typing import Callable, Optional
 
 import numpy as np
@@ -97,19 +98,31 @@ class _ErrorRows:
             self._values[key] = make(self.table)
         return self._values[key]
 
-    def day(self, i: int) -> tuple[str, Optional[int], int]:
-        """Row i's settle_time as (its date as pc.strftime's '%Y-%m-%d' writes it, its year, its
-        day since 1970-01-01): 'null', None, 0 when null."""
-        micros = self.derived(" micros", lambda t: _column(t, "settle_time").cast(pa.int64()).to_pylist())[i]
-        if micros is None:
-            return "null", None, 0
-        day = micros // _DAY_US
-        try:
-            date = _EPOCH + datetime.timedelta(days=day)
-        except OverflowError:  # outside years 1-9999: as Arrow writes it
-            at = pa.array([micros], pa.int64()).cast(_column(self.table, "settle_time").type)
-            return pc.strftime(at, "%Y-%m-%d")[0].as_py(), pc.year(at)[0].as_py(), day
-        return date.isoformat(), date.year, day
+    def days(self, at: list[int]) -> dict[int, tuple[str, Optional[int], int]]:
+        """Rows `at`'s settle_time as (its date as pc.strftime's '%Y-%m-%d' writes it, its year,
+        its day since 1970-01-01): ('null', None, 0) when null."""
+        micros = self.derived(" micros", lambda t: _column(t, "settle_time").cast(pa.int64()).to_pylist())
+        typ = _column(self.table, "settle_time").type
+        out = {}
+        for i in at:
+            m = micros[i]
+            out[i] = _NULL_DAY if m is None else (*_date(m // _DAY_US, typ), m // _DAY_US)
+        return out
+
+
+_NULL_DAY = ("null", None, 0)
+
+
+@functools.lru_cache(maxsize=4096)
+def _date(day: int, typ: pa.DataType) -> tuple[str, int]:
+    """A day since 1970-01-01 as pc.strftime's '%Y-%m-%d' writes it, and its year (cached: the
+    error rows of a file fall on a few hundred days)."""
+    try:
+        date = _EPOCH + datetime.timedelta(days=day)
+    except OverflowError:  # outside years 1-9999: as Arrow writes it
+        at = pa.array([day * _DAY_US], pa.int64()).cast(typ)
+        return pc.strftime(at, "%Y-%m-%d")[0].as_py(), pc.year(at)[0].as_py()
+    return date.isoformat(), date.year
 
 
 _EPOCH = datetime.date(1970, 1, 1)
@@ -117,13 +130,20 @@ _DAY_US = 86_400_000_000
 
 
 def _missing(v: _ErrorRows, at: list[int]) -> list:
-    """The null required fields of each row, in one sentence per pattern of nulls."""
-    valid = [np.asarray(_column(v.table, name).is_valid(), dtype=bool) for name in REQUIRED_COLUMNS]
-    out = []
-    for i in at:
-        nulls = [name for name, ok in zip(REQUIRED_COLUMNS, valid) if not ok[i]]
-        out.append(", ".join(nulls) + " is null; a required field" if nulls else None)
-    return out
+    """The null required fields of each row, named in one sentence built once per pattern of
+    nulls (a handful), not once per row."""
+    rows = np.asarray(at, dtype=np.intp)
+    pattern = np.zeros(len(rows), dtype=np.int64)
+    for bit, name in enumerate(REQUIRED_COLUMNS):
+        col = _column(v.table, name)
+        if col.null_count:
+            pattern |= (~np.asarray(col.is_valid(), dtype=bool)[rows]).astype(np.int64) << bit
+    texts: dict = {}
+    for k in pattern.tolist():
+        if k not in texts:
+            names = [name for bit, name in enumerate(REQUIRED_COLUMNS) if k >> bit & 1]
+            texts[k] = ", ".join(names) + " is null; a required field" if names else None
+    return [texts[k] for k in pattern.tolist()]
 
 
 def _invalid_value(v: _ErrorRows, at: list[int]) -> list:
@@ -153,8 +173,9 @@ def _out_of_range(v: _ErrorRows, at: list[int]) -> list:
         text = "; ".join(f"{name} {col[i]} > 10^12 fen, the largest claim amount"
                          for name, col in columns if col[i] is not None and col[i] > MAX_AMOUNT)
         if not text:
+            days = v.days([i])
             text = (f"this claim would take the compliant total of person {_str(v('person_id')[i])} "
-                    f"({_str(v('region')[i])}, {_str(v('scheme')[i])}, {_str(v.day(i)[1])}) above 10^14 fen, "
+                    f"({_str(v('region')[i])}, {_str(v('scheme')[i])}, {_str(days[i][1])}) above 10^14 fen, "
                     f"the largest accumulated amount")
         out.append(text)
     return out
@@ -176,8 +197,8 @@ def _mismatch(v: _ErrorRows, at: list[int]) -> list:
 
 
 def _unknown_policy(v: _ErrorRows, at: list[int]) -> list:
-    region, scheme = v("region"), v("scheme")
-    return [f"no policy for region {_str(region[i])}, scheme {_str(scheme[i])} on {v.day(i)[0]} "
+    region, scheme, days = v("region"), v("scheme"), v.days(at)
+    return [f"no policy for region {_str(region[i])}, scheme {_str(scheme[i])} on {days[i][0]} "
             f"(settle_time's date picks the policy and its year)" for i in at]
 
 
@@ -219,19 +240,23 @@ def policy_rows(c: pa.Table, policies: Optional[PolicySet]) -> Optional[pa.Array
 
 
 
-def _version(v: _ErrorRows, policies: PolicySet, i: int) -> Optional[int]:
-    """policy_rows of error row i, looked up in Python (a few rows of a batch need it: a dozen
-    compute calls cost more): the version of its (region, scheme, year) in force on its date."""
+def _versions(v: _ErrorRows, policies: PolicySet, at: list[int]) -> dict[int, Optional[int]]:
+    """policy_rows of error rows `at`, looked up in Python (a few rows of a batch need it: a
+    dozen compute calls cost more): the version of its (region, scheme, year) in force on its date."""
     table = v.derived(" versions", lambda t: _versions_table(policies))
-    date, year, day = v.day(i)
-    found = table.get((v("region")[i], v("scheme")[i], year))
-    if found is None:
-        return None
-    which, later = found
-    for start, index in later:
-        if day >= start:
-            which = index
-    return which
+    region, scheme, days = v("region"), v("scheme"), v.days(at)
+    out = {}
+    for i in at:
+        _, year, day = days[i]
+        found = table.get((region[i], scheme[i], year))
+        which = None
+        if found is not None:
+            which, later = found
+            for start, index in later:
+                if day >= start:
+                    which = index
+        out[i] = which
+    return out
 
 
 def _versions_table(policies: PolicySet) -> dict:
@@ -251,15 +276,16 @@ def _versions_table(policies: PolicySet) -> dict:
 def _unknown_identity(v: _ErrorRows, at: list[int], policy_id: list, policies: Optional[PolicySet]) -> list:
     """Spec section 5: an identity is unknown only when no version of the year declares it (or
     the list holds a null item), so the sentence names the year's versions and all they declare."""
-    identities, region, scheme = v("identities"), v("region"), v("scheme")
+    identities, region, scheme, days = v("identities"), v("region"), v("scheme"), v.days(at)
     known = policies is not None and bool(policies.policies)
     declared = [", ".join(policies.year_identities(p.region, p.scheme, p.year)) or "none"
                 for p in policies.policies] if known else []
+    versions = _versions(v, policies, at) if known else {}
     out = []
     for i in at:
         text = (f"identities [{_identities_text(identities[i])}] include a null item or one that no version of "
-                f"region {_str(region[i])}, scheme {_str(scheme[i])}, year {_str(v.day(i)[1])} declares")
-        which = _version(v, policies, i) if known else None
+                f"region {_str(region[i])}, scheme {_str(scheme[i])}, year {_str(days[i][1])} declares")
+        which = versions.get(i)
         if which is not None:
             text += f" (they declare: {declared[which]})"
         out.append(text)
@@ -274,13 +300,12 @@ def _duplicate(v: _ErrorRows, at: list[int]) -> list:
 
 def _no_rule(v: _ErrorRows, at: list[int], policy_id: list, policies: Optional[PolicySet]) -> list:
     visit, level, locality, referred = v("visit_type"), v("facility_level"), v("locality"), v("referred")
-    known = policies is not None and bool(policies.policies)
+    versions = _versions(v, policies, at) if policies is not None and policies.policies else {}
     out = []
     for i in at:
         pid = policy_id[i]
-        if pid is None and known:
-            which = _version(v, policies, i)
-            pid = policies.policies[which].id if which is not None else None
+        if pid is None and versions.get(i) is not None:
+            pid = policies.policies[versions[i]].id
         out.append(f"policy {_str(pid)} has no basic-layer rule for visit_type {_str(visit[i])} at facility_level "
                    f"{_str(level[i])}, locality {_str(locality[i])}, referred {_str(bool(referred[i]))}")
     return out
