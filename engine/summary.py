@@ -90,12 +90,14 @@ def _key_table(settler: Settler) -> tuple[np.ndarray, np.ndarray]:
     return settler._keys.export()  # noqa: SLF001 - the key table is the settler's own count of persons
 
 
-def _keys_binary(starts: np.ndarray, arena: np.ndarray, first: int) -> pa.Array:
-    count = len(starts) - 1
-    data = arena if len(arena) else np.zeros(1, np.uint8)
-    keys = pa.LargeBinaryArray.from_buffers(pa.large_binary(), count, [None, pa.py_buffer(starts),
-                                                                        pa.py_buffer(data)])
-    return keys.slice(first)
+def _key_slots(settler: Settler, policy: np.ndarray, person: pa.Array) -> np.ndarray:
+    """The key table's slot of each (policy index, person) key, -1 where it holds none."""
+    _, offsets, data = person.buffers()
+    offsets = np.frombuffer(offsets, dtype=np.int64)[person.offset:person.offset + len(person) + 1]
+    data = np.frombuffer(data, dtype=np.uint8) if data is not None and data.size else np.zeros(1, np.uint8)
+    out = np.empty(len(person), dtype=np.int64)
+    settler._keys.find_keys(offsets, data, policy.astype(np.int32), out)  # noqa: SLF001 - as _key_table
+    return out
 
 
 def _key_policies(starts: np.ndarray, arena: np.ndarray) -> np.ndarray:
@@ -249,7 +251,7 @@ class Summary:
         the gathered rows' (policy, person) pairs that are not among them."""
         per = np.zeros(len(self._names), dtype=np.int64)
         persons: list[pa.Array] = []
-        gathered_keys = None
+        gathered = None  # the distinct gathered pairs: (policy codes, persons)
         if self._pairs:
             policy = np.concatenate([p for p, _ in self._pairs]).astype(np.int32)
             person = pa.chunked_array([q.cast(pa.large_binary()) for _, q in self._pairs],
@@ -263,9 +265,9 @@ class Summary:
             keys = pc.binary_join_element_wise(prefix.cast(pa.large_binary()), person,
                                                pa.scalar(b"", pa.large_binary()))
             first = _first_of_each(keys)
-            gathered_keys = keys.filter(pa.array(first))
-            per += np.bincount(policy[first], minlength=len(per))
-            persons.append(person.filter(pa.array(first)))
+            gathered = policy[first], person.filter(pa.array(first))
+            per += np.bincount(gathered[0], minlength=len(per))
+            persons.append(gathered[1])
         if self._settler is not None:
             starts, arena = _key_table(self._settler)
             first = self._carried
@@ -274,11 +276,13 @@ class Summary:
                 single = ~self._versioned[policy]  # keys of a versioned year: counted from the gathered rows
                 per += np.bincount(policy[single], minlength=len(per))[:len(per)]
                 persons.append(_key_persons(starts, arena, first))
-                if gathered_keys is not None and len(gathered_keys):
-                    # a gathered pair whose key the table holds is counted once: probe the table's
-                    # keys against the few gathered ones (hashing those, not the table)
-                    held = pc.is_in(_keys_binary(starts, arena, first), value_set=gathered_keys)
-                    per -= np.bincount(policy[np.asarray(held, dtype=bool) & single], minlength=len(per))[:len(per)]
+                if gathered is not None and len(gathered[0]):
+                    # a gathered pair whose key this call added to the table is counted once: the
+                    # few gathered keys are looked up in the table (which hashes none of its own)
+                    codes, who = gathered
+                    slots = _key_slots(self._settler, codes - 1, who)
+                    held = (slots >= first) & ~self._versioned[codes]
+                    per -= np.bincount(codes[held], minlength=len(per))[:len(per)]
         return per, _distinct_count(persons)
 
     def figures(self) -> dict:

@@ -192,3 +192,53 @@ def test_summary_tally_against_numpy():
                                cap_bits, 0, gather, counts, sums, gathered)
     with pytest.raises(ValueError):
         _columns.summary_tally(policy, status, 0, amounts[:2], cap_bits, 0, gather, counts, sums, gathered)
+
+
+def test_carried_person_with_an_error_row_only(ps, claims, tmp_path):
+    """A person whose key was carried in and who has only an error row in this file counts once
+    under its policy: the key table's carried slots are not this call's persons."""
+    rows = engine.settle(claims, ps).results.to_pylist()
+    ok = [(c, r) for c, r in zip(claims.to_pylist(), rows) if r["status"] == "ok"]
+    first, policy = ok[0][0], ok[0][1]["policy_id"]
+    other = next(c for c, r in ok if r["policy_id"] == policy and c["person_id"] != first["person_id"]
+                 and c["settle_time"] >= first["settle_time"])  # a key this call adds
+    pq.write_table(pa.Table.from_pylist([first], schema=claims.schema), tmp_path / "a.parquet")
+    bad = dict(first, claim_id=first["claim_id"] + "-2", total_amount=first["total_amount"] + 1)
+    second = pa.Table.from_pylist([bad, other], schema=claims.schema)
+    pq.write_table(second, tmp_path / "b.parquet")
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main(["settle", str(tmp_path / "a.parquet"), "-o", str(tmp_path / "ra.parquet"),
+                     "--accumulators-out", str(tmp_path / "acc.parquet")]) == 0
+        assert main(["settle", str(tmp_path / "b.parquet"), "-o", str(tmp_path / "rb.parquet"),
+                     "--accumulators-in", str(tmp_path / "acc.parquet"), "--summary-json", str(tmp_path / "s.json")]) == 0
+    got = json.loads((tmp_path / "s.json").read_text())
+    assert got["ok"] == 1 and got["persons"] == 2
+    assert [(p["policy_id"], p["persons"]) for p in got["policies"]] == [(policy, 2)]
+    assert_figures(got, expected_figures(ps, second, accumulators=pq.read_table(tmp_path / "acc.parquet")))
+
+
+def test_find_keys_against_a_dict():
+    """`AccumulatorKeys.find_keys` finds what `intern_keys` added, at its slot, and nothing else
+    (keys longer than a slot keeps inline included), adding nothing."""
+    from engine._hashing import AccumulatorKeys
+
+    def buffers(people):
+        arr = pa.array(people, pa.large_binary())
+        return np.frombuffer(arr.buffers()[1], np.int64), np.frombuffer(arr.buffers()[2] or b"\0", np.uint8)
+
+    people = [f"person-{i}".encode() * (1 + i % 4) for i in range(3000)]
+    policy = np.array([i % 5 for i in range(3000)], dtype=np.int32)
+    table = AccumulatorKeys()
+    arr = pa.array(people, pa.binary())
+    slots = np.empty(len(people), dtype=np.int64)
+    table.intern_keys(np.frombuffer(arr.buffers()[1], np.int32), np.frombuffer(arr.buffers()[2], np.uint8), policy, slots)
+    held = dict(zip(zip(policy.tolist(), people), slots.tolist()))
+    asked = people[::3] + [b"nobody", b""] + people[:50]
+    asked_policy = np.array([*policy[::3].tolist(), 0, 1, *((policy[:50] + 1) % 5).tolist()], dtype=np.int32)
+    asked_policy[5] = -1  # no policy: never found
+    offsets, data = buffers(asked)
+    out = np.empty(len(asked), dtype=np.int64)
+    table.find_keys(offsets, data, asked_policy, out)
+    want = [-1 if p < 0 else held.get((p, who), -1) for p, who in zip(asked_policy.tolist(), asked)]
+    assert out.tolist() == want and sum(w >= 0 for w in want) > 900
+    assert len(table) == len(held)  # nothing added
