@@ -278,6 +278,42 @@ cdef class ClaimIds(Interner):
             raise MemoryError(f"claim id table: full at row {i}")
 
 
+    def intern_spans(self, const int64_t[::1] starts, int64_t skip, const uint8_t[::1] data, int64_t[::1] out):
+        """Intern data[starts[i] + skip:starts[i + 1]] for each i, as intern_ids does strings: the
+        person ids of an arena of accumulator keys (skip 4, their policy index), read in place."""
+        cdef Py_ssize_t n = out.shape[0], i
+        cdef int64_t a, length
+        cdef bint is_new
+        cdef bint failed = False
+        cdef uint64_t* h = self.hash_scratch(n + 1)
+        if h == NULL:
+            raise MemoryError()
+        if starts.shape[0] != n + 1:
+            raise ValueError("intern_spans: starts must have one more entry than out")
+        if n == 0:
+            return
+        if skip < 0 or starts[n] > data.shape[0]:
+            raise ValueError("intern_spans: spans outside the data")
+        for i in range(n):
+            if starts[i] + skip > starts[i + 1]:
+                raise ValueError(f"intern_spans: span {i} is shorter than {skip} bytes")
+        with nogil:
+            for i in range(n):
+                a = starts[i] + skip
+                h[i] = hash_bytes(&data[0] + a, starts[i + 1] - a)
+            for i in range(n):
+                if i + PREFETCH_AHEAD < n:
+                    self.prefetch(h[i + PREFETCH_AHEAD])
+                a = starts[i] + skip
+                length = starts[i + 1] - a
+                out[i] = self.intern(&data[0] + a, length, h[i], &is_new)
+                if out[i] < 0:
+                    failed = True
+                    break
+        if failed:
+            raise MemoryError(f"claim id table: full at row {i}")
+
+
 cdef class AccumulatorKeys(Interner):
     """Accumulator keys: 4 bytes of policy index, then the person_id bytes. Most are seen
     before, so a slot is 32 bytes with the key's first bytes in it: confirming a hit on a

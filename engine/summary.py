@@ -124,12 +124,13 @@ def _key_persons(starts: np.ndarray, arena: np.ndarray, first: int) -> pa.Array:
                                              pa.py_buffer(data if len(data) else np.zeros(1, np.uint8))])
 
 
-def _intern(arrays: list[pa.Array]) -> tuple[ClaimIds, list[np.ndarray]]:
+def _intern(arrays: list[pa.Array], extra: tuple[int, int] = (0, 0)) -> tuple[ClaimIds, list[np.ndarray]]:
     """The byte strings of `arrays` (non-null) interned in one of the kernel's claim-id tables,
-    with each array's ids (dense, numbered in order of first appearance)."""
+    with each array's ids (dense, numbered in order of first appearance); the table has room
+    for `extra` (entries, bytes) more."""
     arrays = [a.cast(pa.binary()) for a in arrays if len(a)]
     table = ClaimIds()
-    table.reserve(sum(len(a) for a in arrays), sum(a.nbytes for a in arrays))
+    table.reserve(sum(len(a) for a in arrays) + extra[0], sum(a.nbytes for a in arrays) + extra[1])
     ids = []
     for a in arrays:
         if a.null_count:
@@ -143,10 +144,15 @@ def _intern(arrays: list[pa.Array]) -> tuple[ClaimIds, list[np.ndarray]]:
     return table, ids
 
 
-def _distinct_count(arrays: list[pa.Array]) -> int:
-    """Distinct non-null byte strings across `arrays`, interned in the kernel's claim-id table
-    (a third of the time of pc.count_distinct on the ~190k person keys of 1M claims)."""
-    return len(_intern(arrays)[0])
+def _distinct_persons(starts: Optional[np.ndarray], arena: Optional[np.ndarray], arrays: list[pa.Array]) -> int:
+    """Distinct non-null person ids among the keys starts[:-1] of `arena` (read in place, past
+    their 4 bytes of policy) and `arrays`, interned in the kernel's claim-id table (a third of the
+    time of pc.count_distinct on the ~190k person keys of 1M claims)."""
+    keys = 0 if starts is None else len(starts) - 1
+    table, _ = _intern(arrays, extra=(keys, 0 if starts is None else int(starts[-1] - starts[0])))
+    if keys:
+        table.intern_spans(starts, 4, arena, np.empty(keys, dtype=np.int64))
+    return len(table)
 
 
 def _first_of_each(arr: pa.Array) -> np.ndarray:
@@ -268,22 +274,25 @@ class Summary:
             gathered = policy[first], person.filter(pa.array(first))
             per += np.bincount(gathered[0], minlength=len(per))
             persons.append(gathered[1])
+        mine = None  # this call's keys: starts, arena
         if self._settler is not None:
             starts, arena = _key_table(self._settler)
             first = self._carried
             if len(starts) - 1 > first:
+                mine = starts[first:], arena
                 policy = _key_policies(starts[first:], arena) + 1
                 single = ~self._versioned[policy]  # keys of a versioned year: counted from the gathered rows
                 per += np.bincount(policy[single], minlength=len(per))[:len(per)]
-                persons.append(_key_persons(starts, arena, first))
                 if gathered is not None and len(gathered[0]):
                     # a gathered pair whose key this call added to the table is counted once: the
                     # few gathered keys are looked up in the table (which hashes none of its own)
+                    # (a versioned year's pairs are not: its keys are not counted from the table)
                     codes, who = gathered
-                    slots = _key_slots(self._settler, codes - 1, who)
-                    held = (slots >= first) & ~self._versioned[codes]
-                    per -= np.bincount(codes[held], minlength=len(per))[:len(per)]
-        return per, _distinct_count(persons)
+                    plain = np.flatnonzero(~self._versioned[codes])
+                    codes = codes[plain]
+                    slots = _key_slots(self._settler, codes - 1, who.take(pa.array(plain)))
+                    per -= np.bincount(codes[slots >= first], minlength=len(per))[:len(per)]
+        return per, _distinct_persons(*(mine or (None, None)), persons)
 
     def figures(self) -> dict:
         """The summary as plain data: counts, amounts in integer fen, per policy and in total."""

@@ -242,3 +242,25 @@ def test_find_keys_against_a_dict():
     want = [-1 if p < 0 else held.get((p, who), -1) for p, who in zip(asked_policy.tolist(), asked)]
     assert out.tolist() == want and sum(w >= 0 for w in want) > 900
     assert len(table) == len(held)  # nothing added
+
+
+def test_intern_spans_as_intern_ids():
+    """`ClaimIds.intern_spans` (the person ids of key-table entries, read in place past their
+    policy bytes) gives the ids `intern_ids` gives the same strings cut out; a span shorter
+    than the bytes skipped is refused."""
+    from engine._hashing import ClaimIds
+
+    rng = np.random.default_rng(5)
+    people = [f"p{rng.integers(0, 400)}".encode() * int(rng.integers(1, 5)) for _ in range(2000)] + [b""]
+    arena = b"".join(int(rng.integers(0, 9)).to_bytes(4, "little") + p for p in people)
+    starts = np.cumsum([0] + [4 + len(p) for p in people]).astype(np.int64)
+    spans = ClaimIds()
+    got = np.empty(len(people), dtype=np.int64)
+    spans.intern_spans(starts, 4, np.frombuffer(arena, np.uint8), got)
+    plain = ClaimIds()
+    arr = pa.array(people, pa.binary())
+    want = np.empty(len(people), dtype=np.int64)
+    plain.intern_ids(np.frombuffer(arr.buffers()[1], np.int32), np.frombuffer(arr.buffers()[2], np.uint8), want)
+    assert got.tolist() == want.tolist() and len(spans) == len(set(people))
+    with pytest.raises(ValueError):
+        spans.intern_spans(np.array([0, 3], np.int64), 4, np.frombuffer(arena, np.uint8), np.empty(1, np.int64))
