@@ -5,11 +5,11 @@ alone needs to know which field and which amounts made a claim fail, without a
 join back to the claims. The sentence is rebuilt from the claim's columns and
 its status (spec section 7, in precedence order: the check that failed is the
 first one that the claim fails for its status), for the error rows only (1 %
-of the README's job): their columns are taken once per batch, read as Python
-values, and each sentence is one f-string. Formatting those few rows in Python
-costs less than the hundreds of Arrow compute calls per batch that building
-the sentences column-wise took (1M claims: 0.037-0.047 CPU-s before, see
-docs/DECISIONS.md); a file of valid claims costs one comparison.
+of the README's job): the columns a sentence reads are read as Python values
+at those rows (off the Arrow buffers, a numpy gather), and each sentence is one
+f-string. Formatting those few rows in Python costs less than the hundreds of
+Arrow compute calls per batch that building the sentences column-wise took
+(docs/DECISIONS.md); a file of valid claims costs one comparison.
 """
 from __future__ import annotations
 
@@ -80,34 +80,77 @@ def _wrap64(v: int) -> int:
 
 
 class _ErrorRows:
-    """The claim columns of a batch's error rows, taken once (one `take` per column read) and
-    read as Python values on first use."""
+    """The claim columns of a batch's error rows, read as Python values on first use: off the
+    Arrow buffers at those rows for dictionary, integer, timestamp and boolean columns (a numpy
+    gather), with one `take` for the others (strings, lists)."""
 
-    def __init__(self, claims: pa.Table, rows: np.ndarray, names: list[str]):
-        self.table = claims.select(names).take(pa.array(rows)).combine_chunks()
+    def __init__(self, claims: pa.Table, rows: np.ndarray):
+        self.claims = claims
+        self.rows = rows
         self._values: dict[str, list] = {}
+
+    def column(self, name: str) -> pa.Array:
+        return _column(self.claims, name)
+
+    def valid(self, name: str) -> np.ndarray:
+        """Per error row, whether `name` is not null there."""
+        col = self.column(name)
+        if not col.null_count:
+            return np.ones(len(self.rows), dtype=bool)
+        return _bits_at(col.buffers()[0], col.offset, self.rows)
 
     def __call__(self, name: str) -> list:
         if name not in self._values:
-            self._values[name] = _pylist(_column(self.table, name))
+            self._values[name] = self._read(self.column(name))
         return self._values[name]
 
-    def derived(self, key: str, make: Callable[[pa.Table], list]) -> list:
-        """A list computed from the taken columns, made once."""
+    def _read(self, col: pa.Array) -> list:
+        rows = self.rows
+        if pa.types.is_dictionary(col.type):
+            entries = col.dictionary.to_pylist()
+            values = [entries[i] for i in _values(col.indices)[rows].tolist()]
+        elif pa.types.is_integer(col.type):
+            values = _values(col)[rows].tolist()
+        elif pa.types.is_timestamp(col.type):  # microseconds, as int
+            values = _values(col, np.int64)[rows].tolist()
+        elif pa.types.is_boolean(col.type):
+            values = _bits_at(col.buffers()[1], col.offset, rows).tolist()
+        else:
+            return col.take(pa.array(rows)).to_pylist()
+        if col.null_count:
+            valid = _bits_at(col.buffers()[0], col.offset, rows)
+            values = [v if ok else None for v, ok in zip(values, valid.tolist())]
+        return values
+
+    def derived(self, key: str, make: Callable[[], list]) -> list:
+        """A list computed for the error rows, made once."""
         if key not in self._values:
-            self._values[key] = make(self.table)
+            self._values[key] = make()
         return self._values[key]
 
     def days(self, at: list[int]) -> dict[int, tuple[str, Optional[int], int]]:
         """Rows `at`'s settle_time as (its date as pc.strftime's '%Y-%m-%d' writes it, its year,
         its day since 1970-01-01): ('null', None, 0) when null."""
-        micros = self.derived(" micros", lambda t: _column(t, "settle_time").cast(pa.int64()).to_pylist())
-        typ = _column(self.table, "settle_time").type
+        micros = self("settle_time")
+        typ = self.column("settle_time").type
         out = {}
         for i in at:
             m = micros[i]
             out[i] = _NULL_DAY if m is None else (*_date(m // _DAY_US, typ), m // _DAY_US)
         return out
+
+
+def _values(arr: pa.Array, dtype=None) -> np.ndarray:
+    """The values buffer of a fixed-width array (what sits under a null is arbitrary: mask it)."""
+    dtype = dtype or arr.type.to_pandas_dtype()
+    return np.frombuffer(arr.buffers()[1], dtype=dtype, count=arr.offset + len(arr))[arr.offset:]
+
+
+def _bits_at(buffer: pa.Buffer, offset: int, rows: np.ndarray) -> np.ndarray:
+    """Bits offset + rows of an Arrow bitmap, as bools."""
+    bits = np.frombuffer(buffer, dtype=np.uint8)
+    at = rows + offset
+    return ((bits[at >> 3] >> (at & 7)) & 1).astype(bool)
 
 
 _NULL_DAY = ("null", None, 0)
@@ -135,9 +178,8 @@ def _missing(v: _ErrorRows, at: list[int]) -> list:
     rows = np.asarray(at, dtype=np.intp)
     pattern = np.zeros(len(rows), dtype=np.int64)
     for bit, name in enumerate(REQUIRED_COLUMNS):
-        col = _column(v.table, name)
-        if col.null_count:
-            pattern |= (~np.asarray(col.is_valid(), dtype=bool)[rows]).astype(np.int64) << bit
+        if v.column(name).null_count:
+            pattern |= (~v.valid(name)[rows]).astype(np.int64) << bit
     texts: dict = {}
     for k in pattern.tolist():
         if k not in texts:
@@ -243,7 +285,7 @@ def policy_rows(c: pa.Table, policies: Optional[PolicySet]) -> Optional[pa.Array
 def _versions(v: _ErrorRows, policies: PolicySet, at: list[int]) -> dict[int, Optional[int]]:
     """policy_rows of error rows `at`, looked up in Python (a few rows of a batch need it: a
     dozen compute calls cost more): the version of its (region, scheme, year) in force on its date."""
-    table = v.derived(" versions", lambda t: _versions_table(policies))
+    table = v.derived(" versions", lambda: _versions_table(policies))
     region, scheme, days = v("region"), v("scheme"), v.days(at)
     out = {}
     for i in at:
@@ -312,18 +354,6 @@ def _no_rule(v: _ErrorRows, at: list[int], policy_id: list, policies: Optional[P
 
 
 PLACE_COLUMNS = ("region", "scheme", "settle_time")  # what policy_rows reads
-#: The claim columns each status's sentence reads: only those are taken for the error rows.
-_READS = {
-    "MISSING_FIELD": REQUIRED_COLUMNS,
-    "INVALID_VALUE": tuple(name for name, _ in _ENUMS),
-    "INVALID_AMOUNT": AMOUNT_COLUMNS,
-    "AMOUNT_OUT_OF_RANGE": (*AMOUNT_COLUMNS, "person_id", *PLACE_COLUMNS),
-    "AMOUNT_MISMATCH": AMOUNT_COLUMNS,
-    "UNKNOWN_POLICY": PLACE_COLUMNS,
-    "UNKNOWN_IDENTITY": ("identities", *PLACE_COLUMNS),
-    "DUPLICATE_CLAIM": ("claim_id",),
-    "NO_BENEFIT_RULE": ("visit_type", "facility_level", "locality", "referred", *PLACE_COLUMNS),
-}
 _SENTENCE = {
     "MISSING_FIELD": lambda v, at, pid, policies: _missing(v, at),
     "INVALID_VALUE": lambda v, at, pid, policies: _invalid_value(v, at),
@@ -385,13 +415,9 @@ def status_detail(claims, results, policies: Optional[PolicySet] = None) -> pa.A
     rows = np.flatnonzero(codes != _STATUS_CODE["ok"])
     if not len(rows):
         return pa.nulls(n, pa.string())
-    claims_t = claims if isinstance(claims, pa.Table) else pa.Table.from_batches([claims])
     kinds = codes[rows]
     present = [(code, names[code]) for code in np.unique(kinds).tolist()]
-    reads = {col for _, name in present for col in _READS.get(name, ())}
-    if any(name in ("UNKNOWN_IDENTITY", "NO_BENEFIT_RULE") for _, name in present):
-        reads.update(PLACE_COLUMNS)
-    values = _ErrorRows(claims_t, rows, [c for c in claims_t.column_names if c in reads])
+    values = _ErrorRows(claims, rows)
     policy_id: list = []
     if any(name == "NO_BENEFIT_RULE" for _, name in present):
         col = results.column("policy_id")
