@@ -9,7 +9,7 @@ passes and temporaries per column.
 import numpy as np
 from cpython.mem cimport PyMem_Malloc, PyMem_Free
 from libc.string cimport memcpy, memcmp
-from libc.stdint cimport int8_t, int16_t, int32_t, int64_t, uint8_t
+from libc.stdint cimport int8_t, int16_t, int32_t, int64_t, uint8_t, uint32_t
 
 from ._tables cimport PolicyRow, OK, ACC_FIELDS_C
 
@@ -430,12 +430,19 @@ def summary_tally(const int32_t[::1] policy, const int32_t[::1] status, int32_t 
     cdef const int64_t[::1] column
     cdef const int64_t** cols
     cdef int64_t* out
+    cdef int64_t* count_base
+    cdef int64_t* sum_base
+    cdef int64_t g, stride = width + 1
+    cdef int32_t policies = <int32_t>counts.shape[0], statuses = <int32_t>counts.shape[1]
+    cdef bint bad = False
     if not (status.shape[0] == n and gathered.shape[0] >= n and sums.shape[0] == counts.shape[0]
             and sums.shape[1] == counts.shape[1] and sums.shape[2] == width + 1
             and gather_policy.shape[0] >= counts.shape[0] and cap_bits.shape[0] * 8 >= cap_offset + n):
         raise ValueError("summary_tally: inconsistent shapes")
     if n == 0:
         return 0
+    count_base = &counts[0, 0]
+    sum_base = &sums[0, 0, 0]
     keep = []  # the memoryviews whose pointers `cols` holds
     cols = <const int64_t**>PyMem_Malloc(max(width, 1) * sizeof(int64_t*))
     if cols == NULL:
@@ -451,17 +458,20 @@ def summary_tally(const int32_t[::1] policy, const int32_t[::1] status, int32_t 
             for i in range(n):
                 p = policy[i]
                 s = status[i]
-                if p < 0 or p >= counts.shape[0] or s < 0 or s >= counts.shape[1]:
-                    with gil:
-                        raise ValueError(f"summary_tally: code ({p}, {s}) outside the counts")
-                counts[p, s] += 1
-                out = &sums[p, s, 0]
+                if <uint32_t>p >= <uint32_t>policies or <uint32_t>s >= <uint32_t>statuses:
+                    bad = True
+                    break
+                g = p * statuses + s
+                count_base[g] += 1
+                out = sum_base + g * stride
                 for j in range(width):
                     out[j] += cols[j][i]
-                out[width] += bit_at(&cap_bits[0], cap_offset + i)
+                out[width] += (cap_bits[(cap_offset + i) >> 3] >> ((cap_offset + i) & 7)) & 1
                 if s != ok or gather_policy[p]:
                     gathered[k] = i
                     k += 1
+        if bad:
+            raise ValueError(f"summary_tally: code ({p}, {s}) outside the counts")
     finally:
         PyMem_Free(cols)
     return k

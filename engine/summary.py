@@ -15,9 +15,11 @@ fen; the table shows yuan with thousands separators (`format_yuan`), the JSON fe
 """
 from __future__ import annotations
 
+import collections
+import datetime
 import json
 import sys
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import pyarrow as pa
@@ -167,6 +169,17 @@ def _first_of_each(arr: pa.Array) -> np.ndarray:
     return first
 
 
+def _lookup_places_rows(policies: PolicySet) -> bool:
+    """Whether the kernel's version in force (`_columns.PolicyLookup`, -1 for none) is
+    policy_rows for every row: it differs only for a date before its year's first version
+    (policy_rows then names that version) and a null settle_time (read as 1970-01-01)."""
+    for p in policies.policies:
+        first = policies.versions(p.region, p.scheme, p.year)[0]
+        if p.year == 1970 or first.effective_from > datetime.date(p.year, 1, 1):
+            return False
+    return True
+
+
 class Summary:
     """Accumulates result batches (with their claims' person_id) into the summary figures.
 
@@ -201,6 +214,7 @@ class Summary:
                                              for p in (policies.policies if policies else ()))], dtype=bool)
         self.claims = 0
         self._final: Optional[dict] = None
+        self._tallied: Optional[collections.deque] = None  # (policy codes, gathered rows) per chunk
 
     def _fit(self) -> None:
         """Grow the sums when a batch brought a policy or status not seen before."""
@@ -211,15 +225,64 @@ class Summary:
             self._sums = np.pad(self._sums, grow + [(0, 0)])
             self._versioned = np.pad(self._versioned, grow[0])
 
+    def counted_while_settling(self) -> Optional[Callable]:
+        """The `Settler.each` hook (for this summary's settler) that counts each chunk on the
+        settling thread, from the kernel's outputs while they are in the cache (the version in force per
+        row places an error row as policy_rows does: no code conversion, no lookup); None when it
+        cannot stand for `add`'s counting (no settler, or a policy set where the kernel's lookup
+        and policy_rows part: a year whose first version starts after 1 January, or a policy for
+        1970, the year a null settle_time reads as). `add` then takes only the persons."""
+        if self._settler is None or self._policies is None or not _lookup_places_rows(self._policies):
+            return None
+        self._tallied = collections.deque()
+        return self._tally
+
+    def _tally(self, prep, out, results) -> None:
+        n = prep.n
+        policy = np.add(prep.policy, 1, dtype=np.int32)
+        gathered = np.empty(n, dtype=np.int64)
+        k = _columns.summary_tally(policy, out.status.astype(np.int32), _OK,
+                                   [_int64_values(results.column(a)) for a in AMOUNTS],
+                                   np.packbits(out.cap_hit, bitorder="little") if n else _EMPTY, 0,
+                                   self._versioned.view(np.uint8), self._counts, self._sums, gathered)
+        self._tallied.append((policy, gathered[:k].copy()))
+
     def add(self, results, claims=None) -> None:
         """One results batch. With its claims (row-aligned), persons are counted, and an error row
         counts under the policy its region, scheme and year name (its result has no policy_id)
-        rather than under "(no policy)". Counts and sums are one pass in `_columns.summary_tally`."""
+        rather than under "(no policy)". Counts and sums are one pass in `_columns.summary_tally`,
+        here or, with `counted_while_settling`, on the settling thread."""
         n = results.num_rows
         self.claims += n
         self._final = None
-        if not n:
+        if self._tallied is not None:
+            policy, gathered = self._tallied.popleft()  # the same chunk, counted already
+        elif not n:
             return
+        else:
+            policy, gathered = self._count(results, claims)
+        if claims is not None and n:
+            person = claims.column("person_id")
+            if isinstance(person, pa.ChunkedArray):
+                person = person.combine_chunks()
+            if pa.types.is_dictionary(person.type):
+                person = person.cast(person.type.value_type)
+            if self._settler is None:
+                rows = None  # no key table: every row
+            else:
+                rows = gathered  # error rows, and rows of a year with several versions
+                if self._carried_persons is not None:
+                    carried = np.asarray(pc.is_in(person.cast(pa.large_binary()), value_set=self._carried_persons)
+                                         .fill_null(False), dtype=bool)
+                    rows = np.union1d(rows, np.flatnonzero(carried))
+            if rows is None:
+                self._pairs.append((policy, person))
+            elif len(rows):
+                self._pairs.append((policy[rows], person.take(pa.array(rows))))
+
+    def _count(self, results, claims) -> tuple[np.ndarray, np.ndarray]:
+        """Counts and sums of a results batch; (policy code per row, the rows to gather)."""
+        n = results.num_rows
         policy = _codes(results.column("policy_id"), self._policy_code, self._names)
         status = _codes(results.column("status"), self._status_code, self._statuses)
         self._fit()
@@ -233,24 +296,7 @@ class Summary:
         k = _columns.summary_tally(policy, status, _OK, [_int64_values(results.column(a)) for a in AMOUNTS],
                                    caps, cap_offset, self._versioned.view(np.uint8), self._counts, self._sums,
                                    gathered)
-        if claims is not None:
-            person = claims.column("person_id")
-            if isinstance(person, pa.ChunkedArray):
-                person = person.combine_chunks()
-            if pa.types.is_dictionary(person.type):
-                person = person.cast(person.type.value_type)
-            if self._settler is None:
-                rows = None  # no key table: every row
-            else:
-                rows = gathered[:k]  # error rows, and rows of a year with several versions
-                if self._carried_persons is not None:
-                    carried = np.asarray(pc.is_in(person.cast(pa.large_binary()), value_set=self._carried_persons)
-                                         .fill_null(False), dtype=bool)
-                    rows = np.union1d(rows, np.flatnonzero(carried))
-            if rows is None:
-                self._pairs.append((policy, person))
-            elif len(rows):
-                self._pairs.append((policy[rows], person.take(pa.array(rows))))
+        return policy, gathered[:k]
 
     def _persons(self) -> tuple[np.ndarray, int]:
         """Persons per policy code, and in all: the key table's keys of this call's claims, and

@@ -264,3 +264,33 @@ def test_intern_spans_as_intern_ids():
     assert got.tolist() == want.tolist() and len(spans) == len(set(people))
     with pytest.raises(ValueError):
         spans.intern_spans(np.array([0, 3], np.int64), 4, np.frombuffer(arena, np.uint8), np.empty(1, np.int64))
+
+
+def test_counted_while_settling_as_add(ps, claims):
+    """The counts taken on the settling thread from the kernel's outputs (`Settler.each`) are those `add` takes from the results; a policy set whose year starts
+    with a version after 1 January (where the kernel's version in force and policy_rows part for
+    an early date) is counted by `add`, and still right."""
+    from engine.model import PolicySet
+    from engine.summary import _lookup_places_rows
+
+    batches = claims.combine_chunks().to_batches(max_chunksize=1500)
+    figures = []
+    for hook in (True, False):
+        settler = engine.Settler(ps)
+        s = Summary(settler)
+        settler.each = s.counted_while_settling() if hook else None
+        assert (settler.each is not None) == hook
+        for res, c in zip(settler.settle_batches(iter(batches)), batches):
+            s.add(res, c)
+        figures.append(s.figures())
+    assert figures[0] == figures[1]
+    assert_figures(figures[0], expected_figures(ps, claims))
+
+    late = PolicySet(tuple(p for p in ps.policies if p.id != "tibet-resident-2019"))
+    assert _lookup_places_rows(ps) and not _lookup_places_rows(late)
+    settler = engine.Settler(late)
+    s = Summary(settler)
+    assert s.counted_while_settling() is None
+    for res, c in zip(settler.settle_batches(iter(batches)), batches):
+        s.add(res, c)
+    assert_figures(s.figures(), expected_figures(late, claims))
