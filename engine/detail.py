@@ -100,12 +100,17 @@ class _ErrorRows:
         return _bits_at(col.buffers()[0], col.offset, self.rows)
 
     def __call__(self, name: str) -> list:
+        """`name` at every error row, read once (for the columns several codes read)."""
         if name not in self._values:
-            self._values[name] = self._read(self.column(name))
+            self._values[name] = self._read(self.column(name), self.rows)
         return self._values[name]
 
-    def _read(self, col: pa.Array) -> list:
-        rows = self.rows
+    def at(self, name: str, at: list[int]) -> list:
+        """`name` at the error rows `at` only (for a column one code reads)."""
+        return self._read(self.column(name), self.rows[np.asarray(at, dtype=np.intp)])
+
+    @staticmethod
+    def _read(col: pa.Array, rows: np.ndarray) -> list:
         if pa.types.is_dictionary(col.type):
             entries = col.dictionary.to_pylist()
             values = [entries[i] for i in _values(col.indices)[rows].tolist()]
@@ -189,31 +194,41 @@ def _missing(v: _ErrorRows, at: list[int]) -> list:
 
 
 def _invalid_value(v: _ErrorRows, at: list[int]) -> list:
-    columns = [(name, f"' is not one of {', '.join(values)}", frozenset(values), v(name)) for name, values in _ENUMS]
+    columns = [(name, f"' is not one of {', '.join(values)}", frozenset(values), v.at(name, at))
+               for name, values in _ENUMS]
     out = []
-    for i in at:
+    for i in range(len(at)):
         pieces = [f"{name} '{col[i]}{tail}" for name, tail, values, col in columns
                   if col[i] is not None and col[i] not in values]
         out.append("; ".join(pieces) or None)
     return out
 
 
-def _amounts(v: _ErrorRows) -> list[tuple[str, list]]:
-    return [(name, v(name)) for name in AMOUNT_COLUMNS]
+def _flagged(v: _ErrorRows, at: list[int], test) -> list[list[tuple[str, int]]]:
+    """Per row of `at`, the (amount column, value) pairs whose non-null value passes `test`
+    (a numpy comparison), in column order: found with numpy, so only those are formatted."""
+    rows = v.rows[np.asarray(at, dtype=np.intp)]
+    out: list[list[tuple[str, int]]] = [[] for _ in at]
+    for name in AMOUNT_COLUMNS:
+        col = v.column(name)
+        values = _values(col, np.int64)[rows]
+        hit = test(values)
+        if col.null_count:
+            hit &= _bits_at(col.buffers()[0], col.offset, rows)
+        for k in np.flatnonzero(hit).tolist():
+            out[k].append((name, int(values[k])))
+    return out
 
 
 def _invalid_amount(v: _ErrorRows, at: list[int]) -> list:
-    columns = _amounts(v)
-    return ["; ".join(f"{name} {col[i]} < 0 (a reversal goes through the server's Reverse)"
-                      for name, col in columns if col[i] is not None and col[i] < 0) or None for i in at]
+    return ["; ".join(f"{name} {value} < 0 (a reversal goes through the server's Reverse)" for name, value in hits)
+            or None for hits in _flagged(v, at, lambda x: x < 0)]
 
 
 def _out_of_range(v: _ErrorRows, at: list[int]) -> list:
-    columns = _amounts(v)
     out = []
-    for i in at:
-        text = "; ".join(f"{name} {col[i]} > 10^12 fen, the largest claim amount"
-                         for name, col in columns if col[i] is not None and col[i] > MAX_AMOUNT)
+    for i, hits in zip(at, _flagged(v, at, lambda x: x > MAX_AMOUNT)):
+        text = "; ".join(f"{name} {value} > 10^12 fen, the largest claim amount" for name, value in hits)
         if not text:
             days = v.days([i])
             text = (f"this claim would take the compliant total of person {_str(v('person_id')[i])} "
@@ -224,10 +239,10 @@ def _out_of_range(v: _ErrorRows, at: list[int]) -> list:
 
 
 def _mismatch(v: _ErrorRows, at: list[int]) -> list:
-    total, class_b = v("total_amount"), v("in_scope_class_b_amount")
-    parts = [v(name) for _, name in _PARTS]
+    total, class_b = v.at("total_amount", at), v.at("in_scope_class_b_amount", at)
+    parts = [v.at(name, at) for _, name in _PARTS]
     out = []
-    for i in at:
+    for i in range(len(at)):
         p = [col[i] for col in parts]
         s = None if None in p else _wrap64(p[0] + p[1] + p[2] + p[3])
         if total[i] is not None and s is not None and total[i] != s:
@@ -318,7 +333,8 @@ def _versions_table(policies: PolicySet) -> dict:
 def _unknown_identity(v: _ErrorRows, at: list[int], policy_id: list, policies: Optional[PolicySet]) -> list:
     """Spec section 5: an identity is unknown only when no version of the year declares it (or
     the list holds a null item), so the sentence names the year's versions and all they declare."""
-    identities, region, scheme, days = v("identities"), v("region"), v("scheme"), v.days(at)
+    identities = dict(zip(at, v.at("identities", at)))
+    region, scheme, days = v("region"), v("scheme"), v.days(at)
     known = policies is not None and bool(policies.policies)
     declared = [", ".join(policies.year_identities(p.region, p.scheme, p.year)) or "none"
                 for p in policies.policies] if known else []
@@ -335,9 +351,8 @@ def _unknown_identity(v: _ErrorRows, at: list[int], policy_id: list, policies: O
 
 
 def _duplicate(v: _ErrorRows, at: list[int]) -> list:
-    claim_id = v("claim_id")
-    return [f"claim_id {_str(claim_id[i])} came earlier in this call (the first row with it is settled or "
-            f"rejected on its own); send a corrected claim in a later call" for i in at]
+    return [f"claim_id {_str(claim_id)} came earlier in this call (the first row with it is settled or "
+            f"rejected on its own); send a corrected claim in a later call" for claim_id in v.at("claim_id", at)]
 
 
 def _no_rule(v: _ErrorRows, at: list[int], policy_id: list, policies: Optional[PolicySet]) -> list:
