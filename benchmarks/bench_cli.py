@@ -22,8 +22,10 @@ shared, noisy machine slows them alike:
   its folder, to compare two versions of the command line in one run.
 
 Per variant, extra_info holds the median user+sys CPU seconds of the child (`os.wait4`), the
-median wall seconds, and every round's figures; pytest-benchmark's own timing is of whole
-rounds (the three variants, one after the other).
+median wall seconds, the median over rounds of its CPU minus the floor's in the same round
+(`cpu_s_over_floor_paired`: a shared machine's load drifts over a run, and the rounds'
+differences cancel most of it), and every round's figures; pytest-benchmark's own timing is
+of whole rounds (the variants one after the other).
 """
 from __future__ import annotations
 
@@ -100,8 +102,8 @@ if BASE:
 
 
 def test_settle_side_by_side(benchmark, claims):
-    """Every variant once per round, in turn; pytest-benchmark times whole rounds (all three),
-    extra_info has each variant's medians and the CPU `settle` and `keep` add over `floor`."""
+    """Every variant once per round, in turn; pytest-benchmark times whole rounds (all of them),
+    extra_info has each variant's medians and the CPU it adds over `floor`."""
     figures: dict[str, list[tuple[float, float]]] = {v: [] for v in VARIANTS}
 
     def one_round():
@@ -115,10 +117,16 @@ def test_settle_side_by_side(benchmark, claims):
     cpu = {v: statistics.median(c for c, _ in rounds) for v, rounds in figures.items()}
     wall = {v: statistics.median(w for _, w in rounds) for v, rounds in figures.items()}
     benchmark.extra_info.update(claims=SIZE, rounds=ROUNDS)
+    # what a variant adds, round by round: the difference to the floor of the same round (the
+    # load of a shared machine drifts over a run; the rounds' differences cancel most of it)
+    paired = {v: statistics.median(c - f for (c, _), (f, _) in zip(rounds, figures["floor"]))
+              for v, rounds in figures.items()}
     for v, rounds in figures.items():
         benchmark.extra_info[v] = {"cpu_s_median": round(cpu[v], 3), "wall_s_median": round(wall[v], 3),
                                    "cpu_s_over_floor": round(cpu[v] - cpu["floor"], 3),
+                                   "cpu_s_over_floor_paired": round(paired[v], 3),
                                    "cpu_s": [round(c, 3) for c, _ in rounds], "wall_s": [round(w, 3) for _, w in rounds]}
         print(f"\n{v:>6}: {SIZE:,} claims, {ROUNDS} rounds in turn: median CPU {cpu[v]:.3f} s "
-              f"({cpu[v] - cpu['floor']:+.3f} over floor), wall {wall[v]:.3f} s", end="")
+              f"({cpu[v] - cpu['floor']:+.3f} over floor; {paired[v]:+.3f} the median of the rounds' own), "
+              f"wall {wall[v]:.3f} s", end="")
     print()
