@@ -125,7 +125,8 @@ def test_settle_side_by_side(benchmark, claims):
         benchmark.extra_info[v] = {"cpu_s_median": round(cpu[v], 3), "wall_s_median": round(wall[v], 3),
                                    "cpu_s_over_floor": round(cpu[v] - cpu["floor"], 3),
                                    "cpu_s_over_floor_paired": round(paired[v], 3),
-                                   "cpu_s": [round(c, 3) for c, _ in rounds], "wall_s": [round(w, 3) for _, w in rounds]}
+                                   "cpu_s": [round(c, 3) for c, _ in rounds],
+                                   "wall_s": [round(w, 3) for _, w in rounds]}
         print(f"\n{v:>6}: {SIZE:,} claims, {ROUNDS} rounds in turn: median CPU {cpu[v]:.3f} s "
               f"({cpu[v] - cpu['floor']:+.3f} over floor; {paired[v]:+.3f} the median of the rounds' own), "
               f"wall {wall[v]:.3f} s", end="")

@@ -70,7 +70,8 @@ def _odd_claims(ps, claims) -> pa.Table:
     for i in range(2, n, 19):  # a sum of the parts past int64, which Arrow's add wraps
         funded[i], in_scope[i] = 2**62, 2**62 + i
     out = claims
-    for name, values, typ in (("self_funded_amount", funded, pa.int64()), ("in_scope_amount", in_scope, pa.int64()),("settle_time", pa.array(micros, pa.int64()).cast(pa.timestamp("us")), None),
+    for name, values, typ in (("self_funded_amount", funded, pa.int64()), ("in_scope_amount", in_scope, pa.int64()),
+                              ("settle_time", pa.array(micros, pa.int64()).cast(pa.timestamp("us")), None),
                               ("region", region, pa.string()), ("scheme", scheme, pa.string()),
                               ("identities", ids, pa.list_(pa.string())), ("total_amount", total, pa.int64())):
         arr = values if typ is None else pa.array(values, typ)

@@ -188,8 +188,8 @@ def test_summary_tally_against_numpy():
     assert gathered[:k].tolist() == np.flatnonzero((status != 0) | gather[policy].astype(bool)).tolist()
 
     with pytest.raises(ValueError):  # a code outside the counts is refused, not written past them
-        _columns.summary_tally(np.array([policies], np.int32), np.zeros(1, np.int32), 0, [np.zeros(1, np.int64)] * width,
-                               cap_bits, 0, gather, counts, sums, gathered)
+        _columns.summary_tally(np.array([policies], np.int32), np.zeros(1, np.int32), 0,
+                               [np.zeros(1, np.int64)] * width, cap_bits, 0, gather, counts, sums, gathered)
     with pytest.raises(ValueError):
         _columns.summary_tally(policy, status, 0, amounts[:2], cap_bits, 0, gather, counts, sums, gathered)
 
@@ -210,7 +210,8 @@ def test_carried_person_with_an_error_row_only(ps, claims, tmp_path):
         assert main(["settle", str(tmp_path / "a.parquet"), "-o", str(tmp_path / "ra.parquet"),
                      "--accumulators-out", str(tmp_path / "acc.parquet")]) == 0
         assert main(["settle", str(tmp_path / "b.parquet"), "-o", str(tmp_path / "rb.parquet"),
-                     "--accumulators-in", str(tmp_path / "acc.parquet"), "--summary-json", str(tmp_path / "s.json")]) == 0
+                     "--accumulators-in", str(tmp_path / "acc.parquet"),
+                     "--summary-json", str(tmp_path / "s.json")]) == 0
     got = json.loads((tmp_path / "s.json").read_text())
     assert got["ok"] == 1 and got["persons"] == 2
     assert [(p["policy_id"], p["persons"]) for p in got["policies"]] == [(policy, 2)]
@@ -231,7 +232,8 @@ def test_find_keys_against_a_dict():
     table = AccumulatorKeys()
     arr = pa.array(people, pa.binary())
     slots = np.empty(len(people), dtype=np.int64)
-    table.intern_keys(np.frombuffer(arr.buffers()[1], np.int32), np.frombuffer(arr.buffers()[2], np.uint8), policy, slots)
+    table.intern_keys(np.frombuffer(arr.buffers()[1], np.int32), np.frombuffer(arr.buffers()[2], np.uint8),
+                      policy, slots)
     held = dict(zip(zip(policy.tolist(), people), slots.tolist()))
     asked = people[::3] + [b"nobody", b""] + people[:50]
     asked_policy = np.array([*policy[::3].tolist(), 0, 1, *((policy[:50] + 1) % 5).tolist()], dtype=np.int32)
@@ -267,9 +269,10 @@ def test_intern_spans_as_intern_ids():
 
 
 def test_counted_while_settling_as_add(ps, claims):
-    """The counts taken on the settling thread from the kernel's outputs (`Settler.each`) are those `add` takes from the results; a policy set whose year starts
-    with a version after 1 January (where the kernel's version in force and policy_rows part for
-    an early date) is counted by `add`, and still right."""
+    """The counts taken on the settling thread from the kernel's outputs (`Settler.each`) are
+    those `add` takes from the results; a policy set whose year starts with a version after
+    1 January (where the kernel's version in force and policy_rows part for an early date) is
+    counted by `add`, and still right."""
     from engine.model import PolicySet
     from engine.summary import _lookup_places_rows
 
