@@ -9,16 +9,23 @@ The claims are the README's main job: `medsettle generate --claims N --seed 1 --
 imports included, as a user runs it), and the variants take turns round by round, so that a
 shared, noisy machine slows them alike:
 
-* `floor`: the same streamed settlement (`Settler.settle_batches`, 125k-row batches, read
-  ahead, written by a background thread with the command line's Parquet settings,
-  `engine.files.TableWriter`) with no status_detail, no summary, no order check and no
-  all-or-nothing commit: what the command line adds is measured against it;
+* `floor`: the same streamed settlement (`Settler.settle_batches`, 125k-row batches read
+  ahead as the command line reads them, `engine.files.ClaimsFile`: name columns as
+  dictionaries, the last batches smaller; written by a background thread with the command
+  line's Parquet settings, `engine.files.TableWriter`) with no status_detail, no summary,
+  no order check and no all-or-nothing commit: what the command line adds is measured
+  against it;
 * `settle`: `medsettle settle CLAIMS -o RESULTS` (status_detail, summary, temporary + rename);
-* `keep`: the same with `--keep-columns person_id,region,settle_time`.
+* `keep`: the same with `--keep-columns person_id,region,settle_time`;
+* `base` (when `MEDSETTLE_BENCH_CLI_BASE` names another built tree of this repo, e.g. a
+  worktree at an older commit): that tree's `medsettle settle CLAIMS -o RESULTS`, run from
+  its folder, to compare two versions of the command line in one run.
 
 Per variant, extra_info holds the median user+sys CPU seconds of the child (`os.wait4`), the
-median wall seconds, and every round's figures; pytest-benchmark's own timing is of whole
-rounds (the three variants, one after the other).
+median wall seconds, the median over rounds of its CPU minus the floor's in the same round
+(`cpu_s_over_floor_paired`: a shared machine's load drifts over a run, and the rounds'
+differences cancel most of it), and every round's figures; pytest-benchmark's own timing is
+of whole rounds (the variants one after the other).
 """
 from __future__ import annotations
 
@@ -34,21 +41,22 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 SIZE = int(os.environ.get("MEDSETTLE_BENCH_CLI_SIZE", "1000000").replace("_", ""))
 ROUNDS = int(os.environ.get("MEDSETTLE_BENCH_ROUNDS", "5"))
+BASE = os.environ.get("MEDSETTLE_BENCH_CLI_BASE")
 
 # The settlement alone, streamed as `medsettle settle` streams it, results written as they come.
 _FLOOR = """
-import sys, pyarrow.parquet as pq, engine
+import sys, engine
 from engine.cli.settle import SETTLE_BATCH
 from engine.arrow_io import results_schema
-from engine.files import TableWriter
+from engine.files import ClaimsFile, TableWriter
 from engine.pipeline import BackgroundWriter, prefetch
 claims, out = sys.argv[1:3]
 ps = engine.load_policies(None)
-f = pq.ParquetFile(claims)
-settler = engine.Settler(ps, expected_claims=f.metadata.num_rows)
+f = ClaimsFile(claims, SETTLE_BATCH)
+settler = engine.Settler(ps, expected_claims=f.num_rows)
 w = TableWriter(out, results_schema(dictionary=True), SETTLE_BATCH)
 bg = BackgroundWriter(w.write)
-for res in settler.settle_batches(prefetch(f.iter_batches(SETTLE_BATCH)), dictionary=True):
+for res in settler.settle_batches(prefetch(f.batches()), dictionary=True):
     bg.submit(res)
 bg.close()
 w.close()
@@ -63,12 +71,12 @@ print(os.waitstatus_to_exitcode(status), usage.ru_utime + usage.ru_stime, time.p
 """
 
 
-def _child(argv: list[str]) -> tuple[float, float]:
-    """(user+sys CPU s, wall s) of `python ARGV` in a child of a small waiter process (so that
-    the child's figures are its own, not this big pytest process's)."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+def _child(argv: list[str], root: Path = ROOT) -> tuple[float, float]:
+    """(user+sys CPU s, wall s) of `python ARGV` run in the tree `root`, in a child of a small
+    waiter process (so that the child's figures are its own, not this big pytest process's)."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]))
     out = subprocess.run([sys.executable, "-c", _WAITER, sys.executable, *argv], capture_output=True, text=True,
-                         env=env, check=True).stdout.split()
+                         env=env, cwd=root, check=True).stdout.split()
     code, cpu, wall = int(out[0]), float(out[1]), float(out[2])
     assert code == 0, argv
     return cpu, wall
@@ -89,27 +97,37 @@ VARIANTS = {
     "keep": lambda c, out: ["-m", "engine.cli", "settle", str(c), "-o", str(out),
                             "--keep-columns", "person_id,region,settle_time"],
 }
+if BASE:
+    VARIANTS["base"] = VARIANTS["settle"]
 
 
 def test_settle_side_by_side(benchmark, claims):
-    """Every variant once per round, in turn; pytest-benchmark times whole rounds (all three),
-    extra_info has each variant's medians and the CPU `settle` and `keep` add over `floor`."""
+    """Every variant once per round, in turn; pytest-benchmark times whole rounds (all of them),
+    extra_info has each variant's medians and the CPU it adds over `floor`."""
     figures: dict[str, list[tuple[float, float]]] = {v: [] for v in VARIANTS}
 
     def one_round():
         for name, argv in VARIANTS.items():
             out = claims.parent / f"results_{name}.parquet"
-            figures[name].append(_child(argv(claims, out)))
+            root = Path(BASE).resolve() if name == "base" else ROOT
+            figures[name].append(_child(argv(claims, out), root))
             assert pq.ParquetFile(out).metadata.num_rows == SIZE
 
     benchmark.pedantic(one_round, rounds=ROUNDS, iterations=1)
     cpu = {v: statistics.median(c for c, _ in rounds) for v, rounds in figures.items()}
     wall = {v: statistics.median(w for _, w in rounds) for v, rounds in figures.items()}
     benchmark.extra_info.update(claims=SIZE, rounds=ROUNDS)
+    # what a variant adds, round by round: the difference to the floor of the same round (the
+    # load of a shared machine drifts over a run; the rounds' differences cancel most of it)
+    paired = {v: statistics.median(c - f for (c, _), (f, _) in zip(rounds, figures["floor"]))
+              for v, rounds in figures.items()}
     for v, rounds in figures.items():
         benchmark.extra_info[v] = {"cpu_s_median": round(cpu[v], 3), "wall_s_median": round(wall[v], 3),
                                    "cpu_s_over_floor": round(cpu[v] - cpu["floor"], 3),
-                                   "cpu_s": [round(c, 3) for c, _ in rounds], "wall_s": [round(w, 3) for _, w in rounds]}
+                                   "cpu_s_over_floor_paired": round(paired[v], 3),
+                                   "cpu_s": [round(c, 3) for c, _ in rounds],
+                                   "wall_s": [round(w, 3) for _, w in rounds]}
         print(f"\n{v:>6}: {SIZE:,} claims, {ROUNDS} rounds in turn: median CPU {cpu[v]:.3f} s "
-              f"({cpu[v] - cpu['floor']:+.3f} over floor), wall {wall[v]:.3f} s", end="")
+              f"({cpu[v] - cpu['floor']:+.3f} over floor; {paired[v]:+.3f} the median of the rounds' own), "
+              f"wall {wall[v]:.3f} s", end="")
     print()

@@ -7,8 +7,9 @@ One pass each over Arrow buffers or the state table: numpy would take several
 passes and temporaries per column.
 """
 import numpy as np
+from cpython.mem cimport PyMem_Malloc, PyMem_Free
 from libc.string cimport memcpy, memcmp
-from libc.stdint cimport int8_t, int16_t, int32_t, int64_t, uint8_t
+from libc.stdint cimport int8_t, int16_t, int32_t, int64_t, uint8_t, uint32_t
 
 from ._tables cimport PolicyRow, OK, ACC_FIELDS_C
 
@@ -388,3 +389,89 @@ cdef class ClosingAccumulators:
                                          col_p + e, pos_p + e, paid_p + e, charged_p + e)
                 k += 1
                 entry_offsets[k] = <int32_t>e
+
+
+# --------------------------------------------------------------------------- the command line's summary
+
+ctypedef fused index_t:
+    int8_t
+    int16_t
+    int32_t
+    int64_t
+
+
+def dictionary_codes(const index_t[::1] indices, const uint8_t[::1] validity, int64_t offset,
+                     const int32_t[::1] remap, int32_t[::1] out):
+    """out[i] = remap[indices[i]]: a dictionary array's codes in the summary's own numbering
+    (`remap`: one code per dictionary entry, then the code of null, taken where bit offset + i
+    of `validity` is 0; an empty `validity`: no nulls)."""
+    cdef Py_ssize_t n = out.shape[0], i
+    cdef int32_t null_code = remap[remap.shape[0] - 1]
+    cdef bint has_nulls = validity.shape[0] > 0
+    with nogil:
+        for i in range(n):
+            if has_nulls and not bit_at(&validity[0], offset + i):
+                out[i] = null_code
+            else:
+                out[i] = remap[indices[i]]
+
+
+def summary_tally(const int32_t[::1] policy, const int32_t[::1] status, int32_t ok, list amounts,
+                  const uint8_t[::1] cap_bits, int64_t cap_offset, const uint8_t[::1] gather_policy,
+                  int64_t[:, ::1] counts, int64_t[:, :, ::1] sums, int64_t[::1] gathered):
+    """One pass over a results batch's rows, by (policy, status) code: counts[p, s] += 1,
+    sums[p, s, j] += amounts[j][i] and sums[p, s, len(amounts)] += the row's cap_hit bit
+    (bit cap_offset + i of `cap_bits`). Writes to `gathered` the rows whose person the key
+    table may not count (status not `ok`, or a policy whose `gather_policy` is 1) and
+    returns how many."""
+    cdef Py_ssize_t n = policy.shape[0], i
+    cdef int64_t j, k = 0, width = len(amounts)
+    cdef int32_t p, s
+    cdef const int64_t[::1] column
+    cdef const int64_t** cols
+    cdef int64_t* out
+    cdef int64_t* count_base
+    cdef int64_t* sum_base
+    cdef int64_t g, stride = width + 1
+    cdef int32_t policies = <int32_t>counts.shape[0], statuses = <int32_t>counts.shape[1]
+    cdef bint bad = False
+    if not (status.shape[0] == n and gathered.shape[0] >= n and sums.shape[0] == counts.shape[0]
+            and sums.shape[1] == counts.shape[1] and sums.shape[2] == width + 1
+            and gather_policy.shape[0] >= counts.shape[0] and cap_bits.shape[0] * 8 >= cap_offset + n):
+        raise ValueError("summary_tally: inconsistent shapes")
+    if n == 0:
+        return 0
+    count_base = &counts[0, 0]
+    sum_base = &sums[0, 0, 0]
+    keep = []  # the memoryviews whose pointers `cols` holds
+    cols = <const int64_t**>PyMem_Malloc(max(width, 1) * sizeof(int64_t*))
+    if cols == NULL:
+        raise MemoryError()
+    try:
+        for j in range(width):
+            column = amounts[j]
+            if column.shape[0] != n:
+                raise ValueError("summary_tally: an amount column of another length")
+            keep.append(column)
+            cols[j] = &column[0]
+        with nogil:
+            for i in range(n):
+                p = policy[i]
+                s = status[i]
+                if <uint32_t>p >= <uint32_t>policies or <uint32_t>s >= <uint32_t>statuses:
+                    bad = True
+                    break
+                g = p * statuses + s
+                count_base[g] += 1
+                out = sum_base + g * stride
+                for j in range(width):
+                    out[j] += cols[j][i]
+                out[width] += (cap_bits[(cap_offset + i) >> 3] >> ((cap_offset + i) & 7)) & 1
+                if s != ok or gather_policy[p]:
+                    gathered[k] = i
+                    k += 1
+        if bad:
+            raise ValueError(f"summary_tally: code ({p}, {s}) outside the counts")
+    finally:
+        PyMem_Free(cols)
+    return k

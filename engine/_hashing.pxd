@@ -51,6 +51,7 @@ cdef class AccumulatorKeys(Interner):
     cdef KeySlot* keys
 
     cdef int64_t intern(self, const uint8_t* key, int64_t length, uint64_t h, bint* is_new) noexcept nogil
+    cdef int64_t find(self, const uint8_t* key, int64_t length, uint64_t h) noexcept nogil
     cdef void prefetch(self, uint64_t h) noexcept nogil
     cdef int intern_rows(self, const int32_t* offsets, const uint8_t* data, const int32_t* policy,
                          const int8_t* status, int64_t* out_slot, Py_ssize_t n) noexcept nogil

@@ -278,6 +278,42 @@ cdef class ClaimIds(Interner):
             raise MemoryError(f"claim id table: full at row {i}")
 
 
+    def intern_spans(self, const int64_t[::1] starts, int64_t skip, const uint8_t[::1] data, int64_t[::1] out):
+        """Intern data[starts[i] + skip:starts[i + 1]] for each i, as intern_ids does strings: the
+        person ids of an arena of accumulator keys (skip 4, their policy index), read in place."""
+        cdef Py_ssize_t n = out.shape[0], i
+        cdef int64_t a, length
+        cdef bint is_new
+        cdef bint failed = False
+        cdef uint64_t* h = self.hash_scratch(n + 1)
+        if h == NULL:
+            raise MemoryError()
+        if starts.shape[0] != n + 1:
+            raise ValueError("intern_spans: starts must have one more entry than out")
+        if n == 0:
+            return
+        if skip < 0 or starts[n] > data.shape[0]:
+            raise ValueError("intern_spans: spans outside the data")
+        for i in range(n):
+            if starts[i] + skip > starts[i + 1]:
+                raise ValueError(f"intern_spans: span {i} is shorter than {skip} bytes")
+        with nogil:
+            for i in range(n):
+                a = starts[i] + skip
+                h[i] = hash_bytes(&data[0] + a, starts[i + 1] - a)
+            for i in range(n):
+                if i + PREFETCH_AHEAD < n:
+                    self.prefetch(h[i + PREFETCH_AHEAD])
+                a = starts[i] + skip
+                length = starts[i + 1] - a
+                out[i] = self.intern(&data[0] + a, length, h[i], &is_new)
+                if out[i] < 0:
+                    failed = True
+                    break
+        if failed:
+            raise MemoryError(f"claim id table: full at row {i}")
+
+
 cdef class AccumulatorKeys(Interner):
     """Accumulator keys: 4 bytes of policy index, then the person_id bytes. Most are seen
     before, so a slot is 32 bytes with the key's first bytes in it: confirming a hit on a
@@ -392,6 +428,70 @@ cdef class AccumulatorKeys(Interner):
                 break
         free(buf)
         return err
+
+    cdef int64_t find(self, const uint8_t* key, int64_t length, uint64_t h) noexcept nogil:
+        """The id of `key` (whose hash is h), or -1 when the table does not hold it: intern's
+        probe, adding nothing."""
+        cdef int64_t j = <int64_t>(h & <uint64_t>self.table_mask)
+        cdef int64_t e
+        cdef uint8_t padded[KEY_INLINE]
+        cdef uint8_t short_length = <uint8_t>i64min(length, 255)
+        cdef KeySlot* slot
+        memset(padded, 0, KEY_INLINE)
+        memcpy(padded, key, i64min(length, KEY_INLINE))
+        while True:
+            slot = &self.keys[j]
+            if slot.entry == 0:
+                return -1
+            if slot.hash == h and slot.length == short_length and memcmp(slot.key, padded, KEY_INLINE) == 0:
+                e = <int64_t>slot.entry - 1
+                if length <= KEY_INLINE or (self.starts[e + 1] - self.starts[e] == length
+                                            and memcmp(self.arena + self.starts[e], key, length) == 0):
+                    return e
+            j = (j + 1) & self.table_mask
+
+    def find_keys(self, const int64_t[::1] offsets, const uint8_t[::1] data, const int32_t[::1] policy,
+                  int64_t[::1] out_slot):
+        """The slot of each (policy, person_id) key the table holds, -1 for the others (and for
+        policy < 0): a lookup of a few keys (the summary's error rows) against the table, which
+        hashes nothing of what it holds."""
+        cdef Py_ssize_t n = out_slot.shape[0], i
+        cdef int64_t start, length, cap = 256
+        cdef uint8_t* buf
+        cdef void* p
+        cdef int32_t pol
+        cdef uint64_t h
+        cdef bint failed = False
+        if offsets.shape[0] != n + 1 or policy.shape[0] != n:
+            raise ValueError("find_keys: offsets, policy and out_slot disagree on the rows")
+        if n == 0:
+            return
+        buf = <uint8_t*> malloc(cap)
+        if buf == NULL:
+            raise MemoryError()
+        with nogil:
+            for i in range(n):
+                pol = policy[i]
+                out_slot[i] = -1
+                if pol < 0:
+                    continue
+                start = offsets[i]
+                length = offsets[i + 1] - start
+                if length + 4 > cap:
+                    cap = (length + 4) * 2
+                    p = realloc(buf, cap)
+                    if p == NULL:
+                        failed = True
+                        break
+                    buf = <uint8_t*> p
+                memcpy(buf, &pol, 4)
+                if length:
+                    memcpy(buf + 4, &data[0] + start, length)
+                h = hash_seeded(&data[0] + start, length, <uint64_t>(<uint32_t>pol) * 0xd6e8feb86659fd93ULL + 1)
+                out_slot[i] = self.find(buf, length + 4, h)
+        free(buf)
+        if failed:
+            raise MemoryError()
 
     def intern_keys(self, const int32_t[::1] offsets, const uint8_t[::1] data,
                     const int32_t[::1] policy, int64_t[::1] out_slot):

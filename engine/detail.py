@@ -4,14 +4,18 @@ A result row carries only its status code; an office reading a results file
 alone needs to know which field and which amounts made a claim fail, without a
 join back to the claims. The sentence is rebuilt from the claim's columns and
 its status (spec section 7, in precedence order: the check that failed is the
-first one that the claim fails for its status), vectorized with Arrow compute
-over the error rows only, so a file of valid claims costs one comparison.
+first one that the claim fails for its status), for the error rows only (1 %
+of the README's job): the columns a sentence reads are read as Python values
+at those rows (off the Arrow buffers, a numpy gather), and each sentence is one
+f-string. Formatting those few rows in Python costs less than the hundreds of
+Arrow compute calls per batch that building the sentences column-wise took
+(docs/DECISIONS.md); a file of valid claims costs one comparison.
 """
 from __future__ import annotations
 
 import datetime
-
-from typing import Optional
+import functools
+from typing import Callable, Optional
 
 import numpy as np
 import pyarrow as pa
@@ -45,138 +49,220 @@ def _join(*parts, sep: str = "") -> pa.Array:
     return pc.binary_join_element_wise(*[p if isinstance(p, pa.Array) else pa.scalar(p) for p in parts], sep)
 
 
-def _any_of(pieces: list, sep: str, n: int) -> pa.Array:
-    """Per row, the non-null pieces joined by `sep` (null when there are none); None pieces
-    (a check no row of these failed) are skipped: fewer calls, each costs a pass and the GIL."""
-    pieces = [p for p in pieces if p is not None]
-    if not pieces:
-        return pa.nulls(n, pa.string())
-    out = pieces[0]
-    for piece in pieces[1:]:
-        out = pc.coalesce(_join(out, sep, piece), out, piece)
-    return out
-
-
 def _column(c, name: str) -> pa.Array:
     col = c.column(name)
     return col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
 
 
-def _valid(arr: pa.Array) -> np.ndarray:
-    """The validity of `arr` as numpy bools, off its bitmap (no compute call: the error rows of
-    a batch are few, so each call's fixed cost is most of what a check costs)."""
-    if not arr.null_count:
-        return np.ones(len(arr), dtype=bool)
-    bits = np.unpackbits(np.frombuffer(arr.buffers()[0], dtype=np.uint8), count=arr.offset + len(arr),
-                         bitorder="little")
-    return bits[arr.offset:].astype(bool)
+def _pylist(arr: pa.Array) -> list:
+    """An array's values as Python objects, None for null: a dictionary array through its few
+    entries (Arrow converts one of those at ~1 us a value, a plain array at ~20 ns)."""
+    if pa.types.is_dictionary(arr.type):
+        entries = arr.dictionary.to_pylist()
+        return [None if i is None else entries[i] for i in arr.indices.to_pylist()]
+    return arr.to_pylist()
 
 
-def _values(arr: pa.Array) -> np.ndarray:
+def _str(v) -> str:
+    """A value as Arrow's cast to string writes it: null as 'null', booleans as true/false."""
+    if v is None:
+        return "null"
+    if v is True:
+        return "true"
+    if v is False:
+        return "false"
+    return str(v)
+
+
+def _wrap64(v: int) -> int:
+    """`v` as int64 arithmetic wraps it (Arrow's unchecked add, which the sum in the sentence is)."""
+    return (v + (1 << 63)) % (1 << 64) - (1 << 63)
+
+
+class _ErrorRows:
+    """The claim columns of a batch's error rows, read as Python values on first use: off the
+    Arrow buffers at those rows for dictionary, integer, timestamp and boolean columns (a numpy
+    gather), with one `take` for the others (strings, lists)."""
+
+    def __init__(self, claims: pa.Table, rows: np.ndarray):
+        self.claims = claims
+        self.rows = rows
+        self._values: dict[str, list] = {}
+
+    def column(self, name: str) -> pa.Array:
+        return _column(self.claims, name)
+
+    def valid(self, name: str) -> np.ndarray:
+        """Per error row, whether `name` is not null there."""
+        col = self.column(name)
+        if not col.null_count:
+            return np.ones(len(self.rows), dtype=bool)
+        return _bits_at(col.buffers()[0], col.offset, self.rows)
+
+    def __call__(self, name: str) -> list:
+        """`name` at every error row, read once (for the columns several codes read)."""
+        if name not in self._values:
+            self._values[name] = self._read(self.column(name), self.rows)
+        return self._values[name]
+
+    def at(self, name: str, at: list[int]) -> list:
+        """`name` at the error rows `at` only (for a column one code reads)."""
+        return self._read(self.column(name), self.rows[np.asarray(at, dtype=np.intp)])
+
+    @staticmethod
+    def _read(col: pa.Array, rows: np.ndarray) -> list:
+        if pa.types.is_dictionary(col.type):
+            entries = col.dictionary.to_pylist()
+            values = [entries[i] for i in _values(col.indices)[rows].tolist()]
+        elif pa.types.is_integer(col.type):
+            values = _values(col)[rows].tolist()
+        elif pa.types.is_timestamp(col.type):  # microseconds, as int
+            values = _values(col, np.int64)[rows].tolist()
+        elif pa.types.is_boolean(col.type):
+            values = _bits_at(col.buffers()[1], col.offset, rows).tolist()
+        else:
+            return col.take(pa.array(rows)).to_pylist()
+        if col.null_count:
+            valid = _bits_at(col.buffers()[0], col.offset, rows)
+            values = [v if ok else None for v, ok in zip(values, valid.tolist())]
+        return values
+
+    def derived(self, key: str, make: Callable[[], list]) -> list:
+        """A list computed for the error rows, made once."""
+        if key not in self._values:
+            self._values[key] = make()
+        return self._values[key]
+
+    def days(self, at: list[int]) -> dict[int, tuple[str, Optional[int], int]]:
+        """Rows `at`'s settle_time as (its date as pc.strftime's '%Y-%m-%d' writes it, its year,
+        its day since 1970-01-01): ('null', None, 0) when null."""
+        micros = self("settle_time")
+        typ = self.column("settle_time").type
+        out = {}
+        for i in at:
+            m = micros[i]
+            out[i] = _NULL_DAY if m is None else (*_date(m // _DAY_US, typ), m // _DAY_US)
+        return out
+
+
+def _values(arr: pa.Array, dtype=None) -> np.ndarray:
     """The values buffer of a fixed-width array (what sits under a null is arbitrary: mask it)."""
-    dtype = arr.type.to_pandas_dtype()
+    dtype = dtype or arr.type.to_pandas_dtype()
     return np.frombuffer(arr.buffers()[1], dtype=dtype, count=arr.offset + len(arr))[arr.offset:]
 
 
-def _when(mask: np.ndarray, text) -> Optional[pa.Array]:
-    """`text()` where `mask`, else null; None when no row is masked (text() is then not built)."""
-    if not mask.any():
-        return None
-    return pc.if_else(pa.array(mask), text(), pa.scalar(None, pa.string()))
+def _bits_at(buffer: pa.Buffer, offset: int, rows: np.ndarray) -> np.ndarray:
+    """Bits offset + rows of an Arrow bitmap, as bools."""
+    bits = np.frombuffer(buffer, dtype=np.uint8)
+    at = rows + offset
+    return ((bits[at >> 3] >> (at & 7)) & 1).astype(bool)
 
 
-def _missing(c: pa.Table) -> pa.Array:
+_NULL_DAY = ("null", None, 0)
+
+
+@functools.lru_cache(maxsize=4096)
+def _date(day: int, typ: pa.DataType) -> tuple[str, int]:
+    """A day since 1970-01-01 as pc.strftime's '%Y-%m-%d' writes it, and its year (cached: the
+    error rows of a file fall on a few hundred days)."""
+    try:
+        date = _EPOCH + datetime.timedelta(days=day)
+    except OverflowError:  # outside years 1-9999: as Arrow writes it
+        at = pa.array([day * _DAY_US], pa.int64()).cast(typ)
+        return pc.strftime(at, "%Y-%m-%d")[0].as_py(), pc.year(at)[0].as_py()
+    return date.isoformat(), date.year
+
+
+_EPOCH = datetime.date(1970, 1, 1)
+_DAY_US = 86_400_000_000
+
+
+def _missing(v: _ErrorRows, at: list[int]) -> list:
     """The null required fields of each row, named in one sentence built once per pattern of
     nulls (a handful), not once per row."""
-    nulls = [(name, ~_valid(col)) for name in REQUIRED_COLUMNS if (col := _column(c, name)).null_count]
-    if not nulls:
-        return pa.nulls(c.num_rows, pa.string())
-    pattern = np.zeros(c.num_rows, dtype=np.int64)
-    for bit, (_, null) in enumerate(nulls):
-        pattern |= null.astype(np.int64) << bit
-    kinds, inverse = np.unique(pattern, return_inverse=True)
-    texts = [", ".join(name for bit, (name, _) in enumerate(nulls) if k >> bit & 1) + " is null; a required field"
-             if k else None for k in kinds.tolist()]
-    return pa.array(texts, pa.string()).take(pa.array(inverse.reshape(-1)))
+    rows = np.asarray(at, dtype=np.intp)
+    pattern = np.zeros(len(rows), dtype=np.int64)
+    for bit, name in enumerate(REQUIRED_COLUMNS):
+        if v.column(name).null_count:
+            pattern |= (~v.valid(name)[rows]).astype(np.int64) << bit
+    texts: dict = {}
+    for k in pattern.tolist():
+        if k not in texts:
+            names = [name for bit, name in enumerate(REQUIRED_COLUMNS) if k >> bit & 1]
+            texts[k] = ", ".join(names) + " is null; a required field" if names else None
+    return [texts[k] for k in pattern.tolist()]
 
 
-def _not_in(col: pa.Array, values: tuple[str, ...]) -> np.ndarray:
-    """Rows whose non-null value is not one of `values`: a dictionary column is checked on its
-    few entries, then its indices."""
-    valid = _valid(col)
-    if pa.types.is_dictionary(col.type):
-        entries = col.dictionary.cast(pa.string()).to_pylist()
-        bad_entry = np.array([v not in values for v in entries] + [False], dtype=bool)
-        indices = np.where(valid, _values(col.indices), len(entries))
-        return bad_entry[indices]
-    return ~np.asarray(pc.is_in(col, value_set=pa.array(values)).fill_null(True), dtype=bool) & valid
+def _invalid_value(v: _ErrorRows, at: list[int]) -> list:
+    columns = [(name, f"' is not one of {', '.join(values)}", frozenset(values), v.at(name, at))
+               for name, values in _ENUMS]
+    out = []
+    for i in range(len(at)):
+        pieces = [f"{name} '{col[i]}{tail}" for name, tail, values, col in columns
+                  if col[i] is not None and col[i] not in values]
+        out.append("; ".join(pieces) or None)
+    return out
 
 
-def _invalid_value(c: pa.Table) -> pa.Array:
-    pieces = []
-    for name, values in _ENUMS:
-        col = _column(c, name)
-        pieces.append(_when(_not_in(col, values), lambda name=name, col=col, values=values: _join(
-            f"{name} '", _text(col), f"' is not one of {', '.join(values)}")))
-    return _any_of(pieces, "; ", c.num_rows)
+def _flagged(v: _ErrorRows, at: list[int], test) -> list[list[tuple[str, int]]]:
+    """Per row of `at`, the (amount column, value) pairs whose non-null value passes `test`
+    (a numpy comparison), in column order: found with numpy, so only those are formatted."""
+    rows = v.rows[np.asarray(at, dtype=np.intp)]
+    out: list[list[tuple[str, int]]] = [[] for _ in at]
+    for name in AMOUNT_COLUMNS:
+        col = v.column(name)
+        values = _values(col, np.int64)[rows]
+        hit = test(values)
+        if col.null_count:
+            hit &= _bits_at(col.buffers()[0], col.offset, rows)
+        for k in np.flatnonzero(hit).tolist():
+            out[k].append((name, int(values[k])))
+    return out
 
 
-def _amount_outside(c: pa.Table, name: str, low: bool) -> np.ndarray:
-    col = _column(c, name)
-    values = _values(col)
-    return _valid(col) & ((values < 0) if low else (values > MAX_AMOUNT))
+def _invalid_amount(v: _ErrorRows, at: list[int]) -> list:
+    return ["; ".join(f"{name} {value} < 0 (a reversal goes through the server's Reverse)" for name, value in hits)
+            or None for hits in _flagged(v, at, lambda x: x < 0)]
 
 
-def _invalid_amount(c: pa.Table) -> pa.Array:
-    pieces = [_when(_amount_outside(c, n, low=True),
-                    lambda n=n: _join(f"{n} ", _text(c.column(n)), " < 0 (a reversal goes through the server's Reverse)"))
-              for n in AMOUNT_COLUMNS]
-    return _any_of(pieces, "; ", c.num_rows)
+def _out_of_range(v: _ErrorRows, at: list[int]) -> list:
+    out = []
+    for i, hits in zip(at, _flagged(v, at, lambda x: x > MAX_AMOUNT)):
+        text = "; ".join(f"{name} {value} > 10^12 fen, the largest claim amount" for name, value in hits)
+        if not text:
+            days = v.days([i])
+            text = (f"this claim would take the compliant total of person {_str(v('person_id')[i])} "
+                    f"({_str(v('region')[i])}, {_str(v('scheme')[i])}, {_str(days[i][1])}) above 10^14 fen, "
+                    f"the largest accumulated amount")
+        out.append(text)
+    return out
 
 
-def _out_of_range(c: pa.Table) -> pa.Array:
-    pieces = [_when(_amount_outside(c, n, low=False),
-                    lambda n=n: _join(f"{n} ", _text(c.column(n)), " > 10^12 fen, the largest claim amount"))
-              for n in AMOUNT_COLUMNS]
-    amounts = _any_of(pieces, "; ", c.num_rows)
-    if not amounts.null_count:
-        return amounts
-    year = _text(pc.year(c.column("settle_time")))
-    total = _join("this claim would take the compliant total of person ", _text(c.column("person_id")), " (",
-                  _text(c.column("region")), ", ", _text(c.column("scheme")), ", ", year,
-                  ") above 10^14 fen, the largest accumulated amount")
-    return pc.coalesce(amounts, total)
+def _mismatch(v: _ErrorRows, at: list[int]) -> list:
+    total, class_b = v.at("total_amount", at), v.at("in_scope_class_b_amount", at)
+    parts = [v.at(name, at) for _, name in _PARTS]
+    out = []
+    for i in range(len(at)):
+        p = [col[i] for col in parts]
+        s = None if None in p else _wrap64(p[0] + p[1] + p[2] + p[3])
+        if total[i] is not None and s is not None and total[i] != s:
+            out.append(f"total_amount {total[i]} != {s} = self_funded {p[0]} + over_limit {p[1]} + "
+                       f"class_b_copay {p[2]} + in_scope {p[3]}")
+        else:
+            out.append(f"in_scope_class_b_amount {_str(class_b[i])} > in_scope_amount {_str(p[3])}")
+    return out
 
 
-def _mismatch(c: pa.Table) -> pa.Array:
-    parts = [c.column(n).combine_chunks() for _, n in _PARTS]
-    total = c.column("total_amount").combine_chunks()
-    s = parts[0]
-    for p in parts[1:]:
-        s = pc.add(s, p)
-    sum_text = _join("total_amount ", _text(total), " != ", _text(s), " = ",
-                     *[x for (short, _), p in zip(_PARTS, parts) for x in (f"{short} ", _text(p), " + ")][:-1])
-    class_b = c.column("in_scope_class_b_amount").combine_chunks()
-    b_text = _join("in_scope_class_b_amount ", _text(class_b), " > in_scope_amount ", _text(parts[3]))
-    return pc.if_else(pc.not_equal(total, s).fill_null(False), sum_text, b_text)
+def _unknown_policy(v: _ErrorRows, at: list[int]) -> list:
+    region, scheme, days = v("region"), v("scheme"), v.days(at)
+    return [f"no policy for region {_str(region[i])}, scheme {_str(scheme[i])} on {days[i][0]} "
+            f"(settle_time's date picks the policy and its year)" for i in at]
 
 
-def _unknown_policy(c: pa.Table) -> pa.Array:
-    date = pc.strftime(c.column("settle_time").combine_chunks(), "%Y-%m-%d")
-    return _join("no policy for region ", _text(c.column("region")), ", scheme ", _text(c.column("scheme")),
-                 " on ", _text(date), " (settle_time's date picks the policy and its year)")
-
-
-def _identities_text(col) -> pa.Array:
-    """list<string> as 'a, b' with a null item as 'null' and an empty list as 'none'."""
-    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
-    if pa.types.is_large_list(arr.type):
-        arr = arr.cast(pa.list_(pa.string()))
-    flat = pc.list_flatten(arr).fill_null("null")
-    offsets = pc.subtract(arr.offsets, arr.offsets[0]) if len(arr) else arr.offsets
-    lists = pa.ListArray.from_arrays(offsets, flat)
-    joined = pc.binary_join(lists, ", ")
-    return pc.if_else(pc.equal(joined, ""), pa.scalar("none"), joined)
+def _identities_text(items: Optional[list]) -> str:
+    """list<string> as 'a, b' with a null item as 'null' and an empty list (or a null one) as 'none'."""
+    joined = ", ".join("null" if x is None else x for x in items or ())
+    return joined or "none"
 
 
 def policy_rows(c: pa.Table, policies: Optional[PolicySet]) -> Optional[pa.Array]:
@@ -209,62 +295,89 @@ def policy_rows(c: pa.Table, policies: Optional[PolicySet]) -> Optional[pa.Array
     return pa.array(out, pa.int32(), mask=out < 0)
 
 
-def _policy_ids(c: pa.Table, policy_id: pa.Array, policies: Optional[PolicySet]) -> pa.Array:
-    which = policy_rows(c, policies)
-    if which is None:
-        return _text(policy_id)
-    ids = pa.array([p.id for p in policies.policies], pa.string())
-    return pc.coalesce(policy_id.cast(pa.string()), ids.take(which), pa.scalar("null"))
 
 
-def _unknown_identity(c: pa.Table, policy_id: pa.Array, policies: Optional[PolicySet]) -> pa.Array:
+def _versions(v: _ErrorRows, policies: PolicySet, at: list[int]) -> dict[int, Optional[int]]:
+    """policy_rows of error rows `at`, looked up in Python (a few rows of a batch need it: a
+    dozen compute calls cost more): the version of its (region, scheme, year) in force on its date."""
+    table = v.derived(" versions", lambda: _versions_table(policies))
+    region, scheme, days = v("region"), v("scheme"), v.days(at)
+    out = {}
+    for i in at:
+        _, year, day = days[i]
+        found = table.get((region[i], scheme[i], year))
+        which = None
+        if found is not None:
+            which, later = found
+            for start, index in later:
+                if day >= start:
+                    which = index
+        out[i] = which
+    return out
+
+
+def _versions_table(policies: PolicySet) -> dict:
+    """(region, scheme, year) -> (index of the year's first version, [(day it starts, index)] of
+    the later ones), indices into policies.policies, as policy_rows reads them."""
+    index = {id(p): i for i, p in enumerate(policies.policies)}
+    table: dict = {}
+    for p in policies.policies:
+        key = (p.region, p.scheme, p.year)
+        if key not in table:
+            versions = policies.versions(*key)
+            table[key] = (index[id(versions[0])], [((w.effective_from - _EPOCH).days, index[id(w)])
+                                                   for w in versions[1:]])
+    return table
+
+
+def _unknown_identity(v: _ErrorRows, at: list[int], policy_id: list, policies: Optional[PolicySet]) -> list:
     """Spec section 5: an identity is unknown only when no version of the year declares it (or
     the list holds a null item), so the sentence names the year's versions and all they declare."""
-    text = _join("identities [", _identities_text(c.column("identities")), "] include a null item or one that no "
-                 "version of region ", _text(c.column("region")), ", scheme ", _text(c.column("scheme")), ", year ",
-                 _text(pc.year(c.column("settle_time"))), " declares")
-    which = policy_rows(c, policies)
-    if which is None:
-        return text
-    declared = pa.array([", ".join(policies.year_identities(p.region, p.scheme, p.year)) or "none"
-                         for p in policies.policies], pa.string())
-    return pc.coalesce(_join(text, " (they declare: ", declared.take(which), ")"), text)
+    identities = dict(zip(at, v.at("identities", at)))
+    region, scheme, days = v("region"), v("scheme"), v.days(at)
+    known = policies is not None and bool(policies.policies)
+    declared = [", ".join(policies.year_identities(p.region, p.scheme, p.year)) or "none"
+                for p in policies.policies] if known else []
+    versions = _versions(v, policies, at) if known else {}
+    out = []
+    for i in at:
+        text = (f"identities [{_identities_text(identities[i])}] include a null item or one that no version of "
+                f"region {_str(region[i])}, scheme {_str(scheme[i])}, year {_str(days[i][1])} declares")
+        which = versions.get(i)
+        if which is not None:
+            text += f" (they declare: {declared[which]})"
+        out.append(text)
+    return out
 
 
-def _duplicate(c: pa.Table) -> pa.Array:
-    return _join("claim_id ", _text(c.column("claim_id")), " came earlier in this call (the first row with it is "
-                 "settled or rejected on its own); send a corrected claim in a later call")
+def _duplicate(v: _ErrorRows, at: list[int]) -> list:
+    return [f"claim_id {_str(claim_id)} came earlier in this call (the first row with it is settled or "
+            f"rejected on its own); send a corrected claim in a later call" for claim_id in v.at("claim_id", at)]
 
 
-def _no_rule(c: pa.Table, policy_id: pa.Array, policies: Optional[PolicySet]) -> pa.Array:
-    return _join("policy ", _policy_ids(c, policy_id, policies), " has no basic-layer rule for visit_type ",
-                 _text(c.column("visit_type")), " at facility_level ", _text(c.column("facility_level")),
-                 ", locality ", _text(c.column("locality")), ", referred ",
-                 _text(c.column("referred").combine_chunks().fill_null(False)))
+def _no_rule(v: _ErrorRows, at: list[int], policy_id: list, policies: Optional[PolicySet]) -> list:
+    visit, level, locality, referred = v("visit_type"), v("facility_level"), v("locality"), v("referred")
+    versions = _versions(v, policies, at) if policies is not None and policies.policies else {}
+    out = []
+    for i in at:
+        pid = policy_id[i]
+        if pid is None and versions.get(i) is not None:
+            pid = policies.policies[versions[i]].id
+        out.append(f"policy {_str(pid)} has no basic-layer rule for visit_type {_str(visit[i])} at facility_level "
+                   f"{_str(level[i])}, locality {_str(locality[i])}, referred {_str(bool(referred[i]))}")
+    return out
 
 
 PLACE_COLUMNS = ("region", "scheme", "settle_time")  # what policy_rows reads
-#: The claim columns each status's sentence reads: only those are taken for its rows.
-_READS = {
-    "MISSING_FIELD": REQUIRED_COLUMNS,
-    "INVALID_VALUE": tuple(name for name, _ in _ENUMS),
-    "INVALID_AMOUNT": AMOUNT_COLUMNS,
-    "AMOUNT_OUT_OF_RANGE": (*AMOUNT_COLUMNS, "person_id", *PLACE_COLUMNS),
-    "AMOUNT_MISMATCH": AMOUNT_COLUMNS,
-    "UNKNOWN_POLICY": PLACE_COLUMNS,
-    "UNKNOWN_IDENTITY": ("identities", *PLACE_COLUMNS),
-    "DUPLICATE_CLAIM": ("claim_id",),
-    "NO_BENEFIT_RULE": ("visit_type", "facility_level", "locality", "referred", *PLACE_COLUMNS),
-}
 _SENTENCE = {
-    "MISSING_FIELD": lambda c, pid, policies: _missing(c),
-    "INVALID_VALUE": lambda c, pid, policies: _invalid_value(c),
-    "INVALID_AMOUNT": lambda c, pid, policies: _invalid_amount(c),
-    "AMOUNT_OUT_OF_RANGE": lambda c, pid, policies: _out_of_range(c),
-    "AMOUNT_MISMATCH": lambda c, pid, policies: _mismatch(c),
-    "UNKNOWN_POLICY": lambda c, pid, policies: _unknown_policy(c),
+    "MISSING_FIELD": lambda v, at, pid, policies: _missing(v, at),
+    "INVALID_VALUE": lambda v, at, pid, policies: _invalid_value(v, at),
+    "INVALID_AMOUNT": lambda v, at, pid, policies: _invalid_amount(v, at),
+    "AMOUNT_OUT_OF_RANGE": lambda v, at, pid, policies: _out_of_range(v, at),
+    "AMOUNT_MISMATCH": lambda v, at, pid, policies: _mismatch(v, at),
+    "UNKNOWN_POLICY": lambda v, at, pid, policies: _unknown_policy(v, at),
     "UNKNOWN_IDENTITY": _unknown_identity,
-    "DUPLICATE_CLAIM": lambda c, pid, policies: _duplicate(c),
+    "DUPLICATE_CLAIM": lambda v, at, pid, policies: _duplicate(v, at),
     "NO_BENEFIT_RULE": _no_rule,
 }
 _STATUS_CODE = {name: i for i, name in enumerate(STATUSES)}
@@ -286,14 +399,29 @@ def _status_codes(status) -> tuple[np.ndarray, list[str]]:
     return np.asarray(remap, dtype=np.intp)[np.asarray(status.indices.fill_null(len(remap) - 1))], names
 
 
+def _placed(n: int, rows: np.ndarray, texts: list) -> pa.Array:
+    """A string array of n rows: texts[k] at rows[k] (None: null), null elsewhere, built from
+    its buffers (no Python object per row of the batch)."""
+    data = [b"" if t is None else t.encode() for t in texts]
+    lengths = np.zeros(n, dtype=np.int32)
+    lengths[rows] = [len(d) for d in data]
+    offsets = np.zeros(n + 1, dtype=np.int32)
+    np.cumsum(lengths, out=offsets[1:])
+    valid = np.zeros(n, dtype=bool)
+    valid[rows[np.array([t is not None for t in texts], dtype=bool)]] = True
+    nulls = n - int(np.count_nonzero(valid))
+    bitmap = pa.py_buffer(np.packbits(valid, bitorder="little")) if nulls else None
+    return pa.StringArray.from_buffers(n, pa.py_buffer(offsets), pa.py_buffer(b"".join(data)), bitmap, nulls)
+
+
 def status_detail(claims, results, policies: Optional[PolicySet] = None) -> pa.Array:
     """A string array, one per row: null where the status is ok, else one sentence naming the
     field and the values that failed (`claims` and `results` row-aligned, as `engine.settle`
     gives them; `policies` adds the declared identities to UNKNOWN_IDENTITY).
 
     Its cost follows the error rows: they are found from the status codes (one pass over
-    small integers), grouped by status, and only their rows of only the columns each
-    sentence reads are taken; a batch of valid claims costs that one pass."""
+    small integers), the columns their sentences read are taken for them once, and each
+    sentence is formatted in Python; a batch of valid claims costs that one pass."""
     status = results.column("status")
     if isinstance(status, pa.ChunkedArray):
         status = status.combine_chunks()
@@ -302,27 +430,23 @@ def status_detail(claims, results, policies: Optional[PolicySet] = None) -> pa.A
     rows = np.flatnonzero(codes != _STATUS_CODE["ok"])
     if not len(rows):
         return pa.nulls(n, pa.string())
-    claims_t = claims if isinstance(claims, pa.Table) else pa.Table.from_batches([claims])
-    policy_id = results.column("policy_id")
-    if isinstance(policy_id, pa.ChunkedArray):
-        policy_id = policy_id.combine_chunks()
-    # error rows grouped by status, in row order within each (a stable sort of a few codes)
-    rows = rows[np.argsort(codes[rows], kind="stable")]
-    kinds, starts = np.unique(codes[rows], return_index=True)
-    texts = []
-    for code, lo, hi in zip(kinds.tolist(), starts.tolist(), [*starts[1:].tolist(), len(rows)]):
-        these = pa.array(rows[lo:hi])
-        name = names[code]
+    kinds = codes[rows]
+    present = [(code, names[code]) for code in np.unique(kinds).tolist()]
+    values = _ErrorRows(claims, rows)
+    policy_id: list = []
+    if any(name == "NO_BENEFIT_RULE" for _, name in present):
+        col = results.column("policy_id")
+        policy_id = _pylist((col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col).take(pa.array(rows)))
+    texts: list = [None] * len(rows)
+    for code, name in present:
+        at = np.flatnonzero(kinds == code).tolist()
         if name in _SENTENCE:
-            c = claims_t.select(list(_READS[name])).take(these)
-            text = _SENTENCE[name](c, policy_id.take(these), policies)
+            got = _SENTENCE[name](values, at, policy_id, policies)
         else:  # a status this module does not know (a newer kernel): say so rather than nothing
-            text = pa.array([f"status {name}"] * (hi - lo), pa.string())
-        texts.append(text.cast(pa.string()))
-    values = pa.concat_arrays(texts).take(pa.array(np.argsort(rows, kind="stable")))
-    mask = np.zeros(n, dtype=bool)
-    mask[rows] = True
-    return pc.replace_with_mask(pa.nulls(n, pa.string()), pa.array(mask), values)
+            got = [f"status {name}"] * len(at)
+        for i, text in zip(at, got):
+            texts[i] = text
+    return _placed(n, rows, texts)
 
 
 def with_detail(results: pa.RecordBatch, claims, policies: Optional[PolicySet] = None,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Iterable, Iterator, NamedTuple, Optional, Union
+from typing import Callable, Iterable, Iterator, NamedTuple, Optional, Union
 
 import numpy as np
 import pyarrow as pa
@@ -82,6 +82,10 @@ class Settler:
         it is a hint, not a limit."""
         self.compiled = compiled(policies)
         self.deltas = deltas
+        # each(prepared claims, kernel outputs, results): called by settle_batches on its thread
+        # for each chunk before its results are yielded, while its arrays are still in the cache
+        # (the command line's summary counts there; `Summary.counted_while_settling`)
+        self.each: Optional[Callable[[PreparedClaims, _kernel.KernelOutputs, pa.RecordBatch], None]] = None
         self._claim_ids = ClaimIds()
         if expected_claims > 0:
             self._claim_ids.reserve(expected_claims, 0)
@@ -167,18 +171,27 @@ class Settler:
         outputs into its results. The numbers are those of `settle_batch` in turn.
         Reading ahead, the call's accumulators include the chunk after the last
         result taken: a stream closed early has settled one chunk more.
+        `self.each`, if set, is called on this thread with each chunk's prepared
+        claims, kernel outputs and results before they are yielded.
         """
         pending: Optional[Future] = None  # the chunk on the worker: (Chunk, kernel outputs)
+
+        def finished(chunk: "Chunk", out: _kernel.KernelOutputs) -> pa.RecordBatch:
+            res = self.results(chunk, out, dictionary)
+            if self.each is not None:
+                self.each(chunk.prep, out, res)
+            return res
+
         with ThreadPoolExecutor(1, thread_name_prefix="medsettle-kernel") as worker:
             try:
                 for batch in batches:
                     prep = self.prepare_columns(batch)
                     previous, pending = pending, worker.submit(self._check_and_run, prep)
                     if previous is not None:
-                        yield self.results(*previous.result(), dictionary)
+                        yield finished(*previous.result())
                 if pending is not None:
                     previous, pending = pending, None
-                    yield self.results(*previous.result(), dictionary)
+                    yield finished(*previous.result())
             finally:
                 if pending is not None:  # abandoned: let the worker finish before the state is touched again
                     with contextlib.suppress(Exception):

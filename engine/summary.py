@@ -15,14 +15,17 @@ fen; the table shows yuan with thousands separators (`format_yuan`), the JSON fe
 """
 from __future__ import annotations
 
+import collections
+import datetime
 import json
 import sys
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from . import _columns
 from ._hashing import ClaimIds
 from .detail import PLACE_COLUMNS, policy_rows
 from .model import PolicySet
@@ -38,11 +41,13 @@ _HEAD = {"basic_pay": "basic", "supplementary_pay": "supplementary", "critical_i
          "deductible_applied": "deductibles"}
 _OK = STATUSES.index("ok")
 _CAP_HITS = len(AMOUNTS)  # the column of the sums that counts cap hits
+_EMPTY = np.zeros(0, dtype=np.uint8)
 
 
 def _codes(col, code: dict, names: list) -> np.ndarray:
-    """Per row, the code of its value in `names` (0 for null, new values appended): read off a
-    dictionary array's indices through its few dictionary entries, else one lookup per row."""
+    """Per row, the int32 code of its value in `names` (`code[None]` for null, new values
+    appended): read off a dictionary array's indices through its few dictionary entries
+    (`_columns.dictionary_codes`), else the array is dictionary-encoded first."""
     if isinstance(col, pa.ChunkedArray):
         col = col.combine_chunks()
     if not pa.types.is_dictionary(col.type):
@@ -52,8 +57,33 @@ def _codes(col, code: dict, names: list) -> np.ndarray:
         if name not in code:
             code[name] = len(names)
             names.append(name)
-    remap = np.array([code[name] for name in entries] + [code[None]], dtype=np.intp)
-    return remap[np.asarray(col.indices.fill_null(len(entries)))]
+    remap = np.array([code[name] for name in entries] + [code[None]], dtype=np.int32)
+    indices = col.indices
+    dtype = indices.type.to_pandas_dtype()
+    values = np.frombuffer(indices.buffers()[1], dtype=dtype, count=indices.offset + len(indices))[indices.offset:]
+    validity = indices.buffers()[0] if indices.null_count else None
+    out = np.empty(len(indices), dtype=np.int32)
+    _columns.dictionary_codes(values, _EMPTY if validity is None else np.frombuffer(validity, dtype=np.uint8),
+                              indices.offset, remap, out)
+    return out
+
+
+def _int64_values(col) -> np.ndarray:
+    """An int64 column's values (null as 0), without a copy when it has no null."""
+    if isinstance(col, pa.ChunkedArray):
+        col = col.combine_chunks()
+    if col.null_count:
+        col = col.fill_null(0)
+    return np.frombuffer(col.buffers()[1], dtype=np.int64, count=col.offset + len(col))[col.offset:]
+
+
+def _bits(col) -> tuple[np.ndarray, int]:
+    """A boolean column's value bitmap and its bit offset (null as false)."""
+    if isinstance(col, pa.ChunkedArray):
+        col = col.combine_chunks()
+    if col.null_count:
+        col = col.fill_null(False)
+    return np.frombuffer(col.buffers()[1], dtype=np.uint8), col.offset
 
 
 def _key_table(settler: Settler) -> tuple[np.ndarray, np.ndarray]:
@@ -62,12 +92,14 @@ def _key_table(settler: Settler) -> tuple[np.ndarray, np.ndarray]:
     return settler._keys.export()  # noqa: SLF001 - the key table is the settler's own count of persons
 
 
-def _keys_binary(starts: np.ndarray, arena: np.ndarray, first: int) -> pa.Array:
-    count = len(starts) - 1
-    data = arena if len(arena) else np.zeros(1, np.uint8)
-    keys = pa.LargeBinaryArray.from_buffers(pa.large_binary(), count, [None, pa.py_buffer(starts),
-                                                                        pa.py_buffer(data)])
-    return keys.slice(first)
+def _key_slots(settler: Settler, policy: np.ndarray, person: pa.Array) -> np.ndarray:
+    """The key table's slot of each (policy index, person) key, -1 where it holds none."""
+    _, offsets, data = person.buffers()
+    offsets = np.frombuffer(offsets, dtype=np.int64)[person.offset:person.offset + len(person) + 1]
+    data = np.frombuffer(data, dtype=np.uint8) if data is not None and data.size else np.zeros(1, np.uint8)
+    out = np.empty(len(person), dtype=np.int64)
+    settler._keys.find_keys(offsets, data, policy.astype(np.int32), out)  # noqa: SLF001 - as _key_table
+    return out
 
 
 def _key_policies(starts: np.ndarray, arena: np.ndarray) -> np.ndarray:
@@ -94,20 +126,58 @@ def _key_persons(starts: np.ndarray, arena: np.ndarray, first: int) -> pa.Array:
                                              pa.py_buffer(data if len(data) else np.zeros(1, np.uint8))])
 
 
-def _distinct_count(arrays: list[pa.Array]) -> int:
-    """Distinct non-null byte strings across `arrays`, interned in the kernel's claim-id table
-    (a third of the time of pc.count_distinct on the ~190k person keys of 1M claims)."""
+def _intern(arrays: list[pa.Array], extra: tuple[int, int] = (0, 0)) -> tuple[ClaimIds, list[np.ndarray]]:
+    """The byte strings of `arrays` (non-null) interned in one of the kernel's claim-id tables,
+    with each array's ids (dense, numbered in order of first appearance); the table has room
+    for `extra` (entries, bytes) more."""
     arrays = [a.cast(pa.binary()) for a in arrays if len(a)]
     table = ClaimIds()
-    table.reserve(sum(len(a) for a in arrays), sum(a.nbytes for a in arrays))
+    table.reserve(sum(len(a) for a in arrays) + extra[0], sum(a.nbytes for a in arrays) + extra[1])
+    ids = []
     for a in arrays:
         if a.null_count:
             a = a.filter(a.is_valid())
         _, offsets, data = a.buffers()
         offsets = np.frombuffer(offsets, dtype=np.int32)[a.offset:a.offset + len(a) + 1]
         data = np.frombuffer(data, dtype=np.uint8) if data is not None and data.size else np.zeros(1, np.uint8)
-        table.intern_ids(offsets, data, np.empty(len(a), dtype=np.int64))
+        out = np.empty(len(a), dtype=np.int64)
+        table.intern_ids(offsets, data, out)
+        ids.append(out)
+    return table, ids
+
+
+def _distinct_persons(starts: Optional[np.ndarray], arena: Optional[np.ndarray], arrays: list[pa.Array]) -> int:
+    """Distinct non-null person ids among the keys starts[:-1] of `arena` (read in place, past
+    their 4 bytes of policy) and `arrays`, interned in the kernel's claim-id table (a third of the
+    time of pc.count_distinct on the ~190k person keys of 1M claims)."""
+    keys = 0 if starts is None else len(starts) - 1
+    table, _ = _intern(arrays, extra=(keys, 0 if starts is None else int(starts[-1] - starts[0])))
+    if keys:
+        table.intern_spans(starts, 4, arena, np.empty(keys, dtype=np.int64))
     return len(table)
+
+
+def _first_of_each(arr: pa.Array) -> np.ndarray:
+    """Where each distinct value of `arr` (binary, no null) first appears, as a mask: a row whose
+    id is above every id before it (ids are given in order of first appearance)."""
+    if not len(arr):
+        return np.zeros(0, dtype=bool)
+    ids = _intern([arr])[1][0]
+    first = np.empty(len(ids), dtype=bool)
+    first[0] = True
+    first[1:] = ids[1:] > np.maximum.accumulate(ids)[:-1]
+    return first
+
+
+def _lookup_places_rows(policies: PolicySet) -> bool:
+    """Whether the kernel's version in force (`_columns.PolicyLookup`, -1 for none) is
+    policy_rows for every row: it differs only for a date before its year's first version
+    (policy_rows then names that version) and a null settle_time (read as 1970-01-01)."""
+    for p in policies.policies:
+        first = policies.versions(p.region, p.scheme, p.year)[0]
+        if p.year == 1970 or first.effective_from > datetime.date(p.year, 1, 1):
+            return False
+    return True
 
 
 class Summary:
@@ -144,6 +214,7 @@ class Summary:
                                              for p in (policies.policies if policies else ()))], dtype=bool)
         self.claims = 0
         self._final: Optional[dict] = None
+        self._tallied: Optional[collections.deque] = None  # (policy codes, gathered rows) per chunk
 
     def _fit(self) -> None:
         """Grow the sums when a batch brought a policy or status not seen before."""
@@ -152,36 +223,45 @@ class Summary:
             grow = [(0, shape[0] - self._counts.shape[0]), (0, shape[1] - self._counts.shape[1])]
             self._counts = np.pad(self._counts, grow)
             self._sums = np.pad(self._sums, grow + [(0, 0)])
+            self._versioned = np.pad(self._versioned, grow[0])
+
+    def counted_while_settling(self) -> Optional[Callable]:
+        """The `Settler.each` hook (for this summary's settler) that counts each chunk on the
+        settling thread, from the kernel's outputs while they are in the cache (the version in force per
+        row places an error row as policy_rows does: no code conversion, no lookup); None when it
+        cannot stand for `add`'s counting (no settler, or a policy set where the kernel's lookup
+        and policy_rows part: a year whose first version starts after 1 January, or a policy for
+        1970, the year a null settle_time reads as). `add` then takes only the persons."""
+        if self._settler is None or self._policies is None or not _lookup_places_rows(self._policies):
+            return None
+        self._tallied = collections.deque()
+        return self._tally
+
+    def _tally(self, prep, out, results) -> None:
+        n = prep.n
+        policy = np.add(prep.policy, 1, dtype=np.int32)
+        gathered = np.empty(n, dtype=np.int64)
+        k = _columns.summary_tally(policy, out.status.astype(np.int32), _OK,
+                                   [_int64_values(results.column(a)) for a in AMOUNTS],
+                                   np.packbits(out.cap_hit, bitorder="little") if n else _EMPTY, 0,
+                                   self._versioned.view(np.uint8), self._counts, self._sums, gathered)
+        self._tallied.append((policy, gathered[:k].copy()))
 
     def add(self, results, claims=None) -> None:
         """One results batch. With its claims (row-aligned), persons are counted, and an error row
         counts under the policy its region, scheme and year name (its result has no policy_id)
-        rather than under "(no policy)"."""
+        rather than under "(no policy)". Counts and sums are one pass in `_columns.summary_tally`,
+        here or, with `counted_while_settling`, on the settling thread."""
         n = results.num_rows
         self.claims += n
         self._final = None
-        if not n:
+        if self._tallied is not None:
+            policy, gathered = self._tallied.popleft()  # the same chunk, counted already
+        elif not n:
             return
-        policy = _codes(results.column("policy_id"), self._policy_code, self._names)
-        status = _codes(results.column("status"), self._status_code, self._statuses)
-        self._fit()
-        errors = np.flatnonzero(status != _OK)
-        if claims is not None and self._policies is not None and len(errors):
-            unplaced = errors[policy[errors] == 0]
-            if len(unplaced):
-                which = policy_rows(claims.select(list(PLACE_COLUMNS)).take(pa.array(unplaced)), self._policies)
-                policy[unplaced] = np.asarray(which.fill_null(-1), dtype=np.intp) + 1
-        n_status = self._counts.shape[1]
-        key = policy * n_status + status
-        groups = self._counts.size
-        self._counts += np.bincount(key, minlength=groups).reshape(self._counts.shape)
-        sums = self._sums.reshape(groups, -1)
-        for j, name in enumerate(AMOUNTS):
-            col = results.column(name)
-            np.add.at(sums[:, j], key, np.asarray(col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col))
-        caps = np.asarray(results.column("cap_hit"), dtype=bool)
-        sums[:, _CAP_HITS] += np.bincount(key[caps], minlength=groups)
-        if claims is not None:
+        else:
+            policy, gathered = self._count(results, claims)
+        if claims is not None and n:
             person = claims.column("person_id")
             if isinstance(person, pa.ChunkedArray):
                 person = person.combine_chunks()
@@ -190,50 +270,75 @@ class Summary:
             if self._settler is None:
                 rows = None  # no key table: every row
             else:
-                rows = errors
+                rows = gathered  # error rows, and rows of a year with several versions
                 if self._carried_persons is not None:
                     carried = np.asarray(pc.is_in(person.cast(pa.large_binary()), value_set=self._carried_persons)
                                          .fill_null(False), dtype=bool)
                     rows = np.union1d(rows, np.flatnonzero(carried))
-                if self._versioned.any():
-                    rows = np.union1d(rows, np.flatnonzero(self._versioned[policy]))
             if rows is None:
                 self._pairs.append((policy, person))
             elif len(rows):
                 self._pairs.append((policy[rows], person.take(pa.array(rows))))
+
+    def _count(self, results, claims) -> tuple[np.ndarray, np.ndarray]:
+        """Counts and sums of a results batch; (policy code per row, the rows to gather)."""
+        n = results.num_rows
+        policy = _codes(results.column("policy_id"), self._policy_code, self._names)
+        status = _codes(results.column("status"), self._status_code, self._statuses)
+        self._fit()
+        if claims is not None and self._policies is not None:
+            unplaced = np.flatnonzero((status != _OK) & (policy == 0))
+            if len(unplaced):
+                which = policy_rows(claims.select(list(PLACE_COLUMNS)).take(pa.array(unplaced)), self._policies)
+                policy[unplaced] = np.asarray(which.fill_null(-1), dtype=np.int32) + 1
+        caps, cap_offset = _bits(results.column("cap_hit"))
+        gathered = np.empty(n, dtype=np.int64)
+        k = _columns.summary_tally(policy, status, _OK, [_int64_values(results.column(a)) for a in AMOUNTS],
+                                   caps, cap_offset, self._versioned.view(np.uint8), self._counts, self._sums,
+                                   gathered)
+        return policy, gathered[:k]
 
     def _persons(self) -> tuple[np.ndarray, int]:
         """Persons per policy code, and in all: the key table's keys of this call's claims, and
         the gathered rows' (policy, person) pairs that are not among them."""
         per = np.zeros(len(self._names), dtype=np.int64)
         persons: list[pa.Array] = []
-        gathered = None
+        gathered = None  # the distinct gathered pairs: (policy codes, persons)
         if self._pairs:
-            gathered = pa.table({"policy": pa.array(np.concatenate([p for p, _ in self._pairs]), pa.int32()),
-                                 "person": pa.chunked_array([q.cast(pa.large_binary()) for _, q in self._pairs],
-                                                            pa.large_binary())})
-            gathered = gathered.filter(pc.is_valid(gathered.column("person")))
-            gathered = gathered.group_by(["policy", "person"], use_threads=False).aggregate([])  # a few rows
-            per += np.bincount(np.asarray(gathered.column("policy"), dtype=np.intp), minlength=len(per))
-            persons.append(gathered.column("person").combine_chunks())
+            policy = np.concatenate([p for p, _ in self._pairs]).astype(np.int32)
+            person = pa.chunked_array([q.cast(pa.large_binary()) for _, q in self._pairs],
+                                      pa.large_binary()).combine_chunks()
+            if person.null_count:
+                valid = np.asarray(person.is_valid(), dtype=bool)
+                policy, person = policy[valid], person.filter(pa.array(valid))
+            # each distinct (policy, person) pair once: its key as in the key table (4 bytes of
+            # policy index, code - 1, then the person), the first row of each key kept
+            prefix = pa.FixedSizeBinaryArray.from_buffers(pa.binary(4), len(policy), [None, pa.py_buffer(policy - 1)])
+            keys = pc.binary_join_element_wise(prefix.cast(pa.large_binary()), person,
+                                               pa.scalar(b"", pa.large_binary()))
+            first = _first_of_each(keys)
+            gathered = policy[first], person.filter(pa.array(first))
+            per += np.bincount(gathered[0], minlength=len(per))
+            persons.append(gathered[1])
+        mine = None  # this call's keys: starts, arena
         if self._settler is not None:
             starts, arena = _key_table(self._settler)
             first = self._carried
             if len(starts) - 1 > first:
+                mine = starts[first:], arena
                 policy = _key_policies(starts[first:], arena) + 1
                 single = ~self._versioned[policy]  # keys of a versioned year: counted from the gathered rows
                 per += np.bincount(policy[single], minlength=len(per))[:len(per)]
-                persons.append(_key_persons(starts, arena, first))
-                if gathered is not None and gathered.num_rows:
-                    # a gathered pair whose key the table holds is counted once: probe the table's
-                    # keys against the few gathered ones (hashing those, not the table)
-                    codes = np.asarray(gathered.column("policy"), dtype=np.int32) - 1
-                    prefix = pa.FixedSizeBinaryArray.from_buffers(pa.binary(4), len(codes), [None, pa.py_buffer(codes)])
-                    gathered_keys = pc.binary_join_element_wise(prefix.cast(pa.large_binary()), gathered.column("person"),
-                                                                pa.scalar(b"", pa.large_binary()))
-                    held = pc.is_in(_keys_binary(starts, arena, first), value_set=gathered_keys)
-                    per -= np.bincount(policy[np.asarray(held, dtype=bool) & single], minlength=len(per))[:len(per)]
-        return per, _distinct_count(persons)
+                if gathered is not None and len(gathered[0]):
+                    # a gathered pair whose key this call added to the table is counted once: the
+                    # few gathered keys are looked up in the table (which hashes none of its own)
+                    # (a versioned year's pairs are not: its keys are not counted from the table)
+                    codes, who = gathered
+                    plain = np.flatnonzero(~self._versioned[codes])
+                    codes = codes[plain]
+                    slots = _key_slots(self._settler, codes - 1, who.take(pa.array(plain)))
+                    per -= np.bincount(codes[slots >= first], minlength=len(per))[:len(per)]
+        return per, _distinct_persons(*(mine or (None, None)), persons)
 
     def figures(self) -> dict:
         """The summary as plain data: counts, amounts in integer fen, per policy and in total."""

@@ -131,6 +131,7 @@ def settle_file(args, ps, acc_in, claims: ClaimsFile, outputs: Outputs, keep: li
     total = claims.num_rows  # None for CSV: a count without a bar
     progress = Progress(total, "settle", progress_enabled(args.progress, total))
     summary = Summary(settler)
+    settler.each = summary.counted_while_settling()  # counts on the settling thread when it can
     columns = claims.columns + [f.name for f in keep if f.name not in claims.columns]
     if streamed:
         batches: Iterable = prefetch(with_bounds(claims.batches(columns)))  # read ahead while the kernel works

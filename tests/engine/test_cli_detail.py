@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import datetime as dt
 
+import detail_reference
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -28,6 +30,74 @@ def claims(ps):
 @pytest.fixture(scope="module")
 def settled(ps, claims):
     return engine.settle(claims, ps).results
+
+
+def _any_status(claims, seed: int) -> pa.Table:
+    """Results whose statuses are drawn at random, every code and an unknown one and null on
+    any claim: status_detail reads only the status and the claim, so each sentence meets
+    every kind of value (a null where it names one, a valid claim under an error code)."""
+    rng = np.random.default_rng(seed)
+    names = [*engine.STATUSES, "A_NEWER_CODE", None]
+    status = [names[i] for i in rng.integers(0, len(names), claims.num_rows)]
+    policy = [None if rng.random() < 0.5 else "pol-x" for _ in range(claims.num_rows)]
+    return pa.table({"status": status, "policy_id": pa.array(policy, pa.string())})
+
+
+def _odd_claims(ps, claims) -> pa.Table:
+    """The claims with dates at the ends of what a date can be, versions in force of a
+    year with several (Tibet 2019), identities with null and empty items, amounts at int64's ends
+    and parts whose sum wraps."""
+    n = claims.num_rows
+    micros = claims.column("settle_time").cast(pa.int64()).to_pylist()
+    tibet = [dt.datetime(2019, 3, 21), dt.datetime(2019, 3, 29, 23), dt.datetime(2019, 12, 31)]
+    ends = [-62135596800 * 10**6, 253402300799 * 10**6 + 999999, 253402300800 * 10**6 * 2, -1]
+    for i in range(0, n, 7):
+        micros[i] = ends[(i // 7) % len(ends)]
+    for i in range(3, n, 11):
+        micros[i] = int((tibet[(i // 11) % 3] - dt.datetime(1970, 1, 1)).total_seconds()) * 10**6
+    region = claims.column("region").to_pylist()
+    scheme = claims.column("scheme").to_pylist()
+    for i in range(3, n, 11):
+        region[i], scheme[i] = "540000", "resident"
+    ids = claims.column("identities").to_pylist()
+    odd_ids = [None, [], [None], [""], ["", "x"], ["a", None, "b"]]
+    for i in range(5, n, 13):
+        ids[i] = odd_ids[(i // 13) % len(odd_ids)]
+    total = claims.column("total_amount").to_pylist()
+    for i in range(1, n, 17):
+        total[i] = [2**63 - 1, -2**63, None][(i // 17) % 3]
+    funded, in_scope = claims.column("self_funded_amount").to_pylist(), claims.column("in_scope_amount").to_pylist()
+    for i in range(2, n, 19):  # a sum of the parts past int64, which Arrow's add wraps
+        funded[i], in_scope[i] = 2**62, 2**62 + i
+    out = claims
+    for name, values, typ in (("self_funded_amount", funded, pa.int64()), ("in_scope_amount", in_scope, pa.int64()),
+                              ("settle_time", pa.array(micros, pa.int64()).cast(pa.timestamp("us")), None),
+                              ("region", region, pa.string()), ("scheme", scheme, pa.string()),
+                              ("identities", ids, pa.list_(pa.string())), ("total_amount", total, pa.int64())):
+        arr = values if typ is None else pa.array(values, typ)
+        out = out.set_column(out.schema.get_field_index(name), name, arr)
+    return out
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_same_sentences_as_the_column_wise_reference(ps, claims, settled, seed):
+    """engine/detail.py formats in Python what tests/detail_reference.py builds with Arrow
+    compute: the same array, for the settled claims and for any status on any claim, with the
+    policies and without, from plain and dictionary-encoded columns, a sliced batch."""
+    odd = _odd_claims(ps, claims)
+    any_status = _any_status(claims, seed)
+    encoded = odd
+    for name in ("region", "scheme", "visit_type", "facility_level", "locality", "person_id"):
+        i = encoded.schema.get_field_index(name)
+        encoded = encoded.set_column(i, name, pc.dictionary_encode(encoded.column(name)))
+    cases = [(claims, settled), (odd, any_status), (encoded, any_status),
+             (odd.slice(101, 5000).combine_chunks().to_batches()[0], any_status.slice(101, 5000))]
+    for c, r in cases:
+        for policies in (ps, None):
+            got = status_detail(c, r, policies)
+            want = detail_reference.status_detail(c, r, policies)
+            assert got.type == want.type == pa.string()
+            assert got.to_pylist() == want.to_pylist()
 
 
 def test_null_exactly_when_ok(ps, claims, settled):

@@ -9,10 +9,13 @@ import json
 import re
 from collections import Counter, defaultdict
 
+import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 import engine
+from engine import _columns
 from engine.cli import main
 from engine.generate import generate_claims
 from engine.schema import format_yuan
@@ -137,3 +140,160 @@ def test_empty_summary():
     f = s.figures()
     assert f["claims"] == 0 and f["policies"] == [] and f["amounts_fen"]["basic_pay"] == 0
     assert s.lines()[0].startswith("claims 0")
+
+
+# --------------------------------------------------------------------------- the Cython passes, against numpy
+
+
+@pytest.mark.parametrize("dtype", [np.int8, np.int16, np.int32, np.int64])
+def test_dictionary_codes(dtype):
+    """`_columns.dictionary_codes` is remap[indices] with the null code where the bitmap says
+    null, at any bit offset (a sliced array)."""
+    values = pa.array(["b", "a", None, "c"] * 50)[7:190].dictionary_encode()
+    indices = values.indices.cast(pa.from_numpy_dtype(dtype))
+    remap = np.array([5, 3, 9, 2], dtype=np.int32)  # three entries, then null's code
+    raw = np.frombuffer(indices.buffers()[1], dtype=dtype)[indices.offset:indices.offset + len(indices)]
+    out = np.empty(len(indices), dtype=np.int32)
+    _columns.dictionary_codes(raw, np.frombuffer(indices.buffers()[0], np.uint8), indices.offset, remap, out)
+    valid = np.asarray(indices.is_valid(), dtype=bool)
+    assert (out == np.where(valid, remap[np.where(valid, raw, 0)], remap[-1])).all()
+    assert (out == remap[-1]).sum() == values.null_count > 0
+    out2 = np.empty(4, dtype=np.int32)
+    _columns.dictionary_codes(np.array([2, 0, 1, 2], dtype=dtype), np.zeros(0, np.uint8), 0, remap, out2)
+    assert out2.tolist() == [9, 5, 3, 9]
+
+
+def test_summary_tally_against_numpy():
+    """One pass of counts, sums, cap hits and gathered rows equals np.bincount / np.add.at."""
+    rng = np.random.default_rng(7)
+    n, policies, statuses, width = 5000, 6, 4, 3
+    policy = rng.integers(0, policies, n).astype(np.int32)
+    status = rng.choice([0, 0, 0, 1, 2, 3], n).astype(np.int32)
+    amounts = [rng.integers(-10**12, 10**12, n) for _ in range(width)]
+    cap = rng.random(n + 5) < 0.3
+    cap_bits = np.packbits(cap, bitorder="little")
+    gather = np.array([0, 1, 0, 0, 1, 0], dtype=np.uint8)
+    counts = np.ones((policies, statuses), dtype=np.int64)  # added to, not overwritten
+    sums = np.ones((policies, statuses, width + 1), dtype=np.int64)
+    gathered = np.empty(n, dtype=np.int64)
+    k = _columns.summary_tally(policy, status, 0, amounts, cap_bits, 5, gather, counts, sums, gathered)
+
+    want_counts = np.ones((policies, statuses), dtype=np.int64)
+    np.add.at(want_counts, (policy, status), 1)
+    want_sums = np.ones((policies, statuses, width + 1), dtype=np.int64)
+    for j, a in enumerate(amounts):
+        np.add.at(want_sums[:, :, j], (policy, status), a)
+    np.add.at(want_sums[:, :, width], (policy, status), cap[5:5 + n].astype(np.int64))
+    assert (counts == want_counts).all() and (sums == want_sums).all()
+    assert gathered[:k].tolist() == np.flatnonzero((status != 0) | gather[policy].astype(bool)).tolist()
+
+    with pytest.raises(ValueError):  # a code outside the counts is refused, not written past them
+        _columns.summary_tally(np.array([policies], np.int32), np.zeros(1, np.int32), 0,
+                               [np.zeros(1, np.int64)] * width, cap_bits, 0, gather, counts, sums, gathered)
+    with pytest.raises(ValueError):
+        _columns.summary_tally(policy, status, 0, amounts[:2], cap_bits, 0, gather, counts, sums, gathered)
+
+
+def test_carried_person_with_an_error_row_only(ps, claims, tmp_path):
+    """A person whose key was carried in and who has only an error row in this file counts once
+    under its policy: the key table's carried slots are not this call's persons."""
+    rows = engine.settle(claims, ps).results.to_pylist()
+    ok = [(c, r) for c, r in zip(claims.to_pylist(), rows) if r["status"] == "ok"]
+    first, policy = ok[0][0], ok[0][1]["policy_id"]
+    other = next(c for c, r in ok if r["policy_id"] == policy and c["person_id"] != first["person_id"]
+                 and c["settle_time"] >= first["settle_time"])  # a key this call adds
+    pq.write_table(pa.Table.from_pylist([first], schema=claims.schema), tmp_path / "a.parquet")
+    bad = dict(first, claim_id=first["claim_id"] + "-2", total_amount=first["total_amount"] + 1)
+    second = pa.Table.from_pylist([bad, other], schema=claims.schema)
+    pq.write_table(second, tmp_path / "b.parquet")
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main(["settle", str(tmp_path / "a.parquet"), "-o", str(tmp_path / "ra.parquet"),
+                     "--accumulators-out", str(tmp_path / "acc.parquet")]) == 0
+        assert main(["settle", str(tmp_path / "b.parquet"), "-o", str(tmp_path / "rb.parquet"),
+                     "--accumulators-in", str(tmp_path / "acc.parquet"),
+                     "--summary-json", str(tmp_path / "s.json")]) == 0
+    got = json.loads((tmp_path / "s.json").read_text())
+    assert got["ok"] == 1 and got["persons"] == 2
+    assert [(p["policy_id"], p["persons"]) for p in got["policies"]] == [(policy, 2)]
+    assert_figures(got, expected_figures(ps, second, accumulators=pq.read_table(tmp_path / "acc.parquet")))
+
+
+def test_find_keys_against_a_dict():
+    """`AccumulatorKeys.find_keys` finds what `intern_keys` added, at its slot, and nothing else
+    (keys longer than a slot keeps inline included), adding nothing."""
+    from engine._hashing import AccumulatorKeys
+
+    def buffers(people):
+        arr = pa.array(people, pa.large_binary())
+        return np.frombuffer(arr.buffers()[1], np.int64), np.frombuffer(arr.buffers()[2] or b"\0", np.uint8)
+
+    people = [f"person-{i}".encode() * (1 + i % 4) for i in range(3000)]
+    policy = np.array([i % 5 for i in range(3000)], dtype=np.int32)
+    table = AccumulatorKeys()
+    arr = pa.array(people, pa.binary())
+    slots = np.empty(len(people), dtype=np.int64)
+    table.intern_keys(np.frombuffer(arr.buffers()[1], np.int32), np.frombuffer(arr.buffers()[2], np.uint8),
+                      policy, slots)
+    held = dict(zip(zip(policy.tolist(), people), slots.tolist()))
+    asked = people[::3] + [b"nobody", b""] + people[:50]
+    asked_policy = np.array([*policy[::3].tolist(), 0, 1, *((policy[:50] + 1) % 5).tolist()], dtype=np.int32)
+    asked_policy[5] = -1  # no policy: never found
+    offsets, data = buffers(asked)
+    out = np.empty(len(asked), dtype=np.int64)
+    table.find_keys(offsets, data, asked_policy, out)
+    want = [-1 if p < 0 else held.get((p, who), -1) for p, who in zip(asked_policy.tolist(), asked)]
+    assert out.tolist() == want and sum(w >= 0 for w in want) > 900
+    assert len(table) == len(held)  # nothing added
+
+
+def test_intern_spans_as_intern_ids():
+    """`ClaimIds.intern_spans` (the person ids of key-table entries, read in place past their
+    policy bytes) gives the ids `intern_ids` gives the same strings cut out; a span shorter
+    than the bytes skipped is refused."""
+    from engine._hashing import ClaimIds
+
+    rng = np.random.default_rng(5)
+    people = [f"p{rng.integers(0, 400)}".encode() * int(rng.integers(1, 5)) for _ in range(2000)] + [b""]
+    arena = b"".join(int(rng.integers(0, 9)).to_bytes(4, "little") + p for p in people)
+    starts = np.cumsum([0] + [4 + len(p) for p in people]).astype(np.int64)
+    spans = ClaimIds()
+    got = np.empty(len(people), dtype=np.int64)
+    spans.intern_spans(starts, 4, np.frombuffer(arena, np.uint8), got)
+    plain = ClaimIds()
+    arr = pa.array(people, pa.binary())
+    want = np.empty(len(people), dtype=np.int64)
+    plain.intern_ids(np.frombuffer(arr.buffers()[1], np.int32), np.frombuffer(arr.buffers()[2], np.uint8), want)
+    assert got.tolist() == want.tolist() and len(spans) == len(set(people))
+    with pytest.raises(ValueError):
+        spans.intern_spans(np.array([0, 3], np.int64), 4, np.frombuffer(arena, np.uint8), np.empty(1, np.int64))
+
+
+def test_counted_while_settling_as_add(ps, claims):
+    """The counts taken on the settling thread from the kernel's outputs (`Settler.each`) are
+    those `add` takes from the results; a policy set whose year starts with a version after
+    1 January (where the kernel's version in force and policy_rows part for an early date) is
+    counted by `add`, and still right."""
+    from engine.model import PolicySet
+    from engine.summary import _lookup_places_rows
+
+    batches = claims.combine_chunks().to_batches(max_chunksize=1500)
+    figures = []
+    for hook in (True, False):
+        settler = engine.Settler(ps)
+        s = Summary(settler)
+        settler.each = s.counted_while_settling() if hook else None
+        assert (settler.each is not None) == hook
+        for res, c in zip(settler.settle_batches(iter(batches)), batches):
+            s.add(res, c)
+        figures.append(s.figures())
+    assert figures[0] == figures[1]
+    assert_figures(figures[0], expected_figures(ps, claims))
+
+    late = PolicySet(tuple(p for p in ps.policies if p.id != "tibet-resident-2019"))
+    assert _lookup_places_rows(ps) and not _lookup_places_rows(late)
+    settler = engine.Settler(late)
+    s = Summary(settler)
+    assert s.counted_while_settling() is None
+    for res, c in zip(settler.settle_batches(iter(batches)), batches):
+        s.add(res, c)
+    assert_figures(s.figures(), expected_figures(late, claims))
