@@ -340,18 +340,30 @@ def split_table(files: list[Path], folder: Path, schema: pa.Schema, buckets: int
         out.close()
 
 
+#: The claim-id hashes are sorted in this many slices (by their top bits): a sorted copy of
+#: an eighth of them at a time, not of all (200 M claims: 0.2 GB instead of 1.6 GB).
+HASH_SLICES = 8  # a power of two
+
+
+def repeated_hashes(claim_hash: np.ndarray) -> np.ndarray:
+    """The non-zero hashes that occur more than once, sorted."""
+    out = []
+    top = np.uint64(64 - HASH_SLICES.bit_length() + 1)
+    for k in range(HASH_SLICES):
+        part = claim_hash[(claim_hash >> top) == np.uint64(k)]
+        part = part[part != 0]
+        part.sort()
+        out.append(np.unique(part[1:][part[1:] == part[:-1]]))
+    return np.concatenate(out)
+
+
 def cross_bucket_duplicates(files: list[Path], claim_hash: np.ndarray, bucket: np.ndarray,
                             starts: np.ndarray) -> pa.Table:
     """The later rows of claim ids repeated in more than one bucket, as FORCED_SCHEMA rows.
 
     Repeats within one bucket are left to the bucket's settlement call (same rule, same
     order). Hashes only nominate candidates; ids are compared exactly."""
-    live = claim_hash[claim_hash != 0]
-    if len(live) < 2:
-        return FORCED_SCHEMA.empty_table()
-    live.sort()
-    repeated = np.unique(live[1:][live[1:] == live[:-1]])
-    del live
+    repeated = repeated_hashes(claim_hash)
     if not len(repeated):
         return FORCED_SCHEMA.empty_table()
     rows = np.flatnonzero(_buckets.in_set(claim_hash, repeated))

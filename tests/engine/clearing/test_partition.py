@@ -61,3 +61,13 @@ def test_partition_refuses_a_claims_file_without_a_column(tmp_path):
     pq.write_table(pa.table({"claim_id": ["x"]}), tmp_path / "c.parquet")
     with pytest.raises(part.ClearingError, match="c.parquet"):
         part.check_claims_files([tmp_path / "c.parquet"])
+
+
+def test_repeated_hashes_by_slices_equal_one_sort():
+    rng = np.random.default_rng(1)
+    h = rng.integers(0, np.iinfo(np.uint64).max, 200_000, dtype=np.uint64, endpoint=True)
+    h[::7] = 0  # not a claim id of the year
+    h[5:100] = h[1000:1095]
+    h[3] = h[4] = np.uint64(1 << 63)  # a slice's edge
+    values, counts = np.unique(h[h != 0], return_counts=True)
+    assert np.array_equal(np.sort(part.repeated_hashes(h)), values[counts > 1])
