@@ -118,7 +118,8 @@ def run_clear(claims: Path, persons: Path, ledger: Path | None, out: Path, year:
         raise SystemExit(f"clear failed with status {status}")
     summary = json.loads((out / "summary.json").read_text())
     return {"wall_s": round(wall, 1), "cpu_s": round(usage.ru_utime + usage.ru_stime, 1),
-            "phases_s": summary["seconds"], "settle_steps_worker_s": summary.get("settle_steps_worker_seconds"),
+            "phases_s": summary["seconds"], "partition_steps_s": summary.get("partition_steps_seconds"),
+            "settle_steps_worker_s": summary.get("settle_steps_worker_seconds"),
             "peak_rss_gb": round(usage.ru_maxrss / 2**20, 2),
             "disk_peak_gb": round(summary["disk_peak_bytes"] / 1e9, 2),
             "disk_final_gb": round(summary["disk_final_bytes"] / 1e9, 2), "counts": summary["counts"],

@@ -145,6 +145,7 @@ def clear(year: int, claims, policies, out, registry=None, ledger=None, *, use_c
     counts: dict = {}
     part = prepare(out, claims, registry, ledger, year, use_claim_identities, bucket_rows, resume, stream,
                    timings, counts)
+    partition_steps = (load_manifest(out / "work") or {}).get("seconds")
     con, figures, recon, tables, steps = settle_year(part, out, policy_set, year, not use_claim_identities, resume,
                                                      memory_limit, threads, stream, timings, counts, after_bucket)
     disk_peak = disk_bytes(out)
@@ -163,7 +164,8 @@ def clear(year: int, claims, policies, out, registry=None, ledger=None, *, use_c
     if not keep_work:
         shutil.rmtree(out / "work", ignore_errors=True)
     summary = {"year": year, "counts": counts, "reconciliation": recon, "figures": figures, "tables": tables,
-               "seconds": timings, "settle_steps_worker_seconds": steps, "peak_rss_bytes": peak_rss_bytes(),
+               "seconds": timings, "partition_steps_seconds": partition_steps,
+               "settle_steps_worker_seconds": steps, "peak_rss_bytes": peak_rss_bytes(),
                "disk_peak_bytes": disk_peak, "disk_final_bytes": disk_bytes(out)}
     write_json(out / "summary.json", summary)
     return summary

@@ -32,6 +32,7 @@ import hashlib
 import json
 import math
 import shutil
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterator, NamedTuple, Optional
@@ -219,14 +220,20 @@ class BucketFiles:
         self.options = pa.ipc.IpcWriteOptions(compression="lz4")
         folder.mkdir(parents=True, exist_ok=True)
 
-    def write(self, batch: pa.RecordBatch, bucket: np.ndarray) -> None:
-        if batch.num_rows == 0:
-            return
+    @staticmethod
+    def arrange(batch: pa.RecordBatch, bucket: np.ndarray) -> tuple:
+        """The batch in bucket order and where each bucket's rows start (the first stage)."""
         order = np.argsort(bucket, kind="stable")  # 16-bit keys: numpy's radix sort, keeps input order
         sorted_buckets = bucket[order]
-        batch = batch.take(pa.array(order))
         cuts = np.flatnonzero(np.diff(sorted_buckets)) + 1
-        for lo, hi in zip(np.concatenate([[0], cuts]), np.concatenate([cuts, [len(order)]])):
+        return batch.take(pa.array(order)), sorted_buckets, cuts
+
+    def append(self, arranged: tuple) -> None:
+        """Each bucket's rows of an arranged batch appended to its file (the second stage)."""
+        batch, sorted_buckets, cuts = arranged
+        if batch.num_rows == 0:
+            return
+        for lo, hi in zip(np.concatenate([[0], cuts]), np.concatenate([cuts, [batch.num_rows]])):
             b = int(sorted_buckets[lo])
             w = self.writers.get(b)
             if w is None:
@@ -268,17 +275,30 @@ def _year_bounds_us(year: int) -> tuple[int, int]:
             (dt.datetime(year + 1, 1, 1) - epoch) // dt.timedelta(microseconds=1))
 
 
-def _pipelined(items, work) -> None:
-    """Run `work(item)` on a helper thread while the next item is produced (Arrow's reads,
-    takes and IPC writes and the hashing release the GIL)."""
-    pending: Optional[Future] = None
-    with ThreadPoolExecutor(1, thread_name_prefix="medsettle-split") as pool:
+def _pipelined(items, arrange, append) -> None:
+    """`arrange(*item)` on one helper thread while the next item is read, its result
+    `append`ed on another: three stages overlapped, in order (Arrow's reads, takes and IPC
+    writes and the hashing release the GIL). Measured on 10 M claims, alternated, the
+    machine shared (load 3.5): the partition 6.9 / 6.9 s against 7.7 / 7.1 s with the two
+    stages on one thread."""
+    arranging: Optional[Future] = None
+    appending: Optional[Future] = None
+    with ThreadPoolExecutor(1, thread_name_prefix="medsettle-arrange") as first, \
+            ThreadPoolExecutor(1, thread_name_prefix="medsettle-append") as second:
         for item in items:
-            if pending is not None:
-                pending.result()
-            pending = pool.submit(work, *item)
-        if pending is not None:
-            pending.result()
+            if arranging is not None:
+                done = arranging.result()
+                if appending is not None:
+                    appending.result()
+                appending = second.submit(append, done)
+            arranging = first.submit(arrange, *item)
+        if arranging is not None:
+            done = arranging.result()
+            if appending is not None:
+                appending.result()
+            appending = second.submit(append, done)
+        if appending is not None:
+            appending.result()
 
 
 def split_claims(files: list[Path], folder: Path, year: int, buckets: int, total: int, bar) -> dict:
@@ -293,7 +313,7 @@ def split_claims(files: list[Path], folder: Path, year: int, buckets: int, total
         starts[i + 1] = starts[i] + pq.ParquetFile(f).metadata.num_rows
     source_schema = BUCKET_CLAIMS_SCHEMA.remove(BUCKET_CLAIMS_SCHEMA.get_field_index("ord"))
 
-    def work(fi: int, row: int, batch: pa.RecordBatch) -> None:
+    def work(fi: int, row: int, batch: pa.RecordBatch) -> tuple:
         n = batch.num_rows
         batch = conform(batch, source_schema)
         t = batch.column(source_schema.get_field_index("settle_time")).cast(pa.int64())
@@ -313,11 +333,11 @@ def split_claims(files: list[Path], folder: Path, year: int, buckets: int, total
             idx = np.flatnonzero(keep)
             batch, bucket = batch.take(pa.array(idx)), bucket[idx]
         counts["rows"] += batch.num_rows
-        out.write(batch, bucket)
         bar.advance(n)
+        return out.arrange(batch, bucket)
 
     try:
-        _pipelined(read_batches(files, list(source_schema.names)), work)
+        _pipelined(read_batches(files, list(source_schema.names)), work, out.append)
     finally:
         out.close()
     return {**counts, "claim_hash": claim_hash, "bucket": bucket_of_row, "starts": starts}
@@ -328,14 +348,14 @@ def split_table(files: list[Path], folder: Path, schema: pa.Schema, buckets: int
     out = BucketFiles(folder, schema)
     pid = schema.get_field_index("person_id")
 
-    def work(fi: int, row: int, batch: pa.RecordBatch) -> None:
+    def work(fi: int, row: int, batch: pa.RecordBatch) -> tuple:
         batch = conform(batch, schema)
-        out.write(batch, bucket_numbers(batch.column(pid), buckets))
         if bar is not None:
             bar.advance(batch.num_rows)
+        return out.arrange(batch, bucket_numbers(batch.column(pid), buckets))
 
     try:
-        _pipelined(read_batches(files, list(schema.names)), work)
+        _pipelined(read_batches(files, list(schema.names)), work, out.append)
     finally:
         out.close()
 
@@ -421,23 +441,36 @@ def partition(files: list[Path], registry_files: Optional[list[Path]], ledger_fi
     total = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
     buckets = max(1, min(MAX_BUCKETS, math.ceil(total / max(1, bucket_rows))))
     extra = sum(pq.ParquetFile(f).metadata.num_rows for f in [*(registry_files or []), *(ledger_files or [])])
+    steps: dict[str, float] = {}
+    t = time.perf_counter()
+
+    def lap(step: str) -> None:
+        nonlocal t
+        steps[step] = round(time.perf_counter() - t, 3)
+        t = time.perf_counter()
+
     with PhaseProgress("partition", total + extra, stream) as bar:
         split = split_claims(files, tmp / "claims", year, buckets, total, bar)
+        lap("claims")
         forced = cross_bucket_duplicates(files, split["claim_hash"], split["bucket"], split["starts"])
         del split["claim_hash"], split["bucket"]
         with pa.ipc.new_file(str(tmp / "forced.arrow"), FORCED_SCHEMA) as w:
             w.write_table(forced)
+        lap("duplicates")
         if registry_files:
             split_table(registry_files, tmp / "registry", PERSONS_SCHEMA, buckets, bar)
+            lap("registry")
         if ledger_files:
             split_table(ledger_files, tmp / "ledger", BUCKET_LEDGER_SCHEMA, buckets, bar)
+            lap("ledger")
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
     result = Partition(final, buckets, int(split["rows"]), int(split["other"]), forced.num_rows, has_facility,
                        bool(ledger_files))
     write_json(final / "manifest.json", {"key": key, "buckets": buckets, "rows": result.rows,
                                          "other_years": result.other_years, "forced": result.forced,
-                                         "has_facility": has_facility, "has_ledger": result.has_ledger})
+                                         "has_facility": has_facility, "has_ledger": result.has_ledger,
+                                         "seconds": steps})
     return result
 
 
