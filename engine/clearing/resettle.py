@@ -33,7 +33,7 @@ import pyarrow.compute as pc
 from ..compile import CompiledPolicies
 from ..registry import BASIS_BEFORE_BIRTH, BASIS_UNKNOWN_PERSON, as_of
 from ..schema import AMOUNT_COLUMNS, CLAIMS_SCHEMA, MAX_AMOUNT, PERSONS_SCHEMA
-from ..settle import settle
+from ..settle import Settler, settle
 from .accounts import PARTIALS, bucket_accounts, empty_ledger_paid
 from .files import write_parquet
 from .partition import BUCKET_CLAIMS_SCHEMA, BUCKET_LEDGER_SCHEMA, Partition, read_bucket, read_forced
@@ -128,7 +128,10 @@ def settle_bucket(claims: pa.Table, persons: Optional[pa.Table], policies: Compi
         dup_status = duplicate_statuses(claims.take(pa.array(duplicates)), policies)
     if override.any():
         claims = _rejected(claims, override != 0)
-    results = settle(claims.select(CLAIMS_SCHEMA.names), policies).results
+    # a Settler's one chunk, not engine.settle: the closing accumulators it would also build
+    # (0.1 s per million claims) are not needed here
+    results = pa.Table.from_batches([Settler(policies, expected_claims=claims.num_rows)
+                                     .settle_batch(claims.select(CLAIMS_SCHEMA.names))])
     status = results.column("status")
     if override.any():
         names = np.array(["", UNKNOWN_PERSON, BEFORE_BIRTH, ""], dtype=object)
