@@ -103,14 +103,18 @@ def empty_ledger_paid(con: duckdb.DuckDBPyConnection) -> None:
         SELECT NULL::VARCHAR AS claim_id, NULL::VARCHAR AS person_id, NULL::VARCHAR AS facility_id WHERE false""")
 
 
-def bucket_accounts(con: duckdb.DuckDBPyConnection, persons_path: Path) -> dict:
+def bucket_accounts(con: duckdb.DuckDBPyConnection, cleared: pa.Table, persons_path: Path) -> dict:
     """A bucket's accounts from view `cleared` and table `ledger_paid`: writes its persons'
     annual summaries; returns its partial tables and figures."""
     partial = {name: con.sql(sql).to_arrow_table() for name, (_, _, sql, _) in PARTIALS.items()}
     persons = con.sql(PERSONS_SQL).to_arrow_table()
     write_parquet(persons_path, persons, PERSONS_SUMMARY_SCHEMA)
-    statuses = {r["status"]: int(r["n"]) for r in rows(con, "SELECT status, count(*) AS n FROM cleared GROUP BY 1")}
-    totals = {k: int(v or 0) for k, v in rows(con, f"SELECT {_SUMS} FROM cleared WHERE status = 'ok'")[0].items()}
+    # the statuses by Arrow's hash count, the totals from the fund totals' cells: two scans fewer
+    counted = pc.value_counts(cleared.column("status"))
+    statuses = {s.as_py(): int(n.as_py()) for s, n in zip(counted.field("values"), counted.field("counts"))}
+    cells = partial["fund_totals"]
+    totals = {"claims": int(pc.sum(cells.column("claims")).as_py() or 0),
+              **{c: int(pc.sum(cells.column(c)).as_py() or 0) for c in _SUM_COLUMNS}}
     totals["persons"] = int(pc.count_distinct(persons.column("person_id")).as_py())
     return {"partial": partial, "statuses": statuses, "totals": totals, "person_rows": persons.num_rows}
 

@@ -210,7 +210,7 @@ class BucketWork:
         else:
             empty_ledger_paid(con)
         t = self._time("reconcile", t)
-        acc = bucket_accounts(con, o.part("accounts/persons.parquet", b))
+        acc = bucket_accounts(con, cleared, o.part("accounts/persons.parquet", b))
         con.unregister("cleared")
         con.execute("DROP TABLE IF EXISTS ledger_paid")
         save_done(o.done(b), acc, recon)
