@@ -88,16 +88,25 @@ class _ErrorRows:
         self.claims = claims
         self.rows = rows
         self._values: dict[str, list] = {}
+        self._columns: dict[str, pa.Array] = {}
+        self._valid: dict[str, np.ndarray] = {}
+        self._days: dict[int, tuple[str, Optional[int], int]] = {}
 
     def column(self, name: str) -> pa.Array:
-        return _column(self.claims, name)
+        col = self._columns.get(name)
+        if col is None:
+            col = self._columns[name] = _column(self.claims, name)
+        return col
 
     def valid(self, name: str) -> np.ndarray:
-        """Per error row, whether `name` is not null there."""
-        col = self.column(name)
-        if not col.null_count:
-            return np.ones(len(self.rows), dtype=bool)
-        return _bits_at(col.buffers()[0], col.offset, self.rows)
+        """Per error row, whether `name` is not null there (read once per column)."""
+        valid = self._valid.get(name)
+        if valid is None:
+            col = self.column(name)
+            valid = (np.ones(len(self.rows), dtype=bool) if not col.null_count
+                     else _bits_at(col.buffers()[0], col.offset, self.rows))
+            self._valid[name] = valid
+        return valid
 
     def __call__(self, name: str) -> list:
         """`name` at every error row, read once (for the columns several codes read)."""
@@ -109,10 +118,9 @@ class _ErrorRows:
         """`name` at the error rows `at` only (for a column one code reads)."""
         return self._read(self.column(name), self.rows[np.asarray(at, dtype=np.intp)])
 
-    @staticmethod
-    def _read(col: pa.Array, rows: np.ndarray) -> list:
+    def _read(self, col: pa.Array, rows: np.ndarray) -> list:
         if pa.types.is_dictionary(col.type):
-            entries = col.dictionary.to_pylist()
+            entries = self.derived((" entries", id(col)), col.dictionary.to_pylist)
             values = [entries[i] for i in _values(col.indices)[rows].tolist()]
         elif pa.types.is_integer(col.type):
             values = _values(col)[rows].tolist()
@@ -134,15 +142,20 @@ class _ErrorRows:
         return self._values[key]
 
     def days(self, at: list[int]) -> dict[int, tuple[str, Optional[int], int]]:
-        """Rows `at`'s settle_time as (its date as pc.strftime's '%Y-%m-%d' writes it, its year,
-        its day since 1970-01-01): ('null', None, 0) when null."""
-        micros = self("settle_time")
-        typ = self.column("settle_time").type
-        out = {}
-        for i in at:
-            m = micros[i]
-            out[i] = _NULL_DAY if m is None else (*_date(m // _DAY_US, typ), m // _DAY_US)
-        return out
+        """Error rows `at`'s settle_time as (its date as pc.strftime's '%Y-%m-%d' writes it, its
+        year, its day since 1970-01-01): ('null', None, 0) when null. Each row's made once (a few
+        codes read them), its day by numpy, each distinct day formatted once."""
+        known = self._days
+        need = [i for i in at if i not in known]
+        if need:
+            col = self.column("settle_time")
+            day = np.floor_divide(_values(col, np.int64)[self.rows[np.asarray(need, dtype=np.intp)]], _DAY_US)
+            valid = self.valid("settle_time")[need]
+            typ = col.type
+            dates = {d: (*_date(d, typ), d) for d in np.unique(day[valid]).tolist()}
+            for i, d, ok in zip(need, day.tolist(), valid.tolist()):
+                known[i] = dates[d] if ok else _NULL_DAY
+        return known
 
 
 def _values(arr: pa.Array, dtype=None) -> np.ndarray:
@@ -383,9 +396,10 @@ _SENTENCE = {
 _STATUS_CODE = {name: i for i, name in enumerate(STATUSES)}
 
 
-def _status_codes(status) -> tuple[np.ndarray, list[str]]:
-    """Per row, a code into the returned names (STATUSES first): off a dictionary array's
-    indices through its few entries, else one lookup per row."""
+def _error_rows(status) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """The rows whose status is not ok, and per such row a code into the returned names
+    (STATUSES first): off a dictionary array's indices through its few entries (the ok rows
+    skipped by one comparison of the indices), else the array is dictionary-encoded first."""
     if not pa.types.is_dictionary(status.type):
         status = status.dictionary_encode()
     names = list(STATUSES)
@@ -396,7 +410,14 @@ def _status_codes(status) -> tuple[np.ndarray, list[str]]:
         remap.append(names.index(name))
     remap.append(len(names))  # a null status: not ok, said as "status null"
     names.append("null")
-    return np.asarray(remap, dtype=np.intp)[np.asarray(status.indices.fill_null(len(remap) - 1))], names
+    remap = np.asarray(remap, dtype=np.intp)
+    indices = status.indices
+    index = _values(indices)
+    if indices.null_count:
+        index = np.where(np.asarray(indices.is_valid(), dtype=bool), index.astype(np.intp), len(remap) - 1)
+    ok = np.flatnonzero(remap == _STATUS_CODE["ok"])
+    rows = np.flatnonzero(index != ok[0]) if len(ok) == 1 else np.flatnonzero(remap[index] != _STATUS_CODE["ok"])
+    return rows, remap[index[rows]], names
 
 
 def _placed(n: int, rows: np.ndarray, texts: list) -> pa.Array:
@@ -426,11 +447,9 @@ def status_detail(claims, results, policies: Optional[PolicySet] = None) -> pa.A
     if isinstance(status, pa.ChunkedArray):
         status = status.combine_chunks()
     n = len(status)
-    codes, names = _status_codes(status)
-    rows = np.flatnonzero(codes != _STATUS_CODE["ok"])
+    rows, kinds, names = _error_rows(status)
     if not len(rows):
         return pa.nulls(n, pa.string())
-    kinds = codes[rows]
     present = [(code, names[code]) for code in np.unique(kinds).tolist()]
     values = _ErrorRows(claims, rows)
     policy_id: list = []

@@ -82,10 +82,11 @@ class Settler:
         it is a hint, not a limit."""
         self.compiled = compiled(policies)
         self.deltas = deltas
-        # each(prepared claims, kernel outputs, results): called by settle_batches on its thread
-        # for each chunk before its results are yielded, while its arrays are still in the cache
-        # (the command line's summary counts there; `Summary.counted_while_settling`)
-        self.each: Optional[Callable[[PreparedClaims, _kernel.KernelOutputs, pa.RecordBatch], None]] = None
+        # each(chunk, kernel outputs, results): called by settle_batches on its thread for each
+        # chunk (its prepared claims and key slots) before its results are yielded, while its
+        # arrays are still in the cache (the command line's summary counts there;
+        # `Summary.counted_while_settling`)
+        self.each: Optional[Callable[["Chunk", _kernel.KernelOutputs, pa.RecordBatch], None]] = None
         self._claim_ids = ClaimIds()
         if expected_claims > 0:
             self._claim_ids.reserve(expected_claims, 0)
@@ -171,15 +172,15 @@ class Settler:
         outputs into its results. The numbers are those of `settle_batch` in turn.
         Reading ahead, the call's accumulators include the chunk after the last
         result taken: a stream closed early has settled one chunk more.
-        `self.each`, if set, is called on this thread with each chunk's prepared
-        claims, kernel outputs and results before they are yielded.
+        `self.each`, if set, is called on this thread with each chunk (prepared claims,
+        key slots), its kernel outputs and results before they are yielded.
         """
         pending: Optional[Future] = None  # the chunk on the worker: (Chunk, kernel outputs)
 
         def finished(chunk: "Chunk", out: _kernel.KernelOutputs) -> pa.RecordBatch:
             res = self.results(chunk, out, dictionary)
             if self.each is not None:
-                self.each(chunk.prep, out, res)
+                self.each(chunk, out, res)
             return res
 
         with ThreadPoolExecutor(1, thread_name_prefix="medsettle-kernel") as worker:

@@ -212,6 +212,19 @@ class Summary:
         # the rows of a year with several versions are gathered instead, per version.
         self._versioned = np.array([False, *(len(policies.versions(p.region, p.scheme, p.year)) > 1
                                              for p in (policies.policies if policies else ()))], dtype=bool)
+        # per policy code, its place among its year's versions (a bit of `_version_bits`) and the
+        # compiled index of the year's first version (the prefix of its persons' keys)
+        self._version_bit = np.zeros(len(self._names), dtype=np.uint64)
+        self._first_index = np.full(len(self._names), -1, dtype=np.int32)
+        if policies is not None:
+            index = {id(q): i for i, q in enumerate(policies.policies)}
+            for code, q in enumerate(policies.policies, start=1):
+                versions = policies.versions(q.region, q.scheme, q.year)
+                self._version_bit[code] = np.uint64(1) << np.uint64(min(versions.index(q), 63))
+                self._first_index[code] = index[id(versions[0])]
+        # per key slot, the versions of its year that had an ok row of its person in this call
+        # (bits as above): a versioned year's ok rows are counted by their key slots, not gathered
+        self._version_bits = np.zeros(0, dtype=np.uint64)
         self.claims = 0
         self._final: Optional[dict] = None
         self._tallied: Optional[collections.deque] = None  # (policy codes, gathered rows) per chunk
@@ -234,18 +247,34 @@ class Summary:
         1970, the year a null settle_time reads as). `add` then takes only the persons."""
         if self._settler is None or self._policies is None or not _lookup_places_rows(self._policies):
             return None
+        if any(len(self._policies.versions(p.region, p.scheme, p.year)) > 64 for p in self._policies.policies):
+            return None  # more versions in a year than a slot's bits hold: `add` gathers their rows
         self._tallied = collections.deque()
         return self._tally
 
-    def _tally(self, prep, out, results) -> None:
+    def _tally(self, chunk, out, results) -> None:
+        prep = chunk.prep
         n = prep.n
         policy = np.add(prep.policy, 1, dtype=np.int32)
+        status = out.status.astype(np.int32)
         gathered = np.empty(n, dtype=np.int64)
-        k = _columns.summary_tally(policy, out.status.astype(np.int32), _OK,
-                                   [_int64_values(results.column(a)) for a in AMOUNTS],
+        k = _columns.summary_tally(policy, status, _OK, [_int64_values(results.column(a)) for a in AMOUNTS],
                                    np.packbits(out.cap_hit, bitorder="little") if n else _EMPTY, 0,
                                    self._versioned.view(np.uint8), self._counts, self._sums, gathered)
-        self._tallied.append((policy, gathered[:k].copy()))
+        gathered = gathered[:k]
+        # an ok row of a versioned year: its person is its key slot's, marked with its version's
+        # bit (no person gathered); error rows stay gathered (their key may not be in the table)
+        ok = status[gathered] == _OK
+        if ok.any():
+            rows = gathered[ok]
+            slots = chunk.slot[rows]
+            top = int(slots.max()) + 1
+            if top > len(self._version_bits):
+                self._version_bits = np.pad(self._version_bits, (0, max(top, 2 * len(self._version_bits))
+                                                                  - len(self._version_bits)))
+            np.bitwise_or.at(self._version_bits, slots, self._version_bit[policy[rows]])
+            gathered = gathered[~ok]
+        self._tallied.append((policy, gathered.copy()))
 
     def add(self, results, claims=None) -> None:
         """One results batch. With its claims (row-aligned), persons are counted, and an error row
@@ -327,7 +356,7 @@ class Summary:
             if len(starts) - 1 > first:
                 mine = starts[first:], arena
                 policy = _key_policies(starts[first:], arena) + 1
-                single = ~self._versioned[policy]  # keys of a versioned year: counted from the gathered rows
+                single = ~self._versioned[policy]  # a versioned year's keys: counted per version below
                 per += np.bincount(policy[single], minlength=len(per))[:len(per)]
                 if gathered is not None and len(gathered[0]):
                     # a gathered pair whose key this call added to the table is counted once: the
@@ -335,9 +364,24 @@ class Summary:
                     # (a versioned year's pairs are not: its keys are not counted from the table)
                     codes, who = gathered
                     plain = np.flatnonzero(~self._versioned[codes])
-                    codes = codes[plain]
-                    slots = _key_slots(self._settler, codes - 1, who.take(pa.array(plain)))
-                    per -= np.bincount(codes[slots >= first], minlength=len(per))[:len(per)]
+                    slots = _key_slots(self._settler, codes[plain] - 1, who.take(pa.array(plain)))
+                    per -= np.bincount(codes[plain][slots >= first], minlength=len(per))[:len(per)]
+            if len(self._version_bits):
+                # a versioned year's persons: the slots marked with each version's bit, and the
+                # gathered pairs of that version not among them
+                bits = self._version_bits
+                for code in np.flatnonzero(self._versioned).tolist():
+                    per[code] += int(np.count_nonzero(bits & self._version_bit[code]))
+                if gathered is not None and len(gathered[0]):
+                    codes, who = gathered
+                    versioned = np.flatnonzero(self._versioned[codes])
+                    if len(versioned):
+                        codes = codes[versioned]
+                        slots = _key_slots(self._settler, self._first_index[codes], who.take(pa.array(versioned)))
+                        marked = np.zeros(len(slots), dtype=bool)
+                        found = (slots >= 0) & (slots < len(bits))
+                        marked[found] = (bits[slots[found]] & self._version_bit[codes[found]]) != 0
+                        per -= np.bincount(codes[marked], minlength=len(per))[:len(per)]
         return per, _distinct_persons(*(mine or (None, None)), persons)
 
     def figures(self) -> dict:

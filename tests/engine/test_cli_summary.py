@@ -297,3 +297,26 @@ def test_counted_while_settling_as_add(ps, claims):
     for res, c in zip(settler.settle_batches(iter(batches)), batches):
         s.add(res, c)
     assert_figures(s.figures(), expected_figures(late, claims))
+
+
+def test_versioned_year_persons_from_key_slots(ps, claims):
+    """The ok rows of a year with several versions are counted per version by their key slots'
+    bits, not gathered (only error rows are): persons per version as a hand count, with a
+    person in two versions of a year, and error rows of a person an ok row already counts."""
+    batches = claims.combine_chunks().to_batches(max_chunksize=1500)
+    settler = engine.Settler(ps)
+    s = Summary(settler)
+    settler.each = s.counted_while_settling()
+    for res, c in zip(settler.settle_batches(iter(batches)), batches):
+        s.add(res, c)
+    got = s.figures()
+    assert_figures(got, expected_figures(ps, claims))
+    versioned = [c for c in range(1, len(s._names)) if s._versioned[c]]
+    assert versioned and all(bin(int(b)).count("1") <= len(versioned) for b in s._version_bits)
+    assert any(bin(int(b)).count("1") >= 2 for b in s._version_bits)  # a person in two versions
+    gathered = sum(len(p) for p, _ in s._pairs)
+    errors = got["claims"] - got["ok"]
+    assert gathered <= errors  # no ok row of a versioned year gathered
+    counted = {r["policy_id"]: r["persons"] for r in got["policies"]}
+    for c in versioned:
+        assert counted[s._names[c]] >= int(np.count_nonzero(s._version_bits & s._version_bit[c])) > 0
