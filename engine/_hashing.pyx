@@ -81,6 +81,30 @@ cdef void hash_strings(const int32_t* offsets, const uint8_t* data, Py_ssize_t n
         h[i] = hash_bytes(data + offsets[i], offsets[i + 1] - offsets[i])
 
 
+cdef inline KeySlot* probe_keys(KeySlot* keys, int64_t mask, const uint8_t* arena, const int64_t* starts,
+                                 const uint8_t* key, int64_t length, uint64_t h, const uint8_t* padded,
+                                 int64_t* entry) noexcept nogil:
+    """The accumulator-key table's probe: the slot holding `key` (*entry its id) or the empty
+    slot where it would go (*entry = -1). `padded` is the key's first KEY_INLINE bytes,
+    zero-padded; a longer key is compared in full in the arena."""
+    cdef int64_t j = <int64_t>(h & <uint64_t>mask)
+    cdef int64_t e
+    cdef uint8_t short_length = <uint8_t>i64min(length, 255)
+    cdef KeySlot* slot
+    while True:
+        slot = &keys[j]
+        if slot.entry == 0:
+            entry[0] = -1
+            return slot
+        if slot.hash == h and slot.length == short_length and memcmp(slot.key, padded, KEY_INLINE) == 0:
+            e = <int64_t>slot.entry - 1
+            if length <= KEY_INLINE or (starts[e + 1] - starts[e] == length
+                                        and memcmp(arena + starts[e], key, length) == 0):
+                entry[0] = e
+                return slot
+        j = (j + 1) & mask
+
+
 cdef class Interner:
     """The bytes of interned keys and their dense ids; the slot tables are the subclasses'."""
 
@@ -350,24 +374,16 @@ cdef class AccumulatorKeys(Interner):
 
     cdef int64_t intern(self, const uint8_t* key, int64_t length, uint64_t h, bint* is_new) noexcept nogil:
         """The id of `key` (whose hash is h), adding it if new; -1 if memory or ids ran out."""
-        cdef int64_t j = <int64_t>(h & <uint64_t>self.table_mask)
         cdef int64_t e
         cdef uint8_t padded[KEY_INLINE]
         cdef uint8_t short_length = <uint8_t>i64min(length, 255)
         cdef KeySlot* slot
         memset(padded, 0, KEY_INLINE)
         memcpy(padded, key, i64min(length, KEY_INLINE))
-        while True:
-            slot = &self.keys[j]
-            if slot.entry == 0:
-                break
-            if slot.hash == h and slot.length == short_length and memcmp(slot.key, padded, KEY_INLINE) == 0:
-                e = <int64_t>slot.entry - 1
-                if length <= KEY_INLINE or (self.starts[e + 1] - self.starts[e] == length
-                                            and memcmp(self.arena + self.starts[e], key, length) == 0):
-                    is_new[0] = False
-                    return e
-            j = (j + 1) & self.table_mask
+        slot = probe_keys(self.keys, self.table_mask, self.arena, self.starts, key, length, h, padded, &e)
+        if e >= 0:
+            is_new[0] = False
+            return e
         e = self.append(key, length)
         if e < 0:
             return -1
@@ -432,23 +448,12 @@ cdef class AccumulatorKeys(Interner):
     cdef int64_t find(self, const uint8_t* key, int64_t length, uint64_t h) noexcept nogil:
         """The id of `key` (whose hash is h), or -1 when the table does not hold it: intern's
         probe, adding nothing."""
-        cdef int64_t j = <int64_t>(h & <uint64_t>self.table_mask)
         cdef int64_t e
         cdef uint8_t padded[KEY_INLINE]
-        cdef uint8_t short_length = <uint8_t>i64min(length, 255)
-        cdef KeySlot* slot
         memset(padded, 0, KEY_INLINE)
         memcpy(padded, key, i64min(length, KEY_INLINE))
-        while True:
-            slot = &self.keys[j]
-            if slot.entry == 0:
-                return -1
-            if slot.hash == h and slot.length == short_length and memcmp(slot.key, padded, KEY_INLINE) == 0:
-                e = <int64_t>slot.entry - 1
-                if length <= KEY_INLINE or (self.starts[e + 1] - self.starts[e] == length
-                                            and memcmp(self.arena + self.starts[e], key, length) == 0):
-                    return e
-            j = (j + 1) & self.table_mask
+        probe_keys(self.keys, self.table_mask, self.arena, self.starts, key, length, h, padded, &e)
+        return e
 
     def find_keys(self, const int64_t[::1] offsets, const uint8_t[::1] data, const int32_t[::1] policy,
                   int64_t[::1] out_slot):
