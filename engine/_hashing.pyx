@@ -81,6 +81,29 @@ cdef void hash_strings(const int32_t* offsets, const uint8_t* data, Py_ssize_t n
         h[i] = hash_bytes(data + offsets[i], offsets[i + 1] - offsets[i])
 
 
+cdef inline uint64_t key_hash(const uint8_t* person, int64_t length, int32_t policy) noexcept nogil:
+    """The hash of an accumulator key (policy, person id), seeded by the policy."""
+    return hash_seeded(person, length, <uint64_t>(<uint32_t>policy) * 0xd6e8feb86659fd93ULL + 1)
+
+
+cdef inline uint8_t* key_bytes(uint8_t* buf, int64_t* cap, int32_t policy, const uint8_t* person,
+                               int64_t length) noexcept nogil:
+    """An accumulator key's bytes (4 of policy, then the person id) in `buf`, grown to fit
+    (*cap its size); the buffer to use from now on, NULL if it could not grow (buf still
+    owned by the caller then)."""
+    cdef void* p
+    if length + 4 > cap[0]:
+        p = realloc(buf, (length + 4) * 2)
+        if p == NULL:
+            return NULL
+        cap[0] = (length + 4) * 2
+        buf = <uint8_t*> p
+    memcpy(buf, &policy, 4)
+    if length:
+        memcpy(buf + 4, person, length)
+    return buf
+
+
 cdef inline KeySlot* probe_keys(KeySlot* keys, int64_t mask, const uint8_t* arena, const int64_t* starts,
                                  const uint8_t* key, int64_t length, uint64_t h, const uint8_t* padded,
                                  int64_t* entry) noexcept nogil:
@@ -408,17 +431,14 @@ cdef class AccumulatorKeys(Interner):
         cdef int64_t start, length, cap = 256
         cdef uint8_t* buf = <uint8_t*> malloc(cap)
         cdef uint64_t* h = self.hash_scratch(n + 1)
-        cdef void* p
+        cdef uint8_t* grown
         cdef bint is_new
-        cdef int32_t pol
         cdef int err = 0
         if buf == NULL or h == NULL:
             free(buf)
             return -1
         for i in range(n):
-            pol = policy[i]
-            h[i] = hash_seeded(data + offsets[i], offsets[i + 1] - offsets[i],
-                               <uint64_t>(<uint32_t>pol) * 0xd6e8feb86659fd93ULL + 1)
+            h[i] = key_hash(data + offsets[i], offsets[i + 1] - offsets[i], policy[i])
         for i in range(n):
             if i + PREFETCH_AHEAD < n:
                 self.prefetch(h[i + PREFETCH_AHEAD])
@@ -427,17 +447,11 @@ cdef class AccumulatorKeys(Interner):
                 continue
             start = offsets[i]
             length = offsets[i + 1] - start
-            if length + 4 > cap:
-                cap = (length + 4) * 2
-                p = realloc(buf, cap)
-                if p == NULL:
-                    err = -1
-                    break
-                buf = <uint8_t*> p
-            pol = policy[i]
-            memcpy(buf, &pol, 4)
-            if length:
-                memcpy(buf + 4, data + start, length)
+            grown = key_bytes(buf, &cap, policy[i], data + start, length)
+            if grown == NULL:
+                err = -1
+                break
+            buf = grown
             out_slot[i] = self.intern(buf, length + 4, h[i], &is_new)
             if out_slot[i] < 0:
                 err = -1
@@ -463,9 +477,8 @@ cdef class AccumulatorKeys(Interner):
         cdef Py_ssize_t n = out_slot.shape[0], i
         cdef int64_t start, length, cap = 256
         cdef uint8_t* buf
-        cdef void* p
+        cdef uint8_t* grown
         cdef int32_t pol
-        cdef uint64_t h
         cdef bint failed = False
         if offsets.shape[0] != n + 1 or policy.shape[0] != n:
             raise ValueError("find_keys: offsets, policy and out_slot disagree on the rows")
@@ -482,18 +495,12 @@ cdef class AccumulatorKeys(Interner):
                     continue
                 start = offsets[i]
                 length = offsets[i + 1] - start
-                if length + 4 > cap:
-                    cap = (length + 4) * 2
-                    p = realloc(buf, cap)
-                    if p == NULL:
-                        failed = True
-                        break
-                    buf = <uint8_t*> p
-                memcpy(buf, &pol, 4)
-                if length:
-                    memcpy(buf + 4, &data[0] + start, length)
-                h = hash_seeded(&data[0] + start, length, <uint64_t>(<uint32_t>pol) * 0xd6e8feb86659fd93ULL + 1)
-                out_slot[i] = self.find(buf, length + 4, h)
+                grown = key_bytes(buf, &cap, pol, &data[0] + start, length)
+                if grown == NULL:
+                    failed = True
+                    break
+                buf = grown
+                out_slot[i] = self.find(buf, length + 4, key_hash(&data[0] + start, length, pol))
         free(buf)
         if failed:
             raise MemoryError()

@@ -7,13 +7,13 @@ Python, row by row, for the error rows only (cheaper at 1 % of rows).
 """
 from __future__ import annotations
 
-import datetime
 from typing import Optional
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from engine import detail
 from engine.model import PolicySet
 from engine.schema import (AMOUNT_COLUMNS, FACILITY_LEVELS, LOCALITIES, MAX_AMOUNT, REQUIRED_COLUMNS, SCHEMES,
                            STATUSES, VISIT_TYPES)
@@ -174,34 +174,8 @@ def _identities_text(col) -> pa.Array:
     return pc.if_else(pc.equal(joined, ""), pa.scalar("none"), joined)
 
 
-def policy_rows(c: pa.Table, policies: Optional[PolicySet]) -> Optional[pa.Array]:
-    """Per row, the index in `policies` of the version of its (region, scheme, settle_time's year)
-    in force on its settle date; the year's first version for a date before it (spec section 5)."""
-    if policies is None or not policies.policies:
-        return None
-    index = {id(p): i for i, p in enumerate(policies.policies)}
-    firsts = {}
-    for p in policies.policies:
-        firsts.setdefault((p.region, p.scheme, p.year), policies.versions(p.region, p.scheme, p.year))
-    keys = pa.array([f"{r}|{s}|{y}" for r, s, y in firsts], pa.string())
-    first_index = pa.array([index[id(v[0])] for v in firsts.values()], pa.int32())
-    mine = _join(_text(c.column("region")), "|", _text(c.column("scheme")), "|",
-                 _text(pc.year(c.column("settle_time"))))
-    group = pc.index_in(mine, value_set=keys)
-    which = first_index.take(group)
-    versioned = [(g, v) for g, v in enumerate(firsts.values()) if len(v) > 1]
-    if not versioned or not len(c):
-        return which
-    # a year with several versions: the latest one that starts on or before the row's date
-    out = np.asarray(which.fill_null(-1), dtype=np.int64).copy()
-    groups = np.asarray(group.fill_null(-1), dtype=np.int64)
-    day = np.asarray(pc.cast(c.column("settle_time"), pa.date32()).cast(pa.int32()).fill_null(0), dtype=np.int64)
-    for g, versions in versioned:
-        rows = groups == g
-        for v in versions[1:]:
-            start = (v.effective_from - datetime.date(1970, 1, 1)).days
-            out[rows & (day >= start)] = index[id(v)]
-    return pa.array(out, pa.int32(), mask=out < 0)
+# the version in force per row is not what this reference checks: it is the engine's own
+policy_rows = detail.policy_rows
 
 
 def _policy_ids(c: pa.Table, policy_id: pa.Array, policies: Optional[PolicySet]) -> pa.Array:
