@@ -2,8 +2,10 @@
 
 Per policy (and a total): claims, persons, ok, each error code, what each fund
 paid, personal pay, deductibles and cap hits. Counts and sums are gathered per
-batch on small integer codes (policy, status) into preallocated numpy arrays
-(`np.bincount`, `np.add.at`: no hash per row, no Python loop over rows).
+batch on small integer codes (policy, status) into preallocated numpy arrays, in
+one Cython pass (`_columns.chunk_tally` on the settling thread, off the kernel's
+own arrays; `_columns.summary_tally` for results settled elsewhere): no hash per
+row, no Python loop over rows, no temporary column.
 
 Persons are not counted by a distinct count over every row: the settler already
 interns one accumulator key per (person, policy) for each row that passes the
