@@ -16,6 +16,7 @@ from libc.stdlib cimport malloc, free
 from libc.string cimport memcpy, memcmp
 from libc.stdint cimport INT64_MAX, int8_t, int32_t, int64_t, uint8_t, uint64_t
 
+from ._bits cimport bit_at
 from ._hashing cimport ClaimIds, AccumulatorKeys, hash_strings, PREFETCH_AHEAD
 from ._tables cimport *
 
@@ -380,26 +381,77 @@ def order_rows(const int64_t[::1] settle_time, const int32_t[::1] claim_offsets,
     return order_arr
 
 
-def time_bounds(const int64_t[::1] settle_time, const uint8_t[::1] time_valid,
-                const int32_t[::1] claim_offsets, const uint8_t[::1] claim_data, const uint8_t[::1] claim_valid):
+cdef struct Bounds:
+    Py_ssize_t lo, hi
+    int64_t lo_t, hi_t
+
+
+cdef inline void bounds_row(Bounds* b, const int64_t* settle_time, const int32_t[::1] claim_offsets,
+                            const uint8_t[::1] claim_data, Py_ssize_t i) noexcept nogil:
+    """Row i (settle_time and claim_id both present) into the smallest and largest so far."""
+    cdef int64_t t = settle_time[i]
+    if b.lo < 0:
+        b.lo = b.hi = i
+        b.lo_t = b.hi_t = t
+        return
+    if t < b.lo_t or (t == b.lo_t and id_cmp(claim_offsets, claim_data, i, b.lo) < 0):
+        b.lo = i
+        b.lo_t = t
+    if t > b.hi_t or (t == b.hi_t and id_cmp(claim_offsets, claim_data, i, b.hi) > 0):
+        b.hi = i
+        b.hi_t = t
+
+
+cdef inline uint8_t bits8(const uint8_t[::1] bits, int64_t at) noexcept nogil:
+    """The 8 validity bits from bit `at` on (an empty bitmap: all set); bits[at // 8 + 1] must
+    exist when `at` is not a multiple of 8."""
+    cdef int64_t byte = at >> 3, shift = at & 7
+    if bits.shape[0] == 0:
+        return 0xFF
+    if shift == 0:
+        return bits[byte]
+    return <uint8_t>((bits[byte] >> shift) | (bits[byte + 1] << (8 - shift)))
+
+
+def time_bounds(const int64_t[::1] settle_time, const uint8_t[::1] time_bits, int64_t time_offset,
+                const int32_t[::1] claim_offsets, const uint8_t[::1] claim_data, const uint8_t[::1] claim_bits,
+                int64_t claim_offset):
     """Rows of the smallest and largest (settle_time, claim_id bytes) among the rows that
-    have both, as the spec orders them; (-1, -1) if none has."""
-    cdef Py_ssize_t n = settle_time.shape[0], i, lo = -1, hi = -1
+    have both, as the spec orders them; (-1, -1) if none has. A row has a value where bit
+    offset + i of its column's validity bitmap is set (an empty bitmap: no nulls), read in
+    place eight rows at a time: the order check of a streamed file is one pass, no unpacked
+    masks, and a test per row only in the few groups of eight that hold a null."""
+    cdef Py_ssize_t n = settle_time.shape[0], i, r, whole
+    cdef Bounds b
+    cdef uint8_t both
+    if (claim_offsets.shape[0] < n + 1 or (time_bits.shape[0] and time_bits.shape[0] * 8 < time_offset + n)
+            or (claim_bits.shape[0] and claim_bits.shape[0] * 8 < claim_offset + n)):
+        raise ValueError("time_bounds: inconsistent shapes")
+    b.lo = b.hi = -1
+    b.lo_t = b.hi_t = 0
+    if n == 0:
+        return -1, -1
+    # groups of eight whose bits8 reads no byte past either bitmap
+    whole = n // 8
+    if whole and ((time_bits.shape[0] and (time_offset & 7) and (time_offset + 8 * whole) // 8 >= time_bits.shape[0])
+                  or (claim_bits.shape[0] and (claim_offset & 7)
+                      and (claim_offset + 8 * whole) // 8 >= claim_bits.shape[0])):
+        whole -= 1
     with nogil:
-        for i in range(n):
-            if not (time_valid[i] and claim_valid[i]):
-                continue
-            if lo < 0:
-                lo = i
-                hi = i
-                continue
-            if settle_time[i] < settle_time[lo] or (settle_time[i] == settle_time[lo]
-                                                    and id_cmp(claim_offsets, claim_data, i, lo) < 0):
-                lo = i
-            if settle_time[i] > settle_time[hi] or (settle_time[i] == settle_time[hi]
-                                                    and id_cmp(claim_offsets, claim_data, i, hi) > 0):
-                hi = i
-    return lo, hi
+        for i in range(0, 8 * whole, 8):
+            both = bits8(time_bits, time_offset + i) & bits8(claim_bits, claim_offset + i)
+            if both == 0xFF:
+                for r in range(i, i + 8):
+                    bounds_row(&b, &settle_time[0], claim_offsets, claim_data, r)
+            elif both:
+                for r in range(8):
+                    if (both >> r) & 1:
+                        bounds_row(&b, &settle_time[0], claim_offsets, claim_data, i + r)
+        for r in range(8 * whole, n):
+            if ((time_bits.shape[0] == 0 or bit_at(&time_bits[0], time_offset + r))
+                    and (claim_bits.shape[0] == 0 or bit_at(&claim_bits[0], claim_offset + r))):
+                bounds_row(&b, &settle_time[0], claim_offsets, claim_data, r)
+    return b.lo, b.hi
 
 
 # --------------------------------------------------------------------------- the settlement loop

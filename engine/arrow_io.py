@@ -45,6 +45,12 @@ def check_schema(schema: pa.Schema) -> None:
 
 def string_buffers(arr: pa.Array) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(offsets int32[n + 1], data uint8[>= 1], valid uint8[n]) of a string array, zero-copy where possible."""
+    offsets, data = string_data(arr)
+    return offsets, data, valid_mask(arr)
+
+
+def string_data(arr: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """(offsets int32[n + 1], data uint8[>= 1]) of a string array, zero-copy where possible."""
     n = len(arr)
     bufs = arr.buffers()
     offsets = np.frombuffer(bufs[1], dtype=np.int32, count=arr.offset + n + 1)[arr.offset:] if n else \
@@ -53,8 +59,16 @@ def string_buffers(arr: pa.Array) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         np.zeros(1, dtype=np.uint8)
     if data.size == 0:
         data = np.zeros(1, dtype=np.uint8)
-    valid = valid_mask(arr)
-    return np.ascontiguousarray(offsets), data, valid
+    return np.ascontiguousarray(offsets), data
+
+
+def validity_bits(arr: pa.Array) -> tuple[np.ndarray, int]:
+    """(the validity bitmap as bytes, the bit of row 0): an empty bitmap when there is no null."""
+    bits = _validity(arr)
+    return (_NO_BITS, 0) if bits is None else (bits, arr.offset)
+
+
+_NO_BITS = np.zeros(0, dtype=np.uint8)
 
 
 def _validity(arr: pa.Array) -> np.ndarray | None:

@@ -17,7 +17,6 @@ import contextlib
 import csv
 import os
 import re
-import secrets
 import threading
 from pathlib import Path
 from typing import Iterable, Iterator, Optional, Union
@@ -117,7 +116,7 @@ class Outputs:
         path = Path(path)
         with self._lock:
             if path not in self._temps:
-                self._temps[path] = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+                self._temps[path] = path.parent / f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp"
             return self._temps[path]
 
     def commit(self) -> None:

@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 
 from . import _kernel
-from .arrow_io import string_buffers, valid_mask
+from .arrow_io import string_data, validity_bits
 from .files import rebatch
 
 _DONE = object()
@@ -181,8 +181,9 @@ def batch_bounds(batch: pa.RecordBatch) -> Optional[tuple[tuple, tuple]]:
     if len(t) == 0:
         return None
     times = np.frombuffer(t.buffers()[1], dtype=np.int64, count=t.offset + len(t))[t.offset:]
-    offsets, data, valid = string_buffers(batch.column("claim_id"))
-    lo, hi = _kernel.time_bounds(times, valid_mask(t), offsets, data, valid)
+    claim_id = batch.column("claim_id")
+    offsets, data = string_data(claim_id)
+    lo, hi = _kernel.time_bounds(times, *validity_bits(t), offsets, data, *validity_bits(claim_id))
     if lo < 0:
         return None
     return tuple((int(times[i]), bytes(data[offsets[i]:offsets[i + 1]])) for i in (lo, hi))

@@ -2,8 +2,10 @@
 
 Per policy (and a total): claims, persons, ok, each error code, what each fund
 paid, personal pay, deductibles and cap hits. Counts and sums are gathered per
-batch on small integer codes (policy, status) into preallocated numpy arrays
-(`np.bincount`, `np.add.at`: no hash per row, no Python loop over rows).
+batch on small integer codes (policy, status) into preallocated numpy arrays, in
+one Cython pass (`_columns.chunk_tally` on the settling thread, off the kernel's
+own arrays; `_columns.summary_tally` for results settled elsewhere): no hash per
+row, no Python loop over rows, no temporary column.
 
 Persons are not counted by a distinct count over every row: the settler already
 interns one accumulator key per (person, policy) for each row that passes the
@@ -227,7 +229,7 @@ class Summary:
         self._version_bits = np.zeros(0, dtype=np.uint64)
         self.claims = 0
         self._final: Optional[dict] = None
-        self._tallied: Optional[collections.deque] = None  # (policy codes, gathered rows) per chunk
+        self._tallied: Optional[collections.deque] = None  # (policy indices, + code, gathered rows) per chunk
 
     def _fit(self) -> None:
         """Grow the sums when a batch brought a policy or status not seen before."""
@@ -253,28 +255,19 @@ class Summary:
         return self._tally
 
     def _tally(self, chunk, out, results) -> None:
-        prep = chunk.prep
-        n = prep.n
-        policy = np.add(prep.policy, 1, dtype=np.int32)
-        status = out.status.astype(np.int32)
+        """Counts and sums of a chunk from the kernel's arrays, in one pass (`_columns.chunk_tally`):
+        an ok row of a versioned year marks its key slot with its version's bit (its person is
+        counted from the slots, not gathered); error rows are gathered."""
+        n = chunk.prep.n
+        top = len(self._settler._keys)  # noqa: SLF001 - every slot of this chunk is below it
+        if top > len(self._version_bits):
+            self._version_bits = np.pad(self._version_bits, (0, max(top, 2 * len(self._version_bits))
+                                                              - len(self._version_bits)))
         gathered = np.empty(n, dtype=np.int64)
-        k = _columns.summary_tally(policy, status, _OK, [_int64_values(results.column(a)) for a in AMOUNTS],
-                                   np.packbits(out.cap_hit, bitorder="little") if n else _EMPTY, 0,
-                                   self._versioned.view(np.uint8), self._counts, self._sums, gathered)
-        gathered = gathered[:k]
-        # an ok row of a versioned year: its person is its key slot's, marked with its version's
-        # bit (no person gathered); error rows stay gathered (their key may not be in the table)
-        ok = status[gathered] == _OK
-        if ok.any():
-            rows = gathered[ok]
-            slots = chunk.slot[rows]
-            top = int(slots.max()) + 1
-            if top > len(self._version_bits):
-                self._version_bits = np.pad(self._version_bits, (0, max(top, 2 * len(self._version_bits))
-                                                                  - len(self._version_bits)))
-            np.bitwise_or.at(self._version_bits, slots, self._version_bit[policy[rows]])
-            gathered = gathered[~ok]
-        self._tallied.append((policy, gathered.copy()))
+        k = _columns.chunk_tally(chunk.prep.policy, out.status, _OK, [_int64_values(results.column(a)) for a in AMOUNTS],
+                                 out.cap_hit, self._versioned.view(np.uint8), chunk.slot, self._version_bit,
+                                 self._version_bits, self._counts, self._sums, gathered)
+        self._tallied.append((chunk.prep.policy, 1, gathered[:k].copy()))  # code: policy index + 1
 
     def add(self, results, claims=None) -> None:
         """One results batch. With its claims (row-aligned), persons are counted, and an error row
@@ -285,11 +278,12 @@ class Summary:
         self.claims += n
         self._final = None
         if self._tallied is not None:
-            policy, gathered = self._tallied.popleft()  # the same chunk, counted already
+            policy, shift, gathered = self._tallied.popleft()  # the same chunk, counted already
         elif not n:
             return
         else:
             policy, gathered = self._count(results, claims)
+            shift = 0
         if claims is not None and n:
             person = claims.column("person_id")
             if isinstance(person, pa.ChunkedArray):
@@ -305,9 +299,9 @@ class Summary:
                                          .fill_null(False), dtype=bool)
                     rows = np.union1d(rows, np.flatnonzero(carried))
             if rows is None:
-                self._pairs.append((policy, person))
+                self._pairs.append((policy + shift, person))
             elif len(rows):
-                self._pairs.append((policy[rows], person.take(pa.array(rows))))
+                self._pairs.append((policy[rows] + shift, person.take(pa.array(rows))))
 
     def _count(self, results, claims) -> tuple[np.ndarray, np.ndarray]:
         """Counts and sums of a results batch; (policy code per row, the rows to gather)."""

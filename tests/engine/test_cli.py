@@ -222,7 +222,15 @@ def test_batch_bounds_follow_the_spec_order(claims):
 
     batch = claims.combine_chunks().to_batches()[0]
     ties = batch.slice(0, 50).set_column(4, "settle_time", pa.array([7] * 50, pa.int64()).cast(pa.timestamp("us")))
-    for b in (batch, batch.slice(3, 1001), ties, ties.slice(5)):
+    # nulls in either column at rows of their own, read off the bitmaps at an offset not a multiple of 8
+    n = batch.num_rows
+    holes = batch.set_column(4, "settle_time", pa.array(
+        [None if i % 7 == 0 else v for i, v in enumerate(batch.column(4).cast(pa.int64()).to_pylist())],
+        pa.int64()).cast(pa.timestamp("us")))
+    holes = holes.set_column(0, "claim_id", pa.array([None if i % 5 == 0 else v
+                                                      for i, v in enumerate(batch.column(0).to_pylist())], pa.string()))
+    assert holes.column(4).null_count > n // 8 and holes.column(0).null_count > n // 6
+    for b in (batch, batch.slice(3, 1001), ties, ties.slice(5), holes, holes.slice(3), holes.slice(13, 500)):
         rows = [(r["settle_time"], r["claim_id"]) for r in b.select(["settle_time", "claim_id"]).to_pylist()]
         keyed = [(int(pa.scalar(t, pa.timestamp("us")).cast(pa.int64()).as_py()), c.encode())
                  for t, c in rows if t is not None and c is not None]

@@ -194,6 +194,54 @@ def test_summary_tally_against_numpy():
         _columns.summary_tally(policy, status, 0, amounts[:2], cap_bits, 0, gather, counts, sums, gathered)
 
 
+def test_chunk_tally_against_numpy():
+    """The settling thread's tally off the kernel's arrays: counts, sums and cap hits as
+    np.add.at gives them (code = policy index + 1), error rows gathered, and each ok row of a
+    versioned policy marking its key slot with its version's bit; a code or slot outside the
+    tables is refused, not written past them."""
+    rng = np.random.default_rng(11)
+    n, codes, statuses, width = 6000, 5, 4, 9
+    policy = rng.integers(-1, codes - 1, n).astype(np.int32)  # -1: no policy (code 0)
+    status = rng.choice([0, 0, 0, 0, 1, 2, 3], n).astype(np.int8)
+    amounts = [rng.integers(-10**12, 10**12, n) for _ in range(width)]
+    cap = (rng.random(n) < 0.3).astype(np.uint8)
+    versioned = np.array([0, 0, 1, 1, 0], dtype=np.uint8)
+    version_bit = np.array([0, 0, 1, 2, 0], dtype=np.uint64)
+    slot = rng.integers(0, 700, n).astype(np.int64)
+    bits = np.zeros(700, dtype=np.uint64)
+    counts = np.ones((codes, statuses), dtype=np.int64)  # added to, not overwritten
+    sums = np.ones((codes, statuses, width + 1), dtype=np.int64)
+    gathered = np.empty(n, dtype=np.int64)
+    k = _columns.chunk_tally(policy, status, 0, amounts, cap, versioned, slot, version_bit, bits, counts, sums,
+                             gathered)
+
+    code = policy + 1
+    want_counts = np.ones((codes, statuses), dtype=np.int64)
+    np.add.at(want_counts, (code, status), 1)
+    want_sums = np.ones((codes, statuses, width + 1), dtype=np.int64)
+    for j, a in enumerate(amounts):
+        np.add.at(want_sums[:, :, j], (code, status), a)
+    np.add.at(want_sums[:, :, width], (code, status), cap.astype(np.int64))
+    assert (counts == want_counts).all() and (sums == want_sums).all()
+    assert gathered[:k].tolist() == np.flatnonzero(status != 0).tolist()
+    want_bits = np.zeros(700, dtype=np.uint64)
+    marked = (status == 0) & versioned[code].astype(bool)
+    np.bitwise_or.at(want_bits, slot[marked], version_bit[code[marked]])
+    assert (bits == want_bits).all() and np.count_nonzero(bits & np.uint64(1)) and np.count_nonzero(bits & np.uint64(2))
+
+    with pytest.raises(ValueError):  # a policy index outside the counts
+        _columns.chunk_tally(np.array([codes], np.int32), np.zeros(1, np.int8), 0, [np.zeros(1, np.int64)] * width,
+                             np.zeros(1, np.uint8), versioned, np.zeros(1, np.int64), version_bit, bits, counts,
+                             sums, gathered)
+    with pytest.raises(ValueError):  # a key slot outside the version bits
+        _columns.chunk_tally(np.array([1], np.int32), np.zeros(1, np.int8), 0, [np.zeros(1, np.int64)] * width,
+                             np.zeros(1, np.uint8), versioned, np.array([700], np.int64), version_bit, bits, counts,
+                             sums, gathered)
+    with pytest.raises(ValueError):  # an amount column of another length
+        _columns.chunk_tally(policy, status, 0, amounts[:8] + [amounts[8][:-1]], cap, versioned, slot, version_bit,
+                             bits, counts, sums, gathered)
+
+
 def test_carried_person_with_an_error_row_only(ps, claims, tmp_path):
     """A person whose key was carried in and who has only an error row in this file counts once
     under its policy: the key table's carried slots are not this call's persons."""

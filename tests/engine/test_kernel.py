@@ -218,3 +218,32 @@ def test_kernel_limits_are_the_schema_and_model_ones():
     assert _kernel.MAX_AMOUNT_FEN == schema.MAX_AMOUNT
     assert _kernel.MAX_COMPLIANT_TOTAL_FEN == schema.MAX_CARRIED
     assert _kernel.MAX_COMBINED_CAP_FACTOR == schema.MAX_COMBINED_CAP_FACTOR
+
+
+def test_time_bounds_against_a_scan():
+    """time_bounds reads both validity bitmaps in place, eight rows at a time, at any bit offset
+    (a sliced batch): the same rows as a scan of the present rows in (settle_time, claim_id) order."""
+    from engine.arrow_io import string_data, validity_bits
+
+    rng = np.random.default_rng(5)
+    for trial in range(60):
+        n = int(rng.integers(0, 80))
+        times = rng.integers(0, 6, n).tolist()  # few values: many ties broken by claim_id
+        ids = [f"c{int(v)}" for v in rng.integers(0, 40, n)]
+        null_rate = [0.0, 0.05, 0.5, 1.0][trial % 4]
+        t_arr = pa.array([None if rng.random() < null_rate else v for v in times], pa.int64())
+        c_arr = pa.array([None if rng.random() < null_rate else v for v in ids], pa.string())
+        start = int(rng.integers(0, max(1, n)))
+        t_arr, c_arr = t_arr.slice(start), c_arr.slice(start)
+        values = np.frombuffer(t_arr.buffers()[1], dtype=np.int64, count=t_arr.offset + len(t_arr))[t_arr.offset:]
+        offsets, data = string_data(c_arr)
+        got = _kernel.time_bounds(values, *validity_bits(t_arr), offsets, data, *validity_bits(c_arr))
+        present = [(t, c.encode(), i) for i, (t, c) in enumerate(zip(t_arr.to_pylist(), c_arr.to_pylist()))
+                   if t is not None and c is not None]
+        if not present:
+            assert got == (-1, -1)
+            continue
+        def key(row):
+            return int(values[row]), data[offsets[row]:offsets[row + 1]].tobytes()
+
+        assert key(got[0]) == min(present)[:2] and key(got[1]) == max(present)[:2]
