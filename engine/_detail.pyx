@@ -13,11 +13,14 @@ without the GIL and with no Python object per row. The texts are those the
 Python f-strings wrote (tests/detail_reference.py checks them byte for byte).
 """
 import numpy as np
+cimport numpy as cnp
 from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE
 from cpython.bytes cimport PyBytes_FromStringAndSize
 from libc.stdlib cimport malloc, realloc, free
 from libc.string cimport memcpy, memcmp, strlen
 from libc.stdint cimport INT32_MAX, int8_t, int16_t, int32_t, int64_t, uint8_t, uint64_t
+
+cnp.import_array()
 
 #: The column slots of `Columns`, in this order: spec section 2's REQUIRED_COLUMNS (the
 #: order MISSING_FIELD names them in) with the six amounts at 8-13, then the rest the
@@ -915,3 +918,124 @@ def sentences(Columns columns, Vocabulary vocabulary, Places places, const int64
         free(o.buf)
         free(odd.missing)
     return offsets, data, bitmap, n - valid
+
+
+cdef inline int64_t index_at(const uint8_t* index, int width, int64_t i) noexcept nogil:
+    if width == 4:
+        return (<const int32_t*>index)[i]
+    if width == 1:
+        return (<const int8_t*>index)[i]
+    if width == 2:
+        return (<const int16_t*>index)[i]
+    return (<const int64_t*>index)[i]
+
+
+cdef inline int32_t not_ok(const int32_t* index, int64_t start, int64_t stop, int32_t ok) noexcept nogil:
+    """How many of index[start:stop] are not `ok` (an int32 count over a short block, which
+    gcc vectorizes)."""
+    cdef int32_t count = 0
+    cdef const int32_t* p = index + start
+    cdef int32_t k, length = <int32_t>(stop - start)
+    for k in range(length):
+        count += p[k] != ok
+    return count
+
+
+cdef struct Found:
+    int64_t* rows
+    int64_t* kinds
+    int64_t count
+    int64_t capacity
+    bint failed
+
+
+cdef inline void found(Found* f, int64_t row, int64_t code) noexcept nogil:
+    """Append (row, code), growing both arrays (doubling); on failure mark `f` failed."""
+    cdef int64_t capacity
+    cdef int64_t* rows
+    cdef int64_t* kinds
+    if f.count == f.capacity:
+        capacity = f.capacity * 2 if f.capacity else 1024
+        rows = <int64_t*>realloc(f.rows, capacity * 8)
+        if rows == NULL:
+            f.failed = True
+            return
+        f.rows = rows
+        kinds = <int64_t*>realloc(f.kinds, capacity * 8)
+        if kinds == NULL:
+            f.failed = True
+            return
+        f.kinds, f.capacity = kinds, capacity
+    f.rows[f.count] = row
+    f.kinds[f.count] = code
+    f.count += 1
+
+
+def error_rows(indices, int64_t at, int width, validity, int64_t valid_at, int64_t n,
+               const int64_t[::1] remap, int64_t ok):
+    """The rows of a dictionary-encoded status column (`n` indices of `width` bytes from
+    element `at`, validity bitmap from bit `valid_at`, None: no null) whose code is not `ok`,
+    and their codes (`remap`: one code per dictionary entry, then the code of null), as two
+    int64 arrays: one pass over the indices, blocks of 16 all ok skipped on one vectorized
+    count when one entry is ok and none is null (the settler's results)."""
+    if width not in (1, 2, 4, 8):
+        raise ValueError(f"dictionary indices of {width} bytes")
+    cdef list keep = []
+    cdef const uint8_t* index = address(indices, (at + n) * width, keep) + at * width
+    cdef const uint8_t* valid = NULL
+    if validity is not None:
+        valid = address(validity, (valid_at + n + 7) // 8, keep)
+    cdef int64_t entries = remap.shape[0] - 1, i, j, b, end, oks = 0
+    cdef bint bad = False
+    if entries < 0:
+        raise ValueError("remap has no code for null")
+    cdef const int64_t* codes = &remap[0]
+    cdef const int32_t* index32 = <const int32_t*>index
+    cdef int32_t ok_entry = -1
+    for j in range(entries):
+        if codes[j] == ok:
+            oks += 1
+            ok_entry = <int32_t>j
+    if oks != 1 or width != 4 or valid != NULL:
+        ok_entry = -1  # not the usual case: each row through remap
+    cdef Found f
+    f.rows, f.kinds, f.count, f.capacity, f.failed = NULL, NULL, 0, 0, False
+    try:
+        with nogil:
+            if ok_entry >= 0:
+                i = 0
+                while i < n and not bad:
+                    end = min(i + 16, n)
+                    if not_ok(index32, i, end, ok_entry):
+                        for b in range(i, end):
+                            if index32[b] != ok_entry:
+                                j = index32[b]
+                                if j < 0 or j >= entries:
+                                    bad = True
+                                    break
+                                found(&f, b, codes[j])
+                    i = end
+            else:
+                for i in range(n):
+                    if valid != NULL and not bit_at(valid, valid_at + i):
+                        j = entries
+                    else:
+                        j = index_at(index, width, i)
+                        if j < 0 or j >= entries:
+                            bad = True
+                            break
+                    if codes[j] != ok:
+                        found(&f, i, codes[j])
+        if bad:
+            raise ValueError("a status index outside its dictionary")
+        if f.failed:
+            raise MemoryError()
+        rows_out = np.empty(f.count, dtype=np.int64)
+        kinds_out = np.empty(f.count, dtype=np.int64)
+        if f.count:
+            memcpy(<void*>cnp.PyArray_DATA(rows_out), f.rows, f.count * 8)
+            memcpy(<void*>cnp.PyArray_DATA(kinds_out), f.kinds, f.count * 8)
+    finally:
+        free(f.rows)
+        free(f.kinds)
+    return rows_out, kinds_out

@@ -51,12 +51,6 @@ def _join(*parts, sep: str = "") -> pa.Array:
     return pc.binary_join_element_wise(*[p if isinstance(p, pa.Array) else pa.scalar(p) for p in parts], sep)
 
 
-def _values(arr: pa.Array, dtype=None) -> np.ndarray:
-    """The values buffer of a fixed-width array (what sits under a null is arbitrary: mask it)."""
-    dtype = dtype or arr.type.to_pandas_dtype()
-    return np.frombuffer(arr.buffers()[1], dtype=dtype, count=arr.offset + len(arr))[arr.offset:]
-
-
 @functools.lru_cache(maxsize=4096)
 def _date(day: int, typ: pa.DataType) -> tuple[str, int]:
     """A day since 1970-01-01 as pc.strftime's '%Y-%m-%d' writes it, and its year. The C
@@ -272,8 +266,8 @@ _STATUS_CODE = {name: i for i, name in enumerate(STATUSES)}
 
 def _error_rows(status) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """The rows whose status is not ok, and per such row a code into the returned names
-    (STATUSES first): off a dictionary array's indices through its few entries (the ok rows
-    skipped by one comparison of the indices), else the array is dictionary-encoded first."""
+    (STATUSES first): off a dictionary array's indices through its few entries (one C pass
+    over the indices), else the array is dictionary-encoded first."""
     if not pa.types.is_dictionary(status.type):
         status = status.dictionary_encode()
     names = list(STATUSES)
@@ -284,14 +278,21 @@ def _error_rows(status) -> tuple[np.ndarray, np.ndarray, list[str]]:
         remap.append(names.index(name))
     remap.append(len(names))  # a null status: not ok, said as "status null"
     names.append("null")
-    remap = np.asarray(remap, dtype=np.intp)
     indices = status.indices
-    index = _values(indices)
-    if indices.null_count:
-        index = np.where(np.asarray(indices.is_valid(), dtype=bool), index.astype(np.intp), len(remap) - 1)
-    ok = np.flatnonzero(remap == _STATUS_CODE["ok"])
-    rows = np.flatnonzero(index != ok[0]) if len(ok) == 1 else np.flatnonzero(remap[index] != _STATUS_CODE["ok"])
-    return rows, remap[index[rows]], names
+    if pa.types.is_unsigned_integer(indices.type):  # the C reads signed indices
+        indices = pc.cast(indices, pa.int64())
+    buffers = indices.buffers()
+    rows, kinds = _detail.error_rows(buffers[1], indices.offset, indices.type.bit_width // 8, buffers[0],
+                                     indices.offset, len(indices), np.asarray(remap, dtype=np.int64),
+                                     _STATUS_CODE["ok"])
+    return rows, kinds, names
+
+
+@functools.lru_cache(maxsize=64)
+def _status_texts(names: tuple) -> tuple[np.ndarray, bytes]:
+    """Per status code, 'status NAME' for a code past STATUSES (a status this module does not
+    know, from a newer kernel, or null): said so rather than nothing."""
+    return _table([b"" if i < len(STATUSES) else f"status {name}".encode() for i, name in enumerate(names)])
 
 
 def status_detail(claims, results, policies: Optional[PolicySet] = None) -> pa.Array:
@@ -318,7 +319,7 @@ def status_detail(claims, results, policies: Optional[PolicySet] = None) -> pa.A
             _give(columns, name, claims.column(name))
     if "NO_BENEFIT_RULE" in present:
         _give(columns, "policy_id", results.column("policy_id"))
-    statuses = _table([b"" if i < len(STATUSES) else f"status {name}".encode() for i, name in enumerate(names)])
+    statuses = _status_texts(tuple(names))
     places = _places(policies)
     rows = np.ascontiguousarray(rows, dtype=np.int64)
     kinds = np.ascontiguousarray(kinds, dtype=np.int64)
