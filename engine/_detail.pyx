@@ -678,7 +678,7 @@ cdef inline bint out_of_range(Out* o, Column* col, Odd* odd, int64_t row) noexce
 
 
 cdef inline bint amount_mismatch(Out* o, Column* col, int64_t row) noexcept nogil:
-    cdef int64_t total
+    cdef int64_t total = 0
     cdef int64_t p[4]
     p[0] = p[1] = p[2] = p[3] = 0
     cdef uint64_t s = 0

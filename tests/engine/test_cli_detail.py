@@ -81,8 +81,8 @@ def _odd_claims(ps, claims) -> pa.Table:
 
 @pytest.mark.parametrize("seed", [1, 2])
 def test_same_sentences_as_the_column_wise_reference(ps, claims, settled, seed):
-    """engine/detail.py formats in Python what tests/detail_reference.py builds with Arrow
-    compute: the same array, for the settled claims and for any status on any claim, with the
+    """engine/detail.py writes in C (engine/_detail.pyx) what tests/detail_reference.py builds
+    with Arrow compute: the same array, for the settled claims and for any status on any claim, with the
     policies and without, from plain and dictionary-encoded columns, a sliced batch."""
     odd = _odd_claims(ps, claims)
     any_status = _any_status(claims, seed)
