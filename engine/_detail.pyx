@@ -207,6 +207,8 @@ cdef class Columns:
         """The validity bitmap of `count` rows from bit `at` (None: no null)."""
         cdef Column* c
         c = self.slot(k)
+        if k != ITEMS and count < self.rows:
+            raise ValueError(f"column {COLUMNS[k]} has {count} rows, the results {self.rows}")
         c.valid = NULL
         if buf is not None:
             c.valid = address(buf, (at + count + 7) // 8, self.keep)
@@ -226,9 +228,12 @@ cdef class Columns:
         c.bits_at = at
 
     def strings(self, int k, offsets, int64_t at, bint large, data, int64_t count):
-        """`count` strings: their offsets from element `at` (int64 if `large`) into `data`."""
+        """`count` strings: their offsets from element `at` (int64 if `large`) into `data`;
+        a dictionary column's entries (its `indices` given first), else one per row."""
         cdef Column* c
         c = self.slot(k)
+        if k != ITEMS and c.index == NULL and count < self.rows:  # a dictionary's entries: any number
+            raise ValueError(f"column {COLUMNS[k]} has {count} rows, the results {self.rows}")
         if large:
             c.off64 = <const int64_t*>address(offsets, (at + count + 1) * 8, self.keep) + at
             c.off32 = NULL
@@ -321,8 +326,8 @@ cdef class Places:
         self.t.scheme_offsets = <const int64_t*>address(np.ascontiguousarray(scheme_offsets, np.int64),
                                                         (schemes + 1) * 8, self.keep)
         self.t.scheme_data = address(scheme_data, 0, self.keep)
-        self.t.grid = <const int32_t*>address(np.ascontiguousarray(grid, np.int32), regions * schemes * grid.shape[2] * 4,
-                                              self.keep)
+        self.t.grid = <const int32_t*>address(np.ascontiguousarray(grid, np.int32),
+                                              regions * schemes * grid.shape[2] * 4, self.keep)
         self.t.group_first = <const int32_t*>address(np.ascontiguousarray(group_first, np.int32), groups * 4, self.keep)
         self.t.later_start = <const int32_t*>address(np.ascontiguousarray(later_start, np.int32), groups * 4, self.keep)
         self.t.later_count = <const int32_t*>address(np.ascontiguousarray(later_count, np.int32), groups * 4, self.keep)
@@ -803,8 +808,8 @@ cdef inline const uint8_t* pointer_or_null(const uint8_t[::1] a) noexcept nogil:
     return &a[0] if a.shape[0] else NULL
 
 
-def sentences(Columns columns, Vocabulary vocabulary, Places places, const int64_t[::1] rows,
-              const int64_t[::1] kinds, const int64_t[::1] status_offsets, const uint8_t[::1] status_data,
+def sentences(Columns columns not None, Vocabulary vocabulary not None, Places places,
+              const int64_t[::1] rows, const int64_t[::1] kinds, const int64_t[::1] status_offsets, const uint8_t[::1] status_data,
               const int64_t[::1] odd_days, const int64_t[::1] odd_offsets, const uint8_t[::1] odd_data,
               const int64_t[::1] odd_years):
     """The sentence of each error row (`rows`, ascending, with their status `kinds`) of a batch:

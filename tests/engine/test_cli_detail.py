@@ -246,8 +246,9 @@ def test_sentences_from_every_layout_of_the_columns(ps, claims):
             pc.cast(d.indices, index_type), d.dictionary))
     chunked = pa.concat_tables([c.slice(0, 1000), c.slice(1000, 1), c.slice(1001)])
     r_chunked = pa.concat_tables([r.slice(0, 7), r.slice(7)])
-    for claims_, results in ((large, r), (small_index, r), (chunked, r_chunked), (c.slice(333, 1500), r.slice(333, 1500)),
-                             (c.slice(2999, 1), r.slice(2999, 1)), (c.slice(5, 0), r.slice(5, 0))):
+    for claims_, results in ((large, r), (small_index, r), (chunked, r_chunked),
+                             (c.slice(333, 1500), r.slice(333, 1500)), (c.slice(2999, 1), r.slice(2999, 1)),
+                             (c.slice(5, 0), r.slice(5, 0))):
         _same_as_reference(claims_, results, ps)
 
 
@@ -256,8 +257,9 @@ def test_non_ascii_values_are_copied_as_utf8(ps, claims):
     n = c.num_rows
     c = _recolumn(c, "claim_id", pa.array([f"理赔-{i}-é" for i in range(n)]))
     c = _recolumn(c, "person_id", pa.array([f"参保人{i}" for i in range(n)]))
-    c = _recolumn(c, "region", pa.array(["北京市" if i % 3 else r for i, r in enumerate(c.column("region").to_pylist())]))
-    c = _recolumn(c, "scheme", pa.array(["居民" if i % 4 == 0 else s for i, s in enumerate(c.column("scheme").to_pylist())]))
+    region, scheme = c.column("region").to_pylist(), c.column("scheme").to_pylist()
+    c = _recolumn(c, "region", pa.array(["北京市" if i % 3 else r for i, r in enumerate(region)]))
+    c = _recolumn(c, "scheme", pa.array(["居民" if i % 4 == 0 else s for i, s in enumerate(scheme)]))
     c = _recolumn(c, "identities", pa.array([["退休", None, "🙂"] if i % 2 else [] for i in range(n)],
                                             pa.list_(pa.string())))
     r = _any_status(c, 9)
@@ -311,7 +313,9 @@ def test_a_null_dictionary_entry_is_said_null(ps, claims):
 
 
 def test_columns_shorter_than_the_results_raise(ps, claims):
+    """A claim column shorter than the results is said (ValueError), never read past its end."""
     c = claims.slice(0, 10)
-    r = pa.table({"status": ["DUPLICATE_CLAIM"] * 11, "policy_id": pa.array([None] * 11, pa.string())})
-    with pytest.raises(ValueError):
-        status_detail(c, r, ps)
+    for code in ("DUPLICATE_CLAIM", "INVALID_AMOUNT", "UNKNOWN_POLICY", "UNKNOWN_IDENTITY", "NO_BENEFIT_RULE"):
+        r = pa.table({"status": [code] * 11, "policy_id": pa.array([None] * 11, pa.string())})
+        with pytest.raises(ValueError, match="has 10 rows, the results 11"):
+            status_detail(c, r, ps)
