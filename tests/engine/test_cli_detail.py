@@ -230,8 +230,8 @@ def _recolumn(table: pa.Table, name: str, arr) -> pa.Table:
 
 def test_sentences_from_every_layout_of_the_columns(ps, claims):
     """The C reads the Arrow buffers as they come: large_string, dictionaries with 8-bit and
-    unsigned indices, large_list identities, several chunks, a slice with an offset; the
-    sentences are the reference's for each."""
+    unsigned indices, large_list identities, several chunks, a slice with an offset (and a
+    dictionary-encoded status sliced in a record batch); the sentences are the reference's."""
     c = _odd_claims(ps, claims).slice(0, 3000)
     r = _any_status(c, 5)
     large = c
@@ -246,9 +246,11 @@ def test_sentences_from_every_layout_of_the_columns(ps, claims):
             pc.cast(d.indices, index_type), d.dictionary))
     chunked = pa.concat_tables([c.slice(0, 1000), c.slice(1000, 1), c.slice(1001)])
     r_chunked = pa.concat_tables([r.slice(0, 7), r.slice(7)])
+    r_encoded = r.set_column(0, "status", pc.dictionary_encode(r.column("status")).combine_chunks())
     for claims_, results in ((large, r), (small_index, r), (chunked, r_chunked),
                              (c.slice(333, 1500), r.slice(333, 1500)), (c.slice(2999, 1), r.slice(2999, 1)),
-                             (c.slice(5, 0), r.slice(5, 0))):
+                             (c.slice(5, 0), r.slice(5, 0)),
+                             (c.slice(17, 2000), r_encoded.slice(17, 2000).to_batches()[0])):
         _same_as_reference(claims_, results, ps)
 
 
