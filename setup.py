@@ -15,6 +15,7 @@ MODULES = (
     "_tables",   # the compiled policy tables, bound once per policy set
     "_columns",  # Arrow buffers to kernel arrays; outputs and state rows to result columns
     "_kernel",   # the call's passes: row checks, the order, the settlement loop
+    "_detail",   # status_detail: the error rows' sentences written into one buffer per batch
 )
 
 # The loop is small inline functions (one per step of spec 5.2) that must melt into one

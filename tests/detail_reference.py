@@ -2,8 +2,8 @@
 against (tests/engine/test_cli_detail.py), sentence for sentence.
 
 Every sentence is built with Arrow compute over the rows of one status at a time, a
-few dozen calls per status and batch; engine/detail.py formats the same sentences in
-Python, row by row, for the error rows only (cheaper at 1 % of rows).
+few dozen calls per status and batch; engine/detail.py has the same sentences written
+in C (engine/_detail.pyx), row by row, for the error rows only (cheaper at 1 % of rows).
 """
 from __future__ import annotations
 

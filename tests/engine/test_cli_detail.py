@@ -81,8 +81,8 @@ def _odd_claims(ps, claims) -> pa.Table:
 
 @pytest.mark.parametrize("seed", [1, 2])
 def test_same_sentences_as_the_column_wise_reference(ps, claims, settled, seed):
-    """engine/detail.py formats in Python what tests/detail_reference.py builds with Arrow
-    compute: the same array, for the settled claims and for any status on any claim, with the
+    """engine/detail.py writes in C (engine/_detail.pyx) what tests/detail_reference.py builds
+    with Arrow compute: the same array, for the settled claims and for any status on any claim, with the
     policies and without, from plain and dictionary-encoded columns, a sliced batch."""
     odd = _odd_claims(ps, claims)
     any_status = _any_status(claims, seed)
@@ -214,3 +214,110 @@ def test_keep_columns_errors(capsys, tmp_path, claims):
     code = main(["settle", str(src), "-o", str(tmp_path / "r.arrow"), "--keep-columns", "ward"])
     assert code == 0, capsys.readouterr().err
     assert set(pa.ipc.open_file(tmp_path / "r.arrow").read_all().column("ward").to_pylist()) == {"A"}
+
+
+def _same_as_reference(c, r, ps):
+    for policies in (ps, None):
+        got = status_detail(c, r, policies)
+        want = detail_reference.status_detail(c, r, policies)
+        assert got.type == want.type == pa.string()
+        assert got.to_pylist() == want.to_pylist()
+
+
+def _recolumn(table: pa.Table, name: str, arr) -> pa.Table:
+    return table.set_column(table.schema.get_field_index(name), name, arr)
+
+
+def test_sentences_from_every_layout_of_the_columns(ps, claims):
+    """The C reads the Arrow buffers as they come: large_string, dictionaries with 8-bit and
+    unsigned indices, large_list identities, several chunks, a slice with an offset (and a
+    dictionary-encoded status sliced in a record batch); the sentences are the reference's."""
+    c = _odd_claims(ps, claims).slice(0, 3000)
+    r = _any_status(c, 5)
+    large = c
+    for name in ("claim_id", "person_id", "region", "scheme", "visit_type"):
+        large = _recolumn(large, name, c.column(name).cast(pa.large_string()))
+    large = _recolumn(large, "identities", c.column("identities").cast(pa.large_list(pa.large_string())))
+    small_index = c
+    for name, index_type in (("region", pa.int8()), ("scheme", pa.uint8()), ("locality", pa.uint16()),
+                             ("visit_type", pa.int64())):
+        d = pc.dictionary_encode(c.column(name)).combine_chunks()
+        small_index = _recolumn(small_index, name, pa.DictionaryArray.from_arrays(
+            pc.cast(d.indices, index_type), d.dictionary))
+    chunked = pa.concat_tables([c.slice(0, 1000), c.slice(1000, 1), c.slice(1001)])
+    r_chunked = pa.concat_tables([r.slice(0, 7), r.slice(7)])
+    r_encoded = r.set_column(0, "status", pc.dictionary_encode(r.column("status")).combine_chunks())
+    for claims_, results in ((large, r), (small_index, r), (chunked, r_chunked),
+                             (c.slice(333, 1500), r.slice(333, 1500)), (c.slice(2999, 1), r.slice(2999, 1)),
+                             (c.slice(5, 0), r.slice(5, 0)),
+                             (c.slice(17, 2000), r_encoded.slice(17, 2000).to_batches()[0])):
+        _same_as_reference(claims_, results, ps)
+
+
+def test_non_ascii_values_are_copied_as_utf8(ps, claims):
+    c = claims.slice(0, 600)
+    n = c.num_rows
+    c = _recolumn(c, "claim_id", pa.array([f"理赔-{i}-é" for i in range(n)]))
+    c = _recolumn(c, "person_id", pa.array([f"参保人{i}" for i in range(n)]))
+    region, scheme = c.column("region").to_pylist(), c.column("scheme").to_pylist()
+    c = _recolumn(c, "region", pa.array(["北京市" if i % 3 else r for i, r in enumerate(region)]))
+    c = _recolumn(c, "scheme", pa.array(["居民" if i % 4 == 0 else s for i, s in enumerate(scheme)]))
+    c = _recolumn(c, "identities", pa.array([["退休", None, "🙂"] if i % 2 else [] for i in range(n)],
+                                            pa.list_(pa.string())))
+    r = _any_status(c, 9)
+    _same_as_reference(c, r, ps)
+    got = status_detail(c, pa.table({"status": ["DUPLICATE_CLAIM"] * n, "policy_id": [None] * n}), ps)
+    assert got[1].as_py().startswith("claim_id 理赔-1-é came earlier")
+
+
+def test_dates_at_every_edge_of_the_calendar(ps, claims):
+    """The C's civil-from-days against datetime.date for days around leap years, century
+    years, the epoch and the ends of years 1-9999; beyond those Arrow's writing (made in
+    Python), a negative year included."""
+    edges = [-719162, -719161, 2932895, 2932896, -1, 0, 1, 59, 60, 365, 10956, 11016, 11017, -25508, -25509,
+             -135081, -135080, 2932897, 3000000, -719163, -800000]
+    leap = [(dt.date(y, 2, 28) - dt.date(1970, 1, 1)).days + k for y in (1600, 1700, 1900, 2000, 2004, 2100, 9996)
+            for k in range(3)]
+    days = edges + leap + list(range(-719162, 2932897, 7919))
+    n = len(days)
+    c = claims.slice(0, n)
+    micros = [d * 86_400_000_000 + (i % 5) * 3_600_000_000 for i, d in enumerate(days)]
+    c = _recolumn(c, "settle_time", pa.array(micros, pa.int64()).cast(pa.timestamp("us")))
+    r = pa.table({"status": ["UNKNOWN_POLICY"] * n, "policy_id": pa.array([None] * n, pa.string())})
+    got = status_detail(c, r, ps).to_pylist()
+    for d, text in zip(days, got):
+        if -719162 <= d <= 2932896:
+            assert f" on {(dt.date(1970, 1, 1) + dt.timedelta(days=d)).isoformat()} (" in text
+    _same_as_reference(c, r, ps)
+    years = pa.table({"status": ["UNKNOWN_IDENTITY"] * n, "policy_id": pa.array([None] * n, pa.string())})
+    _same_as_reference(c, years, ps)
+
+
+def test_null_and_unknown_statuses(ps, claims):
+    c = claims.slice(0, 4)
+    status = pa.array([None, "ok", "SOMETHING_NEW", None], pa.string())
+    r = pa.table({"status": status, "policy_id": pa.array([None] * 4, pa.string())})
+    assert status_detail(c, r, ps).to_pylist() == ["status null", None, "status SOMETHING_NEW", "status null"]
+    encoded = pa.table({"status": pc.dictionary_encode(status), "policy_id": r.column("policy_id")})
+    assert status_detail(c, encoded, ps).to_pylist() == ["status null", None, "status SOMETHING_NEW", "status null"]
+
+
+def test_a_null_dictionary_entry_is_said_null(ps, claims):
+    """A dictionary whose entry is null: the value is null in the sentence (not a missing field,
+    the row itself being valid, as the Python sentences had it)."""
+    c = claims.slice(0, 2)
+    region = pa.DictionaryArray.from_arrays(pa.array([0, 1], pa.int32()), pa.array([None, "nowhere"]))
+    c = _recolumn(c, "region", region)
+    r = pa.table({"status": ["UNKNOWN_POLICY", "MISSING_FIELD"], "policy_id": pa.array([None] * 2, pa.string())})
+    got = status_detail(c, r, ps).to_pylist()
+    assert got[0].startswith("no policy for region null, scheme ")
+    assert got[1] is None  # nothing null in the row: no sentence
+
+
+def test_columns_shorter_than_the_results_raise(ps, claims):
+    """A claim column shorter than the results is said (ValueError), never read past its end."""
+    c = claims.slice(0, 10)
+    for code in ("DUPLICATE_CLAIM", "INVALID_AMOUNT", "UNKNOWN_POLICY", "UNKNOWN_IDENTITY", "NO_BENEFIT_RULE"):
+        r = pa.table({"status": [code] * 11, "policy_id": pa.array([None] * 11, pa.string())})
+        with pytest.raises(ValueError, match="has 10 rows, the results 11"):
+            status_detail(c, r, ps)
