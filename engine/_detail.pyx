@@ -20,6 +20,9 @@ from libc.stdlib cimport malloc, realloc, free
 from libc.string cimport memcpy, memcmp, strlen
 from libc.stdint cimport INT32_MAX, int8_t, int16_t, int32_t, int64_t, uint8_t, uint64_t
 
+from ._bits cimport bit_at
+from ._calendar cimport civil_from_days, day_of_micros
+
 cnp.import_array()
 
 #: The column slots of `Columns`, in this order: spec section 2's REQUIRED_COLUMNS (the
@@ -53,7 +56,6 @@ cdef enum:
     FAILED_OFFSETS = 3    # more than 2 GiB of sentences in one batch
 
 cdef int64_t MAX_AMOUNT = 1000000000000  # engine/schema.py MAX_AMOUNT
-cdef int64_t DAY_US = 86400 * <int64_t>1000000
 cdef int64_t FIRST_DAY = -719162    # 0001-01-01, days since 1970-01-01: Python's dates
 cdef int64_t LAST_DAY = 2932896     # 9999-12-31
 
@@ -359,10 +361,6 @@ cdef class Places:
 
 # ---- writing ----------------------------------------------------------------------------
 
-cdef inline bint bit_at(const uint8_t* bits, int64_t i) noexcept nogil:
-    return (bits[i >> 3] >> (i & 7)) & 1
-
-
 cdef inline void put(Out* o, const void* p, int64_t k) noexcept nogil:
     """Append k bytes, growing the buffer (doubling) as needed; on failure mark `o` failed."""
     cdef int64_t capacity
@@ -503,28 +501,15 @@ cdef inline void day_of(Column* settle, int64_t row, Odd* odd, Day* d, Out* o) n
     """settle_time's date at `row` as '%Y-%m-%d', its year and its day since 1970-01-01;
     null: 'null', no year, day 0. A date outside years 1-9999 comes from the `odd` table
     (Arrow's writing, made in Python), or is noted as missing there."""
-    cdef int64_t micros, day, z, era, doe, yoe, y, doy, mp, m, dd, lo, hi, mid
+    cdef int64_t micros, day, y, m, dd, lo, hi, mid
     if not int_at(settle, row, &micros, o):
         d.null, d.day, d.year = True, 0, 0
         d.text, d.text_length = <const uint8_t*>b"null", 4
         return
-    day = micros // DAY_US
-    if micros % DAY_US < 0:
-        day -= 1
+    day = day_of_micros(micros)
     d.null, d.day = False, day
     if FIRST_DAY <= day <= LAST_DAY:
-        # civil from days (proleptic Gregorian), as datetime.date
-        z = day + 719468
-        era = (z if z >= 0 else z - 146096) // 146097
-        doe = z - era * 146097
-        yoe = (doe - doe // 1460 + doe // 36524 - doe // 146096) // 365
-        y = yoe + era * 400
-        doy = doe - (365 * yoe + yoe // 4 - yoe // 100)
-        mp = (5 * doy + 2) // 153
-        dd = doy - (153 * mp + 2) // 5 + 1
-        m = mp + 3 if mp < 10 else mp - 9
-        if m <= 2:
-            y += 1
+        civil_from_days(day, &y, &m, &dd)  # as datetime.date
         d.year = y
         two_digits(d.buf, y // 100)
         two_digits(d.buf + 2, y % 100)
