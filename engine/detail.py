@@ -26,10 +26,9 @@ import pyarrow.compute as pc
 
 from . import _detail
 from .model import PolicySet
-from .schema import (AMOUNT_COLUMNS, FACILITY_LEVELS, LOCALITIES, REQUIRED_COLUMNS, SCHEMES, STATUSES,
-                     VISIT_TYPES)
+from .schema import (AMOUNT_COLUMNS, FACILITY_LEVELS, LOCALITIES, REQUIRED_COLUMNS, SCHEMES, STATUS_DETAIL,
+                     STATUSES, VISIT_TYPES)
 
-STATUS_DETAIL = pa.field("status_detail", pa.string())
 
 _ENUMS = (("scheme", SCHEMES), ("visit_type", VISIT_TYPES), ("facility_level", FACILITY_LEVELS),
           ("locality", LOCALITIES))

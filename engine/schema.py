@@ -60,6 +60,9 @@ REQUIRED_COLUMNS = ("claim_id", "person_id", "region", "scheme", "settle_time", 
 #: give them with `read_dictionary`: the same strings, without materializing them per row.
 DICTIONARY_COLUMNS = ("region", "scheme", "visit_type", "facility_level", "locality", "disease_code")
 
+#: The command line's sentence per error row (engine/detail.py), after spec section 3's columns.
+STATUS_DETAIL = pa.field("status_detail", pa.string())
+
 LAYER_ENTRY = pa.struct([("layer", pa.string()), ("cap_group", pa.string()), ("position", pa.int64()),
                          ("paid", pa.int64()), ("deductible_charged", pa.int64())])
 

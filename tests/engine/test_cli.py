@@ -109,11 +109,12 @@ def test_settle_formats_match_the_api(capsys, tmp_path, files, expected, fmt, ou
         assert "DELTA_BINARY_PACKED" in encodings["basic_pay"]
         assert "DELTA_BINARY_PACKED" in encodings["layer_pays.list.element.pay"]
         assert "RLE_DICTIONARY" in encodings["policy_id"] and "RLE_DICTIONARY" in encodings["layer_pays.list.element.layer"]
-        assert "RLE_DICTIONARY" not in encodings["claim_id"]
+        assert "RLE_DICTIONARY" not in encodings["claim_id"] and "RLE_DICTIONARY" not in encodings["status_detail"]
         # min/max where a reader can prune row groups by them (ids, amounts), not on the names
         stats = {meta.column(i).path_in_schema: meta.column(i).is_stats_set for i in range(meta.num_columns)}
         assert stats["claim_id"] and stats["basic_pay"] and stats["layer_pays.list.element.pay"]
         assert not stats["status"] and not stats["policy_id"] and not stats["layer_pays.list.element.layer"]
+        assert not stats["status_detail"]  # sentences: nothing to prune by
 
 
 def test_csv_claims_round_trip(files, claims):
