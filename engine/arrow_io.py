@@ -7,6 +7,7 @@ accumulators are built back as Arrow arrays from the kernel's outputs.
 from __future__ import annotations
 
 import functools
+from typing import Optional
 
 import numpy as np
 import pyarrow as pa
@@ -311,20 +312,26 @@ def _disease_code(value) -> int:
     return encode_category(code) if len(code) >= 3 else -1
 
 
-def _derived(prep: PreparedClaims, out: _kernel.KernelOutputs, compiled: CompiledPolicies) -> dict:
+def _derived(prep: PreparedClaims, out: _kernel.KernelOutputs, compiled: CompiledPolicies,
+             totals: Optional[np.ndarray] = None) -> dict:
     """The result values computed from the kernel's outputs, shared by both result builders:
     policy (-1 on error rows), fund_total, personal, compliant_personal, and the list
-    offsets [n + 1] of layer_pays with its entries (global layer index, amount)."""
+    offsets [n + 1] of layer_pays with its entries (global layer index, amount). `totals`
+    (policies + 1 rows, schema.PAID_TOTALS columns): each policy's paid amounts added to it."""
     n = prep.n
     layer_pay = out.layer_pay
     d = {"policy": pool_array(n, np.int32), "fund_total": pool_array(n, np.int64), "personal": pool_array(n, np.int64),
          "compliant_personal": pool_array(n, np.int64), "layer_offsets": pool_array(n + 1, np.int32)}
     entries = _columns.result_columns(out.status, prep.policy, prep.total, out.fund_pay, out.compliant,
                                      layer_pay, d["policy"], d["fund_total"], d["personal"],
-                                     d["compliant_personal"], d["layer_offsets"])
+                                     d["compliant_personal"], d["layer_offsets"], out.deductible_applied,
+                                     _NO_TOTALS if totals is None else totals)
     d["layer"], d["pay"] = pool_array(entries, np.int32), pool_array(entries, np.int64)
     _columns.layer_entries(layer_pay, d["policy"], compiled.policies, d["layer"], d["pay"])
     return d
+
+
+_NO_TOTALS = np.zeros((0, 0), dtype=np.int64)
 
 
 def _delta_heads(prep: PreparedClaims, out: _kernel.KernelOutputs) -> tuple[np.ndarray, np.ndarray]:
@@ -377,7 +384,7 @@ def _named(codes: np.ndarray, names: pa.Array, dictionary: bool) -> pa.Array:
 
 
 def build_results(prep: PreparedClaims, compiled: CompiledPolicies, out: _kernel.KernelOutputs, deltas: bool,
-                  dictionary: bool = False) -> pa.RecordBatch:
+                  dictionary: bool = False, totals: Optional[np.ndarray] = None) -> pa.RecordBatch:
     """The results chunk (spec section 3) from the kernel's outputs, in input order.
 
     With `dictionary`, the name columns come as dictionary arrays over the
@@ -385,7 +392,7 @@ def build_results(prep: PreparedClaims, compiled: CompiledPolicies, out: _kernel
     which a Parquet writer then stores as its dictionary pages directly.
     """
     status, fund_pay = out.status, out.fund_pay
-    d = _derived(prep, out, compiled)
+    d = _derived(prep, out, compiled, totals)
     policy = d["policy"]
     names = compiled.names
     schema = results_schema(deltas, dictionary)

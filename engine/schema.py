@@ -27,6 +27,9 @@ SCHEMES = ("employee", "resident")
 FUNDS = ("basic", "supplementary", "critical_illness", "medical_aid", "guarantee")
 #: The result column of each fund, in FUNDS order.
 FUND_COLUMNS = tuple(f"{f}_pay" for f in FUNDS)
+#: What a settler's per-policy totals add up (Settler.keep_totals), in this order: the result
+#: columns of what was paid, as engine/_columns.pyx's result_columns writes them.
+PAID_TOTALS = (*FUND_COLUMNS, "fund_pay_total", "personal_pay", "compliant_personal_pay", "deductible_applied")
 
 #: Result statuses (spec section 7), in precedence order; the index is the kernel's code.
 STATUSES = ("ok", "MISSING_FIELD", "INVALID_VALUE", "INVALID_AMOUNT", "AMOUNT_OUT_OF_RANGE",

@@ -30,7 +30,7 @@ from .arrow_io import (
 )
 from .compile import CompiledPolicies, compile_policies
 from .model import PolicySet
-from .schema import FUNDS, MAX_CARRIED
+from .schema import FUNDS, MAX_CARRIED, PAID_TOTALS
 
 
 ClaimsInput = Union[pa.Table, pa.RecordBatch, pa.RecordBatchReader, Iterable[pa.RecordBatch]]
@@ -87,6 +87,9 @@ class Settler:
         # arrays are still in the cache (the command line's summary counts there;
         # `Summary.counted_while_settling`)
         self.each: Optional[Callable[["Chunk", _kernel.KernelOutputs, pa.RecordBatch], None]] = None
+        # per policy (compiled index + 1; row 0 unused), what its ok rows paid, in
+        # schema.PAID_TOTALS order, added up as the results are built (`keep_totals`)
+        self.totals: Optional[np.ndarray] = None
         self._claim_ids = ClaimIds()
         if expected_claims > 0:
             self._claim_ids.reserve(expected_claims, 0)
@@ -151,8 +154,17 @@ class Settler:
         return result_rows(chunk.prep, self.compiled, self.run_kernel(chunk), self.deltas)
 
     def results(self, chunk: "Chunk", out: _kernel.KernelOutputs, dictionary: bool = False) -> pa.RecordBatch:
-        """The results batch of a settled chunk; stateless, so it may run on another thread."""
-        return build_results(chunk.prep, self.compiled, out, self.deltas, dictionary)
+        """The results batch of a settled chunk; stateless but for `totals`, which one thread
+        at a time may add to (settle_batches builds results on its caller's thread)."""
+        return build_results(chunk.prep, self.compiled, out, self.deltas, dictionary, self.totals)
+
+    def keep_totals(self) -> np.ndarray:
+        """From now on, add up what each policy's ok rows pay in `totals` (schema.PAID_TOTALS
+        columns), while the results are built: the amounts are in registers there, so a
+        summary's per-policy sums cost no pass of their own. Returns the table."""
+        if self.totals is None:
+            self.totals = np.zeros((len(self.compiled.policy_set.policies) + 1, len(PAID_TOTALS)), dtype=np.int64)
+        return self.totals
 
     def run_kernel(self, chunk: "Chunk", trace_row: int = -1) -> _kernel.KernelOutputs:
         """The per-claim loop (nogil) over a prepared chunk; updates the accumulators."""

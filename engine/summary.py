@@ -4,8 +4,9 @@ Per policy (and a total): claims, persons, ok, each error code, what each fund
 paid, personal pay, deductibles and cap hits. Counts and sums are gathered per
 batch on small integer codes (policy, status) into preallocated numpy arrays, in
 one Cython pass (`_columns.chunk_tally` on the settling thread, off the kernel's
-own arrays; `_columns.summary_tally` for results settled elsewhere): no hash per
-row, no Python loop over rows, no temporary column.
+own arrays, with the amounts added up by the settler where it builds the results,
+`Settler.keep_totals`; `_columns.summary_tally` for results settled elsewhere): no
+hash per row, no Python loop over rows, no temporary column.
 
 Persons are not counted by a distinct count over every row: the settler already
 interns one accumulator key per (person, policy) for each row that passes the
@@ -31,11 +32,11 @@ from . import _columns
 from ._hashing import ClaimIds
 from .detail import PLACE_COLUMNS, policy_rows
 from .model import PolicySet
-from .schema import FUND_COLUMNS, STATUSES, format_yuan
+from .schema import PAID_TOTALS, STATUSES, format_yuan
 from .settle import Settler
 
 #: Amount columns summed, in table order.
-AMOUNTS = (*FUND_COLUMNS, "fund_pay_total", "personal_pay", "compliant_personal_pay", "deductible_applied")
+AMOUNTS = PAID_TOTALS
 NO_POLICY = "(no policy)"  # error rows whose region, scheme and year name no policy
 _HEAD = {"basic_pay": "basic", "supplementary_pay": "supplementary", "critical_illness_pay": "critical illness",
          "medical_aid_pay": "medical aid", "guarantee_pay": "guarantee", "fund_pay_total": "funds total",
@@ -230,6 +231,7 @@ class Summary:
         self.claims = 0
         self._final: Optional[dict] = None
         self._tallied: Optional[collections.deque] = None  # (policy indices, + code, gathered rows) per chunk
+        self._totals: Optional[np.ndarray] = None  # the settler's per-policy amounts (counted while settling)
 
     def _fit(self) -> None:
         """Grow the sums when a batch brought a policy or status not seen before."""
@@ -252,21 +254,22 @@ class Summary:
         if any(len(self._policies.versions(p.region, p.scheme, p.year)) > 64 for p in self._policies.policies):
             return None  # more versions in a year than a slot's bits hold: `add` gathers their rows
         self._tallied = collections.deque()
+        self._totals = self._settler.keep_totals()  # the amounts, added up as results are built
         return self._tally
 
     def _tally(self, chunk, out, results) -> None:
-        """Counts and sums of a chunk from the kernel's arrays, in one pass (`_columns.chunk_tally`):
-        an ok row of a versioned year marks its key slot with its version's bit (its person is
-        counted from the slots, not gathered); error rows are gathered."""
+        """Counts and cap hits of a chunk from the kernel's arrays, in one pass
+        (`_columns.chunk_tally`; the settler adds up the amounts, `Settler.keep_totals`): an ok
+        row of a versioned year marks its key slot with its version's bit (its person is counted
+        from the slots, not gathered); error rows are gathered."""
         n = chunk.prep.n
         top = len(self._settler._keys)  # noqa: SLF001 - every slot of this chunk is below it
         if top > len(self._version_bits):
             self._version_bits = np.pad(self._version_bits, (0, max(top, 2 * len(self._version_bits))
                                                               - len(self._version_bits)))
         gathered = np.empty(n, dtype=np.int64)
-        k = _columns.chunk_tally(chunk.prep.policy, out.status, _OK, [_int64_values(results.column(a)) for a in AMOUNTS],
-                                 out.cap_hit, self._versioned.view(np.uint8), chunk.slot, self._version_bit,
-                                 self._version_bits, self._counts, self._sums, gathered)
+        k = _columns.chunk_tally(chunk.prep.policy, out.status, _OK, out.cap_hit, self._versioned.view(np.uint8),
+                                 chunk.slot, self._version_bit, self._version_bits, self._counts, self._sums, gathered)
         self._tallied.append((chunk.prep.policy, 1, gathered[:k].copy()))  # code: policy index + 1
 
     def add(self, results, claims=None) -> None:
@@ -390,10 +393,14 @@ class Summary:
                     "errors": errors, "amounts_fen": {a: int(sums[:, j].sum()) for j, a in enumerate(AMOUNTS)},
                     "cap_hits": int(sums[:, _CAP_HITS].sum())}
 
-        rows = [{"policy_id": self._names[c], **entry(self._counts[c], self._sums[c], persons[c])}
+        sums = self._sums
+        if self._totals is not None:  # what ok rows paid, added up by the settler
+            sums = sums.copy()
+            sums[:len(self._totals), _OK, :len(AMOUNTS)] += self._totals
+        rows = [{"policy_id": self._names[c], **entry(self._counts[c], sums[c], persons[c])}
                 for c in range(len(self._names)) if self._counts[c].any()]
         rows.sort(key=lambda r: (r["policy_id"] is None, r["policy_id"] or ""))
-        total = entry(self._counts.sum(axis=0), self._sums.sum(axis=0), total_persons)
+        total = entry(self._counts.sum(axis=0), sums.sum(axis=0), total_persons)
         self._final = {**total, "policies": rows}
         return self._final
 

@@ -11,6 +11,7 @@ from collections import Counter, defaultdict
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
@@ -195,15 +196,14 @@ def test_summary_tally_against_numpy():
 
 
 def test_chunk_tally_against_numpy():
-    """The settling thread's tally off the kernel's arrays: counts, sums and cap hits as
-    np.add.at gives them (code = policy index + 1), error rows gathered, and each ok row of a
-    versioned policy marking its key slot with its version's bit; a code or slot outside the
-    tables is refused, not written past them."""
+    """The settling thread's tally off the kernel's arrays: counts and cap hits as np.add.at
+    gives them (code = policy index + 1), error rows gathered, and each ok row of a versioned
+    policy marking its key slot with its version's bit; a code or slot outside the tables is
+    refused, not written past them."""
     rng = np.random.default_rng(11)
     n, codes, statuses, width = 6000, 5, 4, 9
     policy = rng.integers(-1, codes - 1, n).astype(np.int32)  # -1: no policy (code 0)
     status = rng.choice([0, 0, 0, 0, 1, 2, 3], n).astype(np.int8)
-    amounts = [rng.integers(-10**12, 10**12, n) for _ in range(width)]
     cap = (rng.random(n) < 0.3).astype(np.uint8)
     versioned = np.array([0, 0, 1, 1, 0], dtype=np.uint8)
     version_bit = np.array([0, 0, 1, 2, 0], dtype=np.uint64)
@@ -212,34 +212,55 @@ def test_chunk_tally_against_numpy():
     counts = np.ones((codes, statuses), dtype=np.int64)  # added to, not overwritten
     sums = np.ones((codes, statuses, width + 1), dtype=np.int64)
     gathered = np.empty(n, dtype=np.int64)
-    k = _columns.chunk_tally(policy, status, 0, amounts, cap, versioned, slot, version_bit, bits, counts, sums,
-                             gathered)
+    k = _columns.chunk_tally(policy, status, 0, cap, versioned, slot, version_bit, bits, counts, sums, gathered)
 
     code = policy + 1
     want_counts = np.ones((codes, statuses), dtype=np.int64)
     np.add.at(want_counts, (code, status), 1)
     want_sums = np.ones((codes, statuses, width + 1), dtype=np.int64)
-    for j, a in enumerate(amounts):
-        np.add.at(want_sums[:, :, j], (code, status), a)
     np.add.at(want_sums[:, :, width], (code, status), cap.astype(np.int64))
-    assert (counts == want_counts).all() and (sums == want_sums).all()
+    assert (counts == want_counts).all() and (sums == want_sums).all()  # amounts: Settler.keep_totals
     assert gathered[:k].tolist() == np.flatnonzero(status != 0).tolist()
     want_bits = np.zeros(700, dtype=np.uint64)
     marked = (status == 0) & versioned[code].astype(bool)
     np.bitwise_or.at(want_bits, slot[marked], version_bit[code[marked]])
     assert (bits == want_bits).all() and np.count_nonzero(bits & np.uint64(1)) and np.count_nonzero(bits & np.uint64(2))
 
+    one = (np.zeros(1, np.uint8), versioned)
     with pytest.raises(ValueError):  # a policy index outside the counts
-        _columns.chunk_tally(np.array([codes], np.int32), np.zeros(1, np.int8), 0, [np.zeros(1, np.int64)] * width,
-                             np.zeros(1, np.uint8), versioned, np.zeros(1, np.int64), version_bit, bits, counts,
-                             sums, gathered)
+        _columns.chunk_tally(np.array([codes], np.int32), np.zeros(1, np.int8), 0, *one, np.zeros(1, np.int64),
+                             version_bit, bits, counts, sums, gathered)
     with pytest.raises(ValueError):  # a key slot outside the version bits
-        _columns.chunk_tally(np.array([1], np.int32), np.zeros(1, np.int8), 0, [np.zeros(1, np.int64)] * width,
-                             np.zeros(1, np.uint8), versioned, np.array([700], np.int64), version_bit, bits, counts,
-                             sums, gathered)
-    with pytest.raises(ValueError):  # an amount column of another length
-        _columns.chunk_tally(policy, status, 0, amounts[:8] + [amounts[8][:-1]], cap, versioned, slot, version_bit,
-                             bits, counts, sums, gathered)
+        _columns.chunk_tally(np.array([1], np.int32), np.zeros(1, np.int8), 0, *one, np.array([700], np.int64),
+                             version_bit, bits, counts, sums, gathered)
+    with pytest.raises(ValueError):  # columns of other lengths
+        _columns.chunk_tally(policy, status[:-1], 0, cap, versioned, slot, version_bit, bits, counts, sums, gathered)
+
+
+def test_settler_totals_are_the_results_sums(ps, claims):
+    """Settler.keep_totals adds up, per policy, what the ok rows paid while the results are
+    built: the same as summing the results' columns by policy_id, in schema.PAID_TOTALS order;
+    error rows add nothing. Without keep_totals nothing is kept."""
+    from engine.schema import PAID_TOTALS
+
+    settler = engine.Settler(ps)
+    totals = settler.keep_totals()
+    assert settler.keep_totals() is totals  # asked twice: the same table
+    results = pa.Table.from_batches(list(settler.settle_batches(claims.to_batches(max_chunksize=700))))
+    ok = results.filter(pc.equal(results.column("status"), "ok"))
+    ids = [p.id for p in ps.policies]
+    want = np.zeros_like(totals)
+    by = ok.group_by("policy_id").aggregate([(a, "sum") for a in PAID_TOTALS])
+    for row in by.to_pylist():
+        want[ids.index(row["policy_id"]) + 1] = [row[f"{a}_sum"] for a in PAID_TOTALS]
+    assert (totals == want).all() and totals[1:].any() and not totals[0].any()
+    assert engine.Settler(ps).totals is None
+
+    with pytest.raises(ValueError, match="9 columns"):
+        _columns.result_columns(*[np.zeros(0, t) for t in (np.int8, np.int32, np.int64)],
+                                np.zeros((5, 0), np.int64), np.zeros(0, np.int64), np.zeros((0, 1), np.int64),
+                                np.zeros(0, np.int32), *[np.zeros(0, np.int64)] * 3, np.zeros(1, np.int32),
+                                np.zeros(0, np.int64), np.zeros((2, 8), np.int64))
 
 
 def test_carried_person_with_an_error_row_only(ps, claims, tmp_path):
