@@ -374,6 +374,16 @@ cdef class AccumulatorKeys(Interner):
     def __dealloc__(self):
         free_table(self.keys, (self.table_mask + 1) * sizeof(KeySlot))
 
+    def key_policies(self, int64_t first, int32_t[::1] out):
+        """out[i] = the policy index of key first + i (its first 4 bytes, native int32), read in
+        place: the summary's persons per policy, without a copy of the arena or a gather."""
+        cdef int64_t i, n = out.shape[0]
+        if first < 0 or first + n > self.count:
+            raise ValueError(f"key_policies: keys {first}..{first + n} outside the {self.count} keys")
+        with nogil:
+            for i in range(n):
+                memcpy(&out[i], self.arena + self.starts[first + i], 4)
+
     cdef int grow_table(self, int64_t new_size) noexcept nogil:
         """Rehash by the hash each slot keeps."""
         cdef int64_t i, j, mask = new_size - 1

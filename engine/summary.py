@@ -21,7 +21,6 @@ from __future__ import annotations
 import collections
 import datetime
 import json
-import sys
 from typing import Callable, Optional
 
 import numpy as np
@@ -103,16 +102,6 @@ def _key_slots(settler: Settler, policy: np.ndarray, person: pa.Array) -> np.nda
     out = np.empty(len(person), dtype=np.int64)
     settler._keys.find_keys(offsets, data, policy.astype(np.int32), out)  # noqa: SLF001 - as _key_table
     return out
-
-
-def _key_policies(starts: np.ndarray, arena: np.ndarray) -> np.ndarray:
-    """Each key's policy index (its first 4 bytes, native int32), byte by byte: four gathers of
-    one byte per key cost less than one of a [keys, 4] index."""
-    at = starts[:-1]
-    out = np.zeros(len(at), dtype=np.uint32)
-    for b in range(4):
-        out |= arena[at + b].astype(np.uint32) << np.uint32(8 * (b if sys.byteorder == "little" else 3 - b))
-    return out.view(np.int32)
 
 
 def _key_persons(starts: np.ndarray, arena: np.ndarray, first: int) -> pa.Array:
@@ -352,7 +341,9 @@ class Summary:
             first = self._carried
             if len(starts) - 1 > first:
                 mine = starts[first:], arena
-                policy = _key_policies(starts[first:], arena) + 1
+                policy = np.empty(len(starts) - 1 - first, dtype=np.int32)
+                self._settler._keys.key_policies(first, policy)  # noqa: SLF001 - as _key_table
+                policy += 1
                 single = ~self._versioned[policy]  # a versioned year's keys: counted per version below
                 per += np.bincount(policy[single], minlength=len(per))[:len(per)]
                 if gathered is not None and len(gathered[0]):

@@ -315,6 +315,30 @@ def test_find_keys_against_a_dict():
     assert len(table) == len(held)  # nothing added
 
 
+def test_key_policies_read_in_place():
+    """`AccumulatorKeys.key_policies` gives each key's policy index (its 4-byte prefix) from any
+    key on, as the exported arena holds it; keys past the table are refused."""
+    from engine._hashing import AccumulatorKeys
+
+    people = [f"p{i % 700}".encode() for i in range(2000)]
+    policy = np.array([(i * 7) % 11 - (i % 3 == 0) * 2 for i in range(2000)], dtype=np.int32)
+    policy[policy < 0] = 2**31 - 1  # a large index reads back whole
+    table = AccumulatorKeys()
+    arr = pa.array(people, pa.binary())
+    slots = np.empty(len(people), dtype=np.int64)
+    table.intern_keys(np.frombuffer(arr.buffers()[1], np.int32), np.frombuffer(arr.buffers()[2], np.uint8),
+                      policy, slots)
+    starts, arena = table.export()
+    want = [int(np.frombuffer(arena[a:a + 4].tobytes(), np.int32)[0]) for a in starts[:-1].tolist()]
+    for first in (0, 1, 17, len(table)):
+        out = np.empty(len(table) - first, dtype=np.int32)
+        table.key_policies(first, out)
+        assert out.tolist() == want[first:]
+    assert set(want) == set(policy.tolist()) and len(table) > 700
+    with pytest.raises(ValueError):
+        table.key_policies(1, np.empty(len(table), dtype=np.int32))
+
+
 def test_intern_spans_as_intern_ids():
     """`ClaimIds.intern_spans` (the person ids of key-table entries, read in place past their
     policy bytes) gives the ids `intern_ids` gives the same strings cut out; a span shorter
