@@ -3,6 +3,7 @@
 Load a folder of policy files once, then settle Arrow batches of claims
 against it; see docs/API.md and ../shared/spec/SETTLEMENT.md.
 """
+from . import _blas  # noqa: F401 - first: before anything imports NumPy
 from .arrow_io import (
     ACCUMULATORS_SCHEMA,
     CLAIMS_SCHEMA,
