@@ -172,47 +172,64 @@ def result_columns(const int8_t[::1] status, const int32_t[::1] policy, const in
     Unless `totals` has no rows, each ok row's paid amounts are added to totals[policy + 1]
     in schema.PAID_TOTALS order (the five funds, fund_pay_total, personal_pay,
     compliant_personal_pay, deductible_applied), here, where they are in registers: a
-    summary's per-policy sums then need no pass of their own over nine columns."""
+    summary's per-policy sums then need no pass of their own over nine columns. The two
+    cases are two loops, so that results without totals cost what they did."""
     cdef Py_ssize_t n = status.shape[0], i, j
-    cdef int64_t nlay = layer_pay.shape[1], s, entries = 0, rows = totals.shape[0], v
+    cdef int64_t nlay = layer_pay.shape[1], s, v, entries = 0, rows = totals.shape[0]
     cdef int64_t* t
     cdef bint bad = False
     if rows and (totals.shape[1] != 9 or deductible.shape[0] != n):
         raise ValueError("result_columns: totals must have the 9 columns of schema.PAID_TOTALS")
     with nogil:
         layer_offsets[0] = 0
-        for i in range(n):
-            if status[i] != OK:
-                policy_out[i] = -1
-                fund_total[i] = 0
-                personal[i] = 0
-                compliant_personal[i] = 0
-            else:
-                policy_out[i] = policy[i]
-                s = 0
-                if rows:
+        if not rows:
+            for i in range(n):
+                if status[i] != OK:
+                    policy_out[i] = -1
+                    fund_total[i] = 0
+                    personal[i] = 0
+                    compliant_personal[i] = 0
+                else:
+                    policy_out[i] = policy[i]
+                    s = 0
+                    for j in range(5):
+                        s += fund_pay[j, i]
+                    fund_total[i] = s
+                    personal[i] = total[i] - s
+                    compliant_personal[i] = compliant[i] - s
+                    for j in range(nlay):
+                        if layer_pay[i, j] > 0:
+                            entries += 1
+                layer_offsets[i + 1] = <int32_t>entries
+        else:
+            for i in range(n):
+                if status[i] != OK:
+                    policy_out[i] = -1
+                    fund_total[i] = 0
+                    personal[i] = 0
+                    compliant_personal[i] = 0
+                else:
                     if <uint64_t>(policy[i] + 1) >= <uint64_t>rows:
                         bad = True
                         break
+                    policy_out[i] = policy[i]
                     t = &totals[policy[i] + 1, 0]
+                    s = 0
                     for j in range(5):
                         v = fund_pay[j, i]
                         s += v
                         t[j] += v
+                    fund_total[i] = s
+                    personal[i] = total[i] - s
+                    compliant_personal[i] = compliant[i] - s
                     t[5] += s
                     t[6] += total[i] - s
                     t[7] += compliant[i] - s
                     t[8] += deductible[i]
-                else:
-                    for j in range(5):
-                        s += fund_pay[j, i]
-                fund_total[i] = s
-                personal[i] = total[i] - s
-                compliant_personal[i] = compliant[i] - s
-                for j in range(nlay):
-                    if layer_pay[i, j] > 0:
-                        entries += 1
-            layer_offsets[i + 1] = <int32_t>entries
+                    for j in range(nlay):
+                        if layer_pay[i, j] > 0:
+                            entries += 1
+                layer_offsets[i + 1] = <int32_t>entries
     if bad:
         raise ValueError(f"result_columns: row {i}'s policy {policy[i]} is outside the totals")
     return entries
