@@ -173,7 +173,9 @@ def result_columns(const int8_t[::1] status, const int32_t[::1] policy, const in
     in schema.PAID_TOTALS order (the five funds, fund_pay_total, personal_pay,
     compliant_personal_pay, deductible_applied), here, where they are in registers: a
     summary's per-policy sums then need no pass of their own over nine columns. The two
-    cases are two loops, so that results without totals cost what they did."""
+    cases are two loops written out, so that results without totals cost what they did
+    (callgrind, 200k claims: a test per row of whether totals are kept cost 0.8 M
+    instructions, inline helpers for the shared lines 0.6-1.2 M)."""
     cdef Py_ssize_t n = status.shape[0], i, j
     cdef int64_t nlay = layer_pay.shape[1], s, v, entries = 0, rows = totals.shape[0]
     cdef int64_t* t

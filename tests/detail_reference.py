@@ -24,20 +24,8 @@ _PARTS = (("self_funded", "self_funded_amount"), ("over_limit", "over_limit_amou
           ("class_b_copay", "class_b_copay_amount"), ("in_scope", "in_scope_amount"))
 
 
-def _text(arr) -> pa.Array:
-    """Any column as strings, null as 'null' (dictionary-encoded names included)."""
-    if isinstance(arr, pa.ChunkedArray):
-        arr = arr.combine_chunks()
-    if pa.types.is_dictionary(arr.type):
-        arr = arr.cast(arr.type.value_type)
-    if not pa.types.is_string(arr.type):
-        arr = pc.cast(arr, pa.string())
-    return arr.fill_null("null")
-
-
-def _join(*parts, sep: str = "") -> pa.Array:
-    """Element-wise concatenation of arrays and str scalars (a null part drops the row's text)."""
-    return pc.binary_join_element_wise(*[p if isinstance(p, pa.Array) else pa.scalar(p) for p in parts], sep)
+_text = detail._text  # any column as strings, null as 'null' (the helpers, not the sentences)
+_join = detail._join  # element-wise concatenation; a null part drops the row's text
 
 
 def _any_of(pieces: list, sep: str, n: int) -> pa.Array:
