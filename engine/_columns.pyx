@@ -458,13 +458,12 @@ def summary_tally(const int32_t[::1] policy, const int32_t[::1] status, int32_t 
     table may not count (status not `ok`, or a policy whose `gather_policy` is 1) and
     returns how many."""
     cdef Py_ssize_t n = policy.shape[0], i
-    cdef int64_t j, k = 0, width = len(amounts)
+    cdef int64_t k = 0, width = len(amounts)
     cdef int32_t p, s
     cdef const int64_t** cols
     cdef int64_t* out
     cdef int64_t* count_base
     cdef int64_t* sum_base
-    cdef int64_t g, stride = width + 1
     cdef int32_t policies = <int32_t>counts.shape[0], statuses = <int32_t>counts.shape[1]
     cdef bint bad = False
     if not (status.shape[0] == n and gathered.shape[0] >= n and sums.shape[0] == counts.shape[0]
@@ -489,7 +488,7 @@ def summary_tally(const int32_t[::1] policy, const int32_t[::1] status, int32_t 
                     bad = True
                     break
                 out = add_row(count_base, sum_base, cols, width, p * statuses + s, i)
-                out[width] += (cap_bits[(cap_offset + i) >> 3] >> ((cap_offset + i) & 7)) & 1
+                out[width] += bit_at(&cap_bits[0], cap_offset + i)
                 if s != ok or gather_policy[p]:
                     gathered[k] = i
                     k += 1
